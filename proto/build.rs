@@ -1,0 +1,22 @@
+//! Compiles `niix/v1/*.proto` with a vendored `protoc`, so a fresh machine
+//! needs nothing preinstalled. Also writes the file descriptor set that the
+//! server's gRPC reflection service publishes.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    if std::env::var_os("PROTOC").is_none() {
+        // SAFETY: build scripts are single-threaded.
+        unsafe { std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?) };
+    }
+    let include = protoc_bin_vendored::include_path()?;
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    let protos = ["niix/v1/scan.proto", "niix/v1/ingest.proto", "niix/v1/findings.proto"];
+    for p in &protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("niix_v1_descriptor.bin"))
+        .compile_protos(&protos.map(PathBuf::from), &[PathBuf::from("."), include])?;
+    Ok(())
+}

@@ -1,0 +1,141 @@
+//! Server configuration: a TOML file, overridden by command-line flags.
+//!
+//! Every field has a default, so an empty file (or none) gives a working
+//! single-workstation server on loopback. See `docs/operations.md`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything `niix serve` needs to run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Prometheus `/metrics` listen address; absent to disable.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Directory for the embedded store (SQLite metadata and plane blobs).
+    pub data_dir: PathBuf,
+    /// Model repository directory (`<name>/<version>/model.onnx`).
+    pub models_dir: PathBuf,
+    /// Accept unauthenticated clients on a non-loopback address.
+    pub insecure: bool,
+    /// How long in-flight uploads may run on after SIGTERM/SIGINT before they
+    /// are abandoned (they stay resumable).
+    #[serde(with = "humantime_serde_compat")]
+    pub shutdown_grace: Duration,
+    /// Input limits.
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:50051".parse().expect("static address"),
+            metrics_listen: Some("127.0.0.1:9464".parse().expect("static address")),
+            data_dir: PathBuf::from("data"),
+            models_dir: PathBuf::from("models"),
+            insecure: false,
+            shutdown_grace: Duration::from_secs(10),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Limits on what a client may send. Exceeding one gives RESOURCE_EXHAUSTED.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Most image planes in one scan.
+    pub max_planes: u32,
+    /// Largest plane, in bytes as sent.
+    pub max_plane_bytes: u64,
+    /// Largest scan, all planes together, in bytes as sent.
+    pub max_scan_bytes: u64,
+    /// Most pixels in one plane (width x height).
+    pub max_plane_pixels: u64,
+    /// Largest width or height.
+    pub max_dimension: u32,
+    /// Largest encoded ScanHeader, in bytes.
+    pub max_header_bytes: usize,
+    /// Most uploads streaming at once; more get RESOURCE_EXHAUSTED.
+    pub max_concurrent_uploads: usize,
+    /// Unfinished uploads untouched for this long are deleted.
+    #[serde(with = "humantime_serde_compat")]
+    pub staging_ttl: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_planes: 8,
+            max_plane_bytes: 4 << 30,
+            max_scan_bytes: 16 << 30,
+            max_plane_pixels: 1 << 30,
+            max_dimension: 1 << 17,
+            max_header_bytes: 64 << 10,
+            max_concurrent_uploads: 64,
+            staging_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file; a missing `path` gives the defaults.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
+        let Some(path) = path else { return Ok(Config::default()) };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid config file {}: {e}", path.display()))
+    }
+}
+
+/// Durations written as "10s", "24h", "1h 30m" in TOML.
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c: Config = toml::from_str("").unwrap();
+        assert_eq!(c.listen, Config::default().listen);
+        assert_eq!(c.limits, Limits::default());
+    }
+
+    #[test]
+    fn fields_and_durations_parse() {
+        let c: Config = toml::from_str(
+            "listen = \"0.0.0.0:6000\"\nshutdown_grace = \"3s\"\n[limits]\nmax_planes = 2\nstaging_ttl = \"1h 30m\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 6000);
+        assert_eq!(c.shutdown_grace, Duration::from_secs(3));
+        assert_eq!(c.limits.max_planes, 2);
+        assert_eq!(c.limits.staging_ttl, Duration::from_secs(5400));
+        assert_eq!(c.limits.max_dimension, Limits::default().max_dimension);
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let e = toml::from_str::<Config>("listn = \"x\"").unwrap_err().to_string();
+        assert!(e.contains("listn"), "{e}");
+    }
+}

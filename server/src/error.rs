@@ -1,0 +1,82 @@
+//! The one place where niix errors become gRPC statuses.
+//!
+//! Every service returns [`Error`]; its [`From`] impl for [`tonic::Status`]
+//! picks the code, so the mapping is reviewed and tested here only.
+
+use crate::store::StoreError;
+
+/// An error a niix service reports to its caller.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is malformed or violates the protocol.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// Bytes were lost or corrupted in transit (truncated stream, digest mismatch).
+    #[error("{0}")]
+    DataLoss(String),
+    /// A configured limit was exceeded.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// The scan id is taken by a scan with different content.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The request conflicts with the state on the server.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A concurrent operation on the same object is in progress.
+    #[error("{0}")]
+    Aborted(String),
+    /// The object does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The server is shutting down.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The storage layer failed.
+    #[error("storage failure: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl Error {
+    /// The gRPC code this error maps to.
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            Error::InvalidArgument(_) => tonic::Code::InvalidArgument,
+            Error::DataLoss(_) => tonic::Code::DataLoss,
+            Error::ResourceExhausted(_) => tonic::Code::ResourceExhausted,
+            Error::AlreadyExists(_) => tonic::Code::AlreadyExists,
+            Error::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
+            Error::Aborted(_) => tonic::Code::Aborted,
+            Error::NotFound(_) => tonic::Code::NotFound,
+            Error::Unavailable(_) => tonic::Code::Unavailable,
+            Error::Store(_) => tonic::Code::Internal,
+        }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        if let Error::Store(inner) = &e {
+            tracing::error!(error = %inner, "storage failure");
+        }
+        tonic::Status::new(e.code(), e.to_string())
+    }
+}
+
+/// Shorthand for service results.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_follow_the_variant() {
+        let s: tonic::Status = Error::DataLoss("plane 0 truncated".into()).into();
+        assert_eq!(s.code(), tonic::Code::DataLoss);
+        assert_eq!(s.message(), "plane 0 truncated");
+        let s: tonic::Status = Error::Store(StoreError::Corrupt("x".into())).into();
+        assert_eq!(s.code(), tonic::Code::Internal);
+        assert!(s.message().starts_with("storage failure"));
+    }
+}

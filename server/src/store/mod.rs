@@ -1,0 +1,159 @@
+//! Storage behind two traits: [`MetadataStore`] (scan records, unfinished
+//! uploads) and [`BlobStore`] (plane bytes, content-addressed by SHA-256).
+//!
+//! The embedded defaults are [`SqliteMetadata`] and [`FsBlobs`]; a
+//! PostgreSQL or S3 implementation plugs in behind the same traits without
+//! touching the services. Both traits are synchronous: services call them
+//! from the blocking pool.
+
+mod fs;
+mod sqlite;
+
+use std::io::{Read, Seek, Write};
+use std::time::SystemTime;
+
+pub use fs::FsBlobs;
+use niix_proto::v1::{ScanHeader, ScanStatus};
+pub use sqlite::SqliteMetadata;
+
+/// A storage failure. Services report it as INTERNAL.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// File-system failure.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Database failure.
+    #[error("metadata database: {0}")]
+    Database(#[from] rusqlite::Error),
+    /// Stored data that cannot be read back.
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    /// Wraps an I/O error with what was being done.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        StoreError::Io { context: context.into(), source }
+    }
+}
+
+/// Result of storage calls.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Digest and size of one stored plane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlaneDigest {
+    /// Lowercase hex SHA-256 of the plane bytes.
+    pub sha256: String,
+    /// Number of bytes.
+    pub byte_length: u64,
+}
+
+/// A complete, durable scan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScanRecord {
+    /// Canonical hyphenated UUID.
+    pub scan_id: String,
+    /// The header as pushed (descriptors' `sha256` filled with the real digests).
+    pub header: ScanHeader,
+    /// Per plane, in order.
+    pub planes: Vec<PlaneDigest>,
+    /// SHA-256 of the normalised header: with the planes' digests, it tells
+    /// a duplicate push from a different scan under the same id.
+    pub header_sha256: String,
+    /// Where the scan is in its lifecycle.
+    pub status: ScanStatus,
+    /// When the server committed it.
+    pub received_at: SystemTime,
+}
+
+/// An upload that has started and not yet completed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingUpload {
+    /// Canonical hyphenated UUID.
+    pub scan_id: String,
+    /// The header of the first attempt; a resume must send the same one.
+    pub header: ScanHeader,
+    /// SHA-256 of the normalised header.
+    pub header_sha256: String,
+    /// When the first attempt started.
+    pub started_at: SystemTime,
+}
+
+/// What [`MetadataStore::commit_scan`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CommitOutcome {
+    /// The scan is now stored.
+    Committed,
+    /// A scan with that id was already stored; here it is.
+    Existing(Box<ScanRecord>),
+}
+
+/// Which scans [`MetadataStore::list_scans`] returns, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct ScanQuery {
+    /// At most this many.
+    pub limit: usize,
+    /// Only scans strictly older than this (received_at, scan_id) position.
+    pub before: Option<(SystemTime, String)>,
+    /// Only this site.
+    pub site_id: Option<String>,
+    /// Only this status.
+    pub status: Option<ScanStatus>,
+    /// Only scans received at or after this time.
+    pub received_after: Option<SystemTime>,
+}
+
+/// Scan metadata and upload bookkeeping.
+pub trait MetadataStore: Send + Sync + 'static {
+    /// Stores a complete scan and forgets its pending upload, atomically.
+    fn commit_scan(&self, scan: &ScanRecord) -> StoreResult<CommitOutcome>;
+    /// One scan by id.
+    fn get_scan(&self, scan_id: &str) -> StoreResult<Option<ScanRecord>>;
+    /// Scans matching `query`, newest first.
+    fn list_scans(&self, query: &ScanQuery) -> StoreResult<Vec<ScanRecord>>;
+    /// Records the start of an upload (no-op if already recorded).
+    fn put_upload(&self, upload: &PendingUpload) -> StoreResult<()>;
+    /// An unfinished upload by id.
+    fn get_upload(&self, scan_id: &str) -> StoreResult<Option<PendingUpload>>;
+    /// Forgets an unfinished upload; true if there was one.
+    fn delete_upload(&self, scan_id: &str) -> StoreResult<bool>;
+    /// Unfinished uploads started before `cutoff`.
+    fn uploads_started_before(&self, cutoff: SystemTime) -> StoreResult<Vec<String>>;
+}
+
+/// Bytes that can be read from any position.
+pub trait ReadSeek: Read + Seek + Send {}
+impl<T: Read + Seek + Send> ReadSeek for T {}
+
+/// An append-only handle on the staged bytes of one plane.
+pub trait StagedWriter: Write + Send {
+    /// Makes everything written so far durable.
+    fn sync(&mut self) -> StoreResult<()>;
+}
+
+/// Plane bytes: staged while an upload runs, then content-addressed.
+pub trait BlobStore: Send + Sync + 'static {
+    /// Bytes held so far for one plane of an unfinished upload (0 if none).
+    fn staged_len(&self, scan_id: &str, plane: u32) -> StoreResult<u64>;
+    /// Opens a plane of an unfinished upload for appending, creating it if needed.
+    fn append_staged(&self, scan_id: &str, plane: u32) -> StoreResult<Box<dyn StagedWriter>>;
+    /// Reads the staged bytes of a plane (for validation or re-hashing).
+    fn read_staged(&self, scan_id: &str, plane: u32) -> StoreResult<Box<dyn ReadSeek>>;
+    /// Makes a staged plane durable under its digest. Idempotent: content that
+    /// is already stored is not written twice.
+    fn promote(&self, scan_id: &str, plane: u32, sha256: &str) -> StoreResult<()>;
+    /// Deletes everything staged for an upload.
+    fn discard_staged(&self, scan_id: &str) -> StoreResult<()>;
+    /// Ids of uploads with staged bytes.
+    fn staged_uploads(&self) -> StoreResult<Vec<String>>;
+    /// Opens a stored blob.
+    fn open(&self, sha256: &str) -> StoreResult<Box<dyn ReadSeek>>;
+    /// Size of a stored blob, if present.
+    fn blob_len(&self, sha256: &str) -> StoreResult<Option<u64>>;
+}

@@ -1,0 +1,378 @@
+//! [`MetadataStore`] in an embedded SQLite database (WAL, synchronous=FULL).
+//!
+//! The schema is versioned with `PRAGMA user_version`; [`MIGRATIONS`] are
+//! applied in order at open, each in its own transaction.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use niix_proto::v1::{ScanHeader, ScanStatus};
+use prost::Message;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{CommitOutcome, MetadataStore, PendingUpload, PlaneDigest, ScanQuery, ScanRecord, StoreError, StoreResult};
+
+/// Schema migrations, oldest first. Never edit one that has shipped: append.
+const MIGRATIONS: &[&str] = &[
+    // 1: scans, their planes, unfinished uploads.
+    "CREATE TABLE scans (
+        scan_id        TEXT PRIMARY KEY,
+        site_id        TEXT NOT NULL,
+        lane_id        TEXT NOT NULL,
+        scan_time_us   INTEGER,
+        conveyance     INTEGER NOT NULL,
+        status         INTEGER NOT NULL,
+        received_at_us INTEGER NOT NULL,
+        header_sha256  TEXT NOT NULL,
+        header         BLOB NOT NULL
+    ) STRICT;
+    CREATE INDEX scans_by_received ON scans (received_at_us DESC, scan_id DESC);
+    CREATE INDEX scans_by_site ON scans (site_id, received_at_us DESC, scan_id DESC);
+    CREATE TABLE planes (
+        scan_id     TEXT NOT NULL REFERENCES scans (scan_id) ON DELETE CASCADE,
+        idx         INTEGER NOT NULL,
+        sha256      TEXT NOT NULL,
+        byte_length INTEGER NOT NULL,
+        PRIMARY KEY (scan_id, idx)
+    ) STRICT;
+    CREATE INDEX planes_by_digest ON planes (sha256);
+    CREATE TABLE uploads (
+        scan_id       TEXT PRIMARY KEY,
+        header_sha256 TEXT NOT NULL,
+        header        BLOB NOT NULL,
+        started_at_us INTEGER NOT NULL
+    ) STRICT;",
+];
+
+/// Scan metadata in SQLite.
+pub struct SqliteMetadata {
+    conn: Mutex<Connection>,
+}
+
+fn micros(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+}
+
+fn from_micros(us: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_micros(us.max(0) as u64)
+}
+
+fn decode_header(bytes: &[u8]) -> StoreResult<ScanHeader> {
+    ScanHeader::decode(bytes).map_err(|e| StoreError::Corrupt(format!("stored scan header: {e}")))
+}
+
+impl SqliteMetadata {
+    /// Opens (creating and migrating if needed) the database at `path`.
+    pub fn open(path: &Path) -> StoreResult<Self> {
+        let conn = Connection::open(path)?;
+        Self::init(conn)
+    }
+
+    /// An in-memory database, for tools and tests that need no persistence.
+    pub fn in_memory() -> StoreResult<Self> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(mut conn: Connection) -> StoreResult<Self> {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        migrate(&mut conn)?;
+        Ok(SqliteMetadata { conn: Mutex::new(conn) })
+    }
+
+    /// The schema version in force.
+    pub fn schema_version(&self) -> StoreResult<u32> {
+        Ok(self.lock().pragma_query_value(None, "user_version", |r| r.get(0))?)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent
+        // (transactions roll back), so a poisoned lock is still usable.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn planes_of(conn: &Connection, scan_id: &str) -> StoreResult<Vec<PlaneDigest>> {
+        let mut stmt = conn.prepare_cached("SELECT sha256, byte_length FROM planes WHERE scan_id = ?1 ORDER BY idx")?;
+        let rows = stmt.query_map([scan_id], |r| {
+            Ok(PlaneDigest { sha256: r.get(0)?, byte_length: r.get::<_, i64>(1)? as u64 })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn row_to_record(conn: &Connection, row: RawScan) -> StoreResult<ScanRecord> {
+        let planes = Self::planes_of(conn, &row.scan_id)?;
+        Ok(ScanRecord {
+            header: decode_header(&row.header)?,
+            planes,
+            header_sha256: row.header_sha256,
+            status: ScanStatus::try_from(row.status).unwrap_or(ScanStatus::Unspecified),
+            received_at: from_micros(row.received_at_us),
+            scan_id: row.scan_id,
+        })
+    }
+}
+
+struct RawScan {
+    scan_id: String,
+    status: i32,
+    received_at_us: i64,
+    header_sha256: String,
+    header: Vec<u8>,
+}
+
+const SCAN_COLUMNS: &str = "scan_id, status, received_at_us, header_sha256, header";
+
+fn raw_scan(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawScan> {
+    Ok(RawScan {
+        scan_id: r.get(0)?,
+        status: r.get(1)?,
+        received_at_us: r.get(2)?,
+        header_sha256: r.get(3)?,
+        header: r.get(4)?,
+    })
+}
+
+fn migrate(conn: &mut Connection) -> StoreResult<()> {
+    let current: u32 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if current as usize > MIGRATIONS.len() {
+        return Err(StoreError::Corrupt(format!(
+            "database schema version {current} is newer than this niix understands ({}); upgrade niix",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as u32)?;
+        tx.commit()?;
+        tracing::info!(version = i + 1, "applied metadata schema migration");
+    }
+    Ok(())
+}
+
+impl MetadataStore for SqliteMetadata {
+    fn commit_scan(&self, scan: &ScanRecord) -> StoreResult<CommitOutcome> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let existing = tx
+            .query_row(&format!("SELECT {SCAN_COLUMNS} FROM scans WHERE scan_id = ?1"), [&scan.scan_id], raw_scan)
+            .optional()?;
+        if let Some(row) = existing {
+            let record = Self::row_to_record(&tx, row)?;
+            return Ok(CommitOutcome::Existing(Box::new(record)));
+        }
+        let meta = scan.header.metadata.clone().unwrap_or_default();
+        let scan_time = meta.scan_time.map(|t| t.seconds * 1_000_000 + i64::from(t.nanos) / 1000);
+        tx.execute(
+            "INSERT INTO scans (scan_id, site_id, lane_id, scan_time_us, conveyance, status, received_at_us, header_sha256, header)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                scan.scan_id,
+                meta.site_id,
+                meta.lane_id,
+                scan_time,
+                meta.conveyance,
+                scan.status as i32,
+                micros(scan.received_at),
+                scan.header_sha256,
+                scan.header.encode_to_vec(),
+            ],
+        )?;
+        for (i, p) in scan.planes.iter().enumerate() {
+            tx.execute(
+                "INSERT INTO planes (scan_id, idx, sha256, byte_length) VALUES (?1, ?2, ?3, ?4)",
+                params![scan.scan_id, i as i64, p.sha256, p.byte_length as i64],
+            )?;
+        }
+        tx.execute("DELETE FROM uploads WHERE scan_id = ?1", [&scan.scan_id])?;
+        tx.commit()?;
+        Ok(CommitOutcome::Committed)
+    }
+
+    fn get_scan(&self, scan_id: &str) -> StoreResult<Option<ScanRecord>> {
+        let conn = self.lock();
+        let row = conn
+            .query_row(&format!("SELECT {SCAN_COLUMNS} FROM scans WHERE scan_id = ?1"), [scan_id], raw_scan)
+            .optional()?;
+        row.map(|r| Self::row_to_record(&conn, r)).transpose()
+    }
+
+    fn list_scans(&self, q: &ScanQuery) -> StoreResult<Vec<ScanRecord>> {
+        let mut sql = format!("SELECT {SCAN_COLUMNS} FROM scans WHERE 1=1");
+        let mut args: Vec<rusqlite::types::Value> = Vec::new();
+        if let Some((at, id)) = &q.before {
+            sql.push_str(" AND (received_at_us, scan_id) < (?, ?)");
+            args.push(micros(*at).into());
+            args.push(id.clone().into());
+        }
+        if let Some(site) = &q.site_id {
+            sql.push_str(" AND site_id = ?");
+            args.push(site.clone().into());
+        }
+        if let Some(status) = q.status {
+            sql.push_str(" AND status = ?");
+            args.push(i64::from(status as i32).into());
+        }
+        if let Some(after) = q.received_after {
+            sql.push_str(" AND received_at_us >= ?");
+            args.push(micros(after).into());
+        }
+        sql.push_str(" ORDER BY received_at_us DESC, scan_id DESC LIMIT ?");
+        args.push((q.limit as i64).into());
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let rows: Vec<RawScan> =
+            stmt.query_map(rusqlite::params_from_iter(args), raw_scan)?.collect::<Result<_, _>>()?;
+        rows.into_iter().map(|r| Self::row_to_record(&conn, r)).collect()
+    }
+
+    fn put_upload(&self, u: &PendingUpload) -> StoreResult<()> {
+        self.lock().execute(
+            "INSERT INTO uploads (scan_id, header_sha256, header, started_at_us) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (scan_id) DO NOTHING",
+            params![u.scan_id, u.header_sha256, u.header.encode_to_vec(), micros(u.started_at)],
+        )?;
+        Ok(())
+    }
+
+    fn get_upload(&self, scan_id: &str) -> StoreResult<Option<PendingUpload>> {
+        let conn = self.lock();
+        let row = conn
+            .query_row(
+                "SELECT header_sha256, header, started_at_us FROM uploads WHERE scan_id = ?1",
+                [scan_id],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, i64>(2)?)),
+            )
+            .optional()?;
+        row.map(|(header_sha256, header, started)| {
+            Ok(PendingUpload {
+                scan_id: scan_id.to_string(),
+                header: decode_header(&header)?,
+                header_sha256,
+                started_at: from_micros(started),
+            })
+        })
+        .transpose()
+    }
+
+    fn delete_upload(&self, scan_id: &str) -> StoreResult<bool> {
+        Ok(self.lock().execute("DELETE FROM uploads WHERE scan_id = ?1", [scan_id])? > 0)
+    }
+
+    fn uploads_started_before(&self, cutoff: SystemTime) -> StoreResult<Vec<String>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached("SELECT scan_id FROM uploads WHERE started_at_us < ?1")?;
+        let ids = stmt.query_map([micros(cutoff)], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        Ok(ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use niix_proto::v1::ScanMetadata;
+
+    use super::*;
+
+    fn record(id: &str, site: &str, at_us: i64) -> ScanRecord {
+        ScanRecord {
+            scan_id: id.into(),
+            header: ScanHeader {
+                scan_id: id.into(),
+                metadata: Some(ScanMetadata { site_id: site.into(), ..Default::default() }),
+                planes: vec![],
+            },
+            planes: vec![PlaneDigest { sha256: "ab".repeat(32), byte_length: 7 }],
+            header_sha256: "cd".repeat(32),
+            status: ScanStatus::Received,
+            received_at: from_micros(at_us),
+        }
+    }
+
+    #[test]
+    fn migrations_reach_the_latest_version_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.db");
+        let db = SqliteMetadata::open(&path).unwrap();
+        assert_eq!(db.schema_version().unwrap() as usize, MIGRATIONS.len());
+        db.commit_scan(&record("a", "S1", 1)).unwrap();
+        drop(db);
+        let db = SqliteMetadata::open(&path).unwrap();
+        assert_eq!(db.get_scan("a").unwrap().unwrap(), record("a", "S1", 1));
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.db");
+        Connection::open(&path).unwrap().pragma_update(None, "user_version", 99).unwrap();
+        let err = SqliteMetadata::open(&path).err().unwrap().to_string();
+        assert!(err.contains("newer than this niix"), "{err}");
+    }
+
+    #[test]
+    fn commit_is_idempotent_and_clears_the_upload() {
+        let db = SqliteMetadata::in_memory().unwrap();
+        let r = record("a", "S1", 5);
+        db.put_upload(&PendingUpload {
+            scan_id: "a".into(),
+            header: r.header.clone(),
+            header_sha256: r.header_sha256.clone(),
+            started_at: from_micros(1),
+        })
+        .unwrap();
+        assert!(db.get_upload("a").unwrap().is_some());
+        assert_eq!(db.commit_scan(&r).unwrap(), CommitOutcome::Committed);
+        assert!(db.get_upload("a").unwrap().is_none());
+        let mut other = record("a", "S2", 9);
+        other.header_sha256 = "ef".repeat(32);
+        assert_eq!(db.commit_scan(&other).unwrap(), CommitOutcome::Existing(Box::new(r)));
+    }
+
+    #[test]
+    fn listing_pages_newest_first_with_filters() {
+        let db = SqliteMetadata::in_memory().unwrap();
+        for i in 0..10 {
+            db.commit_scan(&record(&format!("s{i}"), if i % 2 == 0 { "EVEN" } else { "ODD" }, i)).unwrap();
+        }
+        let mut seen = Vec::new();
+        let mut q = ScanQuery { limit: 3, ..Default::default() };
+        loop {
+            let page = db.list_scans(&q).unwrap();
+            if page.is_empty() {
+                break;
+            }
+            let last = page.last().unwrap();
+            q.before = Some((last.received_at, last.scan_id.clone()));
+            seen.extend(page.into_iter().map(|r| r.scan_id));
+        }
+        let expected: Vec<String> = (0..10).rev().map(|i| format!("s{i}")).collect();
+        assert_eq!(seen, expected);
+
+        let odd = db
+            .list_scans(&ScanQuery { limit: 100, site_id: Some("ODD".into()), received_after: Some(from_micros(4)), ..Default::default() })
+            .unwrap();
+        let ids: Vec<_> = odd.iter().map(|r| r.scan_id.as_str()).collect();
+        assert_eq!(ids, ["s9", "s7", "s5"]);
+    }
+
+    #[test]
+    fn stale_uploads_are_found() {
+        let db = SqliteMetadata::in_memory().unwrap();
+        let header = ScanHeader::default();
+        for (id, at) in [("old", 10), ("new", 1000)] {
+            db.put_upload(&PendingUpload {
+                scan_id: id.into(),
+                header: header.clone(),
+                header_sha256: String::new(),
+                started_at: from_micros(at),
+            })
+            .unwrap();
+        }
+        assert_eq!(db.uploads_started_before(from_micros(500)).unwrap(), vec!["old".to_string()]);
+        assert!(db.delete_upload("old").unwrap());
+        assert!(!db.delete_upload("old").unwrap());
+    }
+}
