@@ -77,6 +77,13 @@ fn check_dims(found: (u32, u32), width: u32, height: u32, what: &str) -> Result<
     Ok(())
 }
 
+/// What the file itself says about its samples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlaneInfo {
+    /// Bits per sample in the file: 8 or 16.
+    pub bits_per_sample: u8,
+}
+
 /// Decodes a whole plane, calling `sink(row, samples)` for each row in order.
 ///
 /// `width` and `height` are what the plane descriptor declared: a file whose
@@ -89,7 +96,7 @@ pub fn decode_rows<R, F>(
     height: u32,
     limits: &DecodeLimits,
     mut sink: F,
-) -> Result<(), DecodeError>
+) -> Result<PlaneInfo, DecodeError>
 where
     R: Read + Seek,
     F: FnMut(u32, &[u16]) -> Result<(), String>,
@@ -102,9 +109,57 @@ where
     }
 }
 
+/// Size and sample depth of a TIFF or PNG file, read from its header only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageHeader {
+    /// Pixels per row.
+    pub width: u32,
+    /// Rows.
+    pub height: u32,
+    /// Bits per sample: 8 or 16.
+    pub bits_per_sample: u8,
+}
+
+/// Reads the header of a grey TIFF or PNG (not the pixels).
+pub fn probe<R: Read + Seek>(reader: R, encoding: Encoding) -> Result<ImageHeader, DecodeError> {
+    let limits = DecodeLimits::default();
+    match encoding {
+        Encoding::RawU16Le => {
+            Err(DecodeError::Mismatch("a raw plane has no header: give its width and height".into()))
+        }
+        Encoding::Tiff => {
+            let terr = |e| tiff_err(e, &limits);
+            let mut dec = tiff::decoder::Decoder::new(BufReader::new(reader)).map_err(terr)?;
+            let (width, height) = dec.dimensions().map_err(terr)?;
+            match dec.colortype().map_err(terr)? {
+                tiff::ColorType::Gray(b @ (8 | 16)) => Ok(ImageHeader { width, height, bits_per_sample: b }),
+                other => Err(DecodeError::Mismatch(format!(
+                    "the TIFF image is {other:?}; niix planes are single-channel grey, 8 or 16 bits"
+                ))),
+            }
+        }
+        Encoding::Png => {
+            let reader = png::Decoder::new(BufReader::new(reader))
+                .read_info()
+                .map_err(|e| DecodeError::Malformed { encoding: "PNG", detail: e.to_string() })?;
+            let info = reader.info();
+            let bits_per_sample = match (info.color_type, info.bit_depth) {
+                (png::ColorType::Grayscale, png::BitDepth::Sixteen) => 16,
+                (png::ColorType::Grayscale, png::BitDepth::Eight) => 8,
+                (c, b) => {
+                    return Err(DecodeError::Mismatch(format!(
+                        "the PNG image is {c:?} with {b:?}-bit samples; niix planes are single-channel grey, 8 or 16 bits"
+                    )));
+                }
+            };
+            Ok(ImageHeader { width: info.width, height: info.height, bits_per_sample })
+        }
+    }
+}
+
 type Emit<'a> = dyn FnMut(u32, &[u16]) -> Result<(), DecodeError> + 'a;
 
-fn decode_raw<R: Read>(reader: R, width: u32, height: u32, emit: &mut Emit<'_>) -> Result<(), DecodeError> {
+fn decode_raw<R: Read>(reader: R, width: u32, height: u32, emit: &mut Emit<'_>) -> Result<PlaneInfo, DecodeError> {
     let mut reader = BufReader::with_capacity(1 << 20, reader);
     let mut bytes = vec![0u8; width as usize * 2];
     let mut row = vec![0u16; width as usize];
@@ -121,7 +176,7 @@ fn decode_raw<R: Read>(reader: R, width: u32, height: u32, emit: &mut Emit<'_>) 
         }
         emit(y, &row)?;
     }
-    Ok(())
+    Ok(PlaneInfo { bits_per_sample: 16 })
 }
 
 /// Widens a decoded TIFF chunk to u16 samples.
@@ -140,7 +195,7 @@ fn decode_tiff<R: Read + Seek>(
     height: u32,
     limits: &DecodeLimits,
     emit: &mut Emit<'_>,
-) -> Result<(), DecodeError> {
+) -> Result<PlaneInfo, DecodeError> {
     use tiff::ColorType;
     use tiff::decoder::{ChunkType, Decoder, Limits};
 
@@ -150,14 +205,14 @@ fn decode_tiff<R: Read + Seek>(
     tl.intermediate_buffer_size = limits.max_chunk_bytes;
     let mut dec = Decoder::new(BufReader::with_capacity(1 << 20, reader)).map_err(terr)?.with_limits(tl);
     check_dims(dec.dimensions().map_err(terr)?, width, height, "TIFF image")?;
-    match dec.colortype().map_err(terr)? {
-        ColorType::Gray(8 | 16) => {}
+    let bits_per_sample = match dec.colortype().map_err(terr)? {
+        ColorType::Gray(b @ (8 | 16)) => b,
         other => {
             return Err(DecodeError::Mismatch(format!(
                 "the TIFF image is {other:?}; niix planes are single-channel grey, 8 or 16 bits"
             )));
         }
-    }
+    };
     let w = width as usize;
     match dec.get_chunk_type() {
         ChunkType::Strip => {
@@ -212,10 +267,10 @@ fn decode_tiff<R: Read + Seek>(
             }
         }
     }
-    Ok(())
+    Ok(PlaneInfo { bits_per_sample })
 }
 
-fn decode_png<R: Read + Seek>(reader: R, width: u32, height: u32, emit: &mut Emit<'_>) -> Result<(), DecodeError> {
+fn decode_png<R: Read + Seek>(reader: R, width: u32, height: u32, emit: &mut Emit<'_>) -> Result<PlaneInfo, DecodeError> {
     let malformed = |e: png::DecodingError| match e {
         png::DecodingError::IoError(io) if io.kind() != std::io::ErrorKind::UnexpectedEof => DecodeError::Io(io),
         png::DecodingError::LimitsExceeded => DecodeError::TooLarge("the PNG needs more memory to decode than allowed".into()),
@@ -262,7 +317,7 @@ fn decode_png<R: Read + Seek>(reader: R, width: u32, height: u32, emit: &mut Emi
     if y != height {
         return Err(DecodeError::Malformed { encoding: "PNG", detail: format!("it holds {y} rows, not {height}") });
     }
-    Ok(())
+    Ok(PlaneInfo { bits_per_sample: if sixteen { 16 } else { 8 } })
 }
 
 #[cfg(test)]
@@ -284,6 +339,7 @@ mod tests {
             out.extend_from_slice(row);
             Ok(())
         })?;
+        assert_eq!(next, h);
         Ok(out)
     }
 
@@ -319,6 +375,15 @@ mod tests {
         assert_eq!(collect(&tiff_bytes(w, h, &px, Some(5)), Encoding::Tiff, w, h).unwrap(), px);
         assert_eq!(collect(&tiff_bytes(w, h, &px, None), Encoding::Tiff, w, h).unwrap(), px);
         assert_eq!(collect(&png_bytes(w, h, &px), Encoding::Png, w, h).unwrap(), px);
+    }
+
+    #[test]
+    fn probe_reads_size_and_depth() {
+        let px = pattern(9, 7);
+        let want = ImageHeader { width: 9, height: 7, bits_per_sample: 16 };
+        assert_eq!(probe(Cursor::new(tiff_bytes(9, 7, &px, None)), Encoding::Tiff).unwrap(), want);
+        assert_eq!(probe(Cursor::new(png_bytes(9, 7, &px)), Encoding::Png).unwrap(), want);
+        assert!(probe(Cursor::new(b"junk".to_vec()), Encoding::Png).is_err());
     }
 
     #[test]

@@ -35,6 +35,9 @@ pub enum Error {
     /// The storage layer failed.
     #[error("storage failure: {0}")]
     Store(#[from] StoreError),
+    /// A bug or a panic inside the server.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl Error {
@@ -49,18 +52,41 @@ impl Error {
             Error::Aborted(_) => tonic::Code::Aborted,
             Error::NotFound(_) => tonic::Code::NotFound,
             Error::Unavailable(_) => tonic::Code::Unavailable,
-            Error::Store(_) => tonic::Code::Internal,
+            Error::Store(_) | Error::Internal(_) => tonic::Code::Internal,
         }
     }
 }
 
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        if let Error::Store(inner) = &e {
-            tracing::error!(error = %inner, "storage failure");
+        if matches!(e, Error::Store(_) | Error::Internal(_)) {
+            tracing::error!(error = %e, "request failed inside the server");
         }
         tonic::Status::new(e.code(), e.to_string())
     }
+}
+
+/// Runs blocking work (file or database I/O, hashing, decoding) on the
+/// blocking pool; a panic there becomes INTERNAL instead of a crash.
+pub async fn blocking<T, F>(f: F) -> Result<T>
+where
+    F: FnOnce() -> Result<T> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f).await.map_err(|e| Error::Internal(format!("blocking task failed: {e}")))?
+}
+
+/// Turns a service result into a gRPC reply, counting and logging refusals.
+pub fn reply<T>(
+    metrics: &crate::metrics::Metrics,
+    rpc: &str,
+    result: Result<T>,
+) -> std::result::Result<tonic::Response<T>, tonic::Status> {
+    result.map(tonic::Response::new).map_err(|e| {
+        metrics.error(rpc, e.code());
+        tracing::warn!(rpc, code = ?e.code(), error = %e, "request refused");
+        e.into()
+    })
 }
 
 /// Shorthand for service results.

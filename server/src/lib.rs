@@ -1,1 +1,20 @@
-//! placeholder
+//! niix: exchange of non-intrusive inspection (NII) scans between scanners,
+//! image analysts and partner customs administrations.
+//!
+//! The path of a scan through this crate is one straight line:
+//! [`ingest`] (gRPC push, validation) -> [`store`] (SQLite + blobs) ->
+//! [`findings`] (what officers query). [`server`] wires the services
+//! together; [`cli`] is the `niix` command line.
+
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod digest;
+pub mod error;
+pub mod findings;
+pub mod header;
+pub mod ingest;
+pub mod iso6346;
+pub mod metrics;
+pub mod server;
+pub mod store;

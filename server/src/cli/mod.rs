@@ -1,0 +1,71 @@
+//! The `niix` command line: `serve`, `push`, `scans`.
+
+mod push;
+mod scans;
+mod serve;
+
+use clap::{Parser, Subcommand};
+
+use crate::client::DEFAULT_SERVER;
+
+/// niix: exchange of non-intrusive inspection scans.
+#[derive(Debug, Parser)]
+#[command(name = "niix", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the niix server.
+    Serve(serve::ServeArgs),
+    /// Push a scan (16-bit TIFF, PNG or raw planes) to a server.
+    Push(push::PushArgs),
+    /// List the scans stored on a server.
+    Scans(scans::ScansArgs),
+}
+
+/// Where the server is, for client commands.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerArg {
+    /// URL of the niix server.
+    #[arg(long, env = "NIIX_SERVER", default_value = DEFAULT_SERVER)]
+    pub server: String,
+}
+
+impl Cli {
+    /// Runs the chosen command.
+    pub async fn run(self) -> anyhow::Result<()> {
+        match self.command {
+            Command::Serve(a) => serve::run(a).await,
+            Command::Push(a) => push::run(a).await,
+            Command::Scans(a) => scans::run(a).await,
+        }
+    }
+}
+
+/// Lower-case name of a protobuf enum value without its prefix, e.g.
+/// `SCAN_STATUS_RECEIVED` -> `received`.
+pub fn enum_word(full: &str, prefix: &str) -> String {
+    full.strip_prefix(prefix).unwrap_or(full).to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn enum_words_drop_the_prefix() {
+        assert_eq!(enum_word("SCAN_STATUS_RECEIVED", "SCAN_STATUS_"), "received");
+    }
+}

@@ -1,0 +1,61 @@
+//! `niix serve`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::config::Config;
+use crate::server;
+
+/// Arguments of `niix serve`; flags override the config file.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// TOML configuration file (see docs/operations.md).
+    #[arg(long, env = "NIIX_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// gRPC listen address.
+    #[arg(long, env = "NIIX_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Prometheus /metrics listen address.
+    #[arg(long, env = "NIIX_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Data directory of the embedded store.
+    #[arg(long, env = "NIIX_DATA")]
+    pub data: Option<PathBuf>,
+    /// Model repository directory.
+    #[arg(long, env = "NIIX_MODELS")]
+    pub models: Option<PathBuf>,
+    /// Accept unauthenticated clients on a non-loopback address.
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+impl ServeArgs {
+    /// The effective configuration.
+    pub fn config(&self) -> anyhow::Result<Config> {
+        let mut c = Config::load(self.config.as_deref())?;
+        if let Some(l) = self.listen {
+            c.listen = l;
+        }
+        if let Some(m) = self.metrics_listen {
+            c.metrics_listen = Some(m);
+        }
+        if let Some(d) = &self.data {
+            c.data_dir = d.clone();
+        }
+        if let Some(m) = &self.models {
+            c.models_dir = m.clone();
+        }
+        c.insecure |= self.insecure;
+        Ok(c)
+    }
+}
+
+/// Runs the server until SIGINT/SIGTERM.
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let config = args.config()?;
+    let running = server::start(config).await?;
+    eprintln!("niix listening on {} (metrics: {:?}); Ctrl-C to stop", running.addr, running.metrics_addr);
+    server::termination().await;
+    tracing::info!("shutting down");
+    running.shutdown().await
+}

@@ -1,0 +1,242 @@
+//! Validation of a pushed [`ScanHeader`] before any byte of it is stored.
+
+use niix_proto::v1::{ConveyanceType, IntensityRelationship, PlaneDescriptor, PlaneEncoding, PlaneKind, ScanHeader};
+use prost::Message;
+use sha2::{Digest, Sha256};
+
+use crate::config::Limits;
+use crate::error::{Error, Result};
+use crate::iso6346;
+
+/// Parses a scan id and returns it in canonical form (lowercase, hyphenated).
+pub fn canonical_scan_id(id: &str) -> Result<String> {
+    if id.is_empty() {
+        return Err(Error::InvalidArgument("scan_id is empty: the client chooses a UUID for every scan".into()));
+    }
+    match uuid::Uuid::try_parse(id) {
+        Ok(u) if u.hyphenated().to_string() == id.to_ascii_lowercase() => Ok(u.hyphenated().to_string()),
+        _ => Err(Error::InvalidArgument(format!(
+            "scan_id {id:?} is not a UUID in hyphenated form, e.g. 0f8e4b1c-2d3a-4e5f-8a9b-0c1d2e3f4a5b"
+        ))),
+    }
+}
+
+/// True for a lowercase hex SHA-256.
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Bytes a raw u16 plane of this size must have.
+pub fn raw_plane_bytes(d: &PlaneDescriptor) -> u64 {
+    u64::from(d.width) * u64::from(d.height) * 2
+}
+
+fn check_enum<T: TryFrom<i32>>(value: i32, what: &str, plane: Option<usize>) -> Result<T> {
+    T::try_from(value).map_err(|_| {
+        let at = plane.map(|i| format!("plane {i}: ")).unwrap_or_default();
+        Error::InvalidArgument(format!("{at}unknown {what} value {value}; see docs/protocol.md for the defined values"))
+    })
+}
+
+fn check_plane(i: usize, d: &PlaneDescriptor, limits: &Limits) -> Result<()> {
+    let bad = |msg: String| Err(Error::InvalidArgument(format!("plane {i}: {msg}")));
+    let kind: PlaneKind = check_enum(d.kind, "plane kind", Some(i))?;
+    if kind == PlaneKind::Unspecified {
+        return bad("kind is not set (HIGH_ENERGY, LOW_ENERGY, SINGLE_ENERGY, ...)".into());
+    }
+    let encoding: PlaneEncoding = check_enum(d.encoding, "plane encoding", Some(i))?;
+    if encoding == PlaneEncoding::Unspecified {
+        return bad("encoding is not set (RAW_U16LE, TIFF or PNG)".into());
+    }
+    check_enum::<IntensityRelationship>(d.intensity, "intensity relationship", Some(i))?;
+    if d.width == 0 || d.height == 0 {
+        return bad(format!("width and height must be positive, got {}x{}", d.width, d.height));
+    }
+    if d.width > limits.max_dimension || d.height > limits.max_dimension {
+        return Err(Error::ResourceExhausted(format!(
+            "plane {i}: {}x{} exceeds the server's limit of {} pixels per side",
+            d.width, d.height, limits.max_dimension
+        )));
+    }
+    let pixels = u64::from(d.width) * u64::from(d.height);
+    if pixels > limits.max_plane_pixels {
+        return Err(Error::ResourceExhausted(format!(
+            "plane {i}: {pixels} pixels exceeds the server's limit of {} per plane",
+            limits.max_plane_pixels
+        )));
+    }
+    if !(1..=16).contains(&d.bits_stored) {
+        return bad(format!("bits_stored must be 1..16, got {}", d.bits_stored));
+    }
+    for (axis, v) in [("x", d.pixel_spacing_x_mm), ("y", d.pixel_spacing_y_mm)] {
+        if !v.is_finite() || v < 0.0 {
+            return bad(format!("pixel_spacing_{axis}_mm must be a finite non-negative number, got {v}"));
+        }
+    }
+    if d.byte_length == 0 {
+        return bad("byte_length is 0: every plane must carry bytes".into());
+    }
+    if d.byte_length > limits.max_plane_bytes {
+        return Err(Error::ResourceExhausted(format!(
+            "plane {i}: {} bytes exceeds the server's limit of {} bytes per plane",
+            d.byte_length, limits.max_plane_bytes
+        )));
+    }
+    if encoding == PlaneEncoding::RawU16le && d.byte_length != raw_plane_bytes(d) {
+        return bad(format!(
+            "a raw u16 plane of {}x{} has {} bytes, but byte_length says {}",
+            d.width,
+            d.height,
+            raw_plane_bytes(d),
+            d.byte_length
+        ));
+    }
+    if !d.sha256.is_empty() && !is_sha256_hex(&d.sha256) {
+        return bad(format!("sha256 {:?} is not 64 lowercase hex digits", d.sha256));
+    }
+    Ok(())
+}
+
+/// Checks everything that can be checked before the plane bytes arrive.
+/// Returns the canonical scan id.
+pub fn validate(header: &ScanHeader, limits: &Limits) -> Result<String> {
+    let encoded = header.encoded_len();
+    if encoded > limits.max_header_bytes {
+        return Err(Error::ResourceExhausted(format!(
+            "scan header is {encoded} bytes, over the server's limit of {}",
+            limits.max_header_bytes
+        )));
+    }
+    let id = canonical_scan_id(&header.scan_id)?;
+    let Some(meta) = &header.metadata else {
+        return Err(Error::InvalidArgument("header has no metadata: site_id and scan_time are required".into()));
+    };
+    if meta.site_id.trim().is_empty() {
+        return Err(Error::InvalidArgument("metadata.site_id is empty: say which customs site scanned this".into()));
+    }
+    check_enum::<ConveyanceType>(meta.conveyance, "conveyance type", None)?;
+    for n in &meta.container_numbers {
+        iso6346::validate(n).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    }
+    if let Some(t) = &meta.scan_time
+        && !(0..1_000_000_000).contains(&t.nanos)
+    {
+        return Err(Error::InvalidArgument(format!("metadata.scan_time has nanos {} outside 0..1e9", t.nanos)));
+    }
+    if header.planes.is_empty() {
+        return Err(Error::InvalidArgument("header declares no image planes".into()));
+    }
+    if header.planes.len() > limits.max_planes as usize {
+        return Err(Error::ResourceExhausted(format!(
+            "header declares {} planes, over the server's limit of {}",
+            header.planes.len(),
+            limits.max_planes
+        )));
+    }
+    for (i, d) in header.planes.iter().enumerate() {
+        check_plane(i, d, limits)?;
+    }
+    let total: u64 = header.planes.iter().map(|d| d.byte_length).sum();
+    if total > limits.max_scan_bytes {
+        return Err(Error::ResourceExhausted(format!(
+            "scan totals {total} bytes, over the server's limit of {} per scan",
+            limits.max_scan_bytes
+        )));
+    }
+    Ok(id)
+}
+
+/// SHA-256 of the header with the scan id canonicalised and the optional
+/// plane digests cleared: two pushes of the same scan agree on it whether or
+/// not they declared digests.
+pub fn fingerprint(header: &ScanHeader, canonical_id: &str) -> String {
+    let mut h = header.clone();
+    h.scan_id = canonical_id.to_string();
+    for p in &mut h.planes {
+        p.sha256.clear();
+    }
+    hex::encode(Sha256::digest(h.encode_to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use niix_proto::v1::ScanMetadata;
+
+    use super::*;
+
+    pub(crate) fn header() -> ScanHeader {
+        ScanHeader {
+            scan_id: "0f8e4b1c-2d3a-4e5f-8a9b-0c1d2e3f4a5b".into(),
+            metadata: Some(ScanMetadata {
+                site_id: "NLRTM-01".into(),
+                container_numbers: vec!["CSQU3054383".into()],
+                ..Default::default()
+            }),
+            planes: vec![PlaneDescriptor {
+                kind: PlaneKind::HighEnergy as i32,
+                width: 4,
+                height: 2,
+                bits_stored: 16,
+                encoding: PlaneEncoding::RawU16le as i32,
+                byte_length: 16,
+                ..Default::default()
+            }],
+        }
+    }
+
+    fn err_of(h: &ScanHeader) -> Error {
+        validate(h, &Limits::default()).unwrap_err()
+    }
+
+    #[test]
+    fn a_good_header_passes_and_the_id_is_canonical() {
+        let mut h = header();
+        h.scan_id = h.scan_id.to_uppercase();
+        assert_eq!(validate(&h, &Limits::default()).unwrap(), "0f8e4b1c-2d3a-4e5f-8a9b-0c1d2e3f4a5b");
+    }
+
+    #[test]
+    fn each_defect_is_named() {
+        let cases: Vec<(fn(&mut ScanHeader), &str, tonic::Code)> = vec![
+            (|h| h.scan_id = "nope".into(), "not a UUID", tonic::Code::InvalidArgument),
+            (|h| h.scan_id = "0f8e4b1c2d3a4e5f8a9b0c1d2e3f4a5b".into(), "hyphenated", tonic::Code::InvalidArgument),
+            (|h| h.metadata = None, "no metadata", tonic::Code::InvalidArgument),
+            (|h| h.metadata.as_mut().unwrap().site_id.clear(), "site_id", tonic::Code::InvalidArgument),
+            (|h| h.metadata.as_mut().unwrap().container_numbers = vec!["CSQU3054384".into()], "check digit", tonic::Code::InvalidArgument),
+            (|h| h.metadata.as_mut().unwrap().conveyance = 42, "unknown conveyance", tonic::Code::InvalidArgument),
+            (|h| h.planes.clear(), "no image planes", tonic::Code::InvalidArgument),
+            (|h| h.planes[0].kind = 77, "unknown plane kind", tonic::Code::InvalidArgument),
+            (|h| h.planes[0].kind = 0, "kind is not set", tonic::Code::InvalidArgument),
+            (|h| h.planes[0].encoding = 0, "encoding is not set", tonic::Code::InvalidArgument),
+            (|h| h.planes[0].width = 0, "must be positive", tonic::Code::InvalidArgument),
+            (|h| h.planes[0].bits_stored = 17, "bits_stored", tonic::Code::InvalidArgument),
+            (|h| h.planes[0].pixel_spacing_x_mm = f64::NAN, "pixel_spacing_x_mm", tonic::Code::InvalidArgument),
+            (|h| h.planes[0].byte_length = 15, "byte_length says 15", tonic::Code::InvalidArgument),
+            (|h| h.planes[0].byte_length = 0, "byte_length is 0", tonic::Code::InvalidArgument),
+            (|h| h.planes[0].sha256 = "XYZ".into(), "64 lowercase hex", tonic::Code::InvalidArgument),
+            (|h| h.planes[0].width = 1 << 20, "pixels per side", tonic::Code::ResourceExhausted),
+            (|h| h.planes = vec![h.planes[0].clone(); 9], "limit of 8", tonic::Code::ResourceExhausted),
+            (|h| h.metadata.as_mut().unwrap().remarks = "x".repeat(70_000), "scan header is", tonic::Code::ResourceExhausted),
+        ];
+        for (mutate, needle, code) in cases {
+            let mut h = header();
+            mutate(&mut h);
+            let e = err_of(&h);
+            assert_eq!(e.code(), code, "{e}");
+            assert!(e.to_string().contains(needle), "{needle:?} not in {e}");
+        }
+    }
+
+    #[test]
+    fn fingerprint_ignores_declared_digests_and_id_case() {
+        let h = header();
+        let mut h2 = h.clone();
+        h2.planes[0].sha256 = "ab".repeat(32);
+        h2.scan_id = h.scan_id.to_uppercase();
+        let id = canonical_scan_id(&h.scan_id).unwrap();
+        assert_eq!(fingerprint(&h, &id), fingerprint(&h2, &id));
+        let mut h3 = h.clone();
+        h3.metadata.as_mut().unwrap().lane_id = "L2".into();
+        assert_ne!(fingerprint(&h, &id), fingerprint(&h3, &id));
+    }
+}

@@ -1,0 +1,197 @@
+//! Wires the services into one gRPC server plus a `/metrics` endpoint, and
+//! shuts them down gracefully.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use niix_proto::v1::FILE_DESCRIPTOR_SET;
+use niix_proto::v1::findings_server::FindingsServer;
+use niix_proto::v1::scan_ingest_server::ScanIngestServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::Config;
+use crate::findings::FindingsService;
+use crate::ingest::{Ingest, IngestService};
+use crate::metrics::Metrics;
+use crate::store::{BlobStore, FsBlobs, MetadataStore, SqliteMetadata};
+
+/// How often unfinished uploads past their TTL are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(3600);
+
+/// Refuses a non-loopback listen address unless the operator accepted
+/// unauthenticated clients with `insecure`.
+pub fn check_bind_policy(addr: SocketAddr, insecure: bool) -> anyhow::Result<()> {
+    if addr.ip().is_loopback() || insecure {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "refusing to listen on {addr} without authentication: niix has no client authentication configured \
+         yet, so bind to 127.0.0.1 or pass --insecure (insecure = true) on a network you trust"
+    )
+}
+
+/// A server that is accepting requests.
+pub struct RunningServer {
+    /// The gRPC address actually bound (useful with port 0).
+    pub addr: SocketAddr,
+    /// The `/metrics` address actually bound, if enabled.
+    pub metrics_addr: Option<SocketAddr>,
+    stop: watch::Sender<bool>,
+    abandon: watch::Sender<bool>,
+    grpc: JoinHandle<Result<(), tonic::transport::Error>>,
+    background: Vec<JoinHandle<()>>,
+    grace: Duration,
+}
+
+/// Opens the embedded store under `data_dir`.
+pub fn open_store(data_dir: &Path) -> anyhow::Result<(Arc<dyn MetadataStore>, Arc<dyn BlobStore>)> {
+    std::fs::create_dir_all(data_dir).with_context(|| format!("creating data directory {}", data_dir.display()))?;
+    let meta = SqliteMetadata::open(&data_dir.join("niix.db"))
+        .with_context(|| format!("opening metadata database in {}", data_dir.display()))?;
+    let blobs = FsBlobs::open(data_dir).with_context(|| format!("opening blob store in {}", data_dir.display()))?;
+    Ok((Arc::new(meta), Arc::new(blobs)))
+}
+
+/// Binds and starts every service in the background.
+pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
+    check_bind_policy(config.listen, config.insecure)?;
+    let (meta, blobs) = open_store(&config.data_dir)?;
+    let metrics = Metrics::new();
+    let (stop, stop_rx) = watch::channel(false);
+    let (abandon, abandon_rx) = watch::channel(false);
+
+    let ingest = Arc::new(Ingest::new(meta.clone(), blobs, config.limits.clone(), metrics.clone(), abandon_rx));
+    let swept = ingest.sweep_staging().await.context("sweeping unfinished uploads")?;
+    if swept > 0 {
+        tracing::info!(uploads = swept, "removed unfinished uploads past their TTL");
+    }
+    let mut background = Vec::new();
+    let sweeper = ingest.clone();
+    background.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(SWEEP_EVERY);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if let Err(e) = sweeper.sweep_staging().await {
+                tracing::warn!(error = %e, "sweeping unfinished uploads failed");
+            }
+        }
+    }));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<ScanIngestServer<IngestService>>().await;
+    health.set_serving::<FindingsServer<FindingsService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
+
+    let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(ScanIngestServer::new(IngestService::new(ingest)))
+        .add_service(FindingsServer::new(FindingsService::new(meta, metrics.clone())));
+    let mut grpc_stop = stop_rx.clone();
+    let grpc = tokio::spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        let _ = grpc_stop.wait_for(|s| *s).await;
+    }));
+
+    let metrics_addr = match config.metrics_listen {
+        Some(at) => Some(serve_metrics(at, metrics, stop_rx, &mut background).await?),
+        None => None,
+    };
+    tracing::info!(%addr, ?metrics_addr, data = %config.data_dir.display(), "niix serving");
+    Ok(RunningServer { addr, metrics_addr, stop, abandon, grpc, background, grace: config.shutdown_grace })
+}
+
+async fn serve_metrics(
+    at: SocketAddr,
+    metrics: Metrics,
+    mut stop: watch::Receiver<bool>,
+    background: &mut Vec<JoinHandle<()>>,
+) -> anyhow::Result<SocketAddr> {
+    use axum::http::header::CONTENT_TYPE;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let m = metrics.clone();
+            async move { ([(CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.encode()) }
+        }),
+    );
+    let listener = TcpListener::bind(at).await.with_context(|| format!("binding metrics address {at}"))?;
+    let bound = listener.local_addr()?;
+    background.push(tokio::spawn(async move {
+        let served = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        });
+        if let Err(e) = served.await {
+            tracing::warn!(error = %e, "metrics endpoint stopped");
+        }
+    }));
+    Ok(bound)
+}
+
+impl RunningServer {
+    /// Stops accepting, lets in-flight uploads finish for the grace period,
+    /// then abandons the rest (their bytes stay staged and resumable).
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        if tokio::time::timeout(self.grace, &mut self.grpc).await.is_err() {
+            tracing::warn!(grace = ?self.grace, "in-flight uploads outlived the grace period; abandoning them (resumable)");
+            let _ = self.abandon.send(true);
+            if tokio::time::timeout(Duration::from_secs(5), &mut self.grpc).await.is_err() {
+                self.grpc.abort();
+            }
+        }
+        for task in self.background {
+            task.abort();
+        }
+        tracing::info!("niix stopped");
+        Ok(())
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn termination() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_loopback_needs_insecure() {
+        assert!(check_bind_policy("127.0.0.1:1".parse().unwrap(), false).is_ok());
+        assert!(check_bind_policy("[::1]:1".parse().unwrap(), false).is_ok());
+        let e = check_bind_policy("0.0.0.0:1".parse().unwrap(), false).unwrap_err().to_string();
+        assert!(e.contains("--insecure"), "{e}");
+        assert!(check_bind_policy("0.0.0.0:1".parse().unwrap(), true).is_ok());
+    }
+}
