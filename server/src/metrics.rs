@@ -58,7 +58,7 @@ impl Metrics {
         let uploads_active = Gauge::default();
         for duplicate in ["false", "true"] {
             // Present from the start, so dashboards see 0 rather than nothing.
-            scans_received.get_or_create(&ReceivedLabels { duplicate: duplicate.into() });
+            let _ = scans_received.get_or_create(&ReceivedLabels { duplicate: duplicate.into() });
         }
         registry.register("scans_received", "Scans whose push completed", scans_received.clone());
         registry.register("ingest_bytes", "Plane bytes received", bytes_received.clone());

@@ -208,6 +208,12 @@ impl Ingest {
         M: Fn(usize) -> PlaneSink,
     {
         let lengths: Vec<u64> = header.planes.iter().map(|p| p.byte_length).collect();
+        let hint = if received.iter().any(|&r| r > 0) {
+            " (the server holds bytes of this scan from an earlier attempt: resume from the offsets \
+             GetUploadStatus gives, or AbortUpload to start over)"
+        } else {
+            ""
+        };
         let mut digests: Vec<Option<String>> = vec![None; lengths.len()];
         let mut open: Option<(usize, PlaneSink)> = None;
         let mut abandon = self.abandon.clone();
@@ -231,13 +237,13 @@ impl Ingest {
                 };
                 let Some(p) = (0..lengths.len()).find(|&i| received[i] < lengths[i]) else {
                     return Err(Error::InvalidArgument(format!(
-                        "chunk for plane {} after every declared byte was received",
+                        "chunk for plane {} after every declared byte was received{hint}",
                         chunk.plane_index
                     )));
                 };
                 if chunk.plane_index as usize != p || chunk.offset != received[p] {
                     return Err(Error::InvalidArgument(format!(
-                        "chunk out of order: expected plane {p} at offset {}, got plane {} at offset {}",
+                        "chunk out of order: expected plane {p} at offset {}, got plane {} at offset {}{hint}",
                         received[p], chunk.plane_index, chunk.offset
                     )));
                 }

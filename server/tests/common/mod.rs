@@ -1,0 +1,141 @@
+//! Shared helpers of the integration tests: a real server on loopback, real
+//! image files, hand-made push streams.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use niix::config::{Config, Limits};
+use niix::server::{self, RunningServer};
+use niix_proto::v1::push_scan_request::Part;
+use niix_proto::v1::scan_ingest_client::ScanIngestClient;
+use niix_proto::v1::{
+    PlaneChunk, PlaneDescriptor, PlaneEncoding, PlaneKind, PushScanRequest, ScanHeader, ScanMetadata, ScanReceipt,
+};
+use tonic::transport::Channel;
+
+/// A server on an ephemeral loopback port over `data`.
+pub async fn start(data: &Path) -> RunningServer {
+    start_with(data, Limits::default()).await
+}
+
+/// Same with custom limits.
+pub async fn start_with(data: &Path, limits: Limits) -> RunningServer {
+    let config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        data_dir: data.to_path_buf(),
+        shutdown_grace: Duration::from_millis(500),
+        limits,
+        ..Config::default()
+    };
+    server::start(config).await.expect("server starts")
+}
+
+/// A client channel to a running server.
+pub async fn channel(server: &RunningServer) -> Channel {
+    niix::client::connect(&format!("http://{}", server.addr)).await.unwrap()
+}
+
+/// Deterministic 16-bit samples that look nothing like a constant.
+pub fn samples(width: u32, height: u32, seed: u32) -> Vec<u16> {
+    (0..width * height).map(|i| ((i ^ seed).wrapping_mul(2654435761) >> 9) as u16).collect()
+}
+
+/// Writes a 16-bit grey TIFF and returns its bytes.
+pub fn write_tiff(path: &Path, width: u32, height: u32, seed: u32) -> Vec<u8> {
+    let mut buf = std::io::Cursor::new(Vec::new());
+    tiff::encoder::TiffEncoder::new(&mut buf)
+        .unwrap()
+        .write_image::<tiff::encoder::colortype::Gray16>(width, height, &samples(width, height, seed))
+        .unwrap();
+    let bytes = buf.into_inner();
+    std::fs::write(path, &bytes).unwrap();
+    bytes
+}
+
+/// Writes a 16-bit grey PNG and returns its bytes.
+pub fn write_png(path: &Path, width: u32, height: u32, seed: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut enc = png::Encoder::new(&mut out, width, height);
+    enc.set_color(png::ColorType::Grayscale);
+    enc.set_depth(png::BitDepth::Sixteen);
+    let mut w = enc.write_header().unwrap();
+    let bytes: Vec<u8> = samples(width, height, seed).iter().flat_map(|v| v.to_be_bytes()).collect();
+    w.write_image_data(&bytes).unwrap();
+    w.finish().unwrap();
+    std::fs::write(path, &out).unwrap();
+    out
+}
+
+/// Raw little-endian u16 bytes.
+pub fn raw_bytes(width: u32, height: u32, seed: u32) -> Vec<u8> {
+    samples(width, height, seed).iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Hex SHA-256.
+pub fn sha256(bytes: &[u8]) -> String {
+    niix::digest::sha256_hex(bytes).unwrap()
+}
+
+/// A fresh random scan id.
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// A header for one plane.
+pub fn header(id: &str, plane: PlaneDescriptor) -> ScanHeader {
+    ScanHeader {
+        scan_id: id.to_string(),
+        metadata: Some(ScanMetadata {
+            site_id: "NLRTM-01".into(),
+            lane_id: "L1".into(),
+            container_numbers: vec!["CSQU3054383".into()],
+            ..Default::default()
+        }),
+        planes: vec![plane],
+    }
+}
+
+/// A plane descriptor for `bytes` in `encoding`.
+pub fn plane(encoding: PlaneEncoding, width: u32, height: u32, bytes: &[u8]) -> PlaneDescriptor {
+    PlaneDescriptor {
+        kind: PlaneKind::HighEnergy as i32,
+        width,
+        height,
+        bits_stored: 16,
+        pixel_spacing_x_mm: 4.0,
+        pixel_spacing_y_mm: 4.0,
+        intensity: 1,
+        encoding: encoding as i32,
+        byte_length: bytes.len() as u64,
+        sha256: String::new(),
+    }
+}
+
+/// The header message followed by each plane's bytes in chunks of `chunk`.
+pub fn messages(header: &ScanHeader, planes: &[&[u8]], chunk: usize) -> Vec<PushScanRequest> {
+    let mut out = vec![PushScanRequest { part: Some(Part::Header(header.clone())) }];
+    for (i, bytes) in planes.iter().enumerate() {
+        for (k, piece) in bytes.chunks(chunk).enumerate() {
+            out.push(chunk_msg(i as u32, (k * chunk) as u64, piece));
+        }
+    }
+    out
+}
+
+/// One chunk message.
+pub fn chunk_msg(plane: u32, offset: u64, data: &[u8]) -> PushScanRequest {
+    PushScanRequest { part: Some(Part::Chunk(PlaneChunk { plane_index: plane, offset, data: data.to_vec() })) }
+}
+
+/// Pushes hand-made messages.
+pub async fn push_messages(channel: &Channel, msgs: Vec<PushScanRequest>) -> Result<ScanReceipt, tonic::Status> {
+    let mut client = ScanIngestClient::new(channel.clone());
+    client.push_scan(tokio_stream::iter(msgs)).await.map(|r| r.into_inner())
+}
+
+/// Path of a file in a temp dir.
+pub fn file(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name)
+}

@@ -1,0 +1,414 @@
+//! Ingest through a real gRPC server on loopback, backed by the real
+//! embedded store: acceptance, duplicates, every rejection path, resume,
+//! restart persistence and crash visibility.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use niix::client::{self, PushOptions, Quiet};
+use niix::config::Limits;
+use niix_proto::v1::findings_client::FindingsClient;
+use niix_proto::v1::scan_ingest_client::ScanIngestClient;
+use niix_proto::v1::upload_status::State;
+use niix_proto::v1::{
+    AbortUploadRequest, GetScanRequest, GetUploadStatusRequest, ListScansRequest, PlaneEncoding, PlaneKind,
+    UploadStatus,
+};
+use tonic::Code;
+
+async fn status_of(ch: &tonic::transport::Channel, id: &str) -> UploadStatus {
+    ScanIngestClient::new(ch.clone())
+        .get_upload_status(GetUploadStatusRequest { scan_id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn listed(ch: &tonic::transport::Channel) -> Vec<String> {
+    let page = FindingsClient::new(ch.clone()).list_scans(ListScansRequest::default()).await.unwrap().into_inner();
+    page.scans.into_iter().map(|s| s.scan_id).collect()
+}
+
+async fn get_code(ch: &tonic::transport::Channel, id: &str) -> Code {
+    match FindingsClient::new(ch.clone()).get_scan(GetScanRequest { scan_id: id.into() }).await {
+        Ok(_) => Code::Ok,
+        Err(s) => s.code(),
+    }
+}
+
+/// Expects a refusal with `code` whose message contains `needle`, and checks
+/// that nothing became visible.
+async fn refused(ch: &tonic::transport::Channel, msgs: Vec<niix_proto::v1::PushScanRequest>, code: Code, needle: &str) {
+    let before = listed(ch).await;
+    let err = push_messages(ch, msgs).await.expect_err("push must be refused");
+    assert_eq!(err.code(), code, "{}", err.message());
+    assert!(err.message().contains(needle), "{needle:?} not in {:?}", err.message());
+    assert_eq!(listed(ch).await, before, "a refused push must not become visible");
+}
+
+#[tokio::test]
+async fn a_dual_energy_tiff_scan_is_stored_with_exact_digests_and_repushes_are_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&dir.path().join("data")).await;
+    let ch = channel(&server).await;
+    let high = file(dir.path(), "scan.high.tif");
+    let low = file(dir.path(), "scan.low.tif");
+    let high_bytes = write_tiff(&high, 2048, 6144, 1);
+    let low_bytes = write_tiff(&low, 2048, 6144, 2);
+
+    let hints = client::PlaneHints { pixel_spacing_mm: (4.0, 4.0), ..Default::default() };
+    let mut header = niix_proto::v1::ScanHeader {
+        scan_id: new_id(),
+        metadata: header("x", plane(PlaneEncoding::Tiff, 1, 1, b"x")).metadata,
+        planes: vec![
+            client::describe_plane(&high, PlaneKind::HighEnergy, &hints).unwrap(),
+            client::describe_plane(&low, PlaneKind::LowEnergy, &hints).unwrap(),
+        ],
+    };
+    assert_eq!((header.planes[0].width, header.planes[0].height), (2048, 6144));
+    let files = vec![high.clone(), low.clone()];
+    let options = PushOptions::default();
+    let push = |h| client::push_files(ch.clone(), h, files.clone(), &options, Arc::new(Quiet));
+
+    let receipt = push(header.clone()).await.unwrap();
+    assert!(!receipt.duplicate);
+    assert_eq!(receipt.planes[0].sha256, sha256(&high_bytes));
+    assert_eq!(receipt.planes[1].sha256, sha256(&low_bytes));
+    assert_eq!(receipt.planes[1].byte_length, low_bytes.len() as u64);
+
+    // Same push again: answered from the declared digests.
+    let again = push(header.clone()).await.unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.planes, receipt.planes);
+
+    // Same push without declared digests: the server hashes and compares.
+    for p in &mut header.planes {
+        p.sha256.clear();
+    }
+    let bytes: [&[u8]; 2] = [&high_bytes, &low_bytes];
+    let again = push_messages(&ch, messages(&header, &bytes, 1 << 20)).await.unwrap();
+    assert!(again.duplicate);
+
+    // The stored scan is listed and complete.
+    assert_eq!(listed(&ch).await, vec![receipt.scan_id.clone()]);
+    let scan = FindingsClient::new(ch.clone())
+        .get_scan(GetScanRequest { scan_id: receipt.scan_id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(scan.planes.len(), 2);
+    assert_eq!(scan.planes[0].sha256, receipt.planes[0].sha256);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_same_id_with_different_content_is_already_exists() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let ch = channel(&server).await;
+    let id = new_id();
+    let a = raw_bytes(16, 8, 1);
+    let b = raw_bytes(16, 8, 2);
+    let h = header(&id, plane(PlaneEncoding::RawU16le, 16, 8, &a));
+    push_messages(&ch, messages(&h, &[&a], 100)).await.unwrap();
+
+    // Different bytes, no declared digest: detected after hashing.
+    let err = push_messages(&ch, messages(&h, &[&b], 100)).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{}", err.message());
+    // Different bytes, declared digest: detected at once.
+    let mut declared = h.clone();
+    declared.planes[0].sha256 = sha256(&b);
+    let err = push_messages(&ch, messages(&declared, &[&b], 100)).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    // Different metadata.
+    let mut other = h.clone();
+    other.metadata.as_mut().unwrap().lane_id = "L9".into();
+    let err = push_messages(&ch, messages(&other, &[&a], 100)).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    assert!(err.message().contains("new scan_id"), "{}", err.message());
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn every_rejection_has_a_precise_status_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits { max_plane_bytes: 1 << 20, ..Limits::default() };
+    let server = start_with(dir.path(), limits).await;
+    let ch = channel(&server).await;
+    let raw = raw_bytes(32, 16, 3);
+    let good = header(&new_id(), plane(PlaneEncoding::RawU16le, 32, 16, &raw));
+
+    refused(&ch, vec![], Code::InvalidArgument, "first message must be a ScanHeader").await;
+    refused(&ch, vec![chunk_msg(0, 0, &raw)], Code::InvalidArgument, "first message").await;
+
+    let mut h = good.clone();
+    h.metadata.as_mut().unwrap().container_numbers = vec!["CSQU3054384".into()];
+    refused(&ch, messages(&h, &[&raw], 256), Code::InvalidArgument, "check digit").await;
+
+    let mut h = good.clone();
+    h.scan_id = "scan-1".into();
+    refused(&ch, messages(&h, &[&raw], 256), Code::InvalidArgument, "not a UUID").await;
+
+    // Size mismatch: a raw plane whose byte_length is not width*height*2.
+    let mut h = good.clone();
+    h.planes[0].byte_length -= 2;
+    refused(&ch, messages(&h, &[&raw[..raw.len() - 2]], 256), Code::InvalidArgument, "byte_length").await;
+
+    // More bytes than declared.
+    let mut extra = raw.clone();
+    extra.extend_from_slice(&[0, 0]);
+    let fresh = |h: &niix_proto::v1::ScanHeader| niix_proto::v1::ScanHeader { scan_id: new_id(), ..h.clone() };
+    refused(&ch, messages(&fresh(&good), &[&extra], 300), Code::InvalidArgument, "runs past the declared").await;
+    let retry = fresh(&good);
+    refused(&ch, messages(&retry, &[&extra], 256), Code::InvalidArgument, "after every declared byte").await;
+    // The bytes before the bad chunk were kept; starting over at 0 is out of order, and says why.
+    refused(&ch, messages(&retry, &[&raw], 256), Code::InvalidArgument, "earlier attempt").await;
+
+    // Oversize plane (over the configured limit).
+    let big = 1024u32;
+    let mut h = header(&new_id(), plane(PlaneEncoding::RawU16le, big, big, &[]));
+    h.planes[0].byte_length = u64::from(big) * u64::from(big) * 2;
+    refused(&ch, vec![messages(&h, &[], 1).remove(0)], Code::ResourceExhausted, "limit").await;
+
+    // Chunk out of order.
+    let mut msgs = messages(&header(&new_id(), good.planes[0].clone()), &[&raw], 256);
+    msgs.swap(1, 2);
+    refused(&ch, msgs, Code::InvalidArgument, "out of order").await;
+
+    // Truncated stream: DATA_LOSS, and the bytes are kept for a resume.
+    let id = new_id();
+    let msgs = messages(&header(&id, good.planes[0].clone()), &[&raw[..512]], 256);
+    refused(&ch, msgs, Code::DataLoss, "resume").await;
+    let st = status_of(&ch, &id).await;
+    assert_eq!(st.state, State::InProgress as i32);
+    assert_eq!(st.planes[0].received_bytes, 512);
+    assert_eq!(get_code(&ch, &id).await, Code::NotFound);
+
+    // Declared digest that the bytes do not match: DATA_LOSS, upload discarded.
+    let id = new_id();
+    let mut h = header(&id, good.planes[0].clone());
+    h.planes[0].sha256 = sha256(b"something else");
+    refused(&ch, messages(&h, &[&raw], 256), Code::DataLoss, "declared sha256").await;
+    assert_eq!(status_of(&ch, &id).await.state, State::Unknown as i32);
+
+    // Undecodable image.
+    let id = new_id();
+    let junk = vec![7u8; 3000];
+    refused(&ch, messages(&header(&id, plane(PlaneEncoding::Tiff, 32, 16, &junk)), &[&junk], 256), Code::InvalidArgument, "not a decodable TIFF").await;
+    assert_eq!(status_of(&ch, &id).await.state, State::Unknown as i32, "a refused image leaves no upload behind");
+
+    // Wrong dimensions: a 64x48 PNG declared as 48x64.
+    let png = write_png(&file(dir.path(), "p.png"), 64, 48, 1);
+    let h = header(&new_id(), plane(PlaneEncoding::Png, 48, 64, &png));
+    refused(&ch, messages(&h, &[&png], 4096), Code::InvalidArgument, "64x48").await;
+
+    // Wrong bit depth: 16-bit samples declared as 12 bits stored.
+    let tif = write_tiff(&file(dir.path(), "t.tif"), 32, 16, 5);
+    let mut h = header(&new_id(), plane(PlaneEncoding::Tiff, 32, 16, &tif));
+    h.planes[0].bits_stored = 12;
+    refused(&ch, messages(&h, &[&tif], 4096), Code::InvalidArgument, "bits_stored").await;
+
+    // A second header in the stream.
+    let h = header(&new_id(), good.planes[0].clone());
+    let mut msgs = messages(&h, &[&raw], 256);
+    msgs.insert(2, msgs[0].clone());
+    refused(&ch, msgs, Code::InvalidArgument, "only one ScanHeader").await;
+
+    // A message over gRPC's 4 MiB limit is refused by the transport.
+    let big = raw_bytes(1024, 2048, 1);
+    let h = header(&new_id(), plane(PlaneEncoding::RawU16le, 1024, 2048, &big));
+    let err = push_messages(&ch, messages(&h, &[&big], big.len())).await.unwrap_err();
+    assert!(matches!(err.code(), Code::ResourceExhausted | Code::OutOfRange), "{err:?}");
+
+    // The server is still healthy and accepts a good scan.
+    let receipt = push_messages(&ch, messages(&good, &[&raw], 256)).await.unwrap();
+    assert_eq!(receipt.planes[0].sha256, sha256(&raw));
+    assert_eq!(listed(&ch).await, vec![receipt.scan_id]);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_interrupted_push_resumes_to_the_same_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&dir.path().join("data")).await;
+    let ch = channel(&server).await;
+    let path = file(dir.path(), "scan.tif");
+    let bytes = write_tiff(&path, 512, 1024, 9);
+    let mut header = header(&new_id(), client::describe_plane(&path, PlaneKind::SingleEnergy, &Default::default()).unwrap());
+    header.metadata.as_mut().unwrap().container_numbers.clear();
+    let id = header.scan_id.clone();
+
+    // The client's connection dies mid-plane: its task is aborted while the
+    // stream is open, so the server sees a broken stream, not an end.
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut client = ScanIngestClient::new(ch.clone());
+    let task = tokio::spawn(async move { client.push_scan(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
+    let msgs = messages(&header, &[&bytes[..bytes.len() / 3 + 100]], 64 << 10);
+    for m in msgs {
+        tx.send(m).await.unwrap();
+    }
+    // Wait until the server holds everything sent, then cut the stream.
+    let sent = (bytes.len() / 3 + 100) as u64;
+    for _ in 0..200 {
+        let st = status_of(&ch, &id).await;
+        if st.planes.first().is_some_and(|p| p.received_bytes == sent) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    task.abort();
+    drop(tx);
+    for _ in 0..200 {
+        if !status_of(&ch, &id).await.active {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let st = status_of(&ch, &id).await;
+    assert_eq!(st.state, State::InProgress as i32);
+    assert!(!st.active);
+    assert_eq!(st.planes[0].received_bytes, sent);
+    assert!(listed(&ch).await.is_empty(), "an unfinished scan is invisible");
+
+    // Resume: the client asks where to continue and sends only the rest.
+    struct Count(std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64);
+    impl client::Progress for Count {
+        fn start(&self, _: u64, held: u64) {
+            self.0.store(held, std::sync::atomic::Ordering::SeqCst);
+        }
+        fn advance(&self, n: u64) {
+            self.1.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+        }
+        fn retrying(&self, _: u32, _: &tonic::Status) {}
+    }
+    let count = Arc::new(Count(Default::default(), Default::default()));
+    let receipt = client::push_files(ch.clone(), header.clone(), vec![path], &PushOptions::default(), count.clone())
+        .await
+        .unwrap();
+    assert_eq!(count.0.load(std::sync::atomic::Ordering::SeqCst), sent, "resumed from the server's offset");
+    assert_eq!(count.1.load(std::sync::atomic::Ordering::SeqCst), bytes.len() as u64 - sent);
+    assert!(!receipt.duplicate);
+    assert_eq!(receipt.planes[0].sha256, sha256(&bytes));
+    assert_eq!(status_of(&ch, &id).await.state, State::Complete as i32);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_resume_with_another_header_is_refused_until_aborted() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let ch = channel(&server).await;
+    let raw = raw_bytes(32, 32, 4);
+    let id = new_id();
+    let h = header(&id, plane(PlaneEncoding::RawU16le, 32, 32, &raw));
+    push_messages(&ch, messages(&h, &[&raw[..1000]], 500)).await.unwrap_err();
+
+    let mut other = h.clone();
+    other.metadata.as_mut().unwrap().site_id = "DEHAM-02".into();
+    let err = push_messages(&ch, messages(&other, &[&raw], 500)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+
+    let aborted = ScanIngestClient::new(ch.clone())
+        .abort_upload(AbortUploadRequest { scan_id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(aborted.aborted);
+    assert_eq!(status_of(&ch, &id).await.state, State::Unknown as i32);
+    let receipt = push_messages(&ch, messages(&other, &[&raw], 500)).await.unwrap();
+    assert_eq!(receipt.planes[0].sha256, sha256(&raw));
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn two_streams_of_one_scan_cannot_interleave() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let ch = channel(&server).await;
+    let raw = raw_bytes(64, 64, 4);
+    let h = header(&new_id(), plane(PlaneEncoding::RawU16le, 64, 64, &raw));
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut first = ScanIngestClient::new(ch.clone());
+    let task = tokio::spawn(async move { first.push_scan(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
+    let mut msgs = messages(&h, &[&raw], 1024).into_iter();
+    tx.send(msgs.next().unwrap()).await.unwrap();
+    tx.send(msgs.next().unwrap()).await.unwrap();
+    for _ in 0..200 {
+        if status_of(&ch, &h.scan_id).await.active {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let err = push_messages(&ch, messages(&h, &[&raw], 1024)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Aborted, "{}", err.message());
+    for m in msgs {
+        tx.send(m).await.unwrap();
+    }
+    drop(tx);
+    let receipt = task.await.unwrap().unwrap().into_inner();
+    assert_eq!(receipt.planes[0].sha256, sha256(&raw));
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn scans_survive_a_restart_and_unfinished_uploads_stay_resumable() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let raw = raw_bytes(40, 30, 8);
+    let done = header(&new_id(), plane(PlaneEncoding::RawU16le, 40, 30, &raw));
+    let half = header(&new_id(), plane(PlaneEncoding::RawU16le, 40, 30, &raw));
+    {
+        let server = start(&data).await;
+        let ch = channel(&server).await;
+        push_messages(&ch, messages(&done, &[&raw], 300)).await.unwrap();
+        push_messages(&ch, messages(&half, &[&raw[..900]], 300)).await.unwrap_err();
+        server.shutdown().await.unwrap();
+    }
+    let server = start(&data).await;
+    let ch = channel(&server).await;
+    assert_eq!(listed(&ch).await, vec![done.scan_id.clone()]);
+    let st = status_of(&ch, &half.scan_id).await;
+    assert_eq!((st.state, st.planes[0].received_bytes), (State::InProgress as i32, 900));
+    let mut rest = vec![messages(&half, &[], 1).remove(0)];
+    rest.push(chunk_msg(0, 900, &raw[900..]));
+    let receipt = push_messages(&ch, rest).await.unwrap();
+    assert_eq!(receipt.planes[0].sha256, sha256(&raw));
+    assert_eq!(listed(&ch).await.len(), 2);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_abandons_an_open_upload_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = start(&data).await;
+    let ch = channel(&server).await;
+    let raw = raw_bytes(64, 64, 1);
+    let h = header(&new_id(), plane(PlaneEncoding::RawU16le, 64, 64, &raw));
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut c = ScanIngestClient::new(ch.clone());
+    let task = tokio::spawn(async move { c.push_scan(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
+    let mut msgs = messages(&h, &[&raw], 2048).into_iter();
+    tx.send(msgs.next().unwrap()).await.unwrap();
+    tx.send(msgs.next().unwrap()).await.unwrap();
+    for _ in 0..200 {
+        if status_of(&ch, &h.scan_id).await.planes.first().is_some_and(|p| p.received_bytes == 2048) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.shutdown().await.unwrap();
+    let err = task.await.unwrap().unwrap_err();
+    assert!(matches!(err.code(), Code::Unavailable | Code::Unknown | Code::Cancelled), "{err:?}");
+    drop(tx);
+
+    let server = start(&data).await;
+    let ch = channel(&server).await;
+    let st = status_of(&ch, &h.scan_id).await;
+    assert_eq!(st.planes[0].received_bytes, 2048, "the bytes received before shutdown are kept");
+    assert!(listed(&ch).await.is_empty());
+    server.shutdown().await.unwrap();
+}
