@@ -124,9 +124,7 @@ pub struct ImageHeader {
 pub fn probe<R: Read + Seek>(reader: R, encoding: Encoding) -> Result<ImageHeader, DecodeError> {
     let limits = DecodeLimits::default();
     match encoding {
-        Encoding::RawU16Le => {
-            Err(DecodeError::Mismatch("a raw plane has no header: give its width and height".into()))
-        }
+        Encoding::RawU16Le => Err(DecodeError::Mismatch("a raw plane has no header: give its width and height".into())),
         Encoding::Tiff => {
             let terr = |e| tiff_err(e, &limits);
             let mut dec = tiff::decoder::Decoder::new(BufReader::new(reader)).map_err(terr)?;
@@ -165,10 +163,9 @@ fn decode_raw<R: Read>(reader: R, width: u32, height: u32, emit: &mut Emit<'_>) 
     let mut row = vec![0u16; width as usize];
     for y in 0..height {
         reader.read_exact(&mut bytes).map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => DecodeError::Malformed {
-                encoding: "raw u16 plane",
-                detail: format!("ends at row {y} of {height}"),
-            },
+            std::io::ErrorKind::UnexpectedEof => {
+                DecodeError::Malformed { encoding: "raw u16 plane", detail: format!("ends at row {y} of {height}") }
+            }
             _ => DecodeError::Io(e),
         })?;
         for (s, b) in row.iter_mut().zip(bytes.chunks_exact(2)) {
@@ -239,7 +236,10 @@ fn decode_tiff<R: Read + Seek>(
             let across = w.div_ceil(tw);
             let bands = (height as usize).div_ceil(th);
             if across * bands != dec.tile_count().map_err(terr)? as usize {
-                return Err(DecodeError::Malformed { encoding: "TIFF", detail: "tile count does not cover the image".into() });
+                return Err(DecodeError::Malformed {
+                    encoding: "TIFF",
+                    detail: "tile count does not cover the image".into(),
+                });
             }
             if th.saturating_mul(w).saturating_mul(2) > limits.max_chunk_bytes {
                 return Err(tiff_err(tiff::TiffError::LimitsExceeded, limits));
@@ -253,7 +253,10 @@ fn decode_tiff<R: Read + Seek>(
                     let samples = tiff_samples(dec.read_chunk(idx).map_err(terr)?)?;
                     let (dw, dh) = (dw as usize, dh as usize);
                     if samples.len() < dw * dh || dh < rows {
-                        return Err(DecodeError::Malformed { encoding: "TIFF", detail: format!("tile {idx} is short") });
+                        return Err(DecodeError::Malformed {
+                            encoding: "TIFF",
+                            detail: format!("tile {idx} is short"),
+                        });
                     }
                     for r in 0..rows {
                         let x0 = t * tw;
@@ -270,16 +273,21 @@ fn decode_tiff<R: Read + Seek>(
     Ok(PlaneInfo { bits_per_sample })
 }
 
-fn decode_png<R: Read + Seek>(reader: R, width: u32, height: u32, emit: &mut Emit<'_>) -> Result<PlaneInfo, DecodeError> {
+fn decode_png<R: Read + Seek>(
+    reader: R,
+    width: u32,
+    height: u32,
+    emit: &mut Emit<'_>,
+) -> Result<PlaneInfo, DecodeError> {
     let malformed = |e: png::DecodingError| match e {
         png::DecodingError::IoError(io) if io.kind() != std::io::ErrorKind::UnexpectedEof => DecodeError::Io(io),
-        png::DecodingError::LimitsExceeded => DecodeError::TooLarge("the PNG needs more memory to decode than allowed".into()),
+        png::DecodingError::LimitsExceeded => {
+            DecodeError::TooLarge("the PNG needs more memory to decode than allowed".into())
+        }
         other => DecodeError::Malformed { encoding: "PNG", detail: other.to_string() },
     };
-    let mut decoder = png::Decoder::new_with_limits(
-        BufReader::with_capacity(1 << 20, reader),
-        png::Limits { bytes: 64 << 20 },
-    );
+    let mut decoder =
+        png::Decoder::new_with_limits(BufReader::with_capacity(1 << 20, reader), png::Limits { bytes: 64 << 20 });
     decoder.set_transformations(png::Transformations::IDENTITY);
     let mut reader = decoder.read_info().map_err(malformed)?;
     let info = reader.info();

@@ -197,12 +197,17 @@ mod tests {
 
     #[test]
     fn each_defect_is_named() {
-        let cases: Vec<(fn(&mut ScanHeader), &str, tonic::Code)> = vec![
+        type Case = (fn(&mut ScanHeader), &'static str, tonic::Code);
+        let cases: Vec<Case> = vec![
             (|h| h.scan_id = "nope".into(), "not a UUID", tonic::Code::InvalidArgument),
             (|h| h.scan_id = "0f8e4b1c2d3a4e5f8a9b0c1d2e3f4a5b".into(), "hyphenated", tonic::Code::InvalidArgument),
             (|h| h.metadata = None, "no metadata", tonic::Code::InvalidArgument),
             (|h| h.metadata.as_mut().unwrap().site_id.clear(), "site_id", tonic::Code::InvalidArgument),
-            (|h| h.metadata.as_mut().unwrap().container_numbers = vec!["CSQU3054384".into()], "check digit", tonic::Code::InvalidArgument),
+            (
+                |h| h.metadata.as_mut().unwrap().container_numbers = vec!["CSQU3054384".into()],
+                "check digit",
+                tonic::Code::InvalidArgument,
+            ),
             (|h| h.metadata.as_mut().unwrap().conveyance = 42, "unknown conveyance", tonic::Code::InvalidArgument),
             (|h| h.planes.clear(), "no image planes", tonic::Code::InvalidArgument),
             (|h| h.planes[0].kind = 77, "unknown plane kind", tonic::Code::InvalidArgument),
@@ -216,7 +221,11 @@ mod tests {
             (|h| h.planes[0].sha256 = "XYZ".into(), "64 lowercase hex", tonic::Code::InvalidArgument),
             (|h| h.planes[0].width = 1 << 20, "pixels per side", tonic::Code::ResourceExhausted),
             (|h| h.planes = vec![h.planes[0].clone(); 9], "limit of 8", tonic::Code::ResourceExhausted),
-            (|h| h.metadata.as_mut().unwrap().remarks = "x".repeat(70_000), "scan header is", tonic::Code::ResourceExhausted),
+            (
+                |h| h.metadata.as_mut().unwrap().remarks = "x".repeat(70_000),
+                "scan header is",
+                tonic::Code::ResourceExhausted,
+            ),
         ];
         for (mutate, needle, code) in cases {
             let mut h = header();

@@ -4,7 +4,9 @@
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ContainerNumberError {
     /// Not 11 characters.
-    #[error("container number {0:?} must be 11 characters: 3-letter owner code, category letter U/J/Z/R, 6 digits, check digit")]
+    #[error(
+        "container number {0:?} must be 11 characters: 3-letter owner code, category letter U/J/Z/R, 6 digits, check digit"
+    )]
     Length(String),
     /// Owner code or category letter wrong.
     #[error("container number {0:?} must start with a 3-letter owner code and a category letter U, J, Z or R")]
@@ -13,7 +15,9 @@ pub enum ContainerNumberError {
     #[error("container number {0:?} must end with 6 serial digits and a check digit")]
     Digits(String),
     /// Check digit does not match.
-    #[error("container number {number:?} has check digit {found} but ISO 6346 gives {expected}: check for a typing error")]
+    #[error(
+        "container number {number:?} has check digit {found} but ISO 6346 gives {expected}: check for a typing error"
+    )]
     CheckDigit {
         /// The number as given.
         number: String,

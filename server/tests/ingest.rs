@@ -197,7 +197,13 @@ async fn every_rejection_has_a_precise_status_and_stores_nothing() {
     // Undecodable image.
     let id = new_id();
     let junk = vec![7u8; 3000];
-    refused(&ch, messages(&header(&id, plane(PlaneEncoding::Tiff, 32, 16, &junk)), &[&junk], 256), Code::InvalidArgument, "not a decodable TIFF").await;
+    refused(
+        &ch,
+        messages(&header(&id, plane(PlaneEncoding::Tiff, 32, 16, &junk)), &[&junk], 256),
+        Code::InvalidArgument,
+        "not a decodable TIFF",
+    )
+    .await;
     assert_eq!(status_of(&ch, &id).await.state, State::Unknown as i32, "a refused image leaves no upload behind");
 
     // Wrong dimensions: a 64x48 PNG declared as 48x64.
@@ -237,7 +243,8 @@ async fn an_interrupted_push_resumes_to_the_same_digest() {
     let ch = channel(&server).await;
     let path = file(dir.path(), "scan.tif");
     let bytes = write_tiff(&path, 512, 1024, 9);
-    let mut header = header(&new_id(), client::describe_plane(&path, PlaneKind::SingleEnergy, &Default::default()).unwrap());
+    let mut header =
+        header(&new_id(), client::describe_plane(&path, PlaneKind::SingleEnergy, &Default::default()).unwrap());
     header.metadata.as_mut().unwrap().container_numbers.clear();
     let id = header.scan_id.clone();
 

@@ -130,7 +130,9 @@ impl PushArgs {
             files.push(low.clone());
         }
         let scan_time = match &self.scan_time {
-            Some(t) => humantime::parse_rfc3339_weak(t).with_context(|| format!("--scan-time {t:?} is not RFC 3339"))?,
+            Some(t) => {
+                humantime::parse_rfc3339_weak(t).with_context(|| format!("--scan-time {t:?} is not RFC 3339"))?
+            }
             None => SystemTime::now(),
         };
         let conveyance = match (self.conveyance, self.containers.is_empty()) {

@@ -120,10 +120,16 @@ impl Ingest {
         S: Stream<Item = Result<PushScanRequest, tonic::Status>> + Unpin + Send,
     {
         let header = match stream.next().await {
-            None => return Err(Error::InvalidArgument("empty push stream: the first message must be a ScanHeader".into())),
-            Some(Err(status)) => return Err(Error::DataLoss(format!("push stream broke before the header: {}", status.message()))),
+            None => {
+                return Err(Error::InvalidArgument("empty push stream: the first message must be a ScanHeader".into()));
+            }
+            Some(Err(status)) => {
+                return Err(Error::DataLoss(format!("push stream broke before the header: {}", status.message())));
+            }
             Some(Ok(PushScanRequest { part: Some(Part::Header(h)) })) => h,
-            Some(Ok(_)) => return Err(Error::InvalidArgument("the first message of a push must be a ScanHeader".into())),
+            Some(Ok(_)) => {
+                return Err(Error::InvalidArgument("the first message of a push must be a ScanHeader".into()));
+            }
         };
         let id = header::validate(&header, &self.limits)?;
         let fingerprint = header::fingerprint(&header, &id);
@@ -393,9 +399,10 @@ impl Ingest {
             // The client told us the digests: no need to receive the bytes again.
             return same_scan(&existing, fingerprint, &declared);
         }
-        let _slot = self.slots.try_acquire().map_err(|_| {
-            Error::ResourceExhausted("the server is receiving too many scans; retry shortly".into())
-        })?;
+        let _slot = self
+            .slots
+            .try_acquire()
+            .map_err(|_| Error::ResourceExhausted("the server is receiving too many scans; retry shortly".into()))?;
         let offsets = vec![0; header.planes.len()];
         let digests = self.receive(&mut stream, header, offsets, |_| PlaneSink::hash_only()).await?;
         same_scan(&existing, fingerprint, &digests)

@@ -111,10 +111,9 @@ pub fn check_plane_bytes(blobs: &dyn BlobStore, scan_id: &str, plane: u32, d: &P
     let ceiling: u32 = 1 << d.bits_stored;
     let info = decode_rows(reader, encoding, d.width, d.height, &DecodeLimits::default(), |y, row| {
         match row.iter().position(|&v| u32::from(v) >= ceiling) {
-            Some(x) => Err(format!(
-                "sample {} at row {y}, column {x} does not fit in bits_stored = {}",
-                row[x], d.bits_stored
-            )),
+            Some(x) => {
+                Err(format!("sample {} at row {y}, column {x} does not fit in bits_stored = {}", row[x], d.bits_stored))
+            }
             None => Ok(()),
         }
     })
@@ -131,4 +130,3 @@ pub fn check_plane_bytes(blobs: &dyn BlobStore, scan_id: &str, plane: u32, d: &P
     }
     Ok(())
 }
-

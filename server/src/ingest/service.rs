@@ -39,7 +39,10 @@ impl ScanIngest for IngestService {
         reply(&self.ingest.metrics, "GetUploadStatus", result)
     }
 
-    async fn abort_upload(&self, request: Request<AbortUploadRequest>) -> Result<Response<AbortUploadResponse>, Status> {
+    async fn abort_upload(
+        &self,
+        request: Request<AbortUploadRequest>,
+    ) -> Result<Response<AbortUploadResponse>, Status> {
         let result = self.ingest.abort_upload(&request.into_inner().scan_id).await;
         reply(&self.ingest.metrics, "AbortUpload", result.map(|aborted| AbortUploadResponse { aborted }))
     }

@@ -96,9 +96,8 @@ impl SqliteMetadata {
 
     fn planes_of(conn: &Connection, scan_id: &str) -> StoreResult<Vec<PlaneDigest>> {
         let mut stmt = conn.prepare_cached("SELECT sha256, byte_length FROM planes WHERE scan_id = ?1 ORDER BY idx")?;
-        let rows = stmt.query_map([scan_id], |r| {
-            Ok(PlaneDigest { sha256: r.get(0)?, byte_length: r.get::<_, i64>(1)? as u64 })
-        })?;
+        let rows = stmt
+            .query_map([scan_id], |r| Ok(PlaneDigest { sha256: r.get(0)?, byte_length: r.get::<_, i64>(1)? as u64 }))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -241,11 +240,9 @@ impl MetadataStore for SqliteMetadata {
     fn get_upload(&self, scan_id: &str) -> StoreResult<Option<PendingUpload>> {
         let conn = self.lock();
         let row = conn
-            .query_row(
-                "SELECT header_sha256, header, started_at_us FROM uploads WHERE scan_id = ?1",
-                [scan_id],
-                |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, i64>(2)?)),
-            )
+            .query_row("SELECT header_sha256, header, started_at_us FROM uploads WHERE scan_id = ?1", [scan_id], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, i64>(2)?))
+            })
             .optional()?;
         row.map(|(header_sha256, header, started)| {
             Ok(PendingUpload {
@@ -352,7 +349,12 @@ mod tests {
         assert_eq!(seen, expected);
 
         let odd = db
-            .list_scans(&ScanQuery { limit: 100, site_id: Some("ODD".into()), received_after: Some(from_micros(4)), ..Default::default() })
+            .list_scans(&ScanQuery {
+                limit: 100,
+                site_id: Some("ODD".into()),
+                received_after: Some(from_micros(4)),
+                ..Default::default()
+            })
             .unwrap();
         let ids: Vec<_> = odd.iter().map(|r| r.scan_id.as_str()).collect();
         assert_eq!(ids, ["s9", "s7", "s5"]);

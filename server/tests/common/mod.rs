@@ -2,7 +2,9 @@
 //! image files, hand-made push streams.
 #![allow(dead_code)]
 
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use niix::config::{Config, Limits};
@@ -138,4 +140,55 @@ pub async fn push_messages(channel: &Channel, msgs: Vec<PushScanRequest>) -> Res
 /// Path of a file in a temp dir.
 pub fn file(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `niix serve` as a child process.
+pub struct Server {
+    child: Child,
+    /// Its gRPC URL.
+    pub url: String,
+}
+
+impl Server {
+    /// Starts it on a free port over `data` and waits until it answers.
+    pub async fn spawn(data: &Path) -> Server {
+        let port = free_port();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_niix"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--metrics-listen", "127.0.0.1:0"])
+            .arg("--data")
+            .arg(data)
+            .env("NIIX_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let url = format!("http://127.0.0.1:{port}");
+        for _ in 0..200 {
+            if niix::client::connect(&url).await.is_ok() {
+                return Server { child, url };
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("niix serve did not come up");
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(self) {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        // Drop reaps it.
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -1,0 +1,110 @@
+//! The `niix` command line against a real server: push (TIFF, PNG, raw),
+//! duplicate detection, listing, restart persistence.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use serde_json::Value;
+
+fn niix(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_niix")).args(args).env("NIIX_LOG", "warn").output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json_lines(text: &str) -> Vec<Value> {
+    text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect()
+}
+
+#[tokio::test]
+async fn push_list_duplicate_and_restart_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let high = file(dir.path(), "scan.high.tif");
+    let low = file(dir.path(), "scan.low.png");
+    let raw = file(dir.path(), "plane.raw");
+    let high_bytes = write_tiff(&high, 256, 768, 1);
+    let low_bytes = write_png(&low, 256, 768, 2);
+    let raw_plane = raw_bytes(300, 200, 3);
+    std::fs::write(&raw, &raw_plane).unwrap();
+
+    let server = Server::spawn(&data).await;
+    let url = server.url.clone();
+    let s = |v: &str| v.to_string();
+    let push_args = [
+        s("push"),
+        high.display().to_string(),
+        s("--low-energy"),
+        low.display().to_string(),
+        s("--server"),
+        url.clone(),
+        s("--site"),
+        s("NLRTM-01"),
+        s("--container"),
+        s("CSQU3054383"),
+        s("--scan-time"),
+        s("2026-11-23T08:00:00Z"),
+        s("--json"),
+    ];
+    let push_args: Vec<&str> = push_args.iter().map(String::as_str).collect();
+    let (ok, out, err) = niix(&push_args);
+    assert!(ok, "{err}");
+    let receipt = &json_lines(&out)[0];
+    assert_eq!(receipt["duplicate"], false);
+    assert_eq!(receipt["planes"][0]["sha256"], sha256(&high_bytes));
+    assert_eq!(receipt["planes"][1]["sha256"], sha256(&low_bytes));
+    assert_eq!(receipt["planes"][1]["bytes"], low_bytes.len());
+    let id = receipt["scan_id"].as_str().unwrap().to_string();
+
+    // The same command again names the same scan: a duplicate.
+    let (ok, out, err) = niix(&push_args);
+    assert!(ok, "{err}");
+    let again = &json_lines(&out)[0];
+    assert_eq!(again["duplicate"], true);
+    assert_eq!(again["scan_id"], id.as_str());
+
+    // A raw plane needs its size.
+    let (ok, _, err) = niix(&["push", raw.to_str().unwrap(), "--server", &url, "--json"]);
+    assert!(!ok && err.contains("--width"), "{err}");
+    let (ok, out, err) =
+        niix(&["push", raw.to_str().unwrap(), "--width", "300", "--height", "200", "--server", &url, "--json"]);
+    assert!(ok, "{err}");
+    assert_eq!(json_lines(&out)[0]["planes"][0]["sha256"], sha256(&raw_plane));
+
+    // A bad container number is refused with the server's reason.
+    let (ok, _, err) = niix(&["push", high.to_str().unwrap(), "--container", "CSQU3054384", "--server", &url]);
+    assert!(!ok);
+    assert!(err.contains("InvalidArgument") && err.contains("check digit"), "{err}");
+
+    server.kill9();
+    let server = Server::spawn(&data).await;
+    let (ok, out, err) = niix(&["scans", "--server", &server.url, "--json"]);
+    assert!(ok, "{err}");
+    let scans = json_lines(&out);
+    assert_eq!(scans.len(), 2);
+    let ours = scans.iter().find(|s| s["scan_id"] == id.as_str()).expect("the TIFF scan is listed");
+    assert_eq!(ours["status"], "received");
+    assert_eq!(ours["site_id"], "NLRTM-01");
+    assert!(ours["received_at"].as_str().unwrap().starts_with("20"), "{ours}");
+    server.kill9();
+}
+
+#[test]
+fn a_client_with_no_server_says_so() {
+    let (ok, _, err) = niix(&["scans", "--server", "http://127.0.0.1:9"]);
+    assert!(!ok);
+    assert!(err.contains("cannot reach niix server"), "{err}");
+}
+
+#[test]
+fn serve_refuses_a_public_address_without_insecure() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, _, err) = niix(&["serve", "--listen", "0.0.0.0:0", "--data", dir.path().to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("--insecure"), "{err}");
+}
