@@ -21,6 +21,11 @@ use crate::ingest::{Ingest, IngestService};
 use crate::metrics::Metrics;
 use crate::store::{BlobStore, FsBlobs, MetadataStore, SqliteMetadata};
 
+/// HTTP/2 flow-control window per stream, in bytes.
+const STREAM_WINDOW: u32 = 8 << 20;
+/// HTTP/2 flow-control window per connection, in bytes.
+const CONNECTION_WINDOW: u32 = 32 << 20;
+
 /// How often unfinished uploads past their TTL are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
@@ -96,6 +101,10 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
     let router = tonic::transport::Server::builder()
+        // Scans are large uploads: windows well above one 1 MiB chunk keep
+        // the stream flowing while the server hashes and writes.
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(ScanIngestServer::new(IngestService::new(ingest)))

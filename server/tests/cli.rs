@@ -68,6 +68,15 @@ async fn push_list_duplicate_and_restart_from_the_command_line() {
     assert_eq!(again["duplicate"], true);
     assert_eq!(again["scan_id"], id.as_str());
 
+    // Without --scan-time or --scan-id, a repeated push is still recognised.
+    let plain = ["push", low.to_str().unwrap(), "--server", &url, "--json"];
+    let (ok, out, err) = niix(&plain);
+    assert!(ok, "{err}");
+    assert_eq!(json_lines(&out)[0]["duplicate"], false);
+    let (ok, out, err) = niix(&plain);
+    assert!(ok, "{err}");
+    assert_eq!(json_lines(&out)[0]["duplicate"], true);
+
     // A raw plane needs its size.
     let (ok, _, err) = niix(&["push", raw.to_str().unwrap(), "--server", &url, "--json"]);
     assert!(!ok && err.contains("--width"), "{err}");
@@ -86,7 +95,7 @@ async fn push_list_duplicate_and_restart_from_the_command_line() {
     let (ok, out, err) = niix(&["scans", "--server", &server.url, "--json"]);
     assert!(ok, "{err}");
     let scans = json_lines(&out);
-    assert_eq!(scans.len(), 2);
+    assert_eq!(scans.len(), 3);
     let ours = scans.iter().find(|s| s["scan_id"] == id.as_str()).expect("the TIFF scan is listed");
     assert_eq!(ours["status"], "received");
     assert_eq!(ours["site_id"], "NLRTM-01");

@@ -83,7 +83,7 @@ pub struct PushArgs {
     /// What was scanned (default: container if --container is given).
     #[arg(long, value_enum)]
     pub conveyance: Option<Conveyance>,
-    /// Acquisition time, RFC 3339 (default: now).
+    /// Acquisition time, RFC 3339 (default: the file's modification time).
     #[arg(long)]
     pub scan_time: Option<String>,
     /// Source peak energy in kV.
@@ -133,7 +133,9 @@ impl PushArgs {
             Some(t) => {
                 humantime::parse_rfc3339_weak(t).with_context(|| format!("--scan-time {t:?} is not RFC 3339"))?
             }
-            None => SystemTime::now(),
+            // The file's modification time is when the scanner wrote it, and
+            // stays the same when the push is repeated.
+            None => std::fs::metadata(&self.file).and_then(|m| m.modified()).unwrap_or_else(|_| SystemTime::now()),
         };
         let conveyance = match (self.conveyance, self.containers.is_empty()) {
             (Some(c), _) => ConveyanceType::from(c),
@@ -162,17 +164,7 @@ impl PushArgs {
         let mut header = ScanHeader { scan_id: String::new(), metadata: Some(metadata), planes };
         header.scan_id = match &self.scan_id {
             Some(id) => id.clone(),
-            None => {
-                // Without an explicit time, "now" would make every push a new
-                // scan; derive the id from the content without it.
-                let mut keyed = header.clone();
-                if self.scan_time.is_none()
-                    && let Some(m) = keyed.metadata.as_mut()
-                {
-                    m.scan_time = None;
-                }
-                client::content_scan_id(&keyed)
-            }
+            None => client::content_scan_id(&header),
         };
         Ok((header, files))
     }
@@ -180,19 +172,26 @@ impl PushArgs {
 
 struct Bar(ProgressBar);
 
+impl Bar {
+    /// A note above the bar, or on stderr when there is no terminal.
+    fn note(&self, text: String) {
+        if self.0.is_hidden() { eprintln!("{text}") } else { self.0.println(text) }
+    }
+}
+
 impl Progress for Bar {
     fn start(&self, total: u64, held: u64) {
         self.0.set_length(total);
         self.0.set_position(held);
         if held > 0 {
-            self.0.println(format!("resuming: the server already holds {held} bytes"));
+            self.note(format!("resuming: the server already holds {held} of {total} bytes"));
         }
     }
     fn advance(&self, bytes: u64) {
         self.0.inc(bytes);
     }
     fn retrying(&self, attempt: u32, error: &tonic::Status) {
-        self.0.println(format!("connection broke ({}), retry {attempt}", error.message()));
+        self.note(format!("connection broke ({}), retry {attempt}", error.message()));
     }
 }
 

@@ -1,0 +1,46 @@
+# niix: the two commands a fresh machine needs are `make run` and `make test`.
+# See README.md.
+
+CARGO ?= cargo
+DATA ?= data
+MODELS ?= models
+LISTEN ?= 127.0.0.1:50051
+ORT_LIB := .niix/onnxruntime/libonnxruntime.so.1.31.1
+
+.PHONY: run test build release lint fmt sample onnxruntime clean-data
+
+## Fetch what is missing, build, and serve on the embedded store.
+run: onnxruntime release
+	mkdir -p $(DATA) $(MODELS)
+	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" ./target/release/niix serve --listen $(LISTEN) --data $(DATA) --models $(MODELS)
+
+## Build and run every test, plus format and lint checks (what CI runs).
+test: onnxruntime
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" $(CARGO) test --workspace
+
+## The ONNX Runtime shared library, from the PyPI wheel (see scripts/).
+onnxruntime: $(ORT_LIB)
+$(ORT_LIB):
+	./scripts/fetch-onnxruntime.sh
+
+build:
+	$(CARGO) build --workspace
+
+release:
+	$(CARGO) build --release -p niix-server
+
+lint:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+## A small dual-energy demo scan (two 16-bit PNGs) for the walk-through.
+sample: fixtures/samples/demo.high.png
+fixtures/samples/demo.high.png: fixtures/samples/make_samples.py
+	python3 fixtures/samples/make_samples.py
+
+clean-data:
+	rm -rf $(DATA)
