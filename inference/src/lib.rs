@@ -1,9 +1,24 @@
-//! The niix tensor core.
+//! The niix tensor core: from a scan's plane bytes to an anomaly map and
+//! regions, through ONNX Runtime.
 //!
-//! Today it holds [`decode`]: streaming decoders that turn a plane's bytes
-//! (raw little-endian u16, TIFF, PNG) into rows of 16-bit samples with
-//! bounded memory. The server uses them to validate pushed planes; the
-//! analysis pipeline (intensity transform, tiling, ONNX Runtime, stitching,
-//! post-processing) builds on the same decoders.
+//! - [`decode`]: streaming decoders (raw u16, TIFF, PNG) with bounded memory.
+//! - [`runtime`]: finding and starting ONNX Runtime (`libonnxruntime.so.1.31.1`).
+//! - [`manifest`] and [`model`]: a model version and its `model.toml`, checked
+//!   against each other at load.
+//! - [`repository`]: `models/<name>/<version>/`, newest valid version serves,
+//!   hot reload.
+//! - [`tiling`]: the tile grid and the stitching rule.
+//! - [`pipeline`]: decode -> transform -> tile -> batch -> run -> stitch ->
+//!   threshold -> regions.
+//!
+//! This crate knows nothing of gRPC or storage: the server hands it readers
+//! and gets an [`pipeline::Analysis`] back.
 
 pub mod decode;
+pub mod manifest;
+pub mod model;
+pub mod pipeline;
+pub mod regions;
+pub mod repository;
+pub mod runtime;
+pub mod tiling;

@@ -1,0 +1,268 @@
+//! `model.toml`: what a model expects and how to read its output.
+//! The format is documented in `docs/models.md`.
+
+use serde::{Deserialize, Serialize};
+
+/// Plane kinds a manifest may name (lowercase protocol names).
+pub const PLANE_KINDS: &[&str] = &["single_energy", "high_energy", "low_energy", "z_effective", "backscatter"];
+/// DICOS threat categories a model's regions may carry.
+pub const THREAT_CATEGORIES: &[&str] =
+    &["ANOMALY", "CONTRABAND", "EXPLOSIVE", "PI", "PHARMACEUTICAL", "LAPTOP", "OTHER"];
+
+/// A parsed `model.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Model name; must equal its directory name.
+    pub name: String,
+    /// What the model does, for people.
+    #[serde(default)]
+    pub description: String,
+    /// Who made it.
+    #[serde(default)]
+    pub manufacturer: String,
+    /// True for a demonstration model that is not a trained detector.
+    #[serde(default)]
+    pub demo: bool,
+    /// The model's input.
+    pub input: InputSpec,
+    /// Raw pixel values to model input.
+    pub transform: Transform,
+    /// The model's output.
+    pub output: OutputSpec,
+    /// From the anomaly map to regions and an alarm.
+    pub decision: Decision,
+}
+
+/// The model's input tensor: float32 `[N, channels, tile, tile]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputSpec {
+    /// Input name in the ONNX graph.
+    pub name: String,
+    /// Per channel, which plane feeds it: a plane kind, or alternatives
+    /// separated by `|` tried in order (e.g. `"low_energy|single_energy"`).
+    pub channels: Vec<String>,
+    /// Tile side in pixels.
+    pub tile: usize,
+    /// Overlap between neighbouring tiles in pixels (even).
+    pub overlap: usize,
+    /// Tiles per ONNX Runtime call.
+    #[serde(default = "default_batch")]
+    pub batch: usize,
+}
+
+fn default_batch() -> usize {
+    4
+}
+
+/// How raw 16-bit values become model input, per channel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Transform {
+    /// `neg_log`: -ln(max(v,1)/i0) (attenuation); `ratio`: v/i0; `raw`: v.
+    pub kind: TransformKind,
+    /// Unattenuated intensity (air), for `neg_log` and `ratio`.
+    #[serde(default = "default_i0")]
+    pub i0: f32,
+    /// Clip to [lo, hi] after the transform.
+    #[serde(default)]
+    pub clip: Option<[f32; 2]>,
+    /// Subtracted after clipping (one value, or one per channel).
+    #[serde(default)]
+    pub mean: Vec<f32>,
+    /// Divided by after subtracting the mean (one value, or one per channel).
+    #[serde(default)]
+    pub std: Vec<f32>,
+}
+
+fn default_i0() -> f32 {
+    65535.0
+}
+
+/// The intensity transform.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransformKind {
+    /// -ln(v / i0): attenuation, what detectors on transmission images see.
+    NegLog,
+    /// v / i0.
+    Ratio,
+    /// The value itself.
+    Raw,
+}
+
+/// The model's output tensor: float32 `[N, 1, h, w]` (or `[N, h, w]`), `h`
+/// and `w` the tile side divided by a whole stride.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSpec {
+    /// Output name in the ONNX graph.
+    pub name: String,
+}
+
+/// Score normalisation, threshold and region rules.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Decision {
+    /// Raw map value that scores 0.
+    pub score_min: f32,
+    /// Raw map value that scores 1.
+    pub score_max: f32,
+    /// Normalised score at or above which a pixel is anomalous, in (0, 1].
+    pub threshold: f32,
+    /// Smallest region kept, in image pixels.
+    #[serde(default)]
+    pub min_region_area: u64,
+    /// DICOS threat category of the regions.
+    #[serde(default = "default_category")]
+    pub category: String,
+}
+
+fn default_category() -> String {
+    "ANOMALY".into()
+}
+
+/// A manifest that makes no sense on its own.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("model.toml: {0}")]
+pub struct ManifestError(pub String);
+
+impl Manifest {
+    /// Parses and checks a manifest (without the ONNX model).
+    pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
+        let m: Manifest = toml::from_str(text).map_err(|e| ManifestError(e.to_string()))?;
+        m.check()?;
+        Ok(m)
+    }
+
+    /// The plane kinds that may feed channel `c`, in preference order.
+    pub fn channel_kinds(&self, c: usize) -> Vec<&str> {
+        self.input.channels[c].split('|').map(str::trim).collect()
+    }
+
+    /// Per-channel mean and std (a single value applies to every channel).
+    pub fn normalisation(&self, c: usize) -> (f32, f32) {
+        let pick = |v: &[f32], default: f32| match v.len() {
+            0 => default,
+            1 => v[0],
+            _ => v[c],
+        };
+        (pick(&self.transform.mean, 0.0), pick(&self.transform.std, 1.0))
+    }
+
+    fn check(&self) -> Result<(), ManifestError> {
+        let bad = |m: String| Err(ManifestError(m));
+        if self.name.trim().is_empty() {
+            return bad("name is empty".into());
+        }
+        let i = &self.input;
+        if i.channels.is_empty() {
+            return bad("input.channels is empty: name the plane kind feeding each input channel".into());
+        }
+        for (c, _) in i.channels.iter().enumerate() {
+            for kind in self.channel_kinds(c) {
+                if !PLANE_KINDS.contains(&kind) {
+                    return bad(format!("input.channels[{c}]: unknown plane kind {kind:?}; known: {PLANE_KINDS:?}"));
+                }
+            }
+        }
+        if i.tile < 8 || i.tile > 8192 {
+            return bad(format!("input.tile {} is outside 8..8192", i.tile));
+        }
+        if i.overlap % 2 != 0 || i.overlap >= i.tile {
+            return bad(format!("input.overlap {} must be even and smaller than the tile ({})", i.overlap, i.tile));
+        }
+        if i.batch == 0 || i.batch > 256 {
+            return bad(format!("input.batch {} is outside 1..256", i.batch));
+        }
+        let t = &self.transform;
+        if !(t.i0.is_finite() && t.i0 > 0.0) {
+            return bad(format!("transform.i0 {} must be positive", t.i0));
+        }
+        if let Some([lo, hi]) = t.clip
+            && !(lo < hi)
+        {
+            return bad(format!("transform.clip [{lo}, {hi}] is empty"));
+        }
+        for (what, v) in [("mean", &t.mean), ("std", &t.std)] {
+            if v.len() > 1 && v.len() != i.channels.len() {
+                return bad(format!("transform.{what} has {} values for {} channels", v.len(), i.channels.len()));
+            }
+        }
+        if t.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+            return bad("transform.std values must be positive".into());
+        }
+        let d = &self.decision;
+        if !(d.score_max > d.score_min) {
+            return bad(format!("decision.score_max {} must exceed score_min {}", d.score_max, d.score_min));
+        }
+        if !(d.threshold > 0.0 && d.threshold <= 1.0) {
+            return bad(format!("decision.threshold {} must be in (0, 1]", d.threshold));
+        }
+        if !THREAT_CATEGORIES.contains(&d.category.as_str()) {
+            return bad(format!(
+                "decision.category {:?} is not a DICOS threat category {THREAT_CATEGORIES:?}",
+                d.category
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) const DEMO: &str = r#"
+name = "demo"
+demo = true
+[input]
+name = "planes"
+channels = ["high_energy|single_energy", "low_energy|single_energy"]
+tile = 256
+overlap = 32
+[transform]
+kind = "neg_log"
+clip = [0.0, 10.0]
+[output]
+name = "anomaly_map"
+[decision]
+score_min = 0.0
+score_max = 2.0
+threshold = 0.5
+min_region_area = 16
+"#;
+
+    #[test]
+    fn a_good_manifest_parses_with_defaults() {
+        let m = Manifest::parse(DEMO).unwrap();
+        assert_eq!(m.input.batch, 4);
+        assert_eq!(m.transform.i0, 65535.0);
+        assert_eq!(m.decision.category, "ANOMALY");
+        assert_eq!(m.channel_kinds(1), vec!["low_energy", "single_energy"]);
+        assert_eq!(m.normalisation(1), (0.0, 1.0));
+    }
+
+    #[test]
+    fn each_inconsistency_is_named() {
+        let cases = [
+            ("tile = 256", "tile = 4", "outside 8..8192"),
+            ("overlap = 32", "overlap = 31", "must be even"),
+            ("overlap = 32", "overlap = 256", "smaller than the tile"),
+            ("\"low_energy|single_energy\"", "\"x_ray\"", "unknown plane kind"),
+            ("threshold = 0.5", "threshold = 1.5", "threshold"),
+            ("score_max = 2.0", "score_max = 0.0", "must exceed"),
+            ("clip = [0.0, 10.0]", "clip = [3.0, 1.0]", "is empty"),
+            ("min_region_area = 16", "min_region_area = 16\ncategory = \"GUNS\"", "DICOS threat category"),
+            ("demo = true", "demo = true\nspeed = 3", "unknown field"),
+            ("[output]\nname = \"anomaly_map\"", "", "missing field"),
+        ];
+        for (from, to, needle) in cases {
+            let text = DEMO.replace(from, to);
+            assert_ne!(text, DEMO, "{from}");
+            let e = Manifest::parse(&text).unwrap_err().to_string();
+            assert!(e.contains(needle), "{needle:?} not in {e}");
+        }
+    }
+}

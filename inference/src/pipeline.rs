@@ -1,0 +1,322 @@
+//! The analysis of one scan: decode -> intensity transform -> tiles ->
+//! batches -> ONNX Runtime -> stitch -> threshold -> regions.
+//!
+//! The whole scan is analysed at full resolution, tile by tile; it is never
+//! resized to the model's input (that would erase a 50-pixel object in a
+//! 6000-pixel scan). A producer thread fills the next batch while ONNX
+//! Runtime runs the current one; two batch buffers are reused throughout.
+//! Each stage is a public function so benchmarks can time it alone.
+
+use std::io::{Read, Seek};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::time::{Duration, Instant};
+
+use ndarray::{Array2, Array3, Array4, ArrayView3, s};
+
+use crate::decode::{DecodeError, DecodeLimits, Encoding, decode_rows};
+use crate::manifest::{Manifest, TransformKind};
+use crate::model::Model;
+use crate::regions::{Region, find_regions};
+use crate::tiling::{Grid, Tile};
+
+/// Bytes of one plane that can be read from any position.
+pub trait PlaneReader: Read + Seek + Send {}
+impl<T: Read + Seek + Send> PlaneReader for T {}
+
+/// One plane of a scan, as the pipeline needs it.
+pub struct PlaneInput {
+    /// Lowercase plane kind (`high_energy`, `low_energy`, `single_energy`, ...).
+    pub kind: String,
+    /// How the bytes are encoded.
+    pub encoding: Encoding,
+    /// Pixels per row.
+    pub width: u32,
+    /// Rows.
+    pub height: u32,
+    /// The bytes.
+    pub reader: Box<dyn PlaneReader>,
+}
+
+/// Why a scan could not be analysed. The server records it as an ABORT.
+#[derive(Debug, thiserror::Error)]
+pub enum AnalysisError {
+    /// The scan lacks a plane the model needs.
+    #[error("the model needs a {wanted} plane for input channel {channel}; the scan has {have:?}")]
+    MissingPlane {
+        /// Kinds acceptable for the channel.
+        wanted: String,
+        /// Channel index.
+        channel: usize,
+        /// Kinds the scan has.
+        have: Vec<String>,
+    },
+    /// Planes feeding one model differ in size.
+    #[error("planes differ in size ({0}); a model needs co-registered planes")]
+    SizeMismatch(String),
+    /// A plane could not be decoded.
+    #[error("decoding a {kind} plane: {source}")]
+    Decode {
+        /// Plane kind.
+        kind: String,
+        /// Decoder error.
+        source: DecodeError,
+    },
+    /// ONNX Runtime failed.
+    #[error("ONNX Runtime: {0}")]
+    Runtime(#[from] ort::Error),
+}
+
+/// Time spent in each stage.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Timings {
+    /// Reading and decoding plane bytes.
+    pub decode: Duration,
+    /// Intensity transform into the channel tensor.
+    pub transform: Duration,
+    /// Copying tiles into batches (on the producer thread, overlapped).
+    pub tile: Duration,
+    /// ONNX Runtime.
+    pub infer: Duration,
+    /// Placing tile maps into the scan map, with score normalisation.
+    pub stitch: Duration,
+    /// Thresholding and connected components.
+    pub postprocess: Duration,
+    /// Wall time of the whole analysis.
+    pub total: Duration,
+}
+
+/// The result of analysing one scan.
+#[derive(Debug, Clone)]
+pub struct Analysis {
+    /// Highest normalised score anywhere, 0..1.
+    pub score: f32,
+    /// True when at least one region passed the threshold and minimum area.
+    pub alarm: bool,
+    /// Regions, highest score first.
+    pub regions: Vec<Region>,
+    /// Normalised score map, one cell per `stride` pixels.
+    pub map: Array2<f32>,
+    /// Pixels per map cell.
+    pub stride: usize,
+    /// Stage timings.
+    pub timings: Timings,
+}
+
+/// Picks, for each input channel, the index of the plane that feeds it.
+pub fn select_planes(manifest: &Manifest, kinds: &[&str]) -> Result<Vec<usize>, AnalysisError> {
+    (0..manifest.input.channels.len())
+        .map(|c| {
+            let wanted = manifest.channel_kinds(c);
+            wanted.iter().find_map(|w| kinds.iter().position(|k| k == w)).ok_or_else(|| AnalysisError::MissingPlane {
+                wanted: manifest.input.channels[c].clone(),
+                channel: c,
+                have: kinds.iter().map(|k| k.to_string()).collect(),
+            })
+        })
+        .collect()
+}
+
+/// Decodes a whole plane into a `height x width` array.
+pub fn decode_plane(plane: &mut PlaneInput) -> Result<Array2<u16>, AnalysisError> {
+    let (w, h) = (plane.width as usize, plane.height as usize);
+    let mut out = Array2::<u16>::zeros((h, w));
+    let flat = out.as_slice_mut().expect("a fresh array is contiguous");
+    decode_rows(&mut plane.reader, plane.encoding, plane.width, plane.height, &DecodeLimits::default(), |y, row| {
+        flat[y as usize * w..(y as usize + 1) * w].copy_from_slice(row);
+        Ok(())
+    })
+    .map_err(|source| AnalysisError::Decode { kind: plane.kind.clone(), source })?;
+    Ok(out)
+}
+
+/// The intensity transform of one channel as a 65536-entry lookup table:
+/// 16-bit input makes every transform a single indexed load.
+pub fn lookup_table(manifest: &Manifest, channel: usize) -> Vec<f32> {
+    let t = &manifest.transform;
+    let (mean, std) = manifest.normalisation(channel);
+    (0..=u16::MAX)
+        .map(|v| {
+            let v = f32::from(v);
+            let mut x = match t.kind {
+                TransformKind::NegLog => -(v.max(1.0) / t.i0).ln(),
+                TransformKind::Ratio => v / t.i0,
+                TransformKind::Raw => v,
+            };
+            if let Some([lo, hi]) = t.clip {
+                x = x.clamp(lo, hi);
+            }
+            (x - mean) / std
+        })
+        .collect()
+}
+
+/// Applies each channel's table to its plane: `[channels, height, width]`.
+pub fn transform(planes: &[&Array2<u16>], tables: &[Vec<f32>]) -> Array3<f32> {
+    let (h, w) = planes[0].dim();
+    let mut out = Array3::<f32>::zeros((planes.len(), h, w));
+    for (c, (plane, table)) in planes.iter().zip(tables).enumerate() {
+        let src = plane.as_slice().expect("decoded planes are contiguous");
+        let mut dst = out.slice_mut(s![c, .., ..]);
+        let dst = dst.as_slice_mut().expect("a channel of a fresh array is contiguous");
+        for (d, &v) in dst.iter_mut().zip(src) {
+            *d = table[v as usize];
+        }
+    }
+    out
+}
+
+/// Copies `tile` into slot `slot` of `batch`; parts outside the image are
+/// filled with each channel's `pad` value (the transformed value of air).
+pub fn fill_tile(batch: &mut Array4<f32>, slot: usize, input: ArrayView3<'_, f32>, tile: &Tile, pad: &[f32]) {
+    let (_, h, w) = input.dim();
+    let side = batch.shape()[2];
+    let y1 = (tile.y + side).min(h);
+    let x1 = (tile.x + side).min(w);
+    let (rows, cols) = (y1 - tile.y, x1 - tile.x);
+    for (c, &p) in pad.iter().enumerate() {
+        let mut dst = batch.slice_mut(s![slot, c, .., ..]);
+        if rows < side || cols < side {
+            dst.fill(p);
+        }
+        dst.slice_mut(s![..rows, ..cols]).assign(&input.slice(s![c, tile.y..y1, tile.x..x1]));
+    }
+}
+
+/// Writes the owned part of one tile's raw map into the scan map, normalised
+/// to a 0..1 score.
+pub fn stitch_tile(map: &mut Array2<f32>, tile: &Tile, side: usize, stride: usize, raw: &[f32], lo: f32, hi: f32) {
+    let (ty, tx) = (tile.y / stride, tile.x / stride);
+    let scale = 1.0 / (hi - lo);
+    for my in tile.own_rows.0..tile.own_rows.1 {
+        let src = &raw[(my - ty) * side..(my - ty + 1) * side];
+        let mut dst = map.slice_mut(s![my, tile.own_cols.0..tile.own_cols.1]);
+        let from = tile.own_cols.0 - tx;
+        for (d, &v) in dst.iter_mut().zip(&src[from..]) {
+            *d = ((v - lo) * scale).clamp(0.0, 1.0);
+        }
+    }
+}
+
+struct Batch {
+    data: Array4<f32>,
+    tiles: Vec<Tile>,
+}
+
+/// Runs the model over every tile of `input` and returns the stitched,
+/// normalised score map. Batches are filled on a second thread while the
+/// current one runs.
+pub fn infer_map(
+    model: &Model,
+    input: ArrayView3<'_, f32>,
+    pad: &[f32],
+    timings: &mut Timings,
+) -> Result<Array2<f32>, AnalysisError> {
+    let m = &model.manifest;
+    let (channels, h, w) = input.dim();
+    let side = m.input.tile;
+    let grid = Grid::new(h, w, side, m.input.overlap, model.stride);
+    let tiles = grid.tiles();
+    let mut map = Array2::<f32>::zeros(grid.map_shape());
+    let batch_size = m.input.batch.min(tiles.len());
+    let map_side = side / model.stride;
+    let (lo, hi) = (m.decision.score_min, m.decision.score_max);
+
+    std::thread::scope(|scope| {
+        let (full_tx, full_rx): (SyncSender<Batch>, Receiver<Batch>) = sync_channel(1);
+        let (empty_tx, empty_rx) = sync_channel::<Array4<f32>>(2);
+        for _ in 0..2 {
+            empty_tx.send(Array4::<f32>::zeros((batch_size, channels, side, side))).expect("capacity 2");
+        }
+        let tiles_ref = &tiles;
+        let producer = scope.spawn(move || {
+            let mut spent = Duration::ZERO;
+            for group in tiles_ref.chunks(batch_size) {
+                let Ok(mut data) = empty_rx.recv() else { break };
+                let t0 = Instant::now();
+                for (slot, tile) in group.iter().enumerate() {
+                    fill_tile(&mut data, slot, input, tile, pad);
+                }
+                spent += t0.elapsed();
+                if full_tx.send(Batch { data, tiles: group.to_vec() }).is_err() {
+                    break;
+                }
+            }
+            spent
+        });
+        let mut result = Ok(());
+        for batch in full_rx.iter() {
+            let n = batch.tiles.len();
+            let t0 = Instant::now();
+            let mut stitch = Duration::ZERO;
+            let view = batch.data.slice(s![..n, .., .., ..]);
+            let owned;
+            let run_input = if n == batch.data.shape()[0] {
+                &batch.data
+            } else {
+                owned = view.to_owned();
+                &owned
+            };
+            let ran = model.run(run_input, |i, raw| {
+                let t1 = Instant::now();
+                stitch_tile(&mut map, &batch.tiles[i], map_side, model.stride, raw, lo, hi);
+                stitch += t1.elapsed();
+            });
+            timings.infer += t0.elapsed() - stitch;
+            timings.stitch += stitch;
+            if let Err(e) = ran {
+                result = Err(AnalysisError::Runtime(e));
+                break;
+            }
+            let _ = empty_tx.send(batch.data);
+        }
+        drop(full_rx);
+        drop(empty_tx);
+        timings.tile += producer.join().unwrap_or_default();
+        result
+    })?;
+    Ok(map)
+}
+
+/// Analyses one scan with one model.
+pub fn analyze(model: &Model, mut planes: Vec<PlaneInput>) -> Result<Analysis, AnalysisError> {
+    let start = Instant::now();
+    let mut timings = Timings::default();
+    let m = &model.manifest;
+    let kinds: Vec<String> = planes.iter().map(|p| p.kind.clone()).collect();
+    let kind_refs: Vec<&str> = kinds.iter().map(String::as_str).collect();
+    let chosen = select_planes(m, &kind_refs)?;
+    let sizes: Vec<(u32, u32)> = chosen.iter().map(|&i| (planes[i].width, planes[i].height)).collect();
+    if sizes.iter().any(|s| *s != sizes[0]) {
+        let text = chosen.iter().zip(&sizes).map(|(&i, (w, h))| format!("{} {w}x{h}", kinds[i])).collect::<Vec<_>>();
+        return Err(AnalysisError::SizeMismatch(text.join(", ")));
+    }
+
+    let t0 = Instant::now();
+    let mut decoded: Vec<Option<Array2<u16>>> = planes.iter().map(|_| None).collect();
+    for &i in &chosen {
+        if decoded[i].is_none() {
+            decoded[i] = Some(decode_plane(&mut planes[i])?);
+        }
+    }
+    timings.decode = t0.elapsed();
+
+    let t0 = Instant::now();
+    let tables: Vec<Vec<f32>> = (0..chosen.len()).map(|c| lookup_table(m, c)).collect();
+    let sources: Vec<&Array2<u16>> = chosen.iter().map(|&i| decoded[i].as_ref().expect("decoded above")).collect();
+    let input = transform(&sources, &tables);
+    let air = (m.transform.i0.round() as usize).min(u16::MAX as usize);
+    let pad: Vec<f32> = tables.iter().map(|t| t[air]).collect();
+    drop(decoded);
+    timings.transform = t0.elapsed();
+
+    let map = infer_map(model, input.view(), &pad, &mut timings)?;
+    drop(input);
+
+    let t0 = Instant::now();
+    let (h, w) = (sizes[0].1 as usize, sizes[0].0 as usize);
+    let regions = find_regions(map.view(), m.decision.threshold, model.stride, m.decision.min_region_area, (h, w));
+    let score = map.iter().copied().fold(0.0f32, f32::max);
+    timings.postprocess = t0.elapsed();
+    timings.total = start.elapsed();
+    Ok(Analysis { score, alarm: !regions.is_empty(), regions, map, stride: model.stride, timings })
+}
