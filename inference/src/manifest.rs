@@ -170,7 +170,7 @@ impl Manifest {
         if i.tile < 8 || i.tile > 8192 {
             return bad(format!("input.tile {} is outside 8..8192", i.tile));
         }
-        if i.overlap % 2 != 0 || i.overlap >= i.tile {
+        if !i.overlap.is_multiple_of(2) || i.overlap >= i.tile {
             return bad(format!("input.overlap {} must be even and smaller than the tile ({})", i.overlap, i.tile));
         }
         if i.batch == 0 || i.batch > 256 {
@@ -181,7 +181,7 @@ impl Manifest {
             return bad(format!("transform.i0 {} must be positive", t.i0));
         }
         if let Some([lo, hi]) = t.clip
-            && !(lo < hi)
+            && lo.partial_cmp(&hi) != Some(std::cmp::Ordering::Less)
         {
             return bad(format!("transform.clip [{lo}, {hi}] is empty"));
         }
@@ -194,7 +194,7 @@ impl Manifest {
             return bad("transform.std values must be positive".into());
         }
         let d = &self.decision;
-        if !(d.score_max > d.score_min) {
+        if d.score_max.partial_cmp(&d.score_min) != Some(std::cmp::Ordering::Greater) {
             return bad(format!("decision.score_max {} must exceed score_min {}", d.score_max, d.score_min));
         }
         if !(d.threshold > 0.0 && d.threshold <= 1.0) {

@@ -152,13 +152,13 @@ impl Model {
         let blank = Array4::<f32>::zeros((1, channels, model.manifest.input.tile, model.manifest.input.tile));
         let (h, w) = model.run(&blank, |_, _| ()).map_err(|e| mismatch(format!("a trial run failed: {e}")))?;
         let tile = model.manifest.input.tile;
-        if h != w || h == 0 || tile % h != 0 {
+        if h != w || h == 0 || !tile.is_multiple_of(h) {
             return Err(mismatch(format!(
                 "a {tile}x{tile} tile gives a {h}x{w} map; niix needs a square map whose side divides the tile"
             )));
         }
         model.stride = tile / h;
-        if model.manifest.input.overlap % (2 * model.stride) != 0 {
+        if !model.manifest.input.overlap.is_multiple_of(2 * model.stride) {
             return Err(mismatch(format!(
                 "input.overlap {} must be a multiple of twice the map stride {}",
                 model.manifest.input.overlap, model.stride

@@ -61,7 +61,7 @@ fn numbered_dirs(dir: &Path) -> Vec<(u64, PathBuf)> {
         .filter(|e| e.path().is_dir())
         .filter_map(|e| e.file_name().to_str()?.parse::<u64>().ok().map(|v| (v, e.path())))
         .collect();
-    out.sort_by(|a, b| b.0.cmp(&a.0));
+    out.sort_by_key(|e| std::cmp::Reverse(e.0));
     out
 }
 
