@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 DATA ?= data
-MODELS ?= models
+MODELS ?= fixtures/models
 LISTEN ?= 127.0.0.1:50051
 ORT_LIB := .niix/onnxruntime/libonnxruntime.so.1.31.1
 

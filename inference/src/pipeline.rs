@@ -98,6 +98,9 @@ pub struct Analysis {
     pub map: Array2<f32>,
     /// Pixels per map cell.
     pub stride: usize,
+    /// For each input channel, the index of the plane that fed it; regions
+    /// are in the coordinates of the first.
+    pub planes: Vec<usize>,
     /// Stage timings.
     pub timings: Timings,
 }
@@ -318,5 +321,5 @@ pub fn analyze(model: &Model, mut planes: Vec<PlaneInput>) -> Result<Analysis, A
     let score = map.iter().copied().fold(0.0f32, f32::max);
     timings.postprocess = t0.elapsed();
     timings.total = start.elapsed();
-    Ok(Analysis { score, alarm: !regions.is_empty(), regions, map, stride: model.stride, timings })
+    Ok(Analysis { score, alarm: !regions.is_empty(), regions, map, stride: model.stride, planes: chosen, timings })
 }

@@ -29,6 +29,38 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Input limits.
     pub limits: Limits,
+    /// Analysis of received scans.
+    pub analysis: AnalysisConfig,
+}
+
+/// How scans are analysed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AnalysisConfig {
+    /// Analyse scans at all (needs ONNX Runtime and a model).
+    pub enabled: bool,
+    /// Which model of the repository analyses scans; unset: the only one, or
+    /// the first by name.
+    pub model: Option<String>,
+    /// Scans analysed at once.
+    pub workers: usize,
+    /// How often the model repository is re-read for new versions.
+    #[serde(with = "humantime_serde_compat")]
+    pub reload_interval: Duration,
+    /// ONNX Runtime threads per model.
+    pub threads: niix_inference::runtime::Threads,
+}
+
+impl Default for AnalysisConfig {
+    fn default() -> Self {
+        AnalysisConfig {
+            enabled: true,
+            model: None,
+            workers: 1,
+            reload_interval: Duration::from_secs(10),
+            threads: niix_inference::runtime::Threads::default(),
+        }
+    }
 }
 
 impl Default for Config {
@@ -41,6 +73,7 @@ impl Default for Config {
             insecure: false,
             shutdown_grace: Duration::from_secs(10),
             limits: Limits::default(),
+            analysis: AnalysisConfig::default(),
         }
     }
 }
@@ -123,7 +156,8 @@ mod tests {
     #[test]
     fn fields_and_durations_parse() {
         let c: Config = toml::from_str(
-            "listen = \"0.0.0.0:6000\"\nshutdown_grace = \"3s\"\n[limits]\nmax_planes = 2\nstaging_ttl = \"1h 30m\"\n",
+            "listen = \"0.0.0.0:6000\"\nshutdown_grace = \"3s\"\n[limits]\nmax_planes = 2\nstaging_ttl = \"1h 30m\"\n\
+             [analysis]\nmodel = \"m\"\nthreads = { intra_op = 2, inter_op = 1 }\n",
         )
         .unwrap();
         assert_eq!(c.listen.port(), 6000);
@@ -131,6 +165,9 @@ mod tests {
         assert_eq!(c.limits.max_planes, 2);
         assert_eq!(c.limits.staging_ttl, Duration::from_secs(5400));
         assert_eq!(c.limits.max_dimension, Limits::default().max_dimension);
+        assert_eq!(c.analysis.model.as_deref(), Some("m"));
+        assert_eq!(c.analysis.threads.intra_op, 2);
+        assert!(c.analysis.enabled);
     }
 
     #[test]

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use niix_proto::v1::findings_server::Findings;
-use niix_proto::v1::{GetScanRequest, ListScansRequest, ListScansResponse, Plane, Scan, ScanStatus};
+use niix_proto::v1::{
+    GetFindingsRequest, GetScanRequest, ListScansRequest, ListScansResponse, Plane, Scan, ScanFindings, ScanStatus,
+};
 use tonic::{Request, Response, Status};
 
 use crate::error::{Error, Result, blocking, reply};
@@ -106,6 +108,22 @@ impl FindingsService {
         Ok(ListScansResponse { scans: rows.iter().map(scan_message).collect(), next_page_token })
     }
 
+    /// A scan's status and reports (used by the gRPC method).
+    pub async fn findings(&self, scan_id: &str) -> Result<ScanFindings> {
+        let id = canonical_scan_id(scan_id)?;
+        let meta = self.meta.clone();
+        let lookup = id.clone();
+        let found = blocking(move || {
+            let Some(scan) = meta.get_scan(&lookup)? else { return Ok(None) };
+            Ok(Some((scan.status, meta.reports(&lookup)?)))
+        })
+        .await?;
+        match found {
+            Some((status, reports)) => Ok(ScanFindings { scan_id: id, status: status as i32, reports }),
+            None => Err(Error::NotFound(format!("no scan {id} is stored"))),
+        }
+    }
+
     /// Returns one scan (used by the gRPC method).
     pub async fn get(&self, scan_id: &str) -> Result<Scan> {
         let id = canonical_scan_id(scan_id)?;
@@ -131,5 +149,13 @@ impl Findings for FindingsService {
     async fn get_scan(&self, request: Request<GetScanRequest>) -> std::result::Result<Response<Scan>, Status> {
         let result = self.get(&request.into_inner().scan_id).await;
         reply(&self.metrics, "GetScan", result)
+    }
+
+    async fn get_findings(
+        &self,
+        request: Request<GetFindingsRequest>,
+    ) -> std::result::Result<Response<ScanFindings>, Status> {
+        let result = self.findings(&request.into_inner().scan_id).await;
+        reply(&self.metrics, "GetFindings", result)
     }
 }

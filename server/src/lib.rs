@@ -3,9 +3,11 @@
 //!
 //! The path of a scan through this crate is one straight line:
 //! [`ingest`] (gRPC push, validation) -> [`store`] (SQLite + blobs) ->
+//! [`analysis`] (the queue, and the `niix_inference` tensor core) ->
 //! [`findings`] (what officers query). [`server`] wires the services
 //! together; [`cli`] is the `niix` command line.
 
+pub mod analysis;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -25,6 +25,13 @@ pub struct ErrorLabels {
     pub code: String,
 }
 
+/// Label of a finished analysis.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AnalysisLabels {
+    /// "analyzed" or "failed".
+    pub outcome: String,
+}
+
 /// The server's metrics, cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
@@ -39,6 +46,12 @@ pub struct Metrics {
     pub upload_seconds: Histogram,
     /// Push streams open right now.
     pub uploads_active: Gauge,
+    /// Finished analyses by outcome.
+    pub analyses: Family<AnalysisLabels, Counter>,
+    /// Duration of analyses.
+    pub analysis_seconds: Histogram,
+    /// Scans waiting for analysis.
+    pub analysis_queue_depth: Gauge,
 }
 
 impl Default for Metrics {
@@ -65,7 +78,26 @@ impl Metrics {
         registry.register("request_errors", "Failed requests by RPC and gRPC status code", errors.clone());
         registry.register("upload_duration_seconds", "Duration of successful pushes", upload_seconds.clone());
         registry.register("uploads_active", "Push streams open now", uploads_active.clone());
-        Metrics { registry: Arc::new(registry), scans_received, bytes_received, errors, upload_seconds, uploads_active }
+        let analyses = Family::<AnalysisLabels, Counter>::default();
+        for outcome in ["analyzed", "failed"] {
+            let _ = analyses.get_or_create(&AnalysisLabels { outcome: outcome.into() });
+        }
+        let analysis_seconds = Histogram::new(exponential_buckets(0.05, 2.0, 14));
+        let analysis_queue_depth = Gauge::default();
+        registry.register("analyses", "Finished analyses by outcome", analyses.clone());
+        registry.register("analysis_duration_seconds", "Duration of analyses", analysis_seconds.clone());
+        registry.register("analysis_queue_depth", "Scans waiting for analysis", analysis_queue_depth.clone());
+        Metrics {
+            registry: Arc::new(registry),
+            scans_received,
+            bytes_received,
+            errors,
+            upload_seconds,
+            uploads_active,
+            analyses,
+            analysis_seconds,
+            analysis_queue_depth,
+        }
     }
 
     /// Counts a failed request.
@@ -97,6 +129,9 @@ mod tests {
             "niix_request_errors_total{rpc=\"PushScan\",code=\"DataLoss\"} 1",
             "niix_upload_duration_seconds_bucket",
             "niix_uploads_active",
+            "niix_analyses_total{outcome=\"failed\"} 0",
+            "niix_analysis_duration_seconds_bucket",
+            "niix_analysis_queue_depth 0",
         ] {
             assert!(text.contains(needle), "{needle} missing from\n{text}");
         }

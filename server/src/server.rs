@@ -7,14 +7,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use niix_inference::repository::Repository;
 use niix_proto::v1::FILE_DESCRIPTOR_SET;
 use niix_proto::v1::findings_server::FindingsServer;
 use niix_proto::v1::scan_ingest_server::ScanIngestServer;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::analysis::Analyzer;
 use crate::config::Config;
 use crate::findings::FindingsService;
 use crate::ingest::{Ingest, IngestService};
@@ -71,12 +73,19 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let (stop, stop_rx) = watch::channel(false);
     let (abandon, abandon_rx) = watch::channel(false);
 
-    let ingest = Arc::new(Ingest::new(meta.clone(), blobs, config.limits.clone(), metrics.clone(), abandon_rx));
+    let mut background = Vec::new();
+    let wake = match config.analysis.enabled {
+        true => Some(
+            start_analysis(&config, meta.clone(), blobs.clone(), metrics.clone(), stop_rx.clone(), &mut background)
+                .await?,
+        ),
+        false => None,
+    };
+    let ingest = Arc::new(Ingest::new(meta.clone(), blobs, config.limits.clone(), metrics.clone(), abandon_rx, wake));
     let swept = ingest.sweep_staging().await.context("sweeping unfinished uploads")?;
     if swept > 0 {
         tracing::info!(uploads = swept, "removed unfinished uploads past their TTL");
     }
-    let mut background = Vec::new();
     let sweeper = ingest.clone();
     background.push(tokio::spawn(async move {
         let mut tick = tokio::time::interval(SWEEP_EVERY);
@@ -120,6 +129,58 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     };
     tracing::info!(%addr, ?metrics_addr, data = %config.data_dir.display(), "niix serving");
     Ok(RunningServer { addr, metrics_addr, stop, abandon, grpc, background, grace: config.shutdown_grace })
+}
+
+/// Loads the model repository (failing fast when ONNX Runtime is missing),
+/// re-queues interrupted analyses and starts the workers and the reloader.
+async fn start_analysis(
+    config: &Config,
+    meta: Arc<dyn MetadataStore>,
+    blobs: Arc<dyn BlobStore>,
+    metrics: Metrics,
+    stop: watch::Receiver<bool>,
+    background: &mut Vec<JoinHandle<()>>,
+) -> anyhow::Result<Arc<Notify>> {
+    niix_inference::runtime::environment().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let a = &config.analysis;
+    let repo = Arc::new(Repository::new(&config.models_dir, a.threads));
+    let loader = repo.clone();
+    let report = tokio::task::spawn_blocking(move || loader.reload()).await?;
+    if repo.serving().is_empty() {
+        tracing::warn!(models = %config.models_dir.display(), refused = report.refused.len(),
+            "no valid model in the repository: scans will queue until one is added");
+    }
+    if let Some(name) = &a.model
+        && repo.get(name).is_none()
+    {
+        tracing::warn!(model = %name, "the configured model is not serving: scans will queue until it is");
+    }
+    let requeue = meta.clone();
+    let requeued = tokio::task::spawn_blocking(move || requeue.requeue_interrupted()).await??;
+    if requeued > 0 {
+        tracing::info!(scans = requeued, "re-queued analyses interrupted by the last stop");
+    }
+    let wake = Arc::new(Notify::new());
+    let analyzer = Arc::new(Analyzer::new(meta, blobs, repo.clone(), a.model.clone(), wake.clone(), metrics));
+    for _ in 0..a.workers.max(1) {
+        background.push(tokio::spawn(analyzer.clone().run_worker(stop.clone())));
+    }
+    let interval = a.reload_interval;
+    let poke = wake.clone();
+    background.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let r = repo.clone();
+            if let Ok(report) = tokio::task::spawn_blocking(move || r.reload()).await
+                && !report.loaded.is_empty()
+            {
+                poke.notify_one();
+            }
+        }
+    }));
+    Ok(wake)
 }
 
 async fn serve_metrics(

@@ -90,14 +90,47 @@ async fn push_list_duplicate_and_restart_from_the_command_line() {
     assert!(!ok);
     assert!(err.contains("InvalidArgument") && err.contains("check digit"), "{err}");
 
+    // Findings: --wait blocks until the analysis is done.
+    let (ok, out, err) = niix(&["findings", &id, "--server", &url, "--wait", "--json"]);
+    assert!(ok, "{err}");
+    let f = &json_lines(&out)[0];
+    assert_eq!(f["scan_id"], id.as_str());
+    assert_eq!(f["status"], "analyzed");
+    assert!(["alarm", "clear"].contains(&f["decision"].as_str().unwrap()), "{f}");
+    assert_eq!(f["model"]["name"], "demo-local-contrast");
+    assert_eq!(f["model"]["sha256"].as_str().unwrap().len(), 64);
+    assert!(f["regions"].is_array() && f["score"].is_number());
+    let (ok, out, _) = niix(&["findings", &id, "--server", &url]);
+    assert!(ok && out.contains("DEMO model"), "{out}");
+
+    // push --wait prints the receipt with the findings.
+    let (ok, out, err) = niix(&[
+        "push",
+        raw.to_str().unwrap(),
+        "--width",
+        "300",
+        "--height",
+        "200",
+        "--site",
+        "X",
+        "--server",
+        &url,
+        "--wait",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let r = &json_lines(&out)[0];
+    assert_eq!(r["findings"]["status"], "analyzed");
+    assert!(r["findings"]["regions"].is_array());
+
     server.kill9();
     let server = Server::spawn(&data).await;
     let (ok, out, err) = niix(&["scans", "--server", &server.url, "--json"]);
     assert!(ok, "{err}");
     let scans = json_lines(&out);
-    assert_eq!(scans.len(), 3);
+    assert_eq!(scans.len(), 4);
     let ours = scans.iter().find(|s| s["scan_id"] == id.as_str()).expect("the TIFF scan is listed");
-    assert_eq!(ours["status"], "received");
+    assert!(["queued", "analyzing", "analyzed"].contains(&ours["status"].as_str().unwrap()), "{ours}");
     assert_eq!(ours["site_id"], "NLRTM-01");
     assert!(ours["received_at"].as_str().unwrap().starts_with("20"), "{ours}");
     server.kill9();

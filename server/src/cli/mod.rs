@@ -1,5 +1,6 @@
 //! The `niix` command line: `serve`, `push`, `scans`.
 
+mod findings;
 mod push;
 mod scans;
 mod serve;
@@ -23,9 +24,11 @@ pub enum Command {
     /// Run the niix server.
     Serve(serve::ServeArgs),
     /// Push a scan (16-bit TIFF, PNG or raw planes) to a server.
-    Push(push::PushArgs),
+    Push(Box<push::PushArgs>),
     /// List the scans stored on a server.
     Scans(scans::ScansArgs),
+    /// Show a scan's analysis: decision, score, regions, model.
+    Findings(findings::FindingsArgs),
 }
 
 /// Where the server is, for client commands.
@@ -41,8 +44,9 @@ impl Cli {
     pub async fn run(self) -> anyhow::Result<()> {
         match self.command {
             Command::Serve(a) => serve::run(a).await,
-            Command::Push(a) => push::run(a).await,
+            Command::Push(a) => push::run(*a).await,
             Command::Scans(a) => scans::run(a).await,
+            Command::Findings(a) => findings::run(a).await,
         }
     }
 }

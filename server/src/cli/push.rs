@@ -107,6 +107,12 @@ pub struct PushArgs {
     /// Attempts after the first if the connection breaks (resuming each time).
     #[arg(long, default_value_t = 5)]
     pub retries: u32,
+    /// Wait for the analysis and print the findings too.
+    #[arg(long)]
+    pub wait: bool,
+    /// Longest wait for the analysis, e.g. "2m".
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
     /// Print the receipt as JSON.
     #[arg(long)]
     pub json: bool,
@@ -225,7 +231,20 @@ pub async fn run(args: PushArgs) -> anyhow::Result<()> {
         Arc::new(Bar(bar))
     };
     let options = PushOptions { retries: args.retries, ..Default::default() };
-    let receipt = client::push_files(channel, header, files, &options, progress).await?;
+    let receipt = client::push_files(channel.clone(), header, files, &options, progress).await?;
+    if args.wait {
+        let f = super::findings::fetch(channel, &receipt.scan_id, true, args.timeout).await?;
+        if args.json {
+            let mut out = receipt_json(&receipt);
+            out["findings"] = super::findings::findings_json(&f);
+            println!("{out}");
+        } else {
+            let what = if receipt.duplicate { "already stored (duplicate)" } else { "stored" };
+            println!("scan {} {what}", receipt.scan_id);
+            super::findings::print_findings(&f);
+        }
+        return Ok(());
+    }
     if args.json {
         println!("{}", receipt_json(&receipt));
     } else {

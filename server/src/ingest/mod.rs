@@ -20,7 +20,7 @@ use futures_util::{Stream, StreamExt};
 use niix_proto::v1::push_scan_request::Part;
 use niix_proto::v1::upload_status::State;
 use niix_proto::v1::{PlaneProgress, PlaneReceipt, PushScanRequest, ScanHeader, ScanReceipt, ScanStatus, UploadStatus};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::config::Limits;
 use crate::error::{Error, Result, blocking};
@@ -39,6 +39,7 @@ pub struct Ingest {
     active: Mutex<HashSet<String>>,
     slots: Semaphore,
     abandon: watch::Receiver<bool>,
+    analysis: Option<Arc<Notify>>,
 }
 
 /// Marks a scan id as streaming; released on drop.
@@ -71,15 +72,18 @@ pub fn receipt_of(record: &ScanRecord, duplicate: bool) -> ScanReceipt {
 impl Ingest {
     /// Creates the engine. When `abandon` turns true (shutdown grace over),
     /// open streams stop, keep what they received, and answer UNAVAILABLE.
+    /// With `analysis`, committed scans are QUEUED and it is notified;
+    /// without, they stay RECEIVED.
     pub fn new(
         meta: Arc<dyn MetadataStore>,
         blobs: Arc<dyn BlobStore>,
         limits: Limits,
         metrics: Metrics,
         abandon: watch::Receiver<bool>,
+        analysis: Option<Arc<Notify>>,
     ) -> Self {
         let slots = Semaphore::new(limits.max_concurrent_uploads);
-        Ingest { meta, blobs, limits, metrics, active: Mutex::new(HashSet::new()), slots, abandon }
+        Ingest { meta, blobs, limits, metrics, active: Mutex::new(HashSet::new()), slots, abandon, analysis }
     }
 
     fn claim(&self, id: &str) -> Result<Claim<'_>> {
@@ -344,7 +348,7 @@ impl Ingest {
             header,
             planes: digests,
             header_sha256: fingerprint,
-            status: ScanStatus::Received,
+            status: if self.analysis.is_some() { ScanStatus::Queued } else { ScanStatus::Received },
             received_at: SystemTime::now(),
         };
         let outcome = blocking(move || {
@@ -357,7 +361,12 @@ impl Ingest {
         })
         .await?;
         match outcome {
-            (CommitOutcome::Committed, record) => Ok(receipt_of(&record, false)),
+            (CommitOutcome::Committed, record) => {
+                if let Some(wake) = &self.analysis {
+                    wake.notify_one();
+                }
+                Ok(receipt_of(&record, false))
+            }
             (CommitOutcome::Existing(existing), record) => same_scan(&existing, &record.header_sha256, &record.planes),
         }
     }

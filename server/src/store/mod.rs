@@ -13,7 +13,7 @@ use std::io::{Read, Seek, Write};
 use std::time::SystemTime;
 
 pub use fs::FsBlobs;
-use niix_proto::v1::{ScanHeader, ScanStatus};
+use niix_proto::v1::{ScanHeader, ScanStatus, ThreatReport};
 pub use sqlite::SqliteMetadata;
 
 /// A storage failure. Services report it as INTERNAL.
@@ -125,6 +125,19 @@ pub trait MetadataStore: Send + Sync + 'static {
     fn delete_upload(&self, scan_id: &str) -> StoreResult<bool>;
     /// Unfinished uploads started before `cutoff`.
     fn uploads_started_before(&self, cutoff: SystemTime) -> StoreResult<Vec<String>>;
+    /// Marks the oldest QUEUED scan ANALYZING and returns its id, atomically
+    /// (two workers never take the same scan).
+    fn claim_next_queued(&self) -> StoreResult<Option<String>>;
+    /// Puts scans left ANALYZING (by a crash or shutdown) back in the queue;
+    /// returns how many.
+    fn requeue_interrupted(&self) -> StoreResult<usize>;
+    /// How many scans have this status.
+    fn count_status(&self, status: ScanStatus) -> StoreResult<u64>;
+    /// Appends a report to a scan and sets the scan's status, atomically.
+    /// Reports are never changed or removed.
+    fn add_report(&self, scan_id: &str, report: &ThreatReport, status: ScanStatus) -> StoreResult<()>;
+    /// A scan's reports, oldest first.
+    fn reports(&self, scan_id: &str) -> StoreResult<Vec<ThreatReport>>;
 }
 
 /// Bytes that can be read from any position.

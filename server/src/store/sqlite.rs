@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use niix_proto::v1::{ScanHeader, ScanStatus};
+use niix_proto::v1::{ScanHeader, ScanStatus, ThreatReport};
 use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -43,6 +43,16 @@ const MIGRATIONS: &[&str] = &[
         header        BLOB NOT NULL,
         started_at_us INTEGER NOT NULL
     ) STRICT;",
+    // 2: threat detection reports; the analysis queue is the scans' status.
+    "CREATE TABLE reports (
+        seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+        scan_id       TEXT NOT NULL REFERENCES scans (scan_id) ON DELETE CASCADE,
+        report_type   INTEGER NOT NULL,
+        created_at_us INTEGER NOT NULL,
+        report        BLOB NOT NULL
+    ) STRICT;
+    CREATE INDEX reports_by_scan ON reports (scan_id, seq);
+    CREATE INDEX scans_by_status ON scans (status, received_at_us, scan_id);",
 ];
 
 /// Scan metadata in SQLite.
@@ -153,6 +163,58 @@ fn migrate(conn: &mut Connection) -> StoreResult<()> {
 }
 
 impl MetadataStore for SqliteMetadata {
+    fn claim_next_queued(&self) -> StoreResult<Option<String>> {
+        let id = self
+            .lock()
+            .query_row(
+                "UPDATE scans SET status = ?1 WHERE scan_id = (
+                     SELECT scan_id FROM scans WHERE status = ?2 ORDER BY received_at_us, scan_id LIMIT 1)
+                 RETURNING scan_id",
+                params![ScanStatus::Analyzing as i32, ScanStatus::Queued as i32],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(id)
+    }
+
+    fn requeue_interrupted(&self) -> StoreResult<usize> {
+        Ok(self.lock().execute(
+            "UPDATE scans SET status = ?1 WHERE status = ?2",
+            params![ScanStatus::Queued as i32, ScanStatus::Analyzing as i32],
+        )?)
+    }
+
+    fn count_status(&self, status: ScanStatus) -> StoreResult<u64> {
+        let n: i64 =
+            self.lock().query_row("SELECT count(*) FROM scans WHERE status = ?1", [status as i32], |r| r.get(0))?;
+        Ok(n as u64)
+    }
+
+    fn add_report(&self, scan_id: &str, report: &ThreatReport, status: ScanStatus) -> StoreResult<()> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO reports (scan_id, report_type, created_at_us, report) VALUES (?1, ?2, ?3, ?4)",
+            params![scan_id, report.r#type, micros(SystemTime::now()), report.encode_to_vec()],
+        )?;
+        let n = tx.execute("UPDATE scans SET status = ?1 WHERE scan_id = ?2", params![status as i32, scan_id])?;
+        if n != 1 {
+            return Err(StoreError::Corrupt(format!("report for unknown scan {scan_id}")));
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn reports(&self, scan_id: &str) -> StoreResult<Vec<ThreatReport>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached("SELECT report FROM reports WHERE scan_id = ?1 ORDER BY seq")?;
+        let blobs: Vec<Vec<u8>> = stmt.query_map([scan_id], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        blobs
+            .iter()
+            .map(|b| ThreatReport::decode(b.as_slice()).map_err(|e| StoreError::Corrupt(format!("stored report: {e}"))))
+            .collect()
+    }
+
     fn commit_scan(&self, scan: &ScanRecord) -> StoreResult<CommitOutcome> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
@@ -358,6 +420,31 @@ mod tests {
             .unwrap();
         let ids: Vec<_> = odd.iter().map(|r| r.scan_id.as_str()).collect();
         assert_eq!(ids, ["s9", "s7", "s5"]);
+    }
+
+    #[test]
+    fn the_queue_hands_out_each_scan_once_oldest_first() {
+        let db = SqliteMetadata::in_memory().unwrap();
+        for (id, at) in [("b", 2), ("a", 1), ("c", 3)] {
+            let mut r = record(id, "S", at);
+            r.status = ScanStatus::Queued;
+            db.commit_scan(&r).unwrap();
+        }
+        assert_eq!(db.count_status(ScanStatus::Queued).unwrap(), 3);
+        assert_eq!(db.claim_next_queued().unwrap().as_deref(), Some("a"));
+        assert_eq!(db.claim_next_queued().unwrap().as_deref(), Some("b"));
+        assert_eq!(db.count_status(ScanStatus::Analyzing).unwrap(), 2);
+        assert_eq!(db.requeue_interrupted().unwrap(), 2);
+        assert_eq!(db.claim_next_queued().unwrap().as_deref(), Some("a"));
+
+        let report = ThreatReport { score: 0.7, r#type: 1, ..Default::default() };
+        db.add_report("a", &report, ScanStatus::Analyzed).unwrap();
+        assert_eq!(db.get_scan("a").unwrap().unwrap().status, ScanStatus::Analyzed);
+        assert_eq!(db.reports("a").unwrap(), vec![report]);
+        assert!(db.add_report("zzz", &ThreatReport::default(), ScanStatus::Analyzed).is_err());
+        assert_eq!(db.claim_next_queued().unwrap().as_deref(), Some("b"));
+        assert_eq!(db.claim_next_queued().unwrap().as_deref(), Some("c"));
+        assert_eq!(db.claim_next_queued().unwrap(), None);
     }
 
     #[test]

@@ -16,6 +16,11 @@ use niix_proto::v1::{
 };
 use tonic::transport::Channel;
 
+/// The repository's fixtures/ directory.
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
+}
+
 /// A server on an ephemeral loopback port over `data`.
 pub async fn start(data: &Path) -> RunningServer {
     start_with(data, Limits::default()).await
@@ -23,15 +28,20 @@ pub async fn start(data: &Path) -> RunningServer {
 
 /// Same with custom limits.
 pub async fn start_with(data: &Path, limits: Limits) -> RunningServer {
-    let config = Config {
+    server::start(config(data, limits)).await.expect("server starts")
+}
+
+/// The configuration the test servers use.
+pub fn config(data: &Path, limits: Limits) -> Config {
+    Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
         data_dir: data.to_path_buf(),
+        models_dir: fixtures().join("models"),
         shutdown_grace: Duration::from_millis(500),
         limits,
         ..Config::default()
-    };
-    server::start(config).await.expect("server starts")
+    }
 }
 
 /// A client channel to a running server.
@@ -161,6 +171,8 @@ impl Server {
             .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--metrics-listen", "127.0.0.1:0"])
             .arg("--data")
             .arg(data)
+            .arg("--models")
+            .arg(fixtures().join("models"))
             .env("NIIX_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -1,0 +1,272 @@
+//! Analysis of stored scans: a durable queue (the scans' QUEUED status in
+//! the metadata store), workers that take one scan at a time, and the
+//! conversion of the tensor core's result into a DICOS-aligned MACHINE
+//! report.
+//!
+//! Pushes never wait for analysis: a committed scan is QUEUED and a worker
+//! is woken. However many scans are queued, only `workers` are decoded at a
+//! time, so memory stays bounded. Scans left ANALYZING by a crash go back to
+//! the queue at start.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use niix_inference::decode::Encoding;
+use niix_inference::model::Model;
+use niix_inference::pipeline::{self, Analysis, PlaneInput};
+use niix_inference::repository::Repository;
+use niix_proto::v1::{
+    AlarmDecision, Algorithm, AssessmentFlag, PlaneEncoding, PlaneKind, Region, ReportType, ScanStatus, ThreatReport,
+};
+use tokio::sync::{Notify, watch};
+
+use crate::error::{Error, Result, blocking};
+use crate::findings::timestamp;
+use crate::metrics::{AnalysisLabels, Metrics};
+use crate::store::{BlobStore, MetadataStore, ScanRecord};
+
+/// How long an idle worker sleeps before looking at the queue again (it is
+/// also woken at once by every new scan).
+const IDLE_POLL: Duration = Duration::from_secs(2);
+/// Scores at or above this are HIGH_THREAT rather than THREAT.
+pub const HIGH_THREAT_SCORE: f32 = 0.9;
+
+/// Takes queued scans and analyses them with the repository's model.
+pub struct Analyzer {
+    meta: Arc<dyn MetadataStore>,
+    blobs: Arc<dyn BlobStore>,
+    repo: Arc<Repository>,
+    model_name: Option<String>,
+    wake: Arc<Notify>,
+    metrics: Metrics,
+}
+
+/// Lowercase plane kind name as model manifests use it, e.g. `high_energy`.
+pub fn plane_kind_name(kind: i32) -> String {
+    let name = PlaneKind::try_from(kind).map(|k| k.as_str_name()).unwrap_or("PLANE_KIND_UNSPECIFIED");
+    name.strip_prefix("PLANE_KIND_").unwrap_or(name).to_ascii_lowercase()
+}
+
+impl Analyzer {
+    /// Creates an analyzer; `wake` is notified by ingest for each new scan.
+    pub fn new(
+        meta: Arc<dyn MetadataStore>,
+        blobs: Arc<dyn BlobStore>,
+        repo: Arc<Repository>,
+        model_name: Option<String>,
+        wake: Arc<Notify>,
+        metrics: Metrics,
+    ) -> Self {
+        Analyzer { meta, blobs, repo, model_name, wake, metrics }
+    }
+
+    /// The model that analyses scans now: the configured one, else the only
+    /// (or first by name) serving model.
+    pub fn model(&self) -> Option<Arc<Model>> {
+        match &self.model_name {
+            Some(name) => self.repo.get(name),
+            None => self.repo.serving().into_iter().next(),
+        }
+    }
+
+    async fn update_queue_depth(&self) {
+        let meta = self.meta.clone();
+        if let Ok(n) = blocking(move || Ok(meta.count_status(ScanStatus::Queued)?)).await {
+            self.metrics.analysis_queue_depth.set(n as i64);
+        }
+    }
+
+    /// Runs one worker until `stop` turns true.
+    pub async fn run_worker(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut warned = false;
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let model = self.model();
+            if model.is_none() && !warned {
+                tracing::warn!(models = %self.repo.root().display(), "no model serving: scans stay queued until one is");
+                warned = true;
+            }
+            let claimed = match &model {
+                Some(_) => {
+                    let meta = self.meta.clone();
+                    match blocking(move || Ok(meta.claim_next_queued()?)).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot read the analysis queue");
+                            None
+                        }
+                    }
+                }
+                None => None,
+            };
+            match (model, claimed) {
+                (Some(model), Some(scan_id)) => {
+                    warned = false;
+                    self.update_queue_depth().await;
+                    if let Err(e) = self.analyze_one(model, &scan_id).await {
+                        tracing::error!(%scan_id, error = %e, "could not record the analysis");
+                    }
+                    self.update_queue_depth().await;
+                }
+                _ => {
+                    tokio::select! {
+                        _ = self.wake.notified() => {}
+                        _ = tokio::time::sleep(IDLE_POLL) => {}
+                        _ = stop.changed() => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Analyses one claimed scan and stores its MACHINE report.
+    pub async fn analyze_one(&self, model: Arc<Model>, scan_id: &str) -> Result<()> {
+        let started = Instant::now();
+        let (meta, blobs, id) = (self.meta.clone(), self.blobs.clone(), scan_id.to_string());
+        let run_model = model.clone();
+        let outcome = blocking(move || {
+            let Some(record) = meta.get_scan(&id)? else {
+                return Err(Error::NotFound(format!("scan {id} vanished before analysis")));
+            };
+            let planes = plane_inputs(&record, blobs.as_ref())?;
+            let result = pipeline::analyze(&run_model, planes);
+            Ok((record, result))
+        })
+        .await;
+        let elapsed = started.elapsed();
+        let (report, status) = match outcome {
+            Ok((record, Ok(analysis))) => {
+                tracing::info!(%scan_id, model = %model.label(), score = analysis.score, regions = analysis.regions.len(),
+                    seconds = elapsed.as_secs_f64(), "scan analysed");
+                (machine_report(&model, &record, &analysis, elapsed), ScanStatus::Analyzed)
+            }
+            Ok((_, Err(e))) => {
+                tracing::warn!(%scan_id, error = %e, "analysis aborted");
+                (abort_report(&model, e.to_string(), elapsed), ScanStatus::Failed)
+            }
+            Err(e) => {
+                tracing::warn!(%scan_id, error = %e, "analysis aborted");
+                (abort_report(&model, e.to_string(), elapsed), ScanStatus::Failed)
+            }
+        };
+        let outcome = if status == ScanStatus::Analyzed { "analyzed" } else { "failed" };
+        self.metrics.analyses.get_or_create(&AnalysisLabels { outcome: outcome.into() }).inc();
+        self.metrics.analysis_seconds.observe(elapsed.as_secs_f64());
+        let (meta, id) = (self.meta.clone(), scan_id.to_string());
+        blocking(move || Ok(meta.add_report(&id, &report, status)?)).await
+    }
+}
+
+/// Opens every stored plane of a scan for the pipeline.
+fn plane_inputs(record: &ScanRecord, blobs: &dyn BlobStore) -> Result<Vec<PlaneInput>> {
+    record
+        .header
+        .planes
+        .iter()
+        .zip(&record.planes)
+        .map(|(d, stored)| {
+            let encoding = match PlaneEncoding::try_from(d.encoding) {
+                Ok(PlaneEncoding::RawU16le) => Encoding::RawU16Le,
+                Ok(PlaneEncoding::Tiff) => Encoding::Tiff,
+                Ok(PlaneEncoding::Png) => Encoding::Png,
+                _ => return Err(Error::Internal(format!("stored plane with encoding {}", d.encoding))),
+            };
+            Ok(PlaneInput {
+                kind: plane_kind_name(d.kind),
+                encoding,
+                width: d.width,
+                height: d.height,
+                reader: Box::new(blobs.open(&stored.sha256)?),
+            })
+        })
+        .collect()
+}
+
+fn algorithm(model: &Model) -> Algorithm {
+    Algorithm {
+        name: model.name.clone(),
+        version: model.version.to_string(),
+        sha256: model.sha256.clone(),
+        manufacturer: model.manifest.manufacturer.clone(),
+        description: model.manifest.description.clone(),
+        demo: model.manifest.demo,
+    }
+}
+
+/// The MACHINE report of a finished analysis. Boxes in millimetres follow
+/// the pixel spacing of the plane the regions refer to.
+pub fn machine_report(model: &Model, record: &ScanRecord, a: &Analysis, elapsed: Duration) -> ThreatReport {
+    let plane_index = a.planes.first().copied().unwrap_or(0);
+    let (sx, sy) = record
+        .header
+        .planes
+        .get(plane_index)
+        .map(|d| (d.pixel_spacing_x_mm, d.pixel_spacing_y_mm))
+        .unwrap_or((0.0, 0.0));
+    let category = model.manifest.decision.category.clone();
+    let regions = a
+        .regions
+        .iter()
+        .map(|r| Region {
+            id: r.id,
+            x: r.x,
+            y: r.y,
+            width: r.width,
+            height: r.height,
+            x_mm: f64::from(r.x) * sx,
+            y_mm: f64::from(r.y) * sy,
+            width_mm: f64::from(r.width) * sx,
+            height_mm: f64::from(r.height) * sy,
+            area_px: r.area,
+            max_score: r.max_score,
+            mean_score: r.mean_score,
+            threat_category: category.clone(),
+            assessment_flag: if r.max_score >= HIGH_THREAT_SCORE {
+                AssessmentFlag::HighThreat
+            } else {
+                AssessmentFlag::Threat
+            } as i32,
+            assessment_probability: r.max_score,
+        })
+        .collect();
+    ThreatReport {
+        r#type: ReportType::Machine as i32,
+        decision: if a.alarm { AlarmDecision::Alarm } else { AlarmDecision::Clear } as i32,
+        decision_time: Some(timestamp(SystemTime::now())),
+        score: a.score,
+        aborted: false,
+        abort_reason: String::new(),
+        processing_seconds: elapsed.as_secs_f64(),
+        algorithm: Some(algorithm(model)),
+        regions,
+        plane_index: plane_index as u32,
+    }
+}
+
+/// The MACHINE report of an analysis that could not be done.
+pub fn abort_report(model: &Model, reason: String, elapsed: Duration) -> ThreatReport {
+    ThreatReport {
+        r#type: ReportType::Machine as i32,
+        decision: AlarmDecision::Unknown as i32,
+        decision_time: Some(timestamp(SystemTime::now())),
+        aborted: true,
+        abort_reason: reason,
+        processing_seconds: elapsed.as_secs_f64(),
+        algorithm: Some(algorithm(model)),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plane_kinds_use_manifest_names() {
+        assert_eq!(plane_kind_name(PlaneKind::HighEnergy as i32), "high_energy");
+        assert_eq!(plane_kind_name(PlaneKind::SingleEnergy as i32), "single_energy");
+        assert_eq!(plane_kind_name(99), "unspecified");
+    }
+}

@@ -1,0 +1,162 @@
+//! Analysis end to end: push over gRPC, the real ONNX Runtime runs the
+//! bundled model, findings come back through the Findings service and CLI.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use niix::client::{self, PushOptions, Quiet};
+use niix::config::Limits;
+use niix_proto::v1::findings_client::FindingsClient;
+use niix_proto::v1::{
+    AlarmDecision, GetFindingsRequest, PlaneEncoding, PlaneKind, ReportType, ScanFindings, ScanHeader, ScanStatus,
+};
+use tonic::transport::Channel;
+
+/// A dense block of `bw x bh` at (bx, by) in open cargo: counts drop from
+/// ~30000 to 3000 (high) and proportionally more at low energy.
+fn cargo_with_block(w: u32, h: u32, block: Option<(u32, u32, u32, u32)>, low: bool) -> Vec<u16> {
+    (0..w * h)
+        .map(|i| {
+            let (x, y) = (i % w, i / w);
+            let inside = block.is_some_and(|(bx, by, bw, bh)| x >= bx && x < bx + bw && y >= by && y < by + bh);
+            let base: u32 = if inside { 3000 } else { 30000 + (i.wrapping_mul(7919) % 97) };
+            (if low { base * 3 / 5 } else { base }) as u16
+        })
+        .collect()
+}
+
+fn write_tiff_px(path: &Path, w: u32, h: u32, px: &[u16]) {
+    let mut buf = std::io::Cursor::new(Vec::new());
+    tiff::encoder::TiffEncoder::new(&mut buf)
+        .unwrap()
+        .write_image::<tiff::encoder::colortype::Gray16>(w, h, px)
+        .unwrap();
+    std::fs::write(path, buf.into_inner()).unwrap();
+}
+
+async fn wait_findings(ch: &Channel, id: &str) -> ScanFindings {
+    let mut client = FindingsClient::new(ch.clone());
+    for _ in 0..600 {
+        let f = client.get_findings(GetFindingsRequest { scan_id: id.into() }).await.unwrap().into_inner();
+        if matches!(ScanStatus::try_from(f.status), Ok(ScanStatus::Analyzed | ScanStatus::Failed)) {
+            return f;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("scan {id} was not analysed in time");
+}
+
+#[tokio::test]
+async fn a_full_size_dual_energy_scan_is_analysed_and_the_block_is_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&dir.path().join("data")).await;
+    let ch = channel(&server).await;
+    let (w, h) = (2048u32, 6144u32);
+    let block = (1501, 4203, 56, 44);
+    let (high, low) = (dir.path().join("h.tif"), dir.path().join("l.tif"));
+    write_tiff_px(&high, w, h, &cargo_with_block(w, h, Some(block), false));
+    write_tiff_px(&low, w, h, &cargo_with_block(w, h, Some(block), true));
+    let hints = client::PlaneHints { pixel_spacing_mm: (4.0, 5.0), ..Default::default() };
+    let header = ScanHeader {
+        scan_id: new_id(),
+        metadata: header("x", plane(PlaneEncoding::Tiff, 1, 1, b"x")).metadata,
+        planes: vec![
+            client::describe_plane(&high, PlaneKind::HighEnergy, &hints).unwrap(),
+            client::describe_plane(&low, PlaneKind::LowEnergy, &hints).unwrap(),
+        ],
+    };
+    let receipt =
+        client::push_files(ch.clone(), header, vec![high, low], &PushOptions::default(), std::sync::Arc::new(Quiet))
+            .await
+            .unwrap();
+    assert_eq!(receipt.status, ScanStatus::Queued as i32);
+
+    let f = wait_findings(&ch, &receipt.scan_id).await;
+    assert_eq!(f.status, ScanStatus::Analyzed as i32);
+    assert_eq!(f.reports.len(), 1);
+    let r = &f.reports[0];
+    assert_eq!(r.r#type, ReportType::Machine as i32);
+    assert_eq!(r.decision, AlarmDecision::Alarm as i32);
+    assert!(!r.aborted);
+    let algo = r.algorithm.as_ref().unwrap();
+    let model_bytes = std::fs::read(fixtures().join("models/demo-local-contrast/1/model.onnx")).unwrap();
+    assert_eq!(algo.sha256, sha256(&model_bytes));
+    assert_eq!((algo.name.as_str(), algo.version.as_str(), algo.demo), ("demo-local-contrast", "1", true));
+    assert_eq!(r.regions.len(), 1, "{:?}", r.regions);
+    let g = &r.regions[0];
+    let (bx, by, bw, bh) = block;
+    assert!(g.x <= bx && g.y <= by && g.x + g.width >= bx + bw && g.y + g.height >= by + bh, "{g:?}");
+    assert_eq!(g.x_mm, f64::from(g.x) * 4.0);
+    assert_eq!(g.y_mm, f64::from(g.y) * 5.0);
+    assert_eq!(g.width_mm, f64::from(g.width) * 4.0);
+    assert_eq!(g.height_mm, f64::from(g.height) * 5.0);
+    assert_eq!(g.threat_category, "ANOMALY");
+    assert!(r.score >= g.max_score && r.processing_seconds > 0.0);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_scan_the_model_cannot_read_is_recorded_as_an_abort() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let ch = channel(&server).await;
+    let raw = raw_bytes(64, 32, 1);
+    let mut p = plane(PlaneEncoding::RawU16le, 64, 32, &raw);
+    p.kind = PlaneKind::ZEffective as i32;
+    let receipt = push_messages(&ch, messages(&header(&new_id(), p), &[&raw], 1024)).await.unwrap();
+    let f = wait_findings(&ch, &receipt.scan_id).await;
+    assert_eq!(f.status, ScanStatus::Failed as i32);
+    let r = &f.reports[0];
+    assert!(r.aborted);
+    assert_eq!(r.decision, AlarmDecision::Unknown as i32);
+    assert!(r.abort_reason.contains("high_energy|single_energy"), "{}", r.abort_reason);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn scans_queue_until_a_model_appears_and_new_versions_are_picked_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    let mut config = config(&dir.path().join("data"), Limits::default());
+    config.models_dir = models.clone();
+    config.analysis.reload_interval = Duration::from_millis(100);
+    let server = niix::server::start(config).await.unwrap();
+    let ch = channel(&server).await;
+    let raw = raw_bytes(64, 32, 1);
+    let receipt =
+        push_messages(&ch, messages(&header(&new_id(), plane(PlaneEncoding::RawU16le, 64, 32, &raw)), &[&raw], 1024))
+            .await
+            .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut client = FindingsClient::new(ch.clone());
+    let f = client.get_findings(GetFindingsRequest { scan_id: receipt.scan_id.clone() }).await.unwrap().into_inner();
+    assert_eq!(f.status, ScanStatus::Queued as i32, "no model yet: the scan waits");
+    assert!(f.reports.is_empty());
+
+    // Drop the model in: the reloader picks it up and the queued scan is analysed.
+    let v1 = models.join("demo-local-contrast/1");
+    std::fs::create_dir_all(&v1).unwrap();
+    for file in ["model.onnx", "model.toml"] {
+        std::fs::copy(fixtures().join("models/demo-local-contrast/1").join(file), v1.join(file)).unwrap();
+    }
+    let f = wait_findings(&ch, &receipt.scan_id).await;
+    assert_eq!(f.status, ScanStatus::Analyzed as i32);
+    assert_eq!(f.reports[0].algorithm.as_ref().unwrap().version, "1");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn unknown_scans_have_no_findings() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let mut client = FindingsClient::new(channel(&server).await);
+    let err = client.get_findings(GetFindingsRequest { scan_id: new_id() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    let err = client.get_findings(GetFindingsRequest { scan_id: "x".into() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    server.shutdown().await.unwrap();
+}
