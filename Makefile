@@ -7,7 +7,7 @@ MODELS ?= fixtures/models
 LISTEN ?= 127.0.0.1:50051
 ORT_LIB := .niix/onnxruntime/libonnxruntime.so.1.31.1
 
-.PHONY: run test build release lint fmt sample onnxruntime clean-data
+.PHONY: run test build release lint fmt sample onnxruntime clean-data bench models
 
 ## Fetch what is missing, build, and serve on the embedded store.
 run: onnxruntime release
@@ -44,3 +44,13 @@ fixtures/samples/demo.high.png: fixtures/samples/make_samples.py
 
 clean-data:
 	rm -rf $(DATA)
+
+## Benchmarks (see benches/README.md); prints each stage's time.
+bench: onnxruntime
+	$(CARGO) bench -p niix-benches
+
+## Rebuild the shipped ONNX models from their script (needs the `onnx` Python package).
+models:
+	python3 -m venv .niix/venv
+	.niix/venv/bin/pip install --quiet "onnx==1.23.2"
+	.niix/venv/bin/python fixtures/models/build_models.py

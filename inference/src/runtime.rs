@@ -18,6 +18,9 @@ pub const ORT_LIBRARY: &str = "libonnxruntime.so.1.31.1";
 /// ONNX Runtime could not be started.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RuntimeError {
+    /// `ORT_DYLIB_PATH` names a file that does not exist.
+    #[error("ORT_DYLIB_PATH is {0} but there is no such file: fix it, or unset it and run `make onnxruntime`")]
+    BadOverride(PathBuf),
     /// The shared library is nowhere to be found.
     #[error(
         "ONNX Runtime {ORT_VERSION} not found ({ORT_LIBRARY}): run `make onnxruntime` (takes it from the PyPI wheel \
@@ -60,8 +63,13 @@ pub fn candidates() -> Vec<PathBuf> {
     out
 }
 
-/// The first candidate that exists.
+/// The first candidate that exists. An explicit `ORT_DYLIB_PATH` is the
+/// only candidate: if it is wrong, that is said rather than worked around.
 pub fn locate() -> Result<PathBuf, RuntimeError> {
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        return if p.is_file() { Ok(p) } else { Err(RuntimeError::BadOverride(p)) };
+    }
     candidates().into_iter().find(|p| p.is_file()).ok_or(RuntimeError::Missing)
 }
 
