@@ -16,6 +16,9 @@ pub enum Encoding {
     Tiff,
     /// Non-interlaced single-channel grey PNG, 8 or 16 bits.
     Png,
+    /// A NEMA DICOS DX object (DICOM Part 10), uncompressed or RLE lossless.
+    /// Decoded whole (DICOM pixel data is not row-addressable when compressed).
+    Dicos,
 }
 
 /// Limits that protect the decoder from hostile files.
@@ -106,6 +109,14 @@ where
         Encoding::RawU16Le => decode_raw(reader, width, height, &mut emit),
         Encoding::Tiff => decode_tiff(reader, width, height, limits, &mut emit),
         Encoding::Png => decode_png(reader, width, height, &mut emit),
+        Encoding::Dicos => {
+            let (info, samples) = crate::dicos::decode(reader)?;
+            check_dims((info.width, info.height), width, height, "DICOS image")?;
+            for (y, row) in samples.chunks_exact(width as usize).enumerate() {
+                emit(y as u32, row)?;
+            }
+            Ok(PlaneInfo { bits_per_sample: 16 })
+        }
     }
 }
 
@@ -120,11 +131,15 @@ pub struct ImageHeader {
     pub bits_per_sample: u8,
 }
 
-/// Reads the header of a grey TIFF or PNG (not the pixels).
+/// Reads the header of a grey TIFF, PNG or DICOS DX object (not the pixels).
 pub fn probe<R: Read + Seek>(reader: R, encoding: Encoding) -> Result<ImageHeader, DecodeError> {
     let limits = DecodeLimits::default();
     match encoding {
         Encoding::RawU16Le => Err(DecodeError::Mismatch("a raw plane has no header: give its width and height".into())),
+        Encoding::Dicos => {
+            let info = crate::dicos::probe(reader)?;
+            Ok(ImageHeader { width: info.width, height: info.height, bits_per_sample: 16 })
+        }
         Encoding::Tiff => {
             let terr = |e| tiff_err(e, &limits);
             let mut dec = tiff::decoder::Decoder::new(BufReader::new(reader)).map_err(terr)?;

@@ -1,7 +1,8 @@
 //! The niix tensor core: from a scan's plane bytes to an anomaly map and
 //! regions, through ONNX Runtime.
 //!
-//! - [`decode`]: streaming decoders (raw u16, TIFF, PNG) with bounded memory.
+//! - [`decode`]: streaming decoders (raw u16, TIFF, PNG) with bounded memory,
+//!   and [`dicos`] for NEMA DICOS DX objects.
 //! - [`runtime`]: finding and starting ONNX Runtime (`libonnxruntime.so.1.31.1`).
 //! - [`manifest`] and [`model`]: a model version and its `model.toml`, checked
 //!   against each other at load.
@@ -15,6 +16,7 @@
 //! and gets an [`pipeline::Analysis`] back.
 
 pub mod decode;
+pub mod dicos;
 pub mod manifest;
 pub mod model;
 pub mod pipeline;

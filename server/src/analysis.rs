@@ -21,8 +21,9 @@ use niix_proto::v1::{
 use tokio::sync::{Notify, watch};
 
 use crate::error::{Error, Result, blocking};
-use crate::findings::timestamp;
+use crate::findings::{EventSignal, timestamp};
 use crate::metrics::{AnalysisLabels, Metrics};
+use crate::overlay::encode_map_png;
 use crate::store::{BlobStore, MetadataStore, ScanRecord};
 
 /// How long an idle worker sleeps before looking at the queue again (it is
@@ -39,6 +40,7 @@ pub struct Analyzer {
     model_name: Option<String>,
     wake: Arc<Notify>,
     metrics: Metrics,
+    events: EventSignal,
 }
 
 /// Lowercase plane kind name as model manifests use it, e.g. `high_energy`.
@@ -56,8 +58,9 @@ impl Analyzer {
         model_name: Option<String>,
         wake: Arc<Notify>,
         metrics: Metrics,
+        events: EventSignal,
     ) -> Self {
-        Analyzer { meta, blobs, repo, model_name, wake, metrics }
+        Analyzer { meta, blobs, repo, model_name, wake, metrics, events }
     }
 
     /// The model that analyses scans now: the configured one, else the only
@@ -132,15 +135,23 @@ impl Analyzer {
             };
             let planes = plane_inputs(&record, blobs.as_ref())?;
             let result = pipeline::analyze(&run_model, planes);
-            Ok((record, result))
+            // Keep the anomaly map for overlays: 8-bit grey PNG, content-addressed.
+            let map = match &result {
+                Ok(a) => Some(blobs.put_blob(&encode_map_png(&a.map))?),
+                Err(_) => None,
+            };
+            Ok((record, result.map(|a| (a, map))))
         })
         .await;
         let elapsed = started.elapsed();
         let (report, status) = match outcome {
-            Ok((record, Ok(analysis))) => {
+            Ok((record, Ok((analysis, map)))) => {
                 tracing::info!(%scan_id, model = %model.label(), score = analysis.score, regions = analysis.regions.len(),
                     seconds = elapsed.as_secs_f64(), "scan analysed");
-                (machine_report(&model, &record, &analysis, elapsed), ScanStatus::Analyzed)
+                let mut report = machine_report(&model, &record, &analysis, elapsed);
+                report.anomaly_map_sha256 = map.unwrap_or_default();
+                report.anomaly_map_stride = analysis.stride as u32;
+                (report, ScanStatus::Analyzed)
             }
             Ok((_, Err(e))) => {
                 tracing::warn!(%scan_id, error = %e, "analysis aborted");
@@ -155,7 +166,9 @@ impl Analyzer {
         self.metrics.analyses.get_or_create(&AnalysisLabels { outcome: outcome.into() }).inc();
         self.metrics.analysis_seconds.observe(elapsed.as_secs_f64());
         let (meta, id) = (self.meta.clone(), scan_id.to_string());
-        blocking(move || Ok(meta.add_report(&id, &report, status)?)).await
+        let seq = blocking(move || Ok(meta.add_report(&id, &report, Some(status))?)).await?;
+        self.events.send_replace(seq);
+        Ok(())
     }
 }
 
@@ -171,6 +184,7 @@ fn plane_inputs(record: &ScanRecord, blobs: &dyn BlobStore) -> Result<Vec<PlaneI
                 Ok(PlaneEncoding::RawU16le) => Encoding::RawU16Le,
                 Ok(PlaneEncoding::Tiff) => Encoding::Tiff,
                 Ok(PlaneEncoding::Png) => Encoding::Png,
+                Ok(PlaneEncoding::Dicos) => Encoding::Dicos,
                 _ => return Err(Error::Internal(format!("stored plane with encoding {}", d.encoding))),
             };
             Ok(PlaneInput {
@@ -229,6 +243,7 @@ pub fn machine_report(model: &Model, record: &ScanRecord, a: &Analysis, elapsed:
                 AssessmentFlag::Threat
             } as i32,
             assessment_probability: r.max_score,
+            ..Default::default()
         })
         .collect();
     ThreatReport {
@@ -242,6 +257,7 @@ pub fn machine_report(model: &Model, record: &ScanRecord, a: &Analysis, elapsed:
         algorithm: Some(algorithm(model)),
         regions,
         plane_index: plane_index as u32,
+        ..Default::default()
     }
 }
 

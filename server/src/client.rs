@@ -38,11 +38,14 @@ pub async fn connect(url: &str) -> anyhow::Result<Channel> {
 
 /// The encoding a file's name and first bytes suggest.
 pub fn guess_encoding(path: &Path) -> anyhow::Result<PlaneEncoding> {
-    let mut magic = [0u8; 8];
-    let n = File::open(path)
-        .and_then(|mut f| f.read(&mut magic))
+    let mut head = Vec::with_capacity(132);
+    File::open(path)
+        .and_then(|f| f.take(132).read_to_end(&mut head))
         .with_context(|| format!("cannot read {}", path.display()))?;
-    let magic = &magic[..n];
+    if head.len() == 132 && &head[128..132] == b"DICM" {
+        return Ok(PlaneEncoding::Dicos);
+    }
+    let magic = &head[..head.len().min(8)];
     if magic.starts_with(b"II*\0") || magic.starts_with(b"MM\0*") {
         return Ok(PlaneEncoding::Tiff);
     }
@@ -81,6 +84,35 @@ pub fn describe_plane(path: &Path, kind: PlaneKind, hints: &PlaneHints) -> anyho
             (Some(w), Some(h)) => (w, h, 16),
             _ => bail!("{} is a raw plane: give --width and --height", path.display()),
         },
+        PlaneEncoding::Dicos => {
+            // The DX object describes itself: size, depth, plane kind, spacing.
+            let info =
+                niix_inference::dicos::probe(open()?).with_context(|| format!("cannot read {}", path.display()))?;
+            let byte_length = open()?.metadata()?.len();
+            let sha256 = sha256_hex(open()?).with_context(|| format!("cannot read {}", path.display()))?;
+            let file_kind = info
+                .kind
+                .as_deref()
+                .and_then(|k| PlaneKind::from_str_name(&format!("PLANE_KIND_{}", k.to_ascii_uppercase())))
+                .unwrap_or(kind);
+            let (sx, sy) = info.pixel_spacing_mm.unwrap_or(hints.pixel_spacing_mm);
+            let intensity = match info.intensity.as_deref() {
+                Some("LOG") => niix_proto::v1::IntensityRelationship::Log,
+                _ => niix_proto::v1::IntensityRelationship::Linear,
+            };
+            return Ok(PlaneDescriptor {
+                kind: file_kind as i32,
+                width: info.width,
+                height: info.height,
+                bits_stored: hints.bits_stored.unwrap_or(info.bits_stored),
+                pixel_spacing_x_mm: sx,
+                pixel_spacing_y_mm: sy,
+                intensity: intensity as i32,
+                encoding: encoding as i32,
+                byte_length,
+                sha256,
+            });
+        }
         _ => {
             let enc = if encoding == PlaneEncoding::Tiff { Encoding::Tiff } else { Encoding::Png };
             let h = decode::probe(open()?, enc).with_context(|| format!("cannot read {}", path.display()))?;

@@ -1,30 +1,48 @@
-//! The `Findings` service: what officers query. For now it lists and returns
-//! stored scans; analysis results join them when inference lands.
+//! The `Findings` service: what officers use. Query scans, read findings,
+//! see overlays, adjudicate, watch new results live, export DICOS TDRs.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures_util::Stream;
+use niix_inference::decode::Encoding;
+use niix_inference::pipeline::{PlaneInput, decode_plane};
 use niix_proto::v1::findings_server::Findings;
 use niix_proto::v1::{
-    GetFindingsRequest, GetScanRequest, ListScansRequest, ListScansResponse, Plane, Scan, ScanFindings, ScanStatus,
+    AdjudicateRequest, AlarmDecision, ExportTdrRequest, ExportTdrResponse, FindingsEvent, FindingsEventKind,
+    GetFindingsRequest, GetScanRequest, ListScansRequest, ListScansResponse, Plane, PlaneEncoding, PlaneKind,
+    RenderOverlayRequest, RenderOverlayResponse, ReportType, Scan, ScanDetail, ScanFindings, ScanStatus, ThreatReport,
+    WatchFindingsRequest,
 };
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::adjudication::operator_report;
 use crate::error::{Error, Result, blocking, reply};
 use crate::header::canonical_scan_id;
 use crate::metrics::Metrics;
-use crate::store::{MetadataStore, ScanQuery, ScanRecord};
+use crate::overlay::{OverlayOptions, decode_map_png, render};
+use crate::store::{BlobStore, MetadataStore, ScanQuery, ScanRecord, StoredEvent};
 
-/// Default and largest page of `ListScans`.
+/// Default page of `ListScans`.
 pub const DEFAULT_PAGE: usize = 100;
 /// Largest page of `ListScans`.
 pub const MAX_PAGE: usize = 1000;
+/// Events read from the store per round by a watcher.
+const WATCH_BATCH: usize = 256;
 
-/// `niix.v1.Findings` over a metadata store.
+/// Tells watchers the newest event's sequence number.
+pub type EventSignal = Arc<watch::Sender<u64>>;
+
+/// `niix.v1.Findings` over the store.
 #[derive(Clone)]
 pub struct FindingsService {
     meta: Arc<dyn MetadataStore>,
+    blobs: Arc<dyn BlobStore>,
     metrics: Metrics,
+    events: EventSignal,
 }
 
 /// Converts a time to a protobuf timestamp.
@@ -57,12 +75,14 @@ pub fn scan_message(r: &ScanRecord) -> Scan {
             .collect(),
         status: r.status as i32,
         received_at: Some(timestamp(r.received_at)),
+        decision: r.decision,
+        score: r.score.unwrap_or(0.0),
     }
 }
 
-/// Page tokens are "<received_at micros>.<scan id>" of the last scan returned.
+/// Page tokens are "<scan time micros>.<scan id>" of the last scan returned.
 fn encode_token(r: &ScanRecord) -> String {
-    let us = r.received_at.duration_since(UNIX_EPOCH).unwrap_or_default().as_micros();
+    let us = r.sort_time().duration_since(UNIX_EPOCH).unwrap_or_default().as_micros();
     format!("{us}.{}", r.scan_id)
 }
 
@@ -73,10 +93,60 @@ fn decode_token(token: &str) -> Result<(SystemTime, String)> {
     Ok((UNIX_EPOCH + Duration::from_micros(us), id.to_string()))
 }
 
+fn non_empty(s: String) -> Option<String> {
+    let s = s.trim().to_string();
+    (!s.is_empty()).then_some(s)
+}
+
+/// The newest report of a type.
+pub fn latest(reports: &[ThreatReport], kind: ReportType) -> Option<(usize, &ThreatReport)> {
+    reports.iter().enumerate().rev().find(|(_, r)| r.r#type == kind as i32)
+}
+
+fn event_message(e: StoredEvent) -> FindingsEvent {
+    let kind = if e.report.r#type == ReportType::Operator as i32 {
+        FindingsEventKind::Adjudicated
+    } else {
+        FindingsEventKind::Analyzed
+    };
+    FindingsEvent {
+        cursor: e.seq,
+        kind: kind as i32,
+        scan_id: e.scan_id,
+        site_id: e.site_id,
+        status: e.status as i32,
+        report: Some(e.report),
+        at: Some(timestamp(e.at)),
+    }
+}
+
+fn stored_encoding(encoding: i32) -> Result<Encoding> {
+    match PlaneEncoding::try_from(encoding) {
+        Ok(PlaneEncoding::RawU16le) => Ok(Encoding::RawU16Le),
+        Ok(PlaneEncoding::Tiff) => Ok(Encoding::Tiff),
+        Ok(PlaneEncoding::Png) => Ok(Encoding::Png),
+        Ok(PlaneEncoding::Dicos) => Ok(Encoding::Dicos),
+        _ => Err(Error::Internal(format!("stored plane with encoding {encoding}"))),
+    }
+}
+
 impl FindingsService {
     /// Creates the service.
-    pub fn new(meta: Arc<dyn MetadataStore>, metrics: Metrics) -> Self {
-        FindingsService { meta, metrics }
+    pub fn new(meta: Arc<dyn MetadataStore>, blobs: Arc<dyn BlobStore>, metrics: Metrics, events: EventSignal) -> Self {
+        FindingsService { meta, blobs, metrics, events }
+    }
+
+    async fn record(&self, scan_id: &str) -> Result<(ScanRecord, Vec<ThreatReport>)> {
+        let id = canonical_scan_id(scan_id)?;
+        let meta = self.meta.clone();
+        let lookup = id.clone();
+        let found = blocking(move || {
+            let Some(scan) = meta.get_scan(&lookup)? else { return Ok(None) };
+            let reports = meta.reports(&lookup)?;
+            Ok(Some((scan, reports)))
+        })
+        .await?;
+        found.ok_or_else(|| Error::NotFound(format!("no scan {id} is stored")))
     }
 
     /// Lists scans (used by the gRPC method).
@@ -90,12 +160,29 @@ impl FindingsService {
             Ok(s) => Some(s),
             Err(_) => return Err(Error::InvalidArgument(format!("unknown scan status value {}", req.status))),
         };
+        let decision = match AlarmDecision::try_from(req.decision) {
+            Ok(AlarmDecision::Unspecified) => None,
+            Ok(d) => Some(d as i32),
+            Err(_) => return Err(Error::InvalidArgument(format!("unknown decision value {}", req.decision))),
+        };
+        if let Some(s) = req.min_score
+            && !(0.0..=1.0).contains(&s)
+        {
+            return Err(Error::InvalidArgument(format!("min_score {s} is outside 0..1")));
+        }
         let query = ScanQuery {
             limit: limit + 1,
             before: if req.page_token.is_empty() { None } else { Some(decode_token(&req.page_token)?) },
-            site_id: (!req.site_id.is_empty()).then_some(req.site_id),
+            site_id: non_empty(req.site_id),
+            lane_id: non_empty(req.lane_id),
             status,
             received_after: req.received_after.as_ref().map(system_time),
+            scan_time_from: req.scan_time_from.as_ref().map(system_time),
+            scan_time_to: req.scan_time_to.as_ref().map(system_time),
+            decision,
+            min_score: req.min_score,
+            container_number: non_empty(req.container_number),
+            declaration_reference: non_empty(req.declaration_reference),
         };
         let meta = self.meta.clone();
         let mut rows = blocking(move || Ok(meta.list_scans(&query)?)).await?;
@@ -108,33 +195,173 @@ impl FindingsService {
         Ok(ListScansResponse { scans: rows.iter().map(scan_message).collect(), next_page_token })
     }
 
-    /// A scan's status and reports (used by the gRPC method).
-    pub async fn findings(&self, scan_id: &str) -> Result<ScanFindings> {
-        let id = canonical_scan_id(scan_id)?;
-        let meta = self.meta.clone();
-        let lookup = id.clone();
-        let found = blocking(move || {
-            let Some(scan) = meta.get_scan(&lookup)? else { return Ok(None) };
-            Ok(Some((scan.status, meta.reports(&lookup)?)))
-        })
-        .await?;
-        match found {
-            Some((status, reports)) => Ok(ScanFindings { scan_id: id, status: status as i32, reports }),
-            None => Err(Error::NotFound(format!("no scan {id} is stored"))),
-        }
+    /// A scan with its findings.
+    pub async fn get(&self, scan_id: &str) -> Result<ScanDetail> {
+        let (record, reports) = self.record(scan_id).await?;
+        let findings = ScanFindings { scan_id: record.scan_id.clone(), status: record.status as i32, reports };
+        Ok(ScanDetail { scan: Some(scan_message(&record)), findings: Some(findings) })
     }
 
-    /// Returns one scan (used by the gRPC method).
-    pub async fn get(&self, scan_id: &str) -> Result<Scan> {
-        let id = canonical_scan_id(scan_id)?;
-        let meta = self.meta.clone();
-        let lookup = id.clone();
-        match blocking(move || Ok(meta.get_scan(&lookup)?)).await? {
-            Some(r) => Ok(scan_message(&r)),
-            None => Err(Error::NotFound(format!("no scan {id} is stored"))),
+    /// A scan's status and reports.
+    pub async fn findings(&self, scan_id: &str) -> Result<ScanFindings> {
+        let (record, reports) = self.record(scan_id).await?;
+        Ok(ScanFindings { scan_id: record.scan_id, status: record.status as i32, reports })
+    }
+
+    /// Renders a plane with its findings.
+    pub async fn overlay(&self, req: RenderOverlayRequest) -> Result<RenderOverlayResponse> {
+        let (record, reports) = self.record(&req.scan_id).await?;
+        let planes = &record.header.planes;
+        let index = match PlaneKind::try_from(req.plane_kind) {
+            Ok(PlaneKind::Unspecified) => req.plane_index as usize,
+            Ok(kind) => planes.iter().position(|p| p.kind == kind as i32).ok_or_else(|| {
+                Error::NotFound(format!("scan {} has no {} plane", record.scan_id, kind.as_str_name()))
+            })?,
+            Err(_) => return Err(Error::InvalidArgument(format!("unknown plane kind {}", req.plane_kind))),
+        };
+        let Some(descriptor) = planes.get(index).cloned() else {
+            return Err(Error::InvalidArgument(format!("plane {index} does not exist; the scan has {}", planes.len())));
+        };
+        if req.window_high != 0 && req.window_high <= req.window_low || req.window_high > 65535 {
+            return Err(Error::InvalidArgument(format!(
+                "window {}..{} is empty or beyond 16 bits",
+                req.window_low, req.window_high
+            )));
         }
+        let machine = latest(&reports, ReportType::Machine).map(|(_, r)| r.clone());
+        let blobs = self.blobs.clone();
+        let sha = record.planes[index].sha256.clone();
+        blocking(move || {
+            let mut input = PlaneInput {
+                kind: String::new(),
+                encoding: stored_encoding(descriptor.encoding)?,
+                width: descriptor.width,
+                height: descriptor.height,
+                reader: Box::new(blobs.open(&sha)?),
+            };
+            let plane =
+                decode_plane(&mut input).map_err(|e| Error::Internal(format!("decoding plane {index}: {e}")))?;
+            // Regions and map are in the coordinates of the analysed plane; planes
+            // of one scan share them when they have the same size.
+            let analysed = machine.as_ref().and_then(|m| planes_size(&record, m.plane_index as usize));
+            let same_grid = analysed == Some((descriptor.width, descriptor.height));
+            let map = match (&machine, same_grid) {
+                (Some(m), true) if !m.anomaly_map_sha256.is_empty() => {
+                    let mut bytes = Vec::new();
+                    std::io::Read::read_to_end(&mut blobs.open(&m.anomaly_map_sha256)?, &mut bytes)
+                        .map_err(|e| Error::Internal(format!("reading anomaly map: {e}")))?;
+                    Some((decode_map_png(&bytes)?, m.anomaly_map_stride))
+                }
+                _ => None,
+            };
+            let regions = match (&machine, same_grid) {
+                (Some(m), true) => m.regions.clone(),
+                _ => Vec::new(),
+            };
+            let window = (req.window_high != 0).then_some((req.window_low as u16, req.window_high as u16));
+            let options =
+                OverlayOptions { max_width: req.max_width, window, heat: !req.hide_heat, boxes: !req.hide_boxes };
+            let o = render(&plane, map.as_ref().map(|(m, s)| (m, *s)), &regions, &options)?;
+            Ok(RenderOverlayResponse {
+                png: o.png,
+                width: o.width,
+                height: o.height,
+                window_low: u32::from(o.window.0),
+                window_high: u32::from(o.window.1),
+            })
+        })
+        .await
+    }
+
+    /// Stores an officer's verdict and returns the OPERATOR report.
+    pub async fn adjudicate(&self, req: AdjudicateRequest) -> Result<ThreatReport> {
+        let (record, reports) = self.record(&req.scan_id).await?;
+        let report = operator_report(latest(&reports, ReportType::Machine).map(|(_, r)| r), &req)?;
+        let meta = self.meta.clone();
+        let stored = report.clone();
+        let seq = blocking(move || Ok(meta.add_report(&record.scan_id, &stored, None)?)).await?;
+        self.events.send_replace(seq);
+        tracing::info!(scan_id = %req.scan_id, officer = %report.operator_id, verdict = report.verdict, "scan adjudicated");
+        Ok(report)
+    }
+
+    /// The stream of new reports after a cursor.
+    pub async fn watch(
+        &self,
+        req: WatchFindingsRequest,
+    ) -> Result<ReceiverStream<std::result::Result<FindingsEvent, Status>>> {
+        let meta = self.meta.clone();
+        let mut cursor = if req.live_only { blocking(move || Ok(meta.last_event()?)).await? } else { req.cursor };
+        let site = non_empty(req.site_id);
+        let (tx, rx) = mpsc::channel(64);
+        let meta = self.meta.clone();
+        let mut signal = self.events.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let (m, s) = (meta.clone(), site.clone());
+                let batch = match blocking(move || Ok(m.events_after(cursor, s.as_deref(), WATCH_BATCH)?)).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                };
+                let caught_up = batch.len() < WATCH_BATCH;
+                for e in batch {
+                    cursor = e.seq;
+                    if tx.send(Ok(event_message(e))).await.is_err() {
+                        return; // the watcher went away
+                    }
+                }
+                if caught_up {
+                    tokio::select! {
+                        _ = signal.changed() => {}
+                        _ = tx.closed() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    }
+                }
+            }
+        });
+        Ok(ReceiverStream::new(rx))
+    }
+
+    /// A report as a DICOS TDR.
+    pub async fn export_tdr(&self, req: ExportTdrRequest) -> Result<ExportTdrResponse> {
+        let (record, reports) = self.record(&req.scan_id).await?;
+        let kind = match ReportType::try_from(req.report) {
+            Ok(ReportType::Unspecified) => ReportType::Machine,
+            Ok(k) => k,
+            Err(_) => return Err(Error::InvalidArgument(format!("unknown report type {}", req.report))),
+        };
+        let Some((index, report)) = latest(&reports, kind) else {
+            return Err(Error::NotFound(format!("scan {} has no {} report", record.scan_id, kind.as_str_name())));
+        };
+        let report = report.clone();
+        let blobs = self.blobs.clone();
+        blocking(move || {
+            let plane = report.plane_index as usize;
+            let dicos_uid = match record.header.planes.get(plane) {
+                Some(d) if d.encoding == PlaneEncoding::Dicos as i32 => {
+                    niix_inference::dicos::probe(blobs.open(&record.planes[plane].sha256)?)
+                        .ok()
+                        .map(|i| i.sop_instance_uid)
+                        .filter(|u| !u.is_empty())
+                }
+                _ => None,
+            };
+            let image_uid = crate::tdr::plane_instance_uid(&record, plane, dicos_uid);
+            let (dicos, sop_instance_uid) = crate::tdr::export(&record, &report, index, &image_uid)?;
+            Ok(ExportTdrResponse { dicos, sop_instance_uid })
+        })
+        .await
     }
 }
+
+fn planes_size(record: &ScanRecord, index: usize) -> Option<(u32, u32)> {
+    record.header.planes.get(index).map(|d| (d.width, d.height))
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = std::result::Result<FindingsEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Findings for FindingsService {
@@ -146,7 +373,7 @@ impl Findings for FindingsService {
         reply(&self.metrics, "ListScans", result)
     }
 
-    async fn get_scan(&self, request: Request<GetScanRequest>) -> std::result::Result<Response<Scan>, Status> {
+    async fn get_scan(&self, request: Request<GetScanRequest>) -> std::result::Result<Response<ScanDetail>, Status> {
         let result = self.get(&request.into_inner().scan_id).await;
         reply(&self.metrics, "GetScan", result)
     }
@@ -157,5 +384,39 @@ impl Findings for FindingsService {
     ) -> std::result::Result<Response<ScanFindings>, Status> {
         let result = self.findings(&request.into_inner().scan_id).await;
         reply(&self.metrics, "GetFindings", result)
+    }
+
+    async fn render_overlay(
+        &self,
+        request: Request<RenderOverlayRequest>,
+    ) -> std::result::Result<Response<RenderOverlayResponse>, Status> {
+        let result = self.overlay(request.into_inner()).await;
+        reply(&self.metrics, "RenderOverlay", result)
+    }
+
+    async fn adjudicate(
+        &self,
+        request: Request<AdjudicateRequest>,
+    ) -> std::result::Result<Response<ThreatReport>, Status> {
+        let result = self.adjudicate(request.into_inner()).await;
+        reply(&self.metrics, "Adjudicate", result)
+    }
+
+    type WatchFindingsStream = EventStream;
+
+    async fn watch_findings(
+        &self,
+        request: Request<WatchFindingsRequest>,
+    ) -> std::result::Result<Response<Self::WatchFindingsStream>, Status> {
+        let result = self.watch(request.into_inner()).await.map(|s| Box::pin(s) as EventStream);
+        reply(&self.metrics, "WatchFindings", result)
+    }
+
+    async fn export_tdr(
+        &self,
+        request: Request<ExportTdrRequest>,
+    ) -> std::result::Result<Response<ExportTdrResponse>, Status> {
+        let result = self.export_tdr(request.into_inner()).await;
+        reply(&self.metrics, "ExportTdr", result)
     }
 }

@@ -46,7 +46,7 @@ fn check_plane(i: usize, d: &PlaneDescriptor, limits: &Limits) -> Result<()> {
     }
     let encoding: PlaneEncoding = check_enum(d.encoding, "plane encoding", Some(i))?;
     if encoding == PlaneEncoding::Unspecified {
-        return bad("encoding is not set (RAW_U16LE, TIFF or PNG)".into());
+        return bad("encoding is not set (RAW_U16LE, TIFF, PNG or DICOS)".into());
     }
     check_enum::<IntensityRelationship>(d.intensity, "intensity relationship", Some(i))?;
     if d.width == 0 || d.height == 0 {

@@ -7,6 +7,7 @@
 //! [`findings`] (what officers query). [`server`] wires the services
 //! together; [`cli`] is the `niix` command line.
 
+pub mod adjudication;
 pub mod analysis;
 pub mod cli;
 pub mod client;
@@ -18,5 +19,7 @@ pub mod header;
 pub mod ingest;
 pub mod iso6346;
 pub mod metrics;
+pub mod overlay;
 pub mod server;
 pub mod store;
+pub mod tdr;

@@ -18,7 +18,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::analysis::Analyzer;
 use crate::config::Config;
-use crate::findings::FindingsService;
+use crate::findings::{EventSignal, FindingsService};
 use crate::ingest::{Ingest, IngestService};
 use crate::metrics::Metrics;
 use crate::store::{BlobStore, FsBlobs, MetadataStore, SqliteMetadata};
@@ -74,13 +74,16 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let (abandon, abandon_rx) = watch::channel(false);
 
     let mut background = Vec::new();
+    let last_event = meta.last_event().context("reading the event log")?;
+    let events: EventSignal = Arc::new(watch::channel(last_event).0);
     let wake = match config.analysis.enabled {
-        true => Some(
-            start_analysis(&config, meta.clone(), blobs.clone(), metrics.clone(), stop_rx.clone(), &mut background)
-                .await?,
-        ),
+        true => {
+            let (m, b, x) = (meta.clone(), blobs.clone(), metrics.clone());
+            Some(start_analysis(&config, m, b, x, events.clone(), stop_rx.clone(), &mut background).await?)
+        }
         false => None,
     };
+    let findings = FindingsService::new(meta.clone(), blobs.clone(), metrics.clone(), events);
     let ingest = Arc::new(Ingest::new(meta.clone(), blobs, config.limits.clone(), metrics.clone(), abandon_rx, wake));
     let swept = ingest.sweep_staging().await.context("sweeping unfinished uploads")?;
     if swept > 0 {
@@ -117,7 +120,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         .add_service(health_service)
         .add_service(reflection)
         .add_service(ScanIngestServer::new(IngestService::new(ingest)))
-        .add_service(FindingsServer::new(FindingsService::new(meta, metrics.clone())));
+        .add_service(FindingsServer::new(findings));
     let mut grpc_stop = stop_rx.clone();
     let grpc = tokio::spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
         let _ = grpc_stop.wait_for(|s| *s).await;
@@ -138,6 +141,7 @@ async fn start_analysis(
     meta: Arc<dyn MetadataStore>,
     blobs: Arc<dyn BlobStore>,
     metrics: Metrics,
+    events: EventSignal,
     stop: watch::Receiver<bool>,
     background: &mut Vec<JoinHandle<()>>,
 ) -> anyhow::Result<Arc<Notify>> {
@@ -161,7 +165,7 @@ async fn start_analysis(
         tracing::info!(scans = requeued, "re-queued analyses interrupted by the last stop");
     }
     let wake = Arc::new(Notify::new());
-    let analyzer = Arc::new(Analyzer::new(meta, blobs, repo.clone(), a.model.clone(), wake.clone(), metrics));
+    let analyzer = Arc::new(Analyzer::new(meta, blobs, repo.clone(), a.model.clone(), wake.clone(), metrics, events));
     for _ in 0..a.workers.max(1) {
         background.push(tokio::spawn(analyzer.clone().run_worker(stop.clone())));
     }

@@ -98,7 +98,9 @@ async fn a_dual_energy_tiff_scan_is_stored_with_exact_digests_and_repushes_are_d
         .get_scan(GetScanRequest { scan_id: receipt.scan_id.clone() })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .scan
+        .unwrap();
     assert_eq!(scan.planes.len(), 2);
     assert_eq!(scan.planes[0].sha256, receipt.planes[0].sha256);
     server.shutdown().await.unwrap();

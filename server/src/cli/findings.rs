@@ -39,7 +39,8 @@ pub fn machine_report(f: &ScanFindings) -> Option<&ThreatReport> {
     f.reports.iter().rev().find(|r| r.r#type == ReportType::Machine as i32)
 }
 
-fn report_json(r: &ThreatReport) -> Value {
+/// The JSON form of one report.
+pub fn report_json(r: &ThreatReport) -> Value {
     let algo = r.algorithm.clone().unwrap_or_default();
     json!({
         "type": word::<ReportType>(r.r#type, |t| t.as_str_name(), "REPORT_TYPE_"),
@@ -50,12 +51,16 @@ fn report_json(r: &ThreatReport) -> Value {
         "processing_seconds": r.processing_seconds,
         "plane_index": r.plane_index,
         "model": { "name": algo.name, "version": algo.version, "sha256": algo.sha256, "demo": algo.demo },
+        "operator_id": r.operator_id,
+        "verdict": word::<niix_proto::v1::Verdict>(r.verdict, |t| t.as_str_name(), "VERDICT_"),
+        "comment": r.comment,
         "regions": r.regions.iter().map(|g| json!({
             "id": g.id, "x": g.x, "y": g.y, "width": g.width, "height": g.height,
             "x_mm": g.x_mm, "y_mm": g.y_mm, "width_mm": g.width_mm, "height_mm": g.height_mm,
             "area_px": g.area_px, "score": g.max_score, "mean_score": g.mean_score,
             "category": g.threat_category,
             "flag": word::<niix_proto::v1::AssessmentFlag>(g.assessment_flag, |t| t.as_str_name(), "ASSESSMENT_FLAG_"),
+            "verdict": word::<niix_proto::v1::Verdict>(g.verdict, |t| t.as_str_name(), "VERDICT_"),
         })).collect::<Vec<_>>(),
     })
 }
@@ -105,6 +110,11 @@ pub fn print_findings(f: &ScanFindings) {
             "  region {:>3}  x {:>5} y {:>5}  {:>4}x{:<4} px  ({:.0}x{:.0} mm)  score {:.3}  {}",
             g.id, g.x, g.y, g.width, g.height, g.width_mm, g.height_mm, g.max_score, g.threat_category
         );
+    }
+    for o in f.reports.iter().filter(|o| o.r#type == ReportType::Operator as i32) {
+        let verdict = word::<niix_proto::v1::Verdict>(o.verdict, |t| t.as_str_name(), "VERDICT_");
+        let decision = word::<AlarmDecision>(o.decision, |t| t.as_str_name(), "ALARM_DECISION_");
+        println!("  officer {}: {verdict} ({}) {}", o.operator_id, decision.to_uppercase(), o.comment);
     }
 }
 

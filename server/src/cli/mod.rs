@@ -1,6 +1,7 @@
 //! The `niix` command line: `serve`, `push`, `scans`.
 
 mod findings;
+mod officer;
 mod push;
 mod scans;
 mod serve;
@@ -29,6 +30,14 @@ pub enum Command {
     Scans(scans::ScansArgs),
     /// Show a scan's analysis: decision, score, regions, model.
     Findings(findings::FindingsArgs),
+    /// Write a PNG of a scan with its findings drawn on it.
+    Overlay(officer::OverlayArgs),
+    /// Record an officer's verdict on a scan (and its regions).
+    Adjudicate(officer::AdjudicateArgs),
+    /// Print new analyses and adjudications as they happen.
+    Watch(officer::WatchArgs),
+    /// Write a report as a DICOS Threat Detection Report (.dcs).
+    ExportTdr(officer::ExportTdrArgs),
 }
 
 /// Where the server is, for client commands.
@@ -47,6 +56,10 @@ impl Cli {
             Command::Push(a) => push::run(*a).await,
             Command::Scans(a) => scans::run(a).await,
             Command::Findings(a) => findings::run(a).await,
+            Command::Overlay(a) => officer::overlay(a).await,
+            Command::Adjudicate(a) => officer::adjudicate(a).await,
+            Command::Watch(a) => officer::watch(a).await,
+            Command::ExportTdr(a) => officer::export_tdr(a).await,
         }
     }
 }

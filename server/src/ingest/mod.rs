@@ -350,6 +350,8 @@ impl Ingest {
             header_sha256: fingerprint,
             status: if self.analysis.is_some() { ScanStatus::Queued } else { ScanStatus::Received },
             received_at: SystemTime::now(),
+            decision: 0,
+            score: None,
         };
         let outcome = blocking(move || {
             for (i, p) in record.planes.iter().enumerate() {

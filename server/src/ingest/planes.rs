@@ -105,6 +105,7 @@ pub fn check_plane_bytes(blobs: &dyn BlobStore, scan_id: &str, plane: u32, d: &P
         Ok(PlaneEncoding::RawU16le) => Encoding::RawU16Le,
         Ok(PlaneEncoding::Tiff) => Encoding::Tiff,
         Ok(PlaneEncoding::Png) => Encoding::Png,
+        Ok(PlaneEncoding::Dicos) => Encoding::Dicos,
         _ => return Err(Error::InvalidArgument(format!("plane {plane}: unsupported encoding {}", d.encoding))),
     };
     let reader = blobs.read_staged(scan_id, plane)?;

@@ -70,6 +70,25 @@ pub struct ScanRecord {
     pub status: ScanStatus,
     /// When the server committed it.
     pub received_at: SystemTime,
+    /// Decision of the latest MACHINE report (`AlarmDecision` value, 0 if none).
+    pub decision: i32,
+    /// Score of the latest MACHINE report.
+    pub score: Option<f32>,
+}
+
+impl ScanRecord {
+    /// The scan time the listing orders by: the scanner's, else the receipt's.
+    pub fn sort_time(&self) -> SystemTime {
+        self.header
+            .metadata
+            .as_ref()
+            .and_then(|m| m.scan_time.as_ref())
+            .map(|t| {
+                std::time::UNIX_EPOCH
+                    + std::time::Duration::new(t.seconds.max(0) as u64, t.nanos.clamp(0, 999_999_999) as u32)
+            })
+            .unwrap_or(self.received_at)
+    }
 }
 
 /// An upload that has started and not yet completed.
@@ -94,19 +113,50 @@ pub enum CommitOutcome {
     Existing(Box<ScanRecord>),
 }
 
-/// Which scans [`MetadataStore::list_scans`] returns, newest first.
+/// Which scans [`MetadataStore::list_scans`] returns, newest scan time first.
 #[derive(Debug, Clone, Default)]
 pub struct ScanQuery {
     /// At most this many.
     pub limit: usize,
-    /// Only scans strictly older than this (received_at, scan_id) position.
+    /// Only scans strictly after this (scan time, scan_id) position in the order.
     pub before: Option<(SystemTime, String)>,
     /// Only this site.
     pub site_id: Option<String>,
+    /// Only this lane.
+    pub lane_id: Option<String>,
     /// Only this status.
     pub status: Option<ScanStatus>,
     /// Only scans received at or after this time.
     pub received_after: Option<SystemTime>,
+    /// Only scans scanned at or after this time.
+    pub scan_time_from: Option<SystemTime>,
+    /// Only scans scanned before this time.
+    pub scan_time_to: Option<SystemTime>,
+    /// Only this decision of the latest MACHINE report (`AlarmDecision` value).
+    pub decision: Option<i32>,
+    /// Only scans whose latest MACHINE score is at least this.
+    pub min_score: Option<f32>,
+    /// Only scans with this container number.
+    pub container_number: Option<String>,
+    /// Only scans with this declaration reference value.
+    pub declaration_reference: Option<String>,
+}
+
+/// A stored report, as the findings watch delivers it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvent {
+    /// Position in the event log (the watch cursor).
+    pub seq: u64,
+    /// The scan.
+    pub scan_id: String,
+    /// Its site.
+    pub site_id: String,
+    /// Its status now.
+    pub status: ScanStatus,
+    /// The report stored.
+    pub report: ThreatReport,
+    /// When.
+    pub at: SystemTime,
 }
 
 /// Scan metadata and upload bookkeeping.
@@ -133,9 +183,14 @@ pub trait MetadataStore: Send + Sync + 'static {
     fn requeue_interrupted(&self) -> StoreResult<usize>;
     /// How many scans have this status.
     fn count_status(&self, status: ScanStatus) -> StoreResult<u64>;
-    /// Appends a report to a scan and sets the scan's status, atomically.
-    /// Reports are never changed or removed.
-    fn add_report(&self, scan_id: &str, report: &ThreatReport, status: ScanStatus) -> StoreResult<()>;
+    /// Appends a report to a scan (and sets the scan's status, if given),
+    /// atomically, and logs it as an event. Reports are never changed or
+    /// removed. Returns the event's sequence number.
+    fn add_report(&self, scan_id: &str, report: &ThreatReport, status: Option<ScanStatus>) -> StoreResult<u64>;
+    /// Events after `cursor`, oldest first, at most `limit`, optionally of one site.
+    fn events_after(&self, cursor: u64, site_id: Option<&str>, limit: usize) -> StoreResult<Vec<StoredEvent>>;
+    /// Sequence number of the newest event (0 if none).
+    fn last_event(&self) -> StoreResult<u64>;
     /// A scan's reports, oldest first.
     fn reports(&self, scan_id: &str) -> StoreResult<Vec<ThreatReport>>;
 }
@@ -169,4 +224,6 @@ pub trait BlobStore: Send + Sync + 'static {
     fn open(&self, sha256: &str) -> StoreResult<Box<dyn ReadSeek>>;
     /// Size of a stored blob, if present.
     fn blob_len(&self, sha256: &str) -> StoreResult<Option<u64>>;
+    /// Stores small bytes (e.g. an anomaly map) durably; returns their digest.
+    fn put_blob(&self, bytes: &[u8]) -> StoreResult<String>;
 }

@@ -7,11 +7,14 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use niix_proto::v1::{ScanHeader, ScanStatus, ThreatReport};
+use niix_proto::v1::{ReportType, ScanHeader, ScanStatus, ThreatReport};
 use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{CommitOutcome, MetadataStore, PendingUpload, PlaneDigest, ScanQuery, ScanRecord, StoreError, StoreResult};
+use super::{
+    CommitOutcome, MetadataStore, PendingUpload, PlaneDigest, ScanQuery, ScanRecord, StoreError, StoreResult,
+    StoredEvent,
+};
 
 /// Schema migrations, oldest first. Never edit one that has shipped: append.
 const MIGRATIONS: &[&str] = &[
@@ -53,7 +56,77 @@ const MIGRATIONS: &[&str] = &[
     ) STRICT;
     CREATE INDEX reports_by_scan ON reports (scan_id, seq);
     CREATE INDEX scans_by_status ON scans (status, received_at_us, scan_id);",
+    // 3: officer queries (ordered by scan time), the latest machine decision,
+    // container and declaration look-ups, and the event log the watch reads.
+    "ALTER TABLE scans ADD COLUMN decision INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE scans ADD COLUMN score REAL;
+    UPDATE scans SET scan_time_us = received_at_us WHERE scan_time_us IS NULL;
+    CREATE INDEX scans_by_time ON scans (scan_time_us DESC, scan_id DESC);
+    CREATE INDEX scans_by_site_time ON scans (site_id, scan_time_us DESC, scan_id DESC);
+    CREATE INDEX scans_by_lane_time ON scans (lane_id, scan_time_us DESC, scan_id DESC);
+    CREATE INDEX scans_by_decision_time ON scans (decision, scan_time_us DESC, scan_id DESC);
+    CREATE TABLE scan_containers (
+        number  TEXT NOT NULL,
+        scan_id TEXT NOT NULL REFERENCES scans (scan_id) ON DELETE CASCADE,
+        PRIMARY KEY (number, scan_id)
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE scan_declarations (
+        reference TEXT NOT NULL,
+        scan_id   TEXT NOT NULL REFERENCES scans (scan_id) ON DELETE CASCADE,
+        PRIMARY KEY (reference, scan_id)
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE events (
+        seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+        scan_id       TEXT NOT NULL REFERENCES scans (scan_id) ON DELETE CASCADE,
+        report_seq    INTEGER NOT NULL REFERENCES reports (seq),
+        created_at_us INTEGER NOT NULL
+    ) STRICT;",
 ];
+
+/// Work a migration needs beyond SQL, run in the same transaction.
+fn after_migration(tx: &rusqlite::Transaction<'_>, version: usize) -> StoreResult<()> {
+    if version == 3 {
+        // Index the container numbers and declarations of scans stored before.
+        let rows: Vec<(String, Vec<u8>)> = tx
+            .prepare("SELECT scan_id, header FROM scans")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        for (id, header) in rows {
+            index_lookups(tx, &id, &decode_header(&header)?)?;
+        }
+        // The latest machine decision of scans analysed before.
+        let reports: Vec<(String, Vec<u8>)> = tx
+            .prepare("SELECT scan_id, report FROM reports ORDER BY seq")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        for (id, bytes) in reports {
+            let report = ThreatReport::decode(bytes.as_slice())
+                .map_err(|e| StoreError::Corrupt(format!("stored report: {e}")))?;
+            if report.r#type == ReportType::Machine as i32 {
+                tx.execute(
+                    "UPDATE scans SET decision = ?1, score = ?2 WHERE scan_id = ?3",
+                    params![report.decision, f64::from(report.score), id],
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Rows that let officers find a scan by container number or declaration.
+fn index_lookups(tx: &rusqlite::Transaction<'_>, scan_id: &str, header: &ScanHeader) -> StoreResult<()> {
+    let meta = header.metadata.clone().unwrap_or_default();
+    for n in &meta.container_numbers {
+        tx.execute("INSERT OR IGNORE INTO scan_containers (number, scan_id) VALUES (?1, ?2)", params![n, scan_id])?;
+    }
+    for d in &meta.declarations {
+        tx.execute(
+            "INSERT OR IGNORE INTO scan_declarations (reference, scan_id) VALUES (?1, ?2)",
+            params![d.value, scan_id],
+        )?;
+    }
+    Ok(())
+}
 
 /// Scan metadata in SQLite.
 pub struct SqliteMetadata {
@@ -119,6 +192,8 @@ impl SqliteMetadata {
             header_sha256: row.header_sha256,
             status: ScanStatus::try_from(row.status).unwrap_or(ScanStatus::Unspecified),
             received_at: from_micros(row.received_at_us),
+            decision: row.decision,
+            score: row.score.map(|s| s as f32),
             scan_id: row.scan_id,
         })
     }
@@ -130,9 +205,11 @@ struct RawScan {
     received_at_us: i64,
     header_sha256: String,
     header: Vec<u8>,
+    decision: i32,
+    score: Option<f64>,
 }
 
-const SCAN_COLUMNS: &str = "scan_id, status, received_at_us, header_sha256, header";
+const SCAN_COLUMNS: &str = "scan_id, status, received_at_us, header_sha256, header, decision, score";
 
 fn raw_scan(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawScan> {
     Ok(RawScan {
@@ -141,6 +218,8 @@ fn raw_scan(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawScan> {
         received_at_us: r.get(2)?,
         header_sha256: r.get(3)?,
         header: r.get(4)?,
+        decision: r.get(5)?,
+        score: r.get(6)?,
     })
 }
 
@@ -155,6 +234,7 @@ fn migrate(conn: &mut Connection) -> StoreResult<()> {
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
+        after_migration(&tx, i + 1)?;
         tx.pragma_update(None, "user_version", (i + 1) as u32)?;
         tx.commit()?;
         tracing::info!(version = i + 1, "applied metadata schema migration");
@@ -190,19 +270,75 @@ impl MetadataStore for SqliteMetadata {
         Ok(n as u64)
     }
 
-    fn add_report(&self, scan_id: &str, report: &ThreatReport, status: ScanStatus) -> StoreResult<()> {
+    fn add_report(&self, scan_id: &str, report: &ThreatReport, status: Option<ScanStatus>) -> StoreResult<u64> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
-        tx.execute(
-            "INSERT INTO reports (scan_id, report_type, created_at_us, report) VALUES (?1, ?2, ?3, ?4)",
-            params![scan_id, report.r#type, micros(SystemTime::now()), report.encode_to_vec()],
-        )?;
-        let n = tx.execute("UPDATE scans SET status = ?1 WHERE scan_id = ?2", params![status as i32, scan_id])?;
-        if n != 1 {
+        let now = micros(SystemTime::now());
+        let known: Option<i64> =
+            tx.query_row("SELECT 1 FROM scans WHERE scan_id = ?1", [scan_id], |r| r.get(0)).optional()?;
+        if known.is_none() {
             return Err(StoreError::Corrupt(format!("report for unknown scan {scan_id}")));
         }
+        tx.execute(
+            "INSERT INTO reports (scan_id, report_type, created_at_us, report) VALUES (?1, ?2, ?3, ?4)",
+            params![scan_id, report.r#type, now, report.encode_to_vec()],
+        )?;
+        let report_seq = tx.last_insert_rowid();
+        if let Some(status) = status {
+            tx.execute("UPDATE scans SET status = ?1 WHERE scan_id = ?2", params![status as i32, scan_id])?;
+        }
+        if report.r#type == ReportType::Machine as i32 {
+            tx.execute(
+                "UPDATE scans SET decision = ?1, score = ?2 WHERE scan_id = ?3",
+                params![report.decision, f64::from(report.score), scan_id],
+            )?;
+        }
+        tx.execute(
+            "INSERT INTO events (scan_id, report_seq, created_at_us) VALUES (?1, ?2, ?3)",
+            params![scan_id, report_seq, now],
+        )?;
+        let seq = tx.last_insert_rowid() as u64;
         tx.commit()?;
-        Ok(())
+        Ok(seq)
+    }
+
+    fn events_after(&self, cursor: u64, site_id: Option<&str>, limit: usize) -> StoreResult<Vec<StoredEvent>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(
+            "SELECT e.seq, e.scan_id, s.site_id, s.status, r.report, e.created_at_us
+             FROM events e JOIN scans s ON s.scan_id = e.scan_id JOIN reports r ON r.seq = e.report_seq
+             WHERE e.seq > ?1 AND (?2 IS NULL OR s.site_id = ?2)
+             ORDER BY e.seq LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![cursor as i64, site_id, limit as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i32>(3)?,
+                r.get::<_, Vec<u8>>(4)?,
+                r.get::<_, i64>(5)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, scan_id, site_id, status, report, at) = row?;
+            out.push(StoredEvent {
+                seq: seq as u64,
+                scan_id,
+                site_id,
+                status: ScanStatus::try_from(status).unwrap_or(ScanStatus::Unspecified),
+                report: ThreatReport::decode(report.as_slice())
+                    .map_err(|e| StoreError::Corrupt(format!("stored report: {e}")))?,
+                at: from_micros(at),
+            });
+        }
+        Ok(out)
+    }
+
+    fn last_event(&self) -> StoreResult<u64> {
+        let n: i64 = self.lock().query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))?;
+        Ok(n as u64)
     }
 
     fn reports(&self, scan_id: &str) -> StoreResult<Vec<ThreatReport>> {
@@ -226,7 +362,7 @@ impl MetadataStore for SqliteMetadata {
             return Ok(CommitOutcome::Existing(Box::new(record)));
         }
         let meta = scan.header.metadata.clone().unwrap_or_default();
-        let scan_time = meta.scan_time.map(|t| t.seconds * 1_000_000 + i64::from(t.nanos) / 1000);
+        let scan_time = micros(scan.sort_time());
         tx.execute(
             "INSERT INTO scans (scan_id, site_id, lane_id, scan_time_us, conveyance, status, received_at_us, header_sha256, header)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -248,6 +384,7 @@ impl MetadataStore for SqliteMetadata {
                 params![scan.scan_id, i as i64, p.sha256, p.byte_length as i64],
             )?;
         }
+        index_lookups(&tx, &scan.scan_id, &scan.header)?;
         tx.execute("DELETE FROM uploads WHERE scan_id = ?1", [&scan.scan_id])?;
         tx.commit()?;
         Ok(CommitOutcome::Committed)
@@ -262,26 +399,48 @@ impl MetadataStore for SqliteMetadata {
     }
 
     fn list_scans(&self, q: &ScanQuery) -> StoreResult<Vec<ScanRecord>> {
+        use rusqlite::types::Value;
         let mut sql = format!("SELECT {SCAN_COLUMNS} FROM scans WHERE 1=1");
-        let mut args: Vec<rusqlite::types::Value> = Vec::new();
+        let mut args: Vec<Value> = Vec::new();
+        let mut filter = |clause: &str, values: Vec<Value>| {
+            sql.push_str(" AND ");
+            sql.push_str(clause);
+            args.extend(values);
+        };
         if let Some((at, id)) = &q.before {
-            sql.push_str(" AND (received_at_us, scan_id) < (?, ?)");
-            args.push(micros(*at).into());
-            args.push(id.clone().into());
+            filter("(scan_time_us, scan_id) < (?, ?)", vec![micros(*at).into(), id.clone().into()]);
         }
         if let Some(site) = &q.site_id {
-            sql.push_str(" AND site_id = ?");
-            args.push(site.clone().into());
+            filter("site_id = ?", vec![site.clone().into()]);
+        }
+        if let Some(lane) = &q.lane_id {
+            filter("lane_id = ?", vec![lane.clone().into()]);
         }
         if let Some(status) = q.status {
-            sql.push_str(" AND status = ?");
-            args.push(i64::from(status as i32).into());
+            filter("status = ?", vec![i64::from(status as i32).into()]);
         }
         if let Some(after) = q.received_after {
-            sql.push_str(" AND received_at_us >= ?");
-            args.push(micros(after).into());
+            filter("received_at_us >= ?", vec![micros(after).into()]);
         }
-        sql.push_str(" ORDER BY received_at_us DESC, scan_id DESC LIMIT ?");
+        if let Some(from) = q.scan_time_from {
+            filter("scan_time_us >= ?", vec![micros(from).into()]);
+        }
+        if let Some(to) = q.scan_time_to {
+            filter("scan_time_us < ?", vec![micros(to).into()]);
+        }
+        if let Some(d) = q.decision {
+            filter("decision = ?", vec![i64::from(d).into()]);
+        }
+        if let Some(s) = q.min_score {
+            filter("score >= ?", vec![f64::from(s).into()]);
+        }
+        if let Some(n) = &q.container_number {
+            filter("scan_id IN (SELECT scan_id FROM scan_containers WHERE number = ?)", vec![n.clone().into()]);
+        }
+        if let Some(r) = &q.declaration_reference {
+            filter("scan_id IN (SELECT scan_id FROM scan_declarations WHERE reference = ?)", vec![r.clone().into()]);
+        }
+        sql.push_str(" ORDER BY scan_time_us DESC, scan_id DESC LIMIT ?");
         args.push((q.limit as i64).into());
         let conn = self.lock();
         let mut stmt = conn.prepare_cached(&sql)?;
@@ -347,6 +506,8 @@ mod tests {
             header_sha256: "cd".repeat(32),
             status: ScanStatus::Received,
             received_at: from_micros(at_us),
+            decision: 0,
+            score: None,
         }
     }
 
@@ -438,10 +599,16 @@ mod tests {
         assert_eq!(db.claim_next_queued().unwrap().as_deref(), Some("a"));
 
         let report = ThreatReport { score: 0.7, r#type: 1, ..Default::default() };
-        db.add_report("a", &report, ScanStatus::Analyzed).unwrap();
+        assert_eq!(db.add_report("a", &report, Some(ScanStatus::Analyzed)).unwrap(), 1);
         assert_eq!(db.get_scan("a").unwrap().unwrap().status, ScanStatus::Analyzed);
         assert_eq!(db.reports("a").unwrap(), vec![report]);
-        assert!(db.add_report("zzz", &ThreatReport::default(), ScanStatus::Analyzed).is_err());
+        assert!(db.add_report("zzz", &ThreatReport::default(), Some(ScanStatus::Analyzed)).is_err());
+        let events = db.events_after(0, None, 10).unwrap();
+        assert_eq!((events.len(), events[0].seq, events[0].report.score), (1, 1, 0.7));
+        assert_eq!(db.get_scan("a").unwrap().unwrap().score, Some(0.7));
+        assert!(db.events_after(1, None, 10).unwrap().is_empty());
+        assert!(db.events_after(0, Some("other"), 10).unwrap().is_empty());
+        assert_eq!(db.last_event().unwrap(), 1);
         assert_eq!(db.claim_next_queued().unwrap().as_deref(), Some("b"));
         assert_eq!(db.claim_next_queued().unwrap().as_deref(), Some("c"));
         assert_eq!(db.claim_next_queued().unwrap(), None);
