@@ -7,7 +7,7 @@ MODELS ?= fixtures/models
 LISTEN ?= 127.0.0.1:50051
 ORT_LIB := .niix/onnxruntime/libonnxruntime.so.1.31.1
 
-.PHONY: run test build release lint fmt sample onnxruntime clean-data bench models
+.PHONY: run test build release lint fmt sample onnxruntime pyenv clean-data bench models
 
 ## Fetch what is missing, build, and serve on the embedded store.
 run: onnxruntime release
@@ -15,10 +15,18 @@ run: onnxruntime release
 	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" ./target/release/niix serve --listen $(LISTEN) --data $(DATA) --models $(MODELS)
 
 ## Build and run every test, plus format and lint checks (what CI runs).
-test: onnxruntime
+test: onnxruntime pyenv
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" $(CARGO) test --workspace
+
+## Python with pydicom and numpy: DICOS tests check niix against an independent DICOM reader.
+PYENV := .niix/venv/.pydicom-ready
+pyenv: $(PYENV)
+$(PYENV):
+	python3 -m venv .niix/venv
+	.niix/venv/bin/pip install --quiet "pydicom==3.0.2" "numpy>=1.26,<3"
+	touch $(PYENV)
 
 ## The ONNX Runtime shared library, from the PyPI wheel (see scripts/).
 onnxruntime: $(ORT_LIB)

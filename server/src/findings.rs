@@ -43,6 +43,7 @@ pub struct FindingsService {
     blobs: Arc<dyn BlobStore>,
     metrics: Metrics,
     events: EventSignal,
+    stop: watch::Receiver<bool>,
 }
 
 /// Converts a time to a protobuf timestamp.
@@ -131,9 +132,15 @@ fn stored_encoding(encoding: i32) -> Result<Encoding> {
 }
 
 impl FindingsService {
-    /// Creates the service.
-    pub fn new(meta: Arc<dyn MetadataStore>, blobs: Arc<dyn BlobStore>, metrics: Metrics, events: EventSignal) -> Self {
-        FindingsService { meta, blobs, metrics, events }
+    /// Creates the service. Watch streams end when `stop` turns true.
+    pub fn new(
+        meta: Arc<dyn MetadataStore>,
+        blobs: Arc<dyn BlobStore>,
+        metrics: Metrics,
+        events: EventSignal,
+        stop: watch::Receiver<bool>,
+    ) -> Self {
+        FindingsService { meta, blobs, metrics, events, stop }
     }
 
     async fn record(&self, scan_id: &str) -> Result<(ScanRecord, Vec<ThreatReport>)> {
@@ -296,6 +303,7 @@ impl FindingsService {
         let (tx, rx) = mpsc::channel(64);
         let meta = self.meta.clone();
         let mut signal = self.events.subscribe();
+        let mut stop = self.stop.clone();
         tokio::spawn(async move {
             loop {
                 let (m, s) = (meta.clone(), site.clone());
@@ -317,6 +325,10 @@ impl FindingsService {
                     tokio::select! {
                         _ = signal.changed() => {}
                         _ = tx.closed() => return,
+                        _ = async { drop(stop.wait_for(|s| *s).await) } => {
+                            let _ = tx.send(Err(Status::unavailable("the server is shutting down; resume from your cursor"))).await;
+                            return;
+                        }
                         _ = tokio::time::sleep(Duration::from_secs(5)) => {}
                     }
                 }

@@ -83,7 +83,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         }
         false => None,
     };
-    let findings = FindingsService::new(meta.clone(), blobs.clone(), metrics.clone(), events);
+    let findings = FindingsService::new(meta.clone(), blobs.clone(), metrics.clone(), events, stop_rx.clone());
     let ingest = Arc::new(Ingest::new(meta.clone(), blobs, config.limits.clone(), metrics.clone(), abandon_rx, wake));
     let swept = ingest.sweep_staging().await.context("sweeping unfinished uploads")?;
     if swept > 0 {

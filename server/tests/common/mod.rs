@@ -204,3 +204,18 @@ impl Drop for Server {
         let _ = self.child.wait();
     }
 }
+
+/// The project's Python with pydicom and numpy (`make pyenv`), for checking
+/// DICOS files against an independent implementation.
+pub fn python() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.niix/venv/bin/python");
+    assert!(p.exists(), "{} is missing: run `make pyenv` (make test does)", p.display());
+    p
+}
+
+/// Runs a Python script from fixtures/ and returns its stdout.
+pub fn run_python(script: &str, args: &[&str]) -> String {
+    let out = Command::new(python()).arg(fixtures().join(script)).args(args).output().unwrap();
+    assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
