@@ -236,6 +236,7 @@ pub fn render(
     let mut enc = png::Encoder::new(&mut png_bytes, out_w, out_h);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
+    enc.set_compression(png::Compression::Fast);
     let mut writer = enc.write_header().map_err(|e| Error::Internal(format!("overlay PNG: {e}")))?;
     writer.write_image_data(&canvas.rgb).map_err(|e| Error::Internal(format!("overlay PNG: {e}")))?;
     writer.finish().map_err(|e| Error::Internal(format!("overlay PNG: {e}")))?;

@@ -128,9 +128,16 @@ fn index_lookups(tx: &rusqlite::Transaction<'_>, scan_id: &str, header: &ScanHea
     Ok(())
 }
 
+/// Read-only connections kept beside the writer: in WAL mode readers do not
+/// block each other or the writer, so queries from many officers run in
+/// parallel.
+const READERS: usize = 4;
+
 /// Scan metadata in SQLite.
 pub struct SqliteMetadata {
     conn: Mutex<Connection>,
+    readers: Vec<Mutex<Connection>>,
+    next_reader: std::sync::atomic::AtomicUsize,
 }
 
 fn micros(t: SystemTime) -> i64 {
@@ -149,7 +156,16 @@ impl SqliteMetadata {
     /// Opens (creating and migrating if needed) the database at `path`.
     pub fn open(path: &Path) -> StoreResult<Self> {
         let conn = Connection::open(path)?;
-        Self::init(conn)
+        let mut db = Self::init(conn)?;
+        for _ in 0..READERS {
+            let reader = Connection::open_with_flags(
+                path,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?;
+            reader.busy_timeout(Duration::from_secs(5))?;
+            db.readers.push(Mutex::new(reader));
+        }
+        Ok(db)
     }
 
     /// An in-memory database, for tools and tests that need no persistence.
@@ -163,7 +179,22 @@ impl SqliteMetadata {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(Duration::from_secs(5))?;
         migrate(&mut conn)?;
-        Ok(SqliteMetadata { conn: Mutex::new(conn) })
+        Ok(SqliteMetadata { conn: Mutex::new(conn), readers: Vec::new(), next_reader: Default::default() })
+    }
+
+    /// A connection for queries: a free reader if there is one, else the
+    /// next in turn (or the writer, for an in-memory database).
+    fn read(&self) -> std::sync::MutexGuard<'_, Connection> {
+        if self.readers.is_empty() {
+            return self.lock();
+        }
+        for r in &self.readers {
+            if let Ok(guard) = r.try_lock() {
+                return guard;
+            }
+        }
+        let i = self.next_reader.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.readers.len();
+        self.readers[i].lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The schema version in force.
@@ -266,7 +297,7 @@ impl MetadataStore for SqliteMetadata {
 
     fn count_status(&self, status: ScanStatus) -> StoreResult<u64> {
         let n: i64 =
-            self.lock().query_row("SELECT count(*) FROM scans WHERE status = ?1", [status as i32], |r| r.get(0))?;
+            self.read().query_row("SELECT count(*) FROM scans WHERE status = ?1", [status as i32], |r| r.get(0))?;
         Ok(n as u64)
     }
 
@@ -303,7 +334,7 @@ impl MetadataStore for SqliteMetadata {
     }
 
     fn events_after(&self, cursor: u64, site_id: Option<&str>, limit: usize) -> StoreResult<Vec<StoredEvent>> {
-        let conn = self.lock();
+        let conn = self.read();
         let mut stmt = conn.prepare_cached(
             "SELECT e.seq, e.scan_id, s.site_id, s.status, r.report, e.created_at_us
              FROM events e JOIN scans s ON s.scan_id = e.scan_id JOIN reports r ON r.seq = e.report_seq
@@ -337,12 +368,12 @@ impl MetadataStore for SqliteMetadata {
     }
 
     fn last_event(&self) -> StoreResult<u64> {
-        let n: i64 = self.lock().query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))?;
+        let n: i64 = self.read().query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))?;
         Ok(n as u64)
     }
 
     fn reports(&self, scan_id: &str) -> StoreResult<Vec<ThreatReport>> {
-        let conn = self.lock();
+        let conn = self.read();
         let mut stmt = conn.prepare_cached("SELECT report FROM reports WHERE scan_id = ?1 ORDER BY seq")?;
         let blobs: Vec<Vec<u8>> = stmt.query_map([scan_id], |r| r.get(0))?.collect::<Result<_, _>>()?;
         blobs
@@ -391,7 +422,7 @@ impl MetadataStore for SqliteMetadata {
     }
 
     fn get_scan(&self, scan_id: &str) -> StoreResult<Option<ScanRecord>> {
-        let conn = self.lock();
+        let conn = self.read();
         let row = conn
             .query_row(&format!("SELECT {SCAN_COLUMNS} FROM scans WHERE scan_id = ?1"), [scan_id], raw_scan)
             .optional()?;
@@ -442,7 +473,7 @@ impl MetadataStore for SqliteMetadata {
         }
         sql.push_str(" ORDER BY scan_time_us DESC, scan_id DESC LIMIT ?");
         args.push((q.limit as i64).into());
-        let conn = self.lock();
+        let conn = self.read();
         let mut stmt = conn.prepare_cached(&sql)?;
         let rows: Vec<RawScan> =
             stmt.query_map(rusqlite::params_from_iter(args), raw_scan)?.collect::<Result<_, _>>()?;
@@ -459,7 +490,7 @@ impl MetadataStore for SqliteMetadata {
     }
 
     fn get_upload(&self, scan_id: &str) -> StoreResult<Option<PendingUpload>> {
-        let conn = self.lock();
+        let conn = self.read();
         let row = conn
             .query_row("SELECT header_sha256, header, started_at_us FROM uploads WHERE scan_id = ?1", [scan_id], |r| {
                 Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, i64>(2)?))
@@ -481,7 +512,7 @@ impl MetadataStore for SqliteMetadata {
     }
 
     fn uploads_started_before(&self, cutoff: SystemTime) -> StoreResult<Vec<String>> {
-        let conn = self.lock();
+        let conn = self.read();
         let mut stmt = conn.prepare_cached("SELECT scan_id FROM uploads WHERE started_at_us < ?1")?;
         let ids = stmt.query_map([micros(cutoff)], |r| r.get(0))?.collect::<Result<_, _>>()?;
         Ok(ids)
