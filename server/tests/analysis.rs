@@ -10,23 +10,7 @@ use common::*;
 use niix::client::{self, PushOptions, Quiet};
 use niix::config::Limits;
 use niix_proto::v1::findings_client::FindingsClient;
-use niix_proto::v1::{
-    AlarmDecision, GetFindingsRequest, PlaneEncoding, PlaneKind, ReportType, ScanFindings, ScanHeader, ScanStatus,
-};
-use tonic::transport::Channel;
-
-/// A dense block of `bw x bh` at (bx, by) in open cargo: counts drop from
-/// ~30000 to 3000 (high) and proportionally more at low energy.
-fn cargo_with_block(w: u32, h: u32, block: Option<(u32, u32, u32, u32)>, low: bool) -> Vec<u16> {
-    (0..w * h)
-        .map(|i| {
-            let (x, y) = (i % w, i / w);
-            let inside = block.is_some_and(|(bx, by, bw, bh)| x >= bx && x < bx + bw && y >= by && y < by + bh);
-            let base: u32 = if inside { 3000 } else { 30000 + (i.wrapping_mul(7919) % 97) };
-            (if low { base * 3 / 5 } else { base }) as u16
-        })
-        .collect()
-}
+use niix_proto::v1::{AlarmDecision, GetFindingsRequest, PlaneEncoding, PlaneKind, ReportType, ScanHeader, ScanStatus};
 
 fn write_tiff_px(path: &Path, w: u32, h: u32, px: &[u16]) {
     let mut buf = std::io::Cursor::new(Vec::new());
@@ -37,18 +21,6 @@ fn write_tiff_px(path: &Path, w: u32, h: u32, px: &[u16]) {
     std::fs::write(path, buf.into_inner()).unwrap();
 }
 
-async fn wait_findings(ch: &Channel, id: &str) -> ScanFindings {
-    let mut client = FindingsClient::new(ch.clone());
-    for _ in 0..600 {
-        let f = client.get_findings(GetFindingsRequest { scan_id: id.into() }).await.unwrap().into_inner();
-        if matches!(ScanStatus::try_from(f.status), Ok(ScanStatus::Analyzed | ScanStatus::Failed)) {
-            return f;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("scan {id} was not analysed in time");
-}
-
 #[tokio::test]
 async fn a_full_size_dual_energy_scan_is_analysed_and_the_block_is_found() {
     let dir = tempfile::tempdir().unwrap();
@@ -57,8 +29,8 @@ async fn a_full_size_dual_energy_scan_is_analysed_and_the_block_is_found() {
     let (w, h) = (2048u32, 6144u32);
     let block = (1501, 4203, 56, 44);
     let (high, low) = (dir.path().join("h.tif"), dir.path().join("l.tif"));
-    write_tiff_px(&high, w, h, &cargo_with_block(w, h, Some(block), false));
-    write_tiff_px(&low, w, h, &cargo_with_block(w, h, Some(block), true));
+    write_tiff_px(&high, w, h, &cargo_samples(w, h, Some(block), false));
+    write_tiff_px(&low, w, h, &cargo_samples(w, h, Some(block), true));
     let hints = client::PlaneHints { pixel_spacing_mm: (4.0, 5.0), ..Default::default() };
     let header = ScanHeader {
         scan_id: new_id(),
@@ -74,7 +46,7 @@ async fn a_full_size_dual_energy_scan_is_analysed_and_the_block_is_found() {
             .unwrap();
     assert_eq!(receipt.status, ScanStatus::Queued as i32);
 
-    let f = wait_findings(&ch, &receipt.scan_id).await;
+    let f = wait_analysed(&ch, &receipt.scan_id).await;
     assert_eq!(f.status, ScanStatus::Analyzed as i32);
     assert_eq!(f.reports.len(), 1);
     let r = &f.reports[0];
@@ -107,7 +79,7 @@ async fn a_scan_the_model_cannot_read_is_recorded_as_an_abort() {
     let mut p = plane(PlaneEncoding::RawU16le, 64, 32, &raw);
     p.kind = PlaneKind::ZEffective as i32;
     let receipt = push_messages(&ch, messages(&header(&new_id(), p), &[&raw], 1024)).await.unwrap();
-    let f = wait_findings(&ch, &receipt.scan_id).await;
+    let f = wait_analysed(&ch, &receipt.scan_id).await;
     assert_eq!(f.status, ScanStatus::Failed as i32);
     let r = &f.reports[0];
     assert!(r.aborted);
@@ -143,7 +115,7 @@ async fn scans_queue_until_a_model_appears_and_new_versions_are_picked_up() {
     for file in ["model.onnx", "model.toml"] {
         std::fs::copy(fixtures().join("models/demo-local-contrast/1").join(file), v1.join(file)).unwrap();
     }
-    let f = wait_findings(&ch, &receipt.scan_id).await;
+    let f = wait_analysed(&ch, &receipt.scan_id).await;
     assert_eq!(f.status, ScanStatus::Analyzed as i32);
     assert_eq!(f.reports[0].algorithm.as_ref().unwrap().version, "1");
     server.shutdown().await.unwrap();

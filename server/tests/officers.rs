@@ -10,8 +10,8 @@ use common::*;
 use niix_proto::v1::findings_client::FindingsClient;
 use niix_proto::v1::{
     AdjudicateRequest, AlarmDecision, ExportTdrRequest, FindingsEventKind, GetFindingsRequest, GetScanRequest,
-    ListScansRequest, PlaneEncoding, PlaneKind, RegionVerdict, RenderOverlayRequest, ReportType, ScanFindings,
-    ScanHeader, ScanStatus, Verdict, WatchFindingsRequest,
+    ListScansRequest, PlaneEncoding, PlaneKind, RegionVerdict, RenderOverlayRequest, ReportType, ScanHeader,
+    ScanStatus, Verdict, WatchFindingsRequest,
 };
 use prost::Message;
 use tokio_stream::StreamExt;
@@ -19,14 +19,7 @@ use tonic::transport::Channel;
 
 /// Open cargo with an optional dense block, as raw little-endian bytes.
 fn cargo_raw(w: u32, h: u32, block: Option<(u32, u32, u32, u32)>) -> Vec<u8> {
-    (0..w * h)
-        .flat_map(|i| {
-            let (x, y) = (i % w, i / w);
-            let inside = block.is_some_and(|(bx, by, bw, bh)| x >= bx && x < bx + bw && y >= by && y < by + bh);
-            let v: u16 = if inside { 3000 } else { 30000 + (i.wrapping_mul(7919) % 97) as u16 };
-            v.to_le_bytes()
-        })
-        .collect()
+    cargo_samples(w, h, block, false).iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
 fn ts(seconds: i64) -> prost_types::Timestamp {
@@ -55,18 +48,6 @@ async fn push_spec(ch: &Channel, s: &Spec) -> String {
     push_messages(ch, messages(&h, &[&raw], 1 << 16)).await.unwrap().scan_id
 }
 
-async fn settled(ch: &Channel, id: &str) -> ScanFindings {
-    let mut c = FindingsClient::new(ch.clone());
-    for _ in 0..300 {
-        let f = c.get_findings(GetFindingsRequest { scan_id: id.into() }).await.unwrap().into_inner();
-        if matches!(ScanStatus::try_from(f.status), Ok(ScanStatus::Analyzed | ScanStatus::Failed)) {
-            return f;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{id} not analysed");
-}
-
 async fn ids(ch: &Channel, req: ListScansRequest) -> Vec<String> {
     let mut c = FindingsClient::new(ch.clone());
     c.list_scans(req).await.unwrap().into_inner().scans.into_iter().map(|s| s.scan_id).collect()
@@ -88,7 +69,7 @@ async fn filters_combine_and_pages_have_no_gaps_or_duplicates() {
     let mut pushed = Vec::new();
     for s in &specs {
         let id = push_spec(&ch, s).await;
-        let f = settled(&ch, &id).await;
+        let f = wait_analysed(&ch, &id).await;
         let want = if s.alarm { AlarmDecision::Alarm } else { AlarmDecision::Clear };
         assert_eq!(f.reports[0].decision, want as i32, "{:?}", f.reports[0]);
         pushed.push(id);
@@ -164,7 +145,7 @@ async fn the_overlay_shows_region_boxes_where_the_findings_say() {
     let mut p = plane(PlaneEncoding::RawU16le, w, h, &raw);
     p.kind = PlaneKind::SingleEnergy as i32;
     let id = push_messages(&ch, messages(&header(&new_id(), p), &[&raw], 1 << 16)).await.unwrap().scan_id;
-    let f = settled(&ch, &id).await;
+    let f = wait_analysed(&ch, &id).await;
     let region = f.reports[0].regions[0].clone();
     let mut c = FindingsClient::new(ch.clone());
     let r = c
@@ -225,7 +206,7 @@ async fn adjudication_appends_and_never_alters_the_machine_report() {
     let server = start(dir.path()).await;
     let ch = channel(&server).await;
     let id = push_spec(&ch, &Spec { site: "S", lane: "1", time: 5, container: None, mrn: None, alarm: true }).await;
-    let machine = settled(&ch, &id).await.reports[0].clone();
+    let machine = wait_analysed(&ch, &id).await.reports[0].clone();
     let mut c = FindingsClient::new(ch.clone());
     let first = c
         .adjudicate(AdjudicateRequest {
@@ -306,7 +287,7 @@ async fn a_watcher_that_reconnects_gets_every_event_exactly_once() {
     drop(stream); // the officer's laptop goes to sleep
 
     let c2 = push_spec(&ch, &spec(3)).await;
-    settled(&ch, &c2).await;
+    wait_analysed(&ch, &c2).await;
     c.adjudicate(AdjudicateRequest { scan_id: a.clone(), verdict: 2, officer_id: "o".into(), ..Default::default() })
         .await
         .unwrap();

@@ -219,3 +219,31 @@ pub fn run_python(script: &str, args: &[&str]) -> String {
     assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// Open cargo (~30000 counts with a fine texture) with an optional dense
+/// block `(x, y, width, height)` at 3000 counts; `low` gives the low-energy
+/// plane (60 %).
+pub fn cargo_samples(w: u32, h: u32, block: Option<(u32, u32, u32, u32)>, low: bool) -> Vec<u16> {
+    (0..w * h)
+        .map(|i| {
+            let (x, y) = (i % w, i / w);
+            let inside = block.is_some_and(|(bx, by, bw, bh)| x >= bx && x < bx + bw && y >= by && y < by + bh);
+            let base: u32 = if inside { 3000 } else { 30000 + (i.wrapping_mul(7919) % 97) };
+            (if low { base * 3 / 5 } else { base }) as u16
+        })
+        .collect()
+}
+
+/// Waits until a scan is ANALYZED or FAILED and returns its findings.
+pub async fn wait_analysed(ch: &Channel, id: &str) -> niix_proto::v1::ScanFindings {
+    use niix_proto::v1::{GetFindingsRequest, ScanStatus};
+    let mut client = niix_proto::v1::findings_client::FindingsClient::new(ch.clone());
+    for _ in 0..600 {
+        let f = client.get_findings(GetFindingsRequest { scan_id: id.into() }).await.unwrap().into_inner();
+        if matches!(ScanStatus::try_from(f.status), Ok(ScanStatus::Analyzed | ScanStatus::Failed)) {
+            return f;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("scan {id} was not analysed in time");
+}
