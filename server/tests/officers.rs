@@ -366,6 +366,15 @@ async fn dicos_dx_in_and_tdr_out_agree_with_pydicom() {
     );
     assert_eq!((d.pixel_spacing_x_mm, d.pixel_spacing_y_mm), (4.0, 5.0));
 
+    // Uncompressed DX (explicit VR little endian) goes in too, as a low-energy plane.
+    let plain = dir.path().join("plain.dcs");
+    run_python("dicos/make_dx.py", &[plain.to_str().unwrap(), "--width", "64", "--height", "48", "--kind", "LOW ENERGY"]);
+    let low = niix::client::describe_plane(&plain, PlaneKind::HighEnergy, &Default::default()).unwrap();
+    assert_eq!((low.kind, low.encoding), (PlaneKind::LowEnergy as i32, PlaneEncoding::Dicos as i32));
+    let bytes = std::fs::read(&plain).unwrap();
+    let receipt = push_messages(&ch, messages(&header(&new_id(), low), &[&bytes], 1 << 16)).await.unwrap();
+    assert_eq!(receipt.planes[0].sha256, sha256(&bytes));
+
     // A DX whose declared size lies is refused.
     let mut h = ScanHeader { scan_id: new_id(), ..header("x", d.clone()) };
     h.planes[0].width = 401;
