@@ -76,19 +76,6 @@ where
     tokio::task::spawn_blocking(f).await.map_err(|e| Error::Internal(format!("blocking task failed: {e}")))?
 }
 
-/// Turns a service result into a gRPC reply, counting and logging refusals.
-pub fn reply<T>(
-    metrics: &crate::metrics::Metrics,
-    rpc: &str,
-    result: Result<T>,
-) -> std::result::Result<tonic::Response<T>, tonic::Status> {
-    result.map(tonic::Response::new).map_err(|e| {
-        metrics.error(rpc, e.code());
-        tracing::warn!(rpc, code = ?e.code(), error = %e, "request refused");
-        e.into()
-    })
-}
-
 /// Shorthand for service results.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

@@ -20,9 +20,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::adjudication::operator_report;
-use crate::error::{Error, Result, blocking, reply};
+use crate::audit::{Caller, Gate};
+use crate::error::{Error, Result, blocking};
 use crate::header::canonical_scan_id;
-use crate::metrics::Metrics;
 use crate::overlay::{OverlayOptions, decode_map_png, render};
 use crate::store::{BlobStore, MetadataStore, ScanQuery, ScanRecord, StoredEvent};
 
@@ -41,7 +41,7 @@ pub type EventSignal = Arc<watch::Sender<u64>>;
 pub struct FindingsService {
     meta: Arc<dyn MetadataStore>,
     blobs: Arc<dyn BlobStore>,
-    metrics: Metrics,
+    gate: Gate,
     events: EventSignal,
     stop: watch::Receiver<bool>,
 }
@@ -136,11 +136,11 @@ impl FindingsService {
     pub fn new(
         meta: Arc<dyn MetadataStore>,
         blobs: Arc<dyn BlobStore>,
-        metrics: Metrics,
+        gate: Gate,
         events: EventSignal,
         stop: watch::Receiver<bool>,
     ) -> Self {
-        FindingsService { meta, blobs, metrics, events, stop }
+        FindingsService { meta, blobs, gate, events, stop }
     }
 
     async fn record(&self, scan_id: &str) -> Result<(ScanRecord, Vec<ThreatReport>)> {
@@ -381,37 +381,50 @@ impl Findings for FindingsService {
         &self,
         request: Request<ListScansRequest>,
     ) -> std::result::Result<Response<ListScansResponse>, Status> {
-        let result = self.list(request.into_inner()).await;
-        reply(&self.metrics, "ListScans", result)
+        let caller = Caller::of(&request);
+        let req = request.into_inner();
+        let object = format!("site={}", req.site_id);
+        let result = self.list(req).await;
+        self.gate.reply(&caller, "ListScans", &object, result).await
     }
 
     async fn get_scan(&self, request: Request<GetScanRequest>) -> std::result::Result<Response<ScanDetail>, Status> {
-        let result = self.get(&request.into_inner().scan_id).await;
-        reply(&self.metrics, "GetScan", result)
+        let caller = Caller::of(&request);
+        let id = request.into_inner().scan_id;
+        let result = self.get(&id).await;
+        self.gate.reply(&caller, "GetScan", &id, result).await
     }
 
     async fn get_findings(
         &self,
         request: Request<GetFindingsRequest>,
     ) -> std::result::Result<Response<ScanFindings>, Status> {
-        let result = self.findings(&request.into_inner().scan_id).await;
-        reply(&self.metrics, "GetFindings", result)
+        let caller = Caller::of(&request);
+        let id = request.into_inner().scan_id;
+        let result = self.findings(&id).await;
+        self.gate.reply(&caller, "GetFindings", &id, result).await
     }
 
     async fn render_overlay(
         &self,
         request: Request<RenderOverlayRequest>,
     ) -> std::result::Result<Response<RenderOverlayResponse>, Status> {
-        let result = self.overlay(request.into_inner()).await;
-        reply(&self.metrics, "RenderOverlay", result)
+        let caller = Caller::of(&request);
+        let req = request.into_inner();
+        let id = req.scan_id.clone();
+        let result = self.overlay(req).await;
+        self.gate.reply(&caller, "RenderOverlay", &id, result).await
     }
 
     async fn adjudicate(
         &self,
         request: Request<AdjudicateRequest>,
     ) -> std::result::Result<Response<ThreatReport>, Status> {
-        let result = self.adjudicate(request.into_inner()).await;
-        reply(&self.metrics, "Adjudicate", result)
+        let caller = Caller::of(&request);
+        let req = request.into_inner();
+        let id = req.scan_id.clone();
+        let result = self.adjudicate(req).await;
+        self.gate.reply(&caller, "Adjudicate", &id, result).await
     }
 
     type WatchFindingsStream = EventStream;
@@ -420,15 +433,21 @@ impl Findings for FindingsService {
         &self,
         request: Request<WatchFindingsRequest>,
     ) -> std::result::Result<Response<Self::WatchFindingsStream>, Status> {
-        let result = self.watch(request.into_inner()).await.map(|s| Box::pin(s) as EventStream);
-        reply(&self.metrics, "WatchFindings", result)
+        let caller = Caller::of(&request);
+        let req = request.into_inner();
+        let object = format!("cursor={}", req.cursor);
+        let result = self.watch(req).await.map(|s| Box::pin(s) as EventStream);
+        self.gate.reply(&caller, "WatchFindings", &object, result).await
     }
 
     async fn export_tdr(
         &self,
         request: Request<ExportTdrRequest>,
     ) -> std::result::Result<Response<ExportTdrResponse>, Status> {
-        let result = self.export_tdr(request.into_inner()).await;
-        reply(&self.metrics, "ExportTdr", result)
+        let caller = Caller::of(&request);
+        let req = request.into_inner();
+        let id = req.scan_id.clone();
+        let result = self.export_tdr(req).await;
+        self.gate.reply(&caller, "ExportTdr", &id, result).await
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod adjudication;
 pub mod analysis;
+pub mod audit;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::analysis::Analyzer;
+use crate::audit::{Caller, Gate};
 use crate::config::Config;
 use crate::findings::{EventSignal, FindingsService};
 use crate::ingest::{Ingest, IngestService};
@@ -83,7 +84,15 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         }
         false => None,
     };
-    let findings = FindingsService::new(meta.clone(), blobs.clone(), metrics.clone(), events, stop_rx.clone());
+    let gate = Gate::new(metrics.clone(), meta.clone());
+    gate.audit(
+        &Caller { identity: "niix".into(), role: "system".into() },
+        "Start",
+        &config.data_dir.display().to_string(),
+        "OK",
+    )
+    .await;
+    let findings = FindingsService::new(meta.clone(), blobs.clone(), gate.clone(), events, stop_rx.clone());
     let ingest = Arc::new(Ingest::new(meta.clone(), blobs, config.limits.clone(), metrics.clone(), abandon_rx, wake));
     let swept = ingest.sweep_staging().await.context("sweeping unfinished uploads")?;
     if swept > 0 {
@@ -119,7 +128,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         .initial_connection_window_size(CONNECTION_WINDOW)
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(ScanIngestServer::new(IngestService::new(ingest)))
+        .add_service(ScanIngestServer::new(IngestService::new(ingest, gate)))
         .add_service(FindingsServer::new(findings));
     let mut grpc_stop = stop_rx.clone();
     let grpc = tokio::spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {

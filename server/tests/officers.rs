@@ -368,7 +368,10 @@ async fn dicos_dx_in_and_tdr_out_agree_with_pydicom() {
 
     // Uncompressed DX (explicit VR little endian) goes in too, as a low-energy plane.
     let plain = dir.path().join("plain.dcs");
-    run_python("dicos/make_dx.py", &[plain.to_str().unwrap(), "--width", "64", "--height", "48", "--kind", "LOW ENERGY"]);
+    run_python(
+        "dicos/make_dx.py",
+        &[plain.to_str().unwrap(), "--width", "64", "--height", "48", "--kind", "LOW ENERGY"],
+    );
     let low = niix::client::describe_plane(&plain, PlaneKind::HighEnergy, &Default::default()).unwrap();
     assert_eq!((low.kind, low.encoding), (PlaneKind::LowEnergy as i32, PlaneEncoding::Dicos as i32));
     let bytes = std::fs::read(&plain).unwrap();

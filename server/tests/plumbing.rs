@@ -89,3 +89,50 @@ async fn metrics_count_scans_bytes_and_errors() {
     }
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn every_call_is_audited_and_the_chain_verifies_until_tampered() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let ch = channel(&server).await;
+    let raw = raw_bytes(16, 16, 1);
+    let receipt =
+        push_messages(&ch, messages(&header(&new_id(), plane(PlaneEncoding::RawU16le, 16, 16, &raw)), &[&raw], 100))
+            .await
+            .unwrap();
+    push_messages(&ch, vec![]).await.unwrap_err();
+    let mut f = niix_proto::v1::findings_client::FindingsClient::new(ch.clone());
+    f.get_scan(niix_proto::v1::GetScanRequest { scan_id: receipt.scan_id.clone() }).await.unwrap();
+    server.shutdown().await.unwrap();
+
+    let niix = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_niix")).args(args).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let data = dir.path().to_str().unwrap();
+    let (ok, out, err) = niix(&["audit", "tail", "--data", data, "--json"]);
+    assert!(ok, "{err}");
+    let records: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let actions: Vec<(&str, &str, &str)> = records
+        .iter()
+        .map(|r| (r["action"].as_str().unwrap(), r["object"].as_str().unwrap(), r["outcome"].as_str().unwrap()))
+        .collect();
+    assert!(actions.contains(&("PushScan", receipt.scan_id.as_str(), "OK")), "{actions:?}");
+    assert!(actions.contains(&("PushScan", "", "InvalidArgument")), "refused calls are audited: {actions:?}");
+    assert!(actions.contains(&("GetScan", receipt.scan_id.as_str(), "OK")), "reads are audited: {actions:?}");
+    assert!(records.iter().all(|r| r["identity"].as_str().unwrap().starts_with("local@") || r["identity"] == "niix"));
+
+    let (ok, out, err) = niix(&["audit", "verify", "--data", data]);
+    assert!(ok && out.contains("intact"), "{out}{err}");
+    rusqlite_edit(dir.path(), "UPDATE audit SET object = 'someone-elses-scan' WHERE action = 'GetScan'");
+    let (ok, _, err) = niix(&["audit", "verify", "--data", data]);
+    assert!(!ok && err.contains("is broken") && err.contains("edited"), "{err}");
+}
+
+fn rusqlite_edit(dir: &std::path::Path, sql: &str) {
+    rusqlite::Connection::open(dir.join("niix.db")).unwrap().execute_batch(sql).unwrap();
+}

@@ -1,5 +1,6 @@
 //! The `niix` command line: `serve`, `push`, `scans`.
 
+mod audit;
 mod findings;
 mod officer;
 mod push;
@@ -38,6 +39,8 @@ pub enum Command {
     Watch(officer::WatchArgs),
     /// Write a report as a DICOS Threat Detection Report (.dcs).
     ExportTdr(officer::ExportTdrArgs),
+    /// Verify or read the hash-chained audit log of a data directory.
+    Audit(audit::AuditArgs),
 }
 
 /// Where the server is, for client commands.
@@ -60,6 +63,7 @@ impl Cli {
             Command::Adjudicate(a) => officer::adjudicate(a).await,
             Command::Watch(a) => officer::watch(a).await,
             Command::ExportTdr(a) => officer::export_tdr(a).await,
+            Command::Audit(a) => audit::run(a),
         }
     }
 }

@@ -9,41 +9,48 @@ use niix_proto::v1::{
 use tonic::{Request, Response, Status, Streaming};
 
 use super::Ingest;
-use crate::error::reply;
+use crate::audit::{Caller, Gate};
 
 /// `niix.v1.ScanIngest` backed by an [`Ingest`] engine.
 #[derive(Clone)]
 pub struct IngestService {
     ingest: Arc<Ingest>,
+    gate: Gate,
 }
 
 impl IngestService {
-    /// Wraps an engine.
-    pub fn new(ingest: Arc<Ingest>) -> Self {
-        IngestService { ingest }
+    /// Wraps an engine; every outcome passes through `gate`.
+    pub fn new(ingest: Arc<Ingest>, gate: Gate) -> Self {
+        IngestService { ingest, gate }
     }
 }
 
 #[tonic::async_trait]
 impl ScanIngest for IngestService {
     async fn push_scan(&self, request: Request<Streaming<PushScanRequest>>) -> Result<Response<ScanReceipt>, Status> {
+        let caller = Caller::of(&request);
         let result = self.ingest.push(request.into_inner()).await;
-        reply(&self.ingest.metrics, "PushScan", result)
+        let object = result.as_ref().map(|r| r.scan_id.clone()).unwrap_or_default();
+        self.gate.reply(&caller, "PushScan", &object, result).await
     }
 
     async fn get_upload_status(
         &self,
         request: Request<GetUploadStatusRequest>,
     ) -> Result<Response<UploadStatus>, Status> {
-        let result = self.ingest.upload_status(&request.into_inner().scan_id).await;
-        reply(&self.ingest.metrics, "GetUploadStatus", result)
+        let caller = Caller::of(&request);
+        let id = request.into_inner().scan_id;
+        let result = self.ingest.upload_status(&id).await;
+        self.gate.reply(&caller, "GetUploadStatus", &id, result).await
     }
 
     async fn abort_upload(
         &self,
         request: Request<AbortUploadRequest>,
     ) -> Result<Response<AbortUploadResponse>, Status> {
-        let result = self.ingest.abort_upload(&request.into_inner().scan_id).await;
-        reply(&self.ingest.metrics, "AbortUpload", result.map(|aborted| AbortUploadResponse { aborted }))
+        let caller = Caller::of(&request);
+        let id = request.into_inner().scan_id;
+        let result = self.ingest.abort_upload(&id).await;
+        self.gate.reply(&caller, "AbortUpload", &id, result.map(|aborted| AbortUploadResponse { aborted })).await
     }
 }

@@ -142,6 +142,36 @@ pub struct ScanQuery {
     pub declaration_reference: Option<String>,
 }
 
+/// One audited action, before it is chained.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditEntry {
+    /// When.
+    pub at: SystemTime,
+    /// Who (an identity from the auth configuration, or `local@<peer>`).
+    pub identity: String,
+    /// In which role.
+    pub role: String,
+    /// What: the RPC or command, e.g. `PushScan`.
+    pub action: String,
+    /// On what: a scan id, a package id, a config file; empty if none.
+    pub object: String,
+    /// `OK` or the gRPC status code name of the refusal.
+    pub outcome: String,
+}
+
+/// A chained audit record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditRecord {
+    /// Position in the log, from 1, without gaps.
+    pub seq: u64,
+    /// The action.
+    pub entry: AuditEntry,
+    /// SHA-256 of the previous record (64 zeros for the first).
+    pub prev_sha256: String,
+    /// SHA-256 of this record: see `audit::record_hash`.
+    pub sha256: String,
+}
+
 /// A stored report, as the findings watch delivers it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredEvent {
@@ -191,6 +221,12 @@ pub trait MetadataStore: Send + Sync + 'static {
     fn events_after(&self, cursor: u64, site_id: Option<&str>, limit: usize) -> StoreResult<Vec<StoredEvent>>;
     /// Sequence number of the newest event (0 if none).
     fn last_event(&self) -> StoreResult<u64>;
+    /// Appends to the audit log, chaining the record to the one before.
+    fn append_audit(&self, entry: &AuditEntry) -> StoreResult<AuditRecord>;
+    /// Audit records after `seq`, in order, at most `limit`.
+    fn audit_records(&self, after_seq: u64, limit: usize) -> StoreResult<Vec<AuditRecord>>;
+    /// The newest `n` audit records, oldest first.
+    fn audit_tail(&self, n: usize) -> StoreResult<Vec<AuditRecord>>;
     /// A scan's reports, oldest first.
     fn reports(&self, scan_id: &str) -> StoreResult<Vec<ThreatReport>>;
 }

@@ -12,8 +12,8 @@ use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
-    CommitOutcome, MetadataStore, PendingUpload, PlaneDigest, ScanQuery, ScanRecord, StoreError, StoreResult,
-    StoredEvent,
+    AuditEntry, AuditRecord, CommitOutcome, MetadataStore, PendingUpload, PlaneDigest, ScanQuery, ScanRecord,
+    StoreError, StoreResult, StoredEvent,
 };
 
 /// Schema migrations, oldest first. Never edit one that has shipped: append.
@@ -80,6 +80,18 @@ const MIGRATIONS: &[&str] = &[
         scan_id       TEXT NOT NULL REFERENCES scans (scan_id) ON DELETE CASCADE,
         report_seq    INTEGER NOT NULL REFERENCES reports (seq),
         created_at_us INTEGER NOT NULL
+    ) STRICT;",
+    // 4: the hash-chained audit log (append-only; see audit.rs).
+    "CREATE TABLE audit (
+        seq         INTEGER PRIMARY KEY,
+        at_us       INTEGER NOT NULL,
+        identity    TEXT NOT NULL,
+        role        TEXT NOT NULL,
+        action      TEXT NOT NULL,
+        object      TEXT NOT NULL,
+        outcome     TEXT NOT NULL,
+        prev_sha256 TEXT NOT NULL,
+        sha256      TEXT NOT NULL
     ) STRICT;",
 ];
 
@@ -273,7 +285,71 @@ fn migrate(conn: &mut Connection) -> StoreResult<()> {
     Ok(())
 }
 
+const AUDIT_COLUMNS: &str = "seq, at_us, identity, role, action, object, outcome, prev_sha256, sha256";
+
+fn audit_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRecord> {
+    Ok(AuditRecord {
+        seq: r.get::<_, i64>(0)? as u64,
+        entry: AuditEntry {
+            at: from_micros(r.get(1)?),
+            identity: r.get(2)?,
+            role: r.get(3)?,
+            action: r.get(4)?,
+            object: r.get(5)?,
+            outcome: r.get(6)?,
+        },
+        prev_sha256: r.get(7)?,
+        sha256: r.get(8)?,
+    })
+}
+
 impl MetadataStore for SqliteMetadata {
+    fn append_audit(&self, entry: &AuditEntry) -> StoreResult<AuditRecord> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let last: Option<(i64, String)> = tx
+            .query_row("SELECT seq, sha256 FROM audit ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let (prev_seq, prev_sha256) = last.unwrap_or((0, crate::audit::GENESIS.to_string()));
+        let seq = prev_seq as u64 + 1;
+        // Times are kept to the microsecond, as stored, so the hash re-computes.
+        let entry = AuditEntry { at: from_micros(micros(entry.at)), ..entry.clone() };
+        let sha256 = crate::audit::record_hash(seq, &entry, &prev_sha256);
+        tx.execute(
+            &format!("INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
+            params![
+                seq as i64,
+                micros(entry.at),
+                entry.identity,
+                entry.role,
+                entry.action,
+                entry.object,
+                entry.outcome,
+                prev_sha256,
+                sha256
+            ],
+        )?;
+        tx.commit()?;
+        Ok(AuditRecord { seq, entry, prev_sha256, sha256 })
+    }
+
+    fn audit_records(&self, after_seq: u64, limit: usize) -> StoreResult<Vec<AuditRecord>> {
+        let conn = self.read();
+        let mut stmt =
+            conn.prepare_cached(&format!("SELECT {AUDIT_COLUMNS} FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2"))?;
+        let rows = stmt.query_map(params![after_seq as i64, limit as i64], audit_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn audit_tail(&self, n: usize) -> StoreResult<Vec<AuditRecord>> {
+        let conn = self.read();
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {AUDIT_COLUMNS} FROM (SELECT * FROM audit ORDER BY seq DESC LIMIT ?1) ORDER BY seq"
+        ))?;
+        let rows = stmt.query_map(params![n as i64], audit_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     fn claim_next_queued(&self) -> StoreResult<Option<String>> {
         let id = self
             .lock()
