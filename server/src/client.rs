@@ -36,6 +36,39 @@ pub async fn connect(url: &str) -> anyhow::Result<Channel> {
     endpoint.connect().await.with_context(|| format!("cannot reach niix server at {url}: is `niix serve` running?"))
 }
 
+/// Adds `authorization: Bearer <token>` to every call, when there is a token.
+#[derive(Clone, Default)]
+pub struct Bearer(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl Bearer {
+    /// From a token (e.g. `--token` or `NIIX_TOKEN`).
+    pub fn new(token: Option<&str>) -> anyhow::Result<Bearer> {
+        match token.map(str::trim).filter(|t| !t.is_empty()) {
+            None => Ok(Bearer(None)),
+            Some(t) => Ok(Bearer(Some(
+                format!("Bearer {t}").parse().map_err(|_| anyhow::anyhow!("the token must be printable ASCII"))?,
+            ))),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A channel that authenticates its calls.
+pub type Authed = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
+
+/// Wraps a channel so its calls carry `token`.
+pub fn authed(channel: Channel, token: Option<&str>) -> anyhow::Result<Authed> {
+    Ok(tonic::service::interceptor::InterceptedService::new(channel, Bearer::new(token)?))
+}
+
 /// The encoding a file's name and first bytes suggest.
 pub fn guess_encoding(path: &Path) -> anyhow::Result<PlaneEncoding> {
     let mut head = Vec::with_capacity(132);
@@ -190,7 +223,7 @@ fn transient(status: &tonic::Status) -> bool {
 /// Pushes a scan whose planes are `files` (same order as `header.planes`),
 /// resuming from what the server already holds and retrying broken streams.
 pub async fn push_files(
-    channel: Channel,
+    channel: Authed,
     header: ScanHeader,
     files: Vec<PathBuf>,
     options: &PushOptions,

@@ -31,6 +31,8 @@ pub struct Config {
     pub limits: Limits,
     /// Analysis of received scans.
     pub analysis: AnalysisConfig,
+    /// Who may call (bearer tokens and their roles).
+    pub auth: crate::auth::AuthConfig,
 }
 
 /// How scans are analysed.
@@ -74,6 +76,7 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(10),
             limits: Limits::default(),
             analysis: AnalysisConfig::default(),
+            auth: crate::auth::AuthConfig::default(),
         }
     }
 }

@@ -10,6 +10,7 @@
 pub mod adjudication;
 pub mod analysis;
 pub mod audit;
+pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -18,6 +18,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::analysis::Analyzer;
 use crate::audit::{Caller, Gate};
+use crate::auth::{AuthLayer, Authenticator};
 use crate::config::Config;
 use crate::findings::{EventSignal, FindingsService};
 use crate::ingest::{Ingest, IngestService};
@@ -34,13 +35,13 @@ const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
 /// Refuses a non-loopback listen address unless the operator accepted
 /// unauthenticated clients with `insecure`.
-pub fn check_bind_policy(addr: SocketAddr, insecure: bool) -> anyhow::Result<()> {
-    if addr.ip().is_loopback() || insecure {
+pub fn check_bind_policy(addr: SocketAddr, insecure: bool, authenticated: bool) -> anyhow::Result<()> {
+    if addr.ip().is_loopback() || insecure || authenticated {
         return Ok(());
     }
     anyhow::bail!(
-        "refusing to listen on {addr} without authentication: niix has no client authentication configured \
-         yet, so bind to 127.0.0.1 or pass --insecure (insecure = true) on a network you trust"
+        "refusing to listen on {addr} without authentication: configure [[auth.tokens]] (see docs/operations.md), \
+         bind to 127.0.0.1, or pass --insecure (insecure = true) on a network you trust"
     )
 }
 
@@ -68,7 +69,8 @@ pub fn open_store(data_dir: &Path) -> anyhow::Result<(Arc<dyn MetadataStore>, Ar
 
 /// Binds and starts every service in the background.
 pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
-    check_bind_policy(config.listen, config.insecure)?;
+    check_bind_policy(config.listen, config.insecure, config.auth.enabled())?;
+    let authenticator = Arc::new(Authenticator::new(&config.auth).context("invalid [auth] configuration")?);
     let (meta, blobs) = open_store(&config.data_dir)?;
     let metrics = Metrics::new();
     let (stop, stop_rx) = watch::channel(false);
@@ -122,6 +124,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
     let router = tonic::transport::Server::builder()
+        .layer(AuthLayer::new(authenticator, gate.clone()))
         // Scans are large uploads: windows well above one 1 MiB chunk keep
         // the stream flowing while the server hashes and writes.
         .initial_stream_window_size(STREAM_WINDOW)
@@ -271,10 +274,11 @@ mod tests {
 
     #[test]
     fn non_loopback_needs_insecure() {
-        assert!(check_bind_policy("127.0.0.1:1".parse().unwrap(), false).is_ok());
-        assert!(check_bind_policy("[::1]:1".parse().unwrap(), false).is_ok());
-        let e = check_bind_policy("0.0.0.0:1".parse().unwrap(), false).unwrap_err().to_string();
-        assert!(e.contains("--insecure"), "{e}");
-        assert!(check_bind_policy("0.0.0.0:1".parse().unwrap(), true).is_ok());
+        assert!(check_bind_policy("127.0.0.1:1".parse().unwrap(), false, false).is_ok());
+        assert!(check_bind_policy("[::1]:1".parse().unwrap(), false, false).is_ok());
+        let e = check_bind_policy("0.0.0.0:1".parse().unwrap(), false, false).unwrap_err().to_string();
+        assert!(e.contains("--insecure") && e.contains("auth.tokens"), "{e}");
+        assert!(check_bind_policy("0.0.0.0:1".parse().unwrap(), true, false).is_ok());
+        assert!(check_bind_policy("0.0.0.0:1".parse().unwrap(), false, true).is_ok());
     }
 }

@@ -40,10 +40,15 @@ async fn a_full_size_dual_energy_scan_is_analysed_and_the_block_is_found() {
             client::describe_plane(&low, PlaneKind::LowEnergy, &hints).unwrap(),
         ],
     };
-    let receipt =
-        client::push_files(ch.clone(), header, vec![high, low], &PushOptions::default(), std::sync::Arc::new(Quiet))
-            .await
-            .unwrap();
+    let receipt = client::push_files(
+        client::authed(ch.clone(), None).unwrap(),
+        header,
+        vec![high, low],
+        &PushOptions::default(),
+        std::sync::Arc::new(Quiet),
+    )
+    .await
+    .unwrap();
     assert_eq!(receipt.status, ScanStatus::Queued as i32);
 
     let f = wait_analysed(&ch, &receipt.scan_id).await;

@@ -71,7 +71,8 @@ async fn a_dual_energy_tiff_scan_is_stored_with_exact_digests_and_repushes_are_d
     assert_eq!((header.planes[0].width, header.planes[0].height), (2048, 6144));
     let files = vec![high.clone(), low.clone()];
     let options = PushOptions::default();
-    let push = |h| client::push_files(ch.clone(), h, files.clone(), &options, Arc::new(Quiet));
+    let push =
+        |h| client::push_files(client::authed(ch.clone(), None).unwrap(), h, files.clone(), &options, Arc::new(Quiet));
 
     let receipt = push(header.clone()).await.unwrap();
     assert!(!receipt.duplicate);
@@ -294,9 +295,15 @@ async fn an_interrupted_push_resumes_to_the_same_digest() {
         fn retrying(&self, _: u32, _: &tonic::Status) {}
     }
     let count = Arc::new(Count(Default::default(), Default::default()));
-    let receipt = client::push_files(ch.clone(), header.clone(), vec![path], &PushOptions::default(), count.clone())
-        .await
-        .unwrap();
+    let receipt = client::push_files(
+        client::authed(ch.clone(), None).unwrap(),
+        header.clone(),
+        vec![path],
+        &PushOptions::default(),
+        count.clone(),
+    )
+    .await
+    .unwrap();
     assert_eq!(count.0.load(std::sync::atomic::Ordering::SeqCst), sent, "resumed from the server's offset");
     assert_eq!(count.1.load(std::sync::atomic::Ordering::SeqCst), bytes.len() as u64 - sent);
     assert!(!receipt.duplicate);

@@ -5,10 +5,9 @@ use std::time::Duration;
 use niix_proto::v1::findings_client::FindingsClient;
 use niix_proto::v1::{AlarmDecision, GetFindingsRequest, ReportType, ScanFindings, ScanStatus, ThreatReport};
 use serde_json::{Value, json};
-use tonic::transport::Channel;
 
 use super::{ServerArg, enum_word};
-use crate::client::{StatusError, connect};
+use crate::client::StatusError;
 
 /// Arguments of `niix findings`.
 #[derive(Debug, clap::Args)]
@@ -119,7 +118,12 @@ pub fn print_findings(f: &ScanFindings) {
 }
 
 /// Fetches findings, waiting for the analysis when `wait` (up to `timeout`).
-pub async fn fetch(channel: Channel, scan_id: &str, wait: bool, timeout: Duration) -> anyhow::Result<ScanFindings> {
+pub async fn fetch(
+    channel: crate::client::Authed,
+    scan_id: &str,
+    wait: bool,
+    timeout: Duration,
+) -> anyhow::Result<ScanFindings> {
     let mut client = FindingsClient::new(channel);
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
@@ -143,7 +147,7 @@ pub async fn fetch(channel: Channel, scan_id: &str, wait: bool, timeout: Duratio
 
 /// Shows a scan's findings.
 pub async fn run(args: FindingsArgs) -> anyhow::Result<()> {
-    let f = fetch(connect(&args.server.server).await?, &args.scan_id, args.wait, Duration::from_secs(600)).await?;
+    let f = fetch(args.server.connect().await?, &args.scan_id, args.wait, Duration::from_secs(600)).await?;
     if args.json {
         println!("{}", findings_json(&f));
     } else {

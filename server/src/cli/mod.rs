@@ -41,14 +41,76 @@ pub enum Command {
     ExportTdr(officer::ExportTdrArgs),
     /// Verify or read the hash-chained audit log of a data directory.
     Audit(audit::AuditArgs),
+    /// Bearer tokens for callers.
+    #[command(subcommand)]
+    Token(TokenCommand),
 }
 
-/// Where the server is, for client commands.
+/// `niix token` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a new bearer token and print its [[auth.tokens]] entry.
+    New(TokenArgs),
+}
+
+/// Arguments of `niix token new`.
+#[derive(Debug, clap::Args)]
+pub struct TokenArgs {
+    /// Who will present the token, e.g. scanner-nlrtm-03.
+    #[arg(long)]
+    pub identity: String,
+    /// Its role.
+    #[arg(long, value_enum)]
+    pub role: RoleArg,
+}
+
+/// Roles as the CLI spells them.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum RoleArg {
+    /// Pushes scans.
+    Scanner,
+    /// Queries, views and adjudicates.
+    Officer,
+    /// A partner administration.
+    Partner,
+    /// Everything.
+    Admin,
+}
+
+fn new_token(args: TokenArgs) -> anyhow::Result<()> {
+    use crate::auth::Role;
+    let role = match args.role {
+        RoleArg::Scanner => Role::Scanner,
+        RoleArg::Officer => Role::Officer,
+        RoleArg::Partner => Role::Partner,
+        RoleArg::Admin => Role::Admin,
+    };
+    let token = format!("niix_{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+    println!("# give this token to {} (it is shown once; the server keeps only its hash):", args.identity);
+    println!("#   {token}");
+    println!("[[auth.tokens]]");
+    println!("identity = {:?}", args.identity);
+    println!("role = {:?}", role.name());
+    println!("sha256 = {:?}", crate::auth::token_hash(&token));
+    Ok(())
+}
+
+/// Where the server is, and who we are, for client commands.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServerArg {
     /// URL of the niix server.
     #[arg(long, env = "NIIX_SERVER", default_value = DEFAULT_SERVER)]
     pub server: String,
+    /// Bearer token, when the server requires authentication.
+    #[arg(long, env = "NIIX_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+impl ServerArg {
+    /// Connects, with the token on every call.
+    pub async fn connect(&self) -> anyhow::Result<crate::client::Authed> {
+        crate::client::authed(crate::client::connect(&self.server).await?, self.token.as_deref())
+    }
 }
 
 impl Cli {
@@ -64,6 +126,7 @@ impl Cli {
             Command::Watch(a) => officer::watch(a).await,
             Command::ExportTdr(a) => officer::export_tdr(a).await,
             Command::Audit(a) => audit::run(a),
+            Command::Token(TokenCommand::New(a)) => new_token(a),
         }
     }
 }

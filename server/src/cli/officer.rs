@@ -12,7 +12,7 @@ use tokio_stream::StreamExt;
 
 use super::ServerArg;
 use super::findings::report_json;
-use crate::client::{StatusError, connect};
+use crate::client::StatusError;
 
 /// Which plane, as the CLI spells it.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -164,7 +164,7 @@ pub async fn overlay(args: OverlayArgs) -> anyhow::Result<()> {
         Some(w) => parse_window(w)?,
         None => (0, 0),
     };
-    let mut client = FindingsClient::new(connect(&args.server.server).await?);
+    let mut client = FindingsClient::new(args.server.connect().await?);
     let r = client
         .render_overlay(RenderOverlayRequest {
             scan_id: args.scan_id.clone(),
@@ -197,7 +197,7 @@ pub async fn adjudicate(args: AdjudicateArgs) -> anyhow::Result<()> {
         .iter()
         .map(|&id| RegionVerdict { region_id: id, verdict, comment: args.comment.clone() })
         .collect();
-    let mut client = FindingsClient::new(connect(&args.server.server).await?);
+    let mut client = FindingsClient::new(args.server.connect().await?);
     let report = client
         .adjudicate(AdjudicateRequest {
             scan_id: args.scan_id.clone(),
@@ -219,7 +219,7 @@ pub async fn adjudicate(args: AdjudicateArgs) -> anyhow::Result<()> {
 
 /// `niix watch`: prints events until interrupted.
 pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
-    let mut client = FindingsClient::new(connect(&args.server.server).await?);
+    let mut client = FindingsClient::new(args.server.connect().await?);
     let request = WatchFindingsRequest {
         cursor: args.cursor.unwrap_or(0),
         live_only: args.cursor.is_none(),
@@ -255,7 +255,7 @@ pub async fn export_tdr(args: ExportTdrArgs) -> anyhow::Result<()> {
         ReportArg::Machine => ReportType::Machine,
         ReportArg::Operator => ReportType::Operator,
     };
-    let mut client = FindingsClient::new(connect(&args.server.server).await?);
+    let mut client = FindingsClient::new(args.server.connect().await?);
     let r = client
         .export_tdr(ExportTdrRequest { scan_id: args.scan_id.clone(), report: report as i32 })
         .await

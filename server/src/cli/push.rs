@@ -219,7 +219,7 @@ pub fn receipt_json(r: &ScanReceipt) -> serde_json::Value {
 /// Pushes the scan and prints the receipt.
 pub async fn run(args: PushArgs) -> anyhow::Result<()> {
     let (header, files) = args.header()?;
-    let channel = client::connect(&args.server.server).await?;
+    let channel = args.server.connect().await?;
     let progress: Arc<dyn Progress> = if args.json {
         Arc::new(Quiet)
     } else {

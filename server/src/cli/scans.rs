@@ -5,7 +5,7 @@ use niix_proto::v1::{ListScansRequest, Scan, ScanStatus};
 use serde_json::json;
 
 use super::{ServerArg, enum_word};
-use crate::client::{StatusError, connect};
+use crate::client::StatusError;
 
 /// Arguments of `niix scans`.
 #[derive(Debug, clap::Args)]
@@ -55,7 +55,7 @@ pub fn scan_json(scan: &Scan) -> serde_json::Value {
 
 /// Lists scans, following pages.
 pub async fn run(args: ScansArgs) -> anyhow::Result<()> {
-    let mut client = FindingsClient::new(connect(&args.server.server).await?);
+    let mut client = FindingsClient::new(args.server.connect().await?);
     let mut token = String::new();
     let mut shown = 0usize;
     if !args.json {
