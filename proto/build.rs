@@ -11,7 +11,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let include = protoc_bin_vendored::include_path()?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
-    let protos = ["niix/v1/report.proto", "niix/v1/scan.proto", "niix/v1/ingest.proto", "niix/v1/findings.proto"];
+    let protos = [
+        "niix/v1/report.proto",
+        "niix/v1/scan.proto",
+        "niix/v1/ingest.proto",
+        "niix/v1/findings.proto",
+        "niix/v1/exchange.proto",
+    ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -84,6 +84,9 @@ pub fn allowed_roles(path: &str) -> Option<&'static [Role]> {
     if path.starts_with("/niix.v1.Findings/") {
         return Some(&[Role::Officer, Role::Admin]);
     }
+    if path.starts_with("/niix.v1.Exchange/") {
+        return Some(&[Role::Partner]);
+    }
     Some(&[Role::Admin])
 }
 

@@ -33,6 +33,8 @@ pub struct Config {
     pub analysis: AnalysisConfig,
     /// Who may call (bearer tokens and their roles).
     pub auth: crate::auth::AuthConfig,
+    /// Sharing with partner administrations.
+    pub exchange: crate::exchange::ExchangeConfig,
 }
 
 /// How scans are analysed.
@@ -77,6 +79,7 @@ impl Default for Config {
             limits: Limits::default(),
             analysis: AnalysisConfig::default(),
             auth: crate::auth::AuthConfig::default(),
+            exchange: crate::exchange::ExchangeConfig::default(),
         }
     }
 }

@@ -218,66 +218,8 @@ impl FindingsService {
     /// Renders a plane with its findings.
     pub async fn overlay(&self, req: RenderOverlayRequest) -> Result<RenderOverlayResponse> {
         let (record, reports) = self.record(&req.scan_id).await?;
-        let planes = &record.header.planes;
-        let index = match PlaneKind::try_from(req.plane_kind) {
-            Ok(PlaneKind::Unspecified) => req.plane_index as usize,
-            Ok(kind) => planes.iter().position(|p| p.kind == kind as i32).ok_or_else(|| {
-                Error::NotFound(format!("scan {} has no {} plane", record.scan_id, kind.as_str_name()))
-            })?,
-            Err(_) => return Err(Error::InvalidArgument(format!("unknown plane kind {}", req.plane_kind))),
-        };
-        let Some(descriptor) = planes.get(index).cloned() else {
-            return Err(Error::InvalidArgument(format!("plane {index} does not exist; the scan has {}", planes.len())));
-        };
-        if req.window_high != 0 && req.window_high <= req.window_low || req.window_high > 65535 {
-            return Err(Error::InvalidArgument(format!(
-                "window {}..{} is empty or beyond 16 bits",
-                req.window_low, req.window_high
-            )));
-        }
-        let machine = latest(&reports, ReportType::Machine).map(|(_, r)| r.clone());
         let blobs = self.blobs.clone();
-        let sha = record.planes[index].sha256.clone();
-        blocking(move || {
-            let mut input = PlaneInput {
-                kind: String::new(),
-                encoding: stored_encoding(descriptor.encoding)?,
-                width: descriptor.width,
-                height: descriptor.height,
-                reader: Box::new(blobs.open(&sha)?),
-            };
-            let plane =
-                decode_plane(&mut input).map_err(|e| Error::Internal(format!("decoding plane {index}: {e}")))?;
-            // Regions and map are in the coordinates of the analysed plane; planes
-            // of one scan share them when they have the same size.
-            let analysed = machine.as_ref().and_then(|m| planes_size(&record, m.plane_index as usize));
-            let same_grid = analysed == Some((descriptor.width, descriptor.height));
-            let map = match (&machine, same_grid) {
-                (Some(m), true) if !m.anomaly_map_sha256.is_empty() => {
-                    let mut bytes = Vec::new();
-                    std::io::Read::read_to_end(&mut blobs.open(&m.anomaly_map_sha256)?, &mut bytes)
-                        .map_err(|e| Error::Internal(format!("reading anomaly map: {e}")))?;
-                    Some((decode_map_png(&bytes)?, m.anomaly_map_stride))
-                }
-                _ => None,
-            };
-            let regions = match (&machine, same_grid) {
-                (Some(m), true) => m.regions.clone(),
-                _ => Vec::new(),
-            };
-            let window = (req.window_high != 0).then_some((req.window_low as u16, req.window_high as u16));
-            let options =
-                OverlayOptions { max_width: req.max_width, window, heat: !req.hide_heat, boxes: !req.hide_boxes };
-            let o = render(&plane, map.as_ref().map(|(m, s)| (m, *s)), &regions, &options)?;
-            Ok(RenderOverlayResponse {
-                png: o.png,
-                width: o.width,
-                height: o.height,
-                window_low: u32::from(o.window.0),
-                window_high: u32::from(o.window.1),
-            })
-        })
-        .await
+        blocking(move || render_scan(blobs.as_ref(), &record, &reports, &req)).await
     }
 
     /// Stores an officer's verdict and returns the OPERATOR report.
@@ -367,6 +309,70 @@ impl FindingsService {
         })
         .await
     }
+}
+
+/// Renders a plane of a stored scan with its latest MACHINE findings
+/// (blocking: decodes the plane).
+pub fn render_scan(
+    blobs: &dyn BlobStore,
+    record: &ScanRecord,
+    reports: &[ThreatReport],
+    req: &RenderOverlayRequest,
+) -> Result<RenderOverlayResponse> {
+    let planes = &record.header.planes;
+    let index = match PlaneKind::try_from(req.plane_kind) {
+        Ok(PlaneKind::Unspecified) => req.plane_index as usize,
+        Ok(kind) => planes
+            .iter()
+            .position(|p| p.kind == kind as i32)
+            .ok_or_else(|| Error::NotFound(format!("scan {} has no {} plane", record.scan_id, kind.as_str_name())))?,
+        Err(_) => return Err(Error::InvalidArgument(format!("unknown plane kind {}", req.plane_kind))),
+    };
+    let Some(descriptor) = planes.get(index).cloned() else {
+        return Err(Error::InvalidArgument(format!("plane {index} does not exist; the scan has {}", planes.len())));
+    };
+    if req.window_high != 0 && req.window_high <= req.window_low || req.window_high > 65535 {
+        return Err(Error::InvalidArgument(format!(
+            "window {}..{} is empty or beyond 16 bits",
+            req.window_low, req.window_high
+        )));
+    }
+    let machine = latest(reports, ReportType::Machine).map(|(_, r)| r.clone());
+    let mut input = PlaneInput {
+        kind: String::new(),
+        encoding: stored_encoding(descriptor.encoding)?,
+        width: descriptor.width,
+        height: descriptor.height,
+        reader: Box::new(blobs.open(&record.planes[index].sha256)?),
+    };
+    let plane = decode_plane(&mut input).map_err(|e| Error::Internal(format!("decoding plane {index}: {e}")))?;
+    // Regions and map are in the coordinates of the analysed plane; planes
+    // of one scan share them when they have the same size.
+    let analysed = machine.as_ref().and_then(|m| planes_size(record, m.plane_index as usize));
+    let same_grid = analysed == Some((descriptor.width, descriptor.height));
+    let map = match (&machine, same_grid) {
+        (Some(m), true) if !m.anomaly_map_sha256.is_empty() => {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut blobs.open(&m.anomaly_map_sha256)?, &mut bytes)
+                .map_err(|e| Error::Internal(format!("reading anomaly map: {e}")))?;
+            Some((decode_map_png(&bytes)?, m.anomaly_map_stride))
+        }
+        _ => None,
+    };
+    let regions = match (&machine, same_grid) {
+        (Some(m), true) => m.regions.clone(),
+        _ => Vec::new(),
+    };
+    let window = (req.window_high != 0).then_some((req.window_low as u16, req.window_high as u16));
+    let options = OverlayOptions { max_width: req.max_width, window, heat: !req.hide_heat, boxes: !req.hide_boxes };
+    let o = render(&plane, map.as_ref().map(|(m, s)| (m, *s)), &regions, &options)?;
+    Ok(RenderOverlayResponse {
+        png: o.png,
+        width: o.width,
+        height: o.height,
+        window_low: u32::from(o.window.0),
+        window_high: u32::from(o.window.1),
+    })
 }
 
 fn planes_size(record: &ScanRecord, index: usize) -> Option<(u32, u32)> {

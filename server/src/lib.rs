@@ -16,6 +16,7 @@ pub mod client;
 pub mod config;
 pub mod digest;
 pub mod error;
+pub mod exchange;
 pub mod findings;
 pub mod header;
 pub mod ingest;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use niix_inference::repository::Repository;
 use niix_proto::v1::FILE_DESCRIPTOR_SET;
+use niix_proto::v1::exchange_server::ExchangeServer;
 use niix_proto::v1::findings_server::FindingsServer;
 use niix_proto::v1::scan_ingest_server::ScanIngestServer;
 use tokio::net::TcpListener;
@@ -20,6 +21,7 @@ use crate::analysis::Analyzer;
 use crate::audit::{Caller, Gate};
 use crate::auth::{AuthLayer, Authenticator};
 use crate::config::Config;
+use crate::exchange::ExchangeService;
 use crate::findings::{EventSignal, FindingsService};
 use crate::ingest::{Ingest, IngestService};
 use crate::metrics::Metrics;
@@ -94,6 +96,14 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         "OK",
     )
     .await;
+    let exchange = ExchangeService::new(
+        meta.clone(),
+        blobs.clone(),
+        config.exchange.clone(),
+        gate.clone(),
+        events.clone(),
+        stop_rx.clone(),
+    )?;
     let findings = FindingsService::new(meta.clone(), blobs.clone(), gate.clone(), events, stop_rx.clone());
     let ingest = Arc::new(Ingest::new(meta.clone(), blobs, config.limits.clone(), metrics.clone(), abandon_rx, wake));
     let swept = ingest.sweep_staging().await.context("sweeping unfinished uploads")?;
@@ -115,6 +125,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ScanIngestServer<IngestService>>().await;
     health.set_serving::<FindingsServer<FindingsService>>().await;
+    health.set_serving::<ExchangeServer<ExchangeService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -132,7 +143,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         .add_service(health_service)
         .add_service(reflection)
         .add_service(ScanIngestServer::new(IngestService::new(ingest, gate)))
-        .add_service(FindingsServer::new(findings));
+        .add_service(FindingsServer::new(findings))
+        .add_service(ExchangeServer::new(exchange));
     let mut grpc_stop = stop_rx.clone();
     let grpc = tokio::spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
         let _ = grpc_stop.wait_for(|s| *s).await;

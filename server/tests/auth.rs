@@ -18,7 +18,7 @@ const ROLES: [(Role, &str); 4] = [
     (Role::Admin, "tok-admin"),
 ];
 
-const RPCS: [&str; 10] = [
+const RPCS: [&str; 12] = [
     "PushScan",
     "GetUploadStatus",
     "AbortUpload",
@@ -29,13 +29,16 @@ const RPCS: [&str; 10] = [
     "Adjudicate",
     "WatchFindings",
     "ExportTdr",
+    "Subscribe",
+    "GetPackage",
 ];
 
 /// Calls one RPC with harmless arguments; returns the status code.
 async fn call(rpc: &str, conn: niix::client::Authed) -> Code {
     let id = "0f8e4b1c-2d3a-4e5f-8a9b-0c1d2e3f4a5b".to_string();
     let mut ingest = ScanIngestClient::new(conn.clone());
-    let mut findings = FindingsClient::new(conn);
+    let mut findings = FindingsClient::new(conn.clone());
+    let mut exchange = niix_proto::v1::exchange_client::ExchangeClient::new(conn);
     let r: Result<(), tonic::Status> = match rpc {
         "PushScan" => ingest.push_scan(tokio_stream::iter(Vec::<PushScanRequest>::new())).await.map(drop),
         "GetUploadStatus" => ingest.get_upload_status(GetUploadStatusRequest { scan_id: id }).await.map(drop),
@@ -54,6 +57,8 @@ async fn call(rpc: &str, conn: niix::client::Authed) -> Code {
             findings.watch_findings(WatchFindingsRequest { live_only: true, ..Default::default() }).await.map(drop)
         }
         "ExportTdr" => findings.export_tdr(ExportTdrRequest { scan_id: id, report: 0 }).await.map(drop),
+        "Subscribe" => exchange.subscribe(SubscribeRequest { cursor: 0 }).await.map(drop),
+        "GetPackage" => exchange.get_package(GetPackageRequest { package_id: "NL.DE.1".into() }).await.map(drop),
         other => panic!("no such RPC {other}"),
     };
     match r {
@@ -66,6 +71,7 @@ fn allowed(rpc: &str, role: Role) -> bool {
     match rpc {
         "PushScan" | "GetUploadStatus" | "AbortUpload" => matches!(role, Role::Scanner | Role::Admin),
         "Adjudicate" => role == Role::Officer,
+        "Subscribe" | "GetPackage" => role == Role::Partner,
         _ => matches!(role, Role::Officer | Role::Admin),
     }
 }

@@ -3,6 +3,7 @@
 mod audit;
 mod findings;
 mod officer;
+mod partner;
 mod push;
 mod scans;
 mod serve;
@@ -44,6 +45,14 @@ pub enum Command {
     /// Bearer tokens for callers.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// This administration's signing keys for result packages.
+    #[command(subcommand)]
+    Keys(partner::KeysCommand),
+    /// Check a result package's signature offline.
+    Verify(partner::VerifyArgs),
+    /// What a partner administration runs.
+    #[command(subcommand)]
+    Partner(partner::PartnerCommand),
 }
 
 /// `niix token` subcommands.
@@ -127,6 +136,9 @@ impl Cli {
             Command::ExportTdr(a) => officer::export_tdr(a).await,
             Command::Audit(a) => audit::run(a),
             Command::Token(TokenCommand::New(a)) => new_token(a),
+            Command::Keys(c) => partner::keys_command(c),
+            Command::Verify(a) => partner::verify(a),
+            Command::Partner(partner::PartnerCommand::Pull(a)) => partner::pull(a).await,
         }
     }
 }

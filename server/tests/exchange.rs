@@ -1,0 +1,188 @@
+//! Partner exchange: agreements decide what is shared, redaction happens
+//! before signing, packages verify offline, and the feed resumes from a
+//! cursor with nothing missed or repeated.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use niix::auth::{AuthConfig, Role, TokenConfig, token_hash};
+use niix::client::{Authed, authed};
+use niix::config::Limits;
+use niix::exchange::{Agreement, Content, ExchangeConfig, Redact, keys};
+use niix_proto::v1::exchange_client::ExchangeClient;
+use niix_proto::v1::findings_client::FindingsClient;
+use niix_proto::v1::scan_ingest_client::ScanIngestClient;
+use niix_proto::v1::*;
+use prost::Message;
+use tokio_stream::StreamExt;
+
+async fn push(conn: &Authed, site: &str, plate: &str, alarm: bool) -> String {
+    let raw: Vec<u8> = cargo_samples(256, 128, alarm.then_some((100, 40, 40, 30)), false)
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let mut h = header(&new_id(), plane(PlaneEncoding::RawU16le, 256, 128, &raw));
+    let m = h.metadata.as_mut().unwrap();
+    m.site_id = site.into();
+    m.vehicle_plate = plate.into();
+    m.conveyance = ConveyanceType::Container as i32;
+    let id = ScanIngestClient::new(conn.clone())
+        .push_scan(tokio_stream::iter(messages(&h, &[&raw], 1 << 16)))
+        .await
+        .unwrap();
+    id.into_inner().scan_id
+}
+
+async fn analysed(conn: &Authed, id: &str) {
+    let mut c = FindingsClient::new(conn.clone());
+    for _ in 0..300 {
+        let f = c.get_findings(GetFindingsRequest { scan_id: id.into() }).await.unwrap().into_inner();
+        if f.status == ScanStatus::Analyzed as i32 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{id} not analysed");
+}
+
+/// Packages from a subscription until it is quiet for a while.
+async fn drain(conn: &Authed, cursor: u64) -> Vec<ResultPackage> {
+    let mut s = ExchangeClient::new(conn.clone()).subscribe(SubscribeRequest { cursor }).await.unwrap().into_inner();
+    let mut out = Vec::new();
+    while let Ok(Some(p)) = tokio::time::timeout(Duration::from_millis(700), s.next()).await {
+        out.push(p.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partner_receives_exactly_its_redacted_signed_packages() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key_file, public) = keys::init(&dir.path().join("keys")).unwrap();
+    let mut config = config(&dir.path().join("data"), Limits::default());
+    let token = |id: &str, role, tok: &str| TokenConfig { identity: id.into(), role, sha256: token_hash(tok) };
+    config.auth = AuthConfig {
+        tokens: vec![
+            token("scanner", Role::Scanner, "t-scan"),
+            token("officer", Role::Officer, "t-officer"),
+            token("DE", Role::Partner, "t-de"),
+            token("FR", Role::Partner, "t-fr"),
+        ],
+    };
+    config.exchange = ExchangeConfig {
+        administration: "NL".into(),
+        signing_key: Some(key_file),
+        agreements: vec![Agreement {
+            name: "NL-DE-2026-01".into(),
+            partner: "DE".into(),
+            sites: vec!["NLRTM".into()],
+            conveyances: vec![],
+            decisions: vec!["alarm".into()],
+            content: Content::Findings,
+            redact: vec![Redact::VehiclePlate],
+            operator_reports: false,
+        }],
+    };
+    let server = niix::server::start(config).await.unwrap();
+    let url = format!("http://{}", server.addr);
+    let ch = niix::client::connect(&url).await.unwrap();
+    let (scanner, officer, de, fr) = (
+        authed(ch.clone(), Some("t-scan")).unwrap(),
+        authed(ch.clone(), Some("t-officer")).unwrap(),
+        authed(ch.clone(), Some("t-de")).unwrap(),
+        authed(ch.clone(), Some("t-fr")).unwrap(),
+    );
+
+    let shared = push(&scanner, "NLRTM", "AB-123-C", true).await;
+    let clear = push(&scanner, "NLRTM", "AB-124-C", false).await;
+    let elsewhere = push(&scanner, "DEHAM", "AB-125-C", true).await;
+    for id in [&shared, &clear, &elsewhere] {
+        analysed(&officer, id).await;
+    }
+    // An officer's verdict is not shared under this agreement.
+    FindingsClient::new(officer.clone())
+        .adjudicate(AdjudicateRequest {
+            scan_id: shared.clone(),
+            verdict: 1,
+            officer_id: "NL-1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    let got = drain(&de, 0).await;
+    assert_eq!(got.len(), 1, "only the NLRTM alarm is shared");
+    let content = keys::verify(&got[0], &public).unwrap();
+    assert_eq!((content.issuer.as_str(), content.recipient.as_str()), ("NL", "DE"));
+    assert_eq!(content.scan_id, shared);
+    assert_eq!(content.agreement, "NL-DE-2026-01");
+    let meta = content.metadata.clone().unwrap();
+    assert_eq!(meta.vehicle_plate, "", "the plate is redacted before signing");
+    assert_eq!(meta.container_numbers, vec!["CSQU3054383".to_string()], "other fields stay");
+    assert_eq!(content.reports.len(), 1);
+    assert_eq!(content.reports[0].r#type, ReportType::Machine as i32);
+    assert_eq!(content.reports[0].decision, AlarmDecision::Alarm as i32);
+
+    // Resume from the cursor: nothing repeated, the next entitled package arrives.
+    let next = push(&scanner, "NLRTM", "ZZ-9", true).await;
+    analysed(&officer, &next).await;
+    let more = drain(&de, content.sequence).await;
+    assert_eq!(more.len(), 1);
+    let c2 = keys::verify(&more[0], &public).unwrap();
+    assert_eq!(c2.scan_id, next);
+    assert!(c2.sequence > content.sequence);
+
+    // GetPackage returns the same signed bytes.
+    let again = ExchangeClient::new(de.clone())
+        .get_package(GetPackageRequest { package_id: content.package_id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again, got[0]);
+
+    // A partner without an agreement, and other roles, get nothing.
+    let err = ExchangeClient::new(fr).subscribe(SubscribeRequest { cursor: 0 }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    let err = ExchangeClient::new(officer).subscribe(SubscribeRequest { cursor: 0 }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+
+    // The partner's CLI saves and verifies; verify works offline and catches tampering.
+    let out = dir.path().join("inbox");
+    let cli = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_niix")).args(args).env("NIIX_LOG", "warn").output().unwrap()
+    };
+    let pulled = cli(&[
+        "partner",
+        "pull",
+        "--server",
+        &url,
+        "--token",
+        "t-de",
+        "--out",
+        out.to_str().unwrap(),
+        "--key",
+        &public,
+    ]);
+    assert!(pulled.status.success(), "{}", String::from_utf8_lossy(&pulled.stderr));
+    let files: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "niixpkg"))
+        .collect();
+    assert_eq!(files.len(), 2);
+    server.shutdown().await.unwrap();
+
+    let ok = cli(&["verify", files[0].to_str().unwrap(), "--key", &public]);
+    assert!(ok.status.success() && String::from_utf8_lossy(&ok.stdout).starts_with("valid"));
+    let mut pkg = ResultPackage::decode(std::fs::read(&files[0]).unwrap().as_slice()).unwrap();
+    let mut c = PackageContent::decode(pkg.content.as_slice()).unwrap();
+    c.metadata.as_mut().unwrap().vehicle_plate = "AB-123-C".into();
+    pkg.content = c.encode_to_vec();
+    let forged = dir.path().join("forged.niixpkg");
+    std::fs::write(&forged, pkg.encode_to_vec()).unwrap();
+    let bad = cli(&["verify", forged.to_str().unwrap(), "--key", &public]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("altered or forged"));
+}
