@@ -54,18 +54,32 @@ pub struct TokenConfig {
     pub sha256: String,
 }
 
+/// One accepted client certificate (mutual TLS).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateConfig {
+    /// Who presents it, e.g. the partner administration `DE`.
+    pub identity: String,
+    /// In which role.
+    pub role: Role,
+    /// Lowercase hex SHA-256 of the certificate (DER), its fingerprint.
+    pub sha256: String,
+}
+
 /// The `[auth]` section of the configuration.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// Accepted bearer tokens.
     pub tokens: Vec<TokenConfig>,
+    /// Accepted client certificates, by fingerprint (needs `[tls] client_ca`).
+    pub certificates: Vec<CertificateConfig>,
 }
 
 impl AuthConfig {
     /// True when callers must authenticate.
     pub fn enabled(&self) -> bool {
-        !self.tokens.is_empty()
+        !self.tokens.is_empty() || !self.certificates.is_empty()
     }
 }
 
@@ -99,6 +113,7 @@ pub fn token_hash(token: &str) -> String {
 #[derive(Debug, Default)]
 pub struct Authenticator {
     by_hash: HashMap<String, Caller>,
+    by_certificate: HashMap<String, Caller>,
     roles: HashMap<String, Role>,
 }
 
@@ -120,23 +135,40 @@ impl Authenticator {
             );
             a.roles.insert(t.identity.clone(), t.role);
         }
+        for c in &config.certificates {
+            anyhow::ensure!(
+                crate::header::is_sha256_hex(&c.sha256),
+                "auth certificate of {:?}: sha256 must be the certificate's 64 lowercase hex digit fingerprint",
+                c.identity
+            );
+            let caller = Caller { identity: c.identity.clone(), role: c.role.name().into() };
+            anyhow::ensure!(a.by_certificate.insert(c.sha256.clone(), caller).is_none(), "certificate listed twice");
+            if let Some(r) = a.roles.insert(c.identity.clone(), c.role) {
+                anyhow::ensure!(r == c.role, "identity {:?} has two roles", c.identity);
+            }
+        }
         Ok(a)
     }
 
     /// True when callers must authenticate.
     pub fn enabled(&self) -> bool {
-        !self.by_hash.is_empty()
+        !self.by_hash.is_empty() || !self.by_certificate.is_empty()
     }
 
-    /// The caller of `path` with these headers, or the refusal.
+    /// The caller of `path` with these headers and (under mutual TLS) this
+    /// client certificate fingerprint, or the refusal.
     pub fn check(
         &self,
         path: &str,
         headers: &http::HeaderMap,
+        certificate: Option<&str>,
     ) -> Result<Option<Caller>, (Option<Caller>, tonic::Status)> {
         let Some(allowed) = allowed_roles(path) else { return Ok(None) };
         if !self.enabled() {
             return Ok(None);
+        }
+        if let Some(caller) = certificate.and_then(|f| self.by_certificate.get(f)) {
+            return self.admit(caller, allowed, path);
         }
         let token = headers
             .get(http::header::AUTHORIZATION)
@@ -147,13 +179,23 @@ impl Authenticator {
             return Err((
                 None,
                 tonic::Status::unauthenticated(
-                    "this server requires authentication: send `authorization: Bearer <token>` (niix --token or NIIX_TOKEN)",
+                    "this server requires authentication: a client certificate it knows, or `authorization: Bearer <token>` \
+                     (niix --token or NIIX_TOKEN)",
                 ),
             ));
         };
         let Some(caller) = self.by_hash.get(&token_hash(token)) else {
             return Err((None, tonic::Status::unauthenticated("the bearer token is not known to this server")));
         };
+        self.admit(caller, allowed, path)
+    }
+
+    fn admit(
+        &self,
+        caller: &Caller,
+        allowed: &[Role],
+        path: &str,
+    ) -> Result<Option<Caller>, (Option<Caller>, tonic::Status)> {
         let role = self.roles[&caller.identity];
         if !allowed.contains(&role) {
             let names: Vec<&str> = allowed.iter().map(|r| r.name()).collect();
@@ -219,7 +261,12 @@ where
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let path = req.uri().path().to_string();
-        match self.auth.check(&path, req.headers()) {
+        let certificate = req
+            .extensions()
+            .get::<tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>>()
+            .and_then(|i| i.peer_certs())
+            .and_then(|certs| certs.first().map(|c| hex::encode(Sha256::digest(c.as_ref()))));
+        match self.auth.check(&path, req.headers(), certificate.as_deref()) {
             Ok(caller) => {
                 if let Some(c) = caller {
                     req.extensions_mut().insert(c);
@@ -253,6 +300,11 @@ mod tests {
                 TokenConfig { identity: "scanner-1".into(), role: Role::Scanner, sha256: token_hash("s3cret-scanner") },
                 TokenConfig { identity: "officer-1".into(), role: Role::Officer, sha256: token_hash("s3cret-officer") },
             ],
+            certificates: vec![CertificateConfig {
+                identity: "DE".into(),
+                role: Role::Partner,
+                sha256: "ab".repeat(32),
+            }],
         })
         .unwrap()
     }
@@ -270,27 +322,37 @@ mod tests {
         let a = auth();
         let push = "/niix.v1.ScanIngest/PushScan";
         let list = "/niix.v1.Findings/ListScans";
-        assert_eq!(a.check(push, &headers(Some("s3cret-scanner"))).unwrap().unwrap().identity, "scanner-1");
-        assert_eq!(a.check(list, &headers(Some("s3cret-officer"))).unwrap().unwrap().role, "officer");
-        let (_, s) = a.check(list, &headers(Some("s3cret-scanner"))).unwrap_err();
+        assert_eq!(a.check(push, &headers(Some("s3cret-scanner")), None).unwrap().unwrap().identity, "scanner-1");
+        assert_eq!(a.check(list, &headers(Some("s3cret-officer")), None).unwrap().unwrap().role, "officer");
+        let (_, s) = a.check(list, &headers(Some("s3cret-scanner")), None).unwrap_err();
         assert_eq!(s.code(), tonic::Code::PermissionDenied);
         assert!(s.message().contains("scanner-1 (role scanner)"), "{}", s.message());
-        assert_eq!(a.check(push, &headers(None)).unwrap_err().1.code(), tonic::Code::Unauthenticated);
-        assert_eq!(a.check(push, &headers(Some("guess"))).unwrap_err().1.code(), tonic::Code::Unauthenticated);
-        assert_eq!(a.check("/grpc.health.v1.Health/Check", &headers(None)).unwrap(), None);
+        assert_eq!(a.check(push, &headers(None), None).unwrap_err().1.code(), tonic::Code::Unauthenticated);
+        assert_eq!(a.check(push, &headers(Some("guess")), None).unwrap_err().1.code(), tonic::Code::Unauthenticated);
+        assert_eq!(a.check("/grpc.health.v1.Health/Check", &headers(None), None).unwrap(), None);
+        let de = "ab".repeat(32);
+        let sub = "/niix.v1.Exchange/Subscribe";
+        assert_eq!(a.check(sub, &headers(None), Some(&de)).unwrap().unwrap().identity, "DE");
+        assert_eq!(a.check(push, &headers(None), Some(&de)).unwrap_err().1.code(), tonic::Code::PermissionDenied);
+        assert_eq!(
+            a.check(sub, &headers(None), Some(&"cd".repeat(32))).unwrap_err().1.code(),
+            tonic::Code::Unauthenticated
+        );
     }
 
     #[test]
     fn without_tokens_everyone_is_local() {
         let a = Authenticator::new(&AuthConfig::default()).unwrap();
         assert!(!a.enabled());
-        assert_eq!(a.check("/niix.v1.ScanIngest/PushScan", &headers(None)).unwrap(), None);
+        assert_eq!(a.check("/niix.v1.ScanIngest/PushScan", &headers(None), None).unwrap(), None);
     }
 
     #[test]
     fn malformed_hashes_are_refused() {
-        let bad =
-            AuthConfig { tokens: vec![TokenConfig { identity: "x".into(), role: Role::Admin, sha256: "abc".into() }] };
+        let bad = AuthConfig {
+            tokens: vec![TokenConfig { identity: "x".into(), role: Role::Admin, sha256: "abc".into() }],
+            ..Default::default()
+        };
         assert!(Authenticator::new(&bad).unwrap_err().to_string().contains("64 lowercase hex"));
     }
 }

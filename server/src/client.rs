@@ -29,10 +29,44 @@ pub const CHUNK_BYTES: usize = 1 << 20;
 
 /// Connects to a niix server.
 pub async fn connect(url: &str) -> anyhow::Result<Channel> {
-    let endpoint = Endpoint::from_shared(url.to_string())
+    connect_tls(url, None).await
+}
+
+/// TLS settings of a client: the CA that signed the server's certificate,
+/// and optionally this client's certificate and key (mutual TLS).
+#[derive(Debug, Clone, Default)]
+pub struct ClientTls {
+    /// CA certificate, PEM.
+    pub ca: Option<std::path::PathBuf>,
+    /// Client certificate, PEM.
+    pub cert: Option<std::path::PathBuf>,
+    /// Client key, PEM.
+    pub key: Option<std::path::PathBuf>,
+    /// Name to check the server certificate against (default: the URL's host).
+    pub domain: Option<String>,
+}
+
+/// Connects, over TLS when `tls` is given (use an `https://` URL).
+pub async fn connect_tls(url: &str, tls: Option<&ClientTls>) -> anyhow::Result<Channel> {
+    let mut endpoint = Endpoint::from_shared(url.to_string())
         .with_context(|| format!("invalid server URL {url:?} (expected e.g. {DEFAULT_SERVER})"))?
         .connect_timeout(Duration::from_secs(10))
         .tcp_nodelay(true);
+    if let Some(t) = tls {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        let mut c = ClientTlsConfig::new();
+        if let Some(ca) = &t.ca {
+            c = c.ca_certificate(Certificate::from_pem(read(ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&t.cert, &t.key) {
+            c = c.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        if let Some(d) = &t.domain {
+            c = c.domain_name(d.clone());
+        }
+        endpoint = endpoint.tls_config(c).context("configuring TLS")?;
+    }
     endpoint.connect().await.with_context(|| format!("cannot reach niix server at {url}: is `niix serve` running?"))
 }
 

@@ -35,6 +35,21 @@ pub struct Config {
     pub auth: crate::auth::AuthConfig,
     /// Sharing with partner administrations.
     pub exchange: crate::exchange::ExchangeConfig,
+    /// TLS for the gRPC port (and mutual TLS when `client_ca` is set).
+    pub tls: Option<TlsConfig>,
+}
+
+/// The `[tls]` section.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Server certificate chain, PEM.
+    pub cert: PathBuf,
+    /// Server private key, PEM.
+    pub key: PathBuf,
+    /// CA whose client certificates are accepted (mutual TLS), PEM. Clients
+    /// without a certificate may still authenticate with a token.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// How scans are analysed.
@@ -80,6 +95,7 @@ impl Default for Config {
             analysis: AnalysisConfig::default(),
             auth: crate::auth::AuthConfig::default(),
             exchange: crate::exchange::ExchangeConfig::default(),
+            tls: None,
         }
     }
 }

@@ -134,7 +134,11 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
 
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
-    let router = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        builder = builder.tls_config(server_tls(tls)?).context("configuring TLS")?;
+    }
+    let router = builder
         .layer(AuthLayer::new(authenticator, gate.clone()))
         // Scans are large uploads: windows well above one 1 MiB chunk keep
         // the stream flowing while the server hashes and writes.
@@ -156,6 +160,18 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     };
     tracing::info!(%addr, ?metrics_addr, data = %config.data_dir.display(), "niix serving");
     Ok(RunningServer { addr, metrics_addr, stop, abandon, grpc, background, grace: config.shutdown_grace })
+}
+
+/// The server's TLS settings from PEM files; with a client CA, client
+/// certificates are requested and checked (optional, so token callers work).
+fn server_tls(tls: &crate::config::TlsConfig) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let mut t = ServerTlsConfig::new().identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
+    if let Some(ca) = &tls.client_ca {
+        t = t.client_ca_root(Certificate::from_pem(read(ca)?)).client_auth_optional(true);
+    }
+    Ok(t)
 }
 
 /// Loads the model repository (failing fast when ONNX Runtime is missing),

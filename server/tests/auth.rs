@@ -89,6 +89,7 @@ async fn every_rpc_checks_the_callers_role() {
                 sha256: token_hash(tok),
             })
             .collect(),
+        ..Default::default()
     };
     let server = niix::server::start(config).await.unwrap();
     let url = format!("http://{}", server.addr);

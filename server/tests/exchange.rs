@@ -70,6 +70,7 @@ async fn a_partner_receives_exactly_its_redacted_signed_packages() {
             token("DE", Role::Partner, "t-de"),
             token("FR", Role::Partner, "t-fr"),
         ],
+        ..Default::default()
     };
     config.exchange = ExchangeConfig {
         administration: "NL".into(),

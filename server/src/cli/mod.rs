@@ -113,12 +113,29 @@ pub struct ServerArg {
     /// Bearer token, when the server requires authentication.
     #[arg(long, env = "NIIX_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// CA certificate (PEM) of the server's TLS certificate; implies TLS.
+    #[arg(long = "tls-ca", env = "NIIX_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long = "tls-cert", env = "NIIX_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    #[arg(long = "tls-key", env = "NIIX_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
 }
 
 impl ServerArg {
-    /// Connects, with the token on every call.
+    /// Connects (over TLS when a CA or certificate is given), with the token
+    /// on every call.
     pub async fn connect(&self) -> anyhow::Result<crate::client::Authed> {
-        crate::client::authed(crate::client::connect(&self.server).await?, self.token.as_deref())
+        let tls = (self.tls_ca.is_some() || self.tls_cert.is_some()).then(|| crate::client::ClientTls {
+            ca: self.tls_ca.clone(),
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            domain: None,
+        });
+        let channel = crate::client::connect_tls(&self.server, tls.as_ref()).await?;
+        crate::client::authed(channel, self.token.as_deref())
     }
 }
 
