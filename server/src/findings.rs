@@ -36,6 +36,29 @@ const WATCH_BATCH: usize = 256;
 /// Tells watchers the newest event's sequence number.
 pub type EventSignal = Arc<watch::Sender<u64>>;
 
+/// How long a caught-up stream waits before looking at the event log again
+/// even without a signal.
+const EVENT_POLL: Duration = Duration::from_secs(5);
+
+/// Waits, for a caught-up stream, until a new event is signalled. Returns
+/// false when the stream must end: its client went away, or the server is
+/// shutting down (the client is told to resume from its cursor).
+pub async fn wait_for_events<T>(
+    signal: &mut watch::Receiver<u64>,
+    tx: &mpsc::Sender<std::result::Result<T, Status>>,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    tokio::select! {
+        _ = signal.changed() => true,
+        _ = tx.closed() => false,
+        _ = async { drop(stop.wait_for(|s| *s).await) } => {
+            let _ = tx.send(Err(Status::unavailable("the server is shutting down; resume from your cursor"))).await;
+            false
+        }
+        _ = tokio::time::sleep(EVENT_POLL) => true,
+    }
+}
+
 /// `niix.v1.Findings` over the store.
 #[derive(Clone)]
 pub struct FindingsService {
@@ -263,16 +286,8 @@ impl FindingsService {
                         return; // the watcher went away
                     }
                 }
-                if caught_up {
-                    tokio::select! {
-                        _ = signal.changed() => {}
-                        _ = tx.closed() => return,
-                        _ = async { drop(stop.wait_for(|s| *s).await) } => {
-                            let _ = tx.send(Err(Status::unavailable("the server is shutting down; resume from your cursor"))).await;
-                            return;
-                        }
-                        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-                    }
+                if caught_up && !wait_for_events(&mut signal, &tx, &mut stop).await {
+                    return;
                 }
             }
         });

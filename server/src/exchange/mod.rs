@@ -10,7 +10,6 @@ pub mod keys;
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use futures_util::Stream;
@@ -26,7 +25,7 @@ use tonic::{Request, Response, Status};
 
 use crate::audit::{Caller, Gate};
 use crate::error::{Error, Result, blocking};
-use crate::findings::{EventSignal, render_scan, timestamp};
+use crate::findings::{EventSignal, render_scan, timestamp, wait_for_events};
 use crate::store::{BlobStore, MetadataStore, ScanRecord, StoredEvent};
 
 /// What a partner receives besides the findings.
@@ -293,16 +292,8 @@ impl ExchangeService {
                         return;
                     }
                 }
-                if !full {
-                    tokio::select! {
-                        _ = signal.changed() => {}
-                        _ = tx.closed() => return,
-                        _ = async { drop(stop.wait_for(|s| *s).await) } => {
-                            let _ = tx.send(Err(Status::unavailable("the server is shutting down; resume from your cursor"))).await;
-                            return;
-                        }
-                        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-                    }
+                if !full && !wait_for_events(&mut signal, &tx, &mut stop).await {
+                    return;
                 }
             }
         });
