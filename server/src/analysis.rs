@@ -11,12 +11,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use niix_inference::decode::Encoding;
 use niix_inference::model::Model;
 use niix_inference::pipeline::{self, Analysis, PlaneInput};
 use niix_inference::repository::Repository;
 use niix_proto::v1::{
-    AlarmDecision, Algorithm, AssessmentFlag, PlaneEncoding, PlaneKind, Region, ReportType, ScanStatus, ThreatReport,
+    AlarmDecision, Algorithm, AssessmentFlag, PlaneKind, Region, ReportType, ScanStatus, ThreatReport,
 };
 use tokio::sync::{Notify, watch};
 
@@ -172,30 +171,28 @@ impl Analyzer {
     }
 }
 
+/// Opens one stored plane of a scan for the tensor core.
+pub fn stored_plane(record: &ScanRecord, index: usize, blobs: &dyn BlobStore) -> Result<PlaneInput> {
+    let (Some(d), Some(stored)) = (record.header.planes.get(index), record.planes.get(index)) else {
+        return Err(Error::InvalidArgument(format!(
+            "plane {index} does not exist; the scan has {}",
+            record.planes.len()
+        )));
+    };
+    let encoding = crate::header::decoder_encoding(d.encoding)
+        .ok_or_else(|| Error::Internal(format!("stored plane with encoding {}", d.encoding)))?;
+    Ok(PlaneInput {
+        kind: plane_kind_name(d.kind),
+        encoding,
+        width: d.width,
+        height: d.height,
+        reader: Box::new(blobs.open(&stored.sha256)?),
+    })
+}
+
 /// Opens every stored plane of a scan for the pipeline.
 fn plane_inputs(record: &ScanRecord, blobs: &dyn BlobStore) -> Result<Vec<PlaneInput>> {
-    record
-        .header
-        .planes
-        .iter()
-        .zip(&record.planes)
-        .map(|(d, stored)| {
-            let encoding = match PlaneEncoding::try_from(d.encoding) {
-                Ok(PlaneEncoding::RawU16le) => Encoding::RawU16Le,
-                Ok(PlaneEncoding::Tiff) => Encoding::Tiff,
-                Ok(PlaneEncoding::Png) => Encoding::Png,
-                Ok(PlaneEncoding::Dicos) => Encoding::Dicos,
-                _ => return Err(Error::Internal(format!("stored plane with encoding {}", d.encoding))),
-            };
-            Ok(PlaneInput {
-                kind: plane_kind_name(d.kind),
-                encoding,
-                width: d.width,
-                height: d.height,
-                reader: Box::new(blobs.open(&stored.sha256)?),
-            })
-        })
-        .collect()
+    (0..record.planes.len()).map(|i| stored_plane(record, i, blobs)).collect()
 }
 
 fn algorithm(model: &Model) -> Algorithm {

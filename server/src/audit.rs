@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Result, blocking};
 use crate::metrics::Metrics;
-use crate::store::{AuditEntry, AuditRecord, MetadataStore, StoreResult};
+use crate::store::{AuditEntry, MetadataStore, StoreResult};
 
 /// `prev_sha256` of the first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -147,11 +147,6 @@ impl Gate {
     }
 }
 
-/// The newest records, for `niix audit tail`.
-pub fn tail(store: &dyn MetadataStore, n: usize) -> StoreResult<Vec<AuditRecord>> {
-    store.audit_tail(n)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,7 +180,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = chain(dir.path());
         assert_eq!(verify(&db).unwrap(), Ok(6));
-        let tail = tail(&db, 2).unwrap();
+        let tail = db.audit_tail(2).unwrap();
         assert_eq!(tail.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![5, 6]);
         assert_eq!(tail[1].prev_sha256, tail[0].sha256);
     }

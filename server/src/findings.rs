@@ -6,8 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::Stream;
-use niix_inference::decode::Encoding;
-use niix_inference::pipeline::{PlaneInput, decode_plane};
+use niix_inference::pipeline::decode_plane;
 use niix_proto::v1::findings_server::Findings;
 use niix_proto::v1::{
     AdjudicateRequest, AlarmDecision, ExportTdrRequest, ExportTdrResponse, FindingsEvent, FindingsEventKind,
@@ -141,16 +140,6 @@ fn event_message(e: StoredEvent) -> FindingsEvent {
         status: e.status as i32,
         report: Some(e.report),
         at: Some(timestamp(e.at)),
-    }
-}
-
-fn stored_encoding(encoding: i32) -> Result<Encoding> {
-    match PlaneEncoding::try_from(encoding) {
-        Ok(PlaneEncoding::RawU16le) => Ok(Encoding::RawU16Le),
-        Ok(PlaneEncoding::Tiff) => Ok(Encoding::Tiff),
-        Ok(PlaneEncoding::Png) => Ok(Encoding::Png),
-        Ok(PlaneEncoding::Dicos) => Ok(Encoding::Dicos),
-        _ => Err(Error::Internal(format!("stored plane with encoding {encoding}"))),
     }
 }
 
@@ -353,13 +342,7 @@ pub fn render_scan(
         )));
     }
     let machine = latest(reports, ReportType::Machine).map(|(_, r)| r.clone());
-    let mut input = PlaneInput {
-        kind: String::new(),
-        encoding: stored_encoding(descriptor.encoding)?,
-        width: descriptor.width,
-        height: descriptor.height,
-        reader: Box::new(blobs.open(&record.planes[index].sha256)?),
-    };
+    let mut input = crate::analysis::stored_plane(record, index, blobs)?;
     let plane = decode_plane(&mut input).map_err(|e| Error::Internal(format!("decoding plane {index}: {e}")))?;
     // Regions and map are in the coordinates of the analysed plane; planes
     // of one scan share them when they have the same size.

@@ -26,6 +26,18 @@ pub fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// The decoder for a plane encoding (`None` for UNSPECIFIED or unknown).
+pub fn decoder_encoding(encoding: i32) -> Option<niix_inference::decode::Encoding> {
+    use niix_inference::decode::Encoding;
+    match PlaneEncoding::try_from(encoding).ok()? {
+        PlaneEncoding::RawU16le => Some(Encoding::RawU16Le),
+        PlaneEncoding::Tiff => Some(Encoding::Tiff),
+        PlaneEncoding::Png => Some(Encoding::Png),
+        PlaneEncoding::Dicos => Some(Encoding::Dicos),
+        PlaneEncoding::Unspecified => None,
+    }
+}
+
 /// Bytes a raw u16 plane of this size must have.
 pub fn raw_plane_bytes(d: &PlaneDescriptor) -> u64 {
     u64::from(d.width) * u64::from(d.height) * 2

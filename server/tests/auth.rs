@@ -120,7 +120,7 @@ async fn every_rpc_checks_the_callers_role() {
     // The refusals are in the audit log, with the identity when it is known.
     server.shutdown().await.unwrap();
     let db = niix::store::SqliteMetadata::open(&dir.path().join("niix.db")).unwrap();
-    let log = niix::audit::tail(&db, 1000).unwrap();
+    let log = niix::store::MetadataStore::audit_tail(&db, 1000).unwrap();
     assert!(log.iter().any(|r| r.entry.identity == "scanner-1"
         && r.entry.action == "ListScans"
         && r.entry.outcome == "PermissionDenied"));

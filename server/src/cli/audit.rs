@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde_json::json;
 
 use crate::audit;
-use crate::store::SqliteMetadata;
+use crate::store::{MetadataStore, SqliteMetadata};
 
 /// Arguments of `niix audit`.
 #[derive(Debug, clap::Args)]
@@ -60,7 +60,7 @@ pub fn run(args: AuditArgs) -> anyhow::Result<()> {
         }
         AuditCommand::Tail { data, n, json } => {
             let store = open(&data)?;
-            for r in audit::tail(&store, n)? {
+            for r in store.audit_tail(n)? {
                 let at = humantime::format_rfc3339_millis(r.entry.at).to_string();
                 if json {
                     println!(

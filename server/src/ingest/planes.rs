@@ -5,7 +5,7 @@ use std::io::{self, Write};
 use std::sync::Arc;
 
 use niix_inference::decode::{DecodeError, DecodeLimits, Encoding, decode_rows};
-use niix_proto::v1::{PlaneDescriptor, PlaneEncoding};
+use niix_proto::v1::PlaneDescriptor;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -100,13 +100,11 @@ fn consume(
 /// Checks that a complete staged plane is what its descriptor says: a
 /// decodable image of the declared size and bit depth.
 pub fn check_plane_bytes(blobs: &dyn BlobStore, scan_id: &str, plane: u32, d: &PlaneDescriptor) -> Result<()> {
-    let encoding = match PlaneEncoding::try_from(d.encoding) {
-        Ok(PlaneEncoding::RawU16le) if d.bits_stored >= 16 => return Ok(()), // size already checked; any u16 is valid
-        Ok(PlaneEncoding::RawU16le) => Encoding::RawU16Le,
-        Ok(PlaneEncoding::Tiff) => Encoding::Tiff,
-        Ok(PlaneEncoding::Png) => Encoding::Png,
-        Ok(PlaneEncoding::Dicos) => Encoding::Dicos,
-        _ => return Err(Error::InvalidArgument(format!("plane {plane}: unsupported encoding {}", d.encoding))),
+    let encoding = match crate::header::decoder_encoding(d.encoding) {
+        // Size already checked; any u16 is valid.
+        Some(Encoding::RawU16Le) if d.bits_stored >= 16 => return Ok(()),
+        Some(e) => e,
+        None => return Err(Error::InvalidArgument(format!("plane {plane}: unsupported encoding {}", d.encoding))),
     };
     let reader = blobs.read_staged(scan_id, plane)?;
     let ceiling: u32 = 1 << d.bits_stored;
