@@ -41,12 +41,13 @@ fn fill(dir: &std::path::Path) {
         let record = ScanRecord {
             scan_id: id.clone(),
             header,
-            planes: vec![PlaneDigest { sha256: format!("{i:064x}"), byte_length: 25_000_000 }],
+            planes: vec![PlaneDigest::full(format!("{i:064x}"), 25_000_000)],
             header_sha256: format!("{i:064}"),
             status: ScanStatus::Queued,
             received_at: SystemTime::now(),
             decision: 0,
             score: None,
+            origin: String::new(),
         };
         db.commit_scan(&record).expect("commit");
         let decision = if i % 10 == 0 { AlarmDecision::Alarm } else { AlarmDecision::Clear };

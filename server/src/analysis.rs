@@ -179,13 +179,20 @@ pub fn stored_plane(record: &ScanRecord, index: usize, blobs: &dyn BlobStore) ->
             record.planes.len()
         )));
     };
-    let encoding = crate::header::decoder_encoding(d.encoding)
-        .ok_or_else(|| Error::Internal(format!("stored plane with encoding {}", d.encoding)))?;
+    let (encoding, width, height) = match stored.downsampled {
+        // A partner's downsampled share: a PNG of the plane averaged over f x f.
+        f if f > 1 => (niix_inference::decode::Encoding::Png, d.width.div_ceil(f), d.height.div_ceil(f)),
+        _ => {
+            let encoding = crate::header::decoder_encoding(d.encoding)
+                .ok_or_else(|| Error::Internal(format!("stored plane with encoding {}", d.encoding)))?;
+            (encoding, d.width, d.height)
+        }
+    };
     Ok(PlaneInput {
         kind: plane_kind_name(d.kind),
         encoding,
-        width: d.width,
-        height: d.height,
+        width,
+        height,
         reader: Box::new(blobs.open(&stored.sha256)?),
     })
 }

@@ -29,6 +29,9 @@ pub enum Error {
     /// The object does not exist.
     #[error("{0}")]
     NotFound(String),
+    /// The caller is known but may not do this.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The server is shutting down.
     #[error("{0}")]
     Unavailable(String),
@@ -51,6 +54,7 @@ impl Error {
             Error::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
             Error::Aborted(_) => tonic::Code::Aborted,
             Error::NotFound(_) => tonic::Code::NotFound,
+            Error::PermissionDenied(_) => tonic::Code::PermissionDenied,
             Error::Unavailable(_) => tonic::Code::Unavailable,
             Error::Store(_) | Error::Internal(_) => tonic::Code::Internal,
         }

@@ -94,12 +94,14 @@ pub fn scan_message(r: &ScanRecord) -> Scan {
                 descriptor: Some(d.clone()),
                 sha256: p.sha256.clone(),
                 byte_length: p.byte_length,
+                downsampled: p.downsampled,
             })
             .collect(),
         status: r.status as i32,
         received_at: Some(timestamp(r.received_at)),
         decision: r.decision,
         score: r.score.unwrap_or(0.0),
+        origin: r.origin.clone(),
     }
 }
 
@@ -342,6 +344,14 @@ pub fn render_scan(
         )));
     }
     let machine = latest(reports, ReportType::Machine).map(|(_, r)| r.clone());
+    if !record.origin.is_empty() && record.planes.get(index).is_none() {
+        return Err(Error::FailedPrecondition(format!(
+            "scan {} came from {} without its planes (the sharing agreement does not include image content)",
+            record.scan_id, record.origin
+        )));
+    }
+    // A partner's downsampled share is drawn at its size, regions scaled down.
+    let factor = record.planes.get(index).map_or(1, |p| p.downsampled.max(1));
     let mut input = crate::analysis::stored_plane(record, index, blobs)?;
     let plane = decode_plane(&mut input).map_err(|e| Error::Internal(format!("decoding plane {index}: {e}")))?;
     // Regions and map are in the coordinates of the analysed plane; planes
@@ -349,7 +359,8 @@ pub fn render_scan(
     let analysed = machine.as_ref().and_then(|m| planes_size(record, m.plane_index as usize));
     let same_grid = analysed == Some((descriptor.width, descriptor.height));
     let map = match (&machine, same_grid) {
-        (Some(m), true) if !m.anomaly_map_sha256.is_empty() => {
+        // A foreign scan's map stays with its issuer.
+        (Some(m), true) if !m.anomaly_map_sha256.is_empty() && blobs.blob_len(&m.anomaly_map_sha256)?.is_some() => {
             let mut bytes = Vec::new();
             std::io::Read::read_to_end(&mut blobs.open(&m.anomaly_map_sha256)?, &mut bytes)
                 .map_err(|e| Error::Internal(format!("reading anomaly map: {e}")))?;
@@ -357,10 +368,17 @@ pub fn render_scan(
         }
         _ => None,
     };
-    let regions = match (&machine, same_grid) {
+    let mut regions = match (&machine, same_grid) {
         (Some(m), true) => m.regions.clone(),
         _ => Vec::new(),
     };
+    if factor > 1 {
+        for r in &mut regions {
+            (r.x, r.y) = (r.x / factor, r.y / factor);
+            (r.width, r.height) = (r.width.div_ceil(factor).max(1), r.height.div_ceil(factor).max(1));
+        }
+    }
+    let map = map.filter(|_| factor == 1);
     let window = (req.window_high != 0).then_some((req.window_low as u16, req.window_high as u16));
     let options = OverlayOptions { max_width: req.max_width, window, heat: !req.hide_heat, boxes: !req.hide_boxes };
     let o = render(&plane, map.as_ref().map(|(m, s)| (m, *s)), &regions, &options)?;

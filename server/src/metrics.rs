@@ -52,6 +52,10 @@ pub struct Metrics {
     pub analysis_seconds: Histogram,
     /// Scans waiting for analysis.
     pub analysis_queue_depth: Gauge,
+    /// Packages pushed to partners and acknowledged.
+    pub packages_pushed: Counter,
+    /// Failed push attempts to partners (each is retried).
+    pub outbox_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -87,6 +91,10 @@ impl Metrics {
         registry.register("analyses", "Finished analyses by outcome", analyses.clone());
         registry.register("analysis_duration_seconds", "Duration of analyses", analysis_seconds.clone());
         registry.register("analysis_queue_depth", "Scans waiting for analysis", analysis_queue_depth.clone());
+        let packages_pushed = Counter::default();
+        let outbox_failures = Counter::default();
+        registry.register("packages_pushed", "Packages pushed to partners and acknowledged", packages_pushed.clone());
+        registry.register("outbox_failures", "Failed push attempts to partners", outbox_failures.clone());
         Metrics {
             registry: Arc::new(registry),
             scans_received,
@@ -97,6 +105,8 @@ impl Metrics {
             analyses,
             analysis_seconds,
             analysis_queue_depth,
+            packages_pushed,
+            outbox_failures,
         }
     }
 

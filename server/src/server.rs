@@ -104,6 +104,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         events.clone(),
         stop_rx.clone(),
     )?;
+    background.extend(crate::exchange::outbox::start(&exchange, stop_rx.clone()));
     let findings = FindingsService::new(meta.clone(), blobs.clone(), gate.clone(), events, stop_rx.clone());
     let ingest = Arc::new(Ingest::new(meta.clone(), blobs, config.limits.clone(), metrics.clone(), abandon_rx, wake));
     let swept = ingest.sweep_staging().await.context("sweeping unfinished uploads")?;
@@ -148,7 +149,11 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         .add_service(reflection)
         .add_service(ScanIngestServer::new(IngestService::new(ingest, gate)))
         .add_service(FindingsServer::new(findings))
-        .add_service(ExchangeServer::new(exchange));
+        .add_service(
+            ExchangeServer::new(exchange)
+                .max_decoding_message_size(crate::exchange::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(crate::exchange::MAX_MESSAGE_BYTES),
+        );
     let mut grpc_stop = stop_rx.clone();
     let grpc = tokio::spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
         let _ = grpc_stop.wait_for(|s| *s).await;

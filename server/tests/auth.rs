@@ -18,7 +18,7 @@ const ROLES: [(Role, &str); 4] = [
     (Role::Admin, "tok-admin"),
 ];
 
-const RPCS: [&str; 12] = [
+const RPCS: [&str; 14] = [
     "PushScan",
     "GetUploadStatus",
     "AbortUpload",
@@ -31,6 +31,8 @@ const RPCS: [&str; 12] = [
     "ExportTdr",
     "Subscribe",
     "GetPackage",
+    "GetPlane",
+    "Receive",
 ];
 
 /// Calls one RPC with harmless arguments; returns the status code.
@@ -59,6 +61,10 @@ async fn call(rpc: &str, conn: niix::client::Authed) -> Code {
         "ExportTdr" => findings.export_tdr(ExportTdrRequest { scan_id: id, report: 0 }).await.map(drop),
         "Subscribe" => exchange.subscribe(SubscribeRequest { cursor: 0 }).await.map(drop),
         "GetPackage" => exchange.get_package(GetPackageRequest { package_id: "NL.DE.1".into() }).await.map(drop),
+        "GetPlane" => {
+            exchange.get_plane(GetPlaneRequest { package_id: "NL.DE.1".into(), ..Default::default() }).await.map(drop)
+        }
+        "Receive" => exchange.receive(tokio_stream::iter(Vec::<ReceiveRequest>::new())).await.map(drop),
         other => panic!("no such RPC {other}"),
     };
     match r {
@@ -71,7 +77,7 @@ fn allowed(rpc: &str, role: Role) -> bool {
     match rpc {
         "PushScan" | "GetUploadStatus" | "AbortUpload" => matches!(role, Role::Scanner | Role::Admin),
         "Adjudicate" => role == Role::Officer,
-        "Subscribe" | "GetPackage" => role == Role::Partner,
+        "Subscribe" | "GetPackage" | "GetPlane" | "Receive" => role == Role::Partner,
         _ => matches!(role, Role::Officer | Role::Admin),
     }
 }

@@ -84,7 +84,9 @@ async fn a_partner_receives_exactly_its_redacted_signed_packages() {
             content: Content::Findings,
             redact: vec![Redact::VehiclePlate],
             operator_reports: false,
+            ..Default::default()
         }],
+        ..Default::default()
     };
     let server = niix::server::start(config).await.unwrap();
     let url = format!("http://{}", server.addr);

@@ -14,36 +14,7 @@ use niix::exchange::{Agreement, Content, ExchangeConfig, keys};
 use niix_proto::v1::exchange_client::ExchangeClient;
 use niix_proto::v1::scan_ingest_client::ScanIngestClient;
 use niix_proto::v1::*;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use tokio_stream::StreamExt;
-
-struct Pki {
-    dir: std::path::PathBuf,
-}
-
-impl Pki {
-    fn write(&self, name: &str, text: &str) -> std::path::PathBuf {
-        let p = self.dir.join(name);
-        std::fs::write(&p, text).unwrap();
-        p
-    }
-}
-
-fn ca(name: &str) -> (rcgen::Certificate, Issuer<'static, KeyPair>) {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, name);
-    let key = KeyPair::generate().unwrap();
-    let cert = params.self_signed(&key).unwrap();
-    (cert, Issuer::new(params, key))
-}
-
-fn leaf(name: &str, issuer: &Issuer<'static, KeyPair>) -> (rcgen::Certificate, KeyPair) {
-    let mut params = CertificateParams::new(vec![name.to_string()]).unwrap();
-    params.distinguished_name.push(DnType::CommonName, name);
-    let key = KeyPair::generate().unwrap();
-    (params.signed_by(&key, issuer).unwrap(), key)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partners_authenticate_with_their_certificates() {
@@ -85,7 +56,9 @@ async fn partners_authenticate_with_their_certificates() {
             content: Content::Findings,
             redact: vec![],
             operator_reports: false,
+            ..Default::default()
         }],
+        ..Default::default()
     };
     let server = niix::server::start(config).await.unwrap();
     let url = format!("https://127.0.0.1:{}", server.addr.port());

@@ -87,15 +87,21 @@ pub fn sign(key: &SigningKey, content: &PackageContent) -> ResultPackage {
     ResultPackage { content: bytes, signature: signature.to_bytes().to_vec(), signer_public_key: public_hex(key) }
 }
 
+/// Parses a public key given as hex; returns it normalised and decoded.
+pub fn parse_public(public_key_hex: &str) -> Result<(String, VerifyingKey), VerifyError> {
+    let hex_key = public_key_hex.trim().to_ascii_lowercase();
+    let bytes: [u8; 32] = hex::decode(&hex_key)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| VerifyError::BadKey(hex_key.clone()))?;
+    let key = VerifyingKey::from_bytes(&bytes).map_err(|e| VerifyError::BadKey(e.to_string()))?;
+    Ok((hex_key, key))
+}
+
 /// Checks a package against the issuer's public key (hex) and returns its
 /// content. Needs no server.
 pub fn verify(package: &ResultPackage, public_key_hex: &str) -> Result<PackageContent, VerifyError> {
-    let expected = public_key_hex.trim().to_ascii_lowercase();
-    let key_bytes: [u8; 32] = hex::decode(&expected)
-        .ok()
-        .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| VerifyError::BadKey(expected.clone()))?;
-    let key = VerifyingKey::from_bytes(&key_bytes).map_err(|e| VerifyError::BadKey(e.to_string()))?;
+    let (expected, key) = parse_public(public_key_hex)?;
     if package.signer_public_key != expected {
         return Err(VerifyError::WrongSigner { found: package.signer_public_key.clone(), expected });
     }

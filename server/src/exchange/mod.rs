@@ -1,89 +1,45 @@
-//! Sharing results with partner administrations: sharing agreements,
-//! redaction, signed result packages and the pull feed (`niix.v1.Exchange`).
+//! Sharing results with partner administrations (`niix.v1.Exchange`):
+//! sharing agreements, redaction, signed result packages, the pull feed, and
+//! push federation (an outbox on the sending side, `Receive` on the other).
 //!
 //! Packages are derived from the event log: every MACHINE or OPERATOR report
 //! stored is an event, and a partner's feed is the events its agreement
 //! entitles it to, each redacted and signed. A package's sequence number is
-//! its event's, so a partner resumes from the last sequence it saw.
+//! its event's, so a partner resumes from the last sequence it saw, and a
+//! package fetched again is the same package.
 
+pub mod agreement;
+pub mod images;
 pub mod keys;
+pub mod outbox;
+pub mod receive;
 
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 
+pub use agreement::{Agreement, Content, PushTarget, Redact};
 use ed25519_dalek::SigningKey;
 use futures_util::Stream;
 use niix_proto::v1::exchange_server::Exchange;
 use niix_proto::v1::{
-    AlarmDecision, ConveyanceType, GetPackageRequest, PackageContent, RenderOverlayRequest, ReportType, ResultPackage,
-    ScanMetadata, SubscribeRequest, ThreatReport,
+    GetPackageRequest, GetPlaneRequest, PackageContent, PlaneChunk, ReceiveReceipt, ReceiveRequest,
+    RenderOverlayRequest, ResultPackage, SubscribeRequest,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::audit::{Caller, Gate};
 use crate::error::{Error, Result, blocking};
 use crate::findings::{EventSignal, render_scan, timestamp, wait_for_events};
-use crate::store::{BlobStore, MetadataStore, ScanRecord, StoredEvent};
+use crate::store::{BlobStore, MetadataStore, StoredEvent};
 
-/// What a partner receives besides the findings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Content {
-    /// Metadata and reports only.
-    #[default]
-    Findings,
-    /// Plus the overlay PNG (1024 px wide) of the analysed plane.
-    FindingsOverlay,
-}
-
-/// Metadata fields an agreement can withhold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Redact {
-    /// `metadata.vehicle_plate`.
-    VehiclePlate,
-    /// `metadata.declarations` (UCR/MRN).
-    Declarations,
-    /// `operator_id` of OPERATOR reports.
-    OfficerIds,
-    /// Free text: `metadata.remarks`, report and region comments.
-    FreeText,
-    /// `metadata.container_numbers`.
-    ContainerNumbers,
-    /// `metadata.scanner` (make, model, serial).
-    Scanner,
-}
-
-/// One sharing agreement with one partner administration.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Agreement {
-    /// Agreement reference, e.g. "NL-DE-2026-01".
-    pub name: String,
-    /// The partner's identity (an `[[auth.tokens]]` identity with role partner).
-    pub partner: String,
-    /// Only scans from these sites (empty: all).
-    #[serde(default)]
-    pub sites: Vec<String>,
-    /// Only these conveyances: container, truck, rail_wagon, parcel, baggage, vehicle (empty: all).
-    #[serde(default)]
-    pub conveyances: Vec<String>,
-    /// Only these machine decisions: alarm, clear, unknown (empty: all).
-    #[serde(default)]
-    pub decisions: Vec<String>,
-    /// What is shared besides metadata and reports.
-    #[serde(default)]
-    pub content: Content,
-    /// Fields withheld.
-    #[serde(default)]
-    pub redact: Vec<Redact>,
-    /// Share officers' OPERATOR reports too.
-    #[serde(default)]
-    pub operator_reports: bool,
-}
+/// Largest exchange message (a package with downsampled planes, or a chunk).
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// Plane bytes per `PlaneChunk`.
+pub const CHUNK_BYTES: usize = 1 << 20;
 
 /// The `[exchange]` section of the configuration.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -92,54 +48,22 @@ pub struct ExchangeConfig {
     /// This administration's id in packages, e.g. "NL".
     pub administration: String,
     /// The Ed25519 signing key (`niix keys init`).
-    pub signing_key: Option<std::path::PathBuf>,
-    /// One entry per partner.
+    pub signing_key: Option<PathBuf>,
+    /// One entry per partner this administration shares with.
     pub agreements: Vec<Agreement>,
+    /// Partner administrations whose pushed packages are accepted.
+    pub issuers: Vec<Issuer>,
 }
 
-fn lower_name(full: &str, prefix: &str) -> String {
-    full.strip_prefix(prefix).unwrap_or(full).to_ascii_lowercase()
-}
-
-impl Agreement {
-    /// True when a report event on `scan` is shared under this agreement.
-    pub fn entitles(&self, scan: &ScanRecord, report: &ThreatReport) -> bool {
-        let meta = scan.header.metadata.clone().unwrap_or_default();
-        if !self.sites.is_empty() && !self.sites.contains(&meta.site_id) {
-            return false;
-        }
-        let conveyance = ConveyanceType::try_from(meta.conveyance).map(|c| c.as_str_name()).unwrap_or("");
-        if !self.conveyances.is_empty() && !self.conveyances.contains(&lower_name(conveyance, "CONVEYANCE_TYPE_")) {
-            return false;
-        }
-        let is_operator = report.r#type == ReportType::Operator as i32;
-        if is_operator && !self.operator_reports {
-            return false;
-        }
-        let machine_decision = if is_operator { scan.decision } else { report.decision };
-        let decision = AlarmDecision::try_from(machine_decision).map(|d| d.as_str_name()).unwrap_or("");
-        self.decisions.is_empty() || self.decisions.contains(&lower_name(decision, "ALARM_DECISION_"))
-    }
-
-    /// Withholds the agreed fields, before signing.
-    pub fn redact(&self, meta: &mut ScanMetadata, reports: &mut [ThreatReport]) {
-        for r in &self.redact {
-            match r {
-                Redact::VehiclePlate => meta.vehicle_plate.clear(),
-                Redact::Declarations => meta.declarations.clear(),
-                Redact::ContainerNumbers => meta.container_numbers.clear(),
-                Redact::Scanner => meta.scanner = None,
-                Redact::OfficerIds => reports.iter_mut().for_each(|rep| rep.operator_id.clear()),
-                Redact::FreeText => {
-                    meta.remarks.clear();
-                    for rep in reports.iter_mut() {
-                        rep.comment.clear();
-                        rep.regions.iter_mut().for_each(|g| g.comment.clear());
-                    }
-                }
-            }
-        }
-    }
+/// A partner administration allowed to push packages here.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Issuer {
+    /// Its id, as in its packages and as its caller identity here (an
+    /// `[auth]` token or certificate with role partner).
+    pub administration: String,
+    /// Its public key (hex, from its `niix keys show`).
+    pub public_key: String,
 }
 
 /// Package id of a partner's package at a sequence.
@@ -147,7 +71,7 @@ pub fn package_id(issuer: &str, recipient: &str, sequence: u64) -> String {
     format!("{issuer}.{recipient}.{sequence}")
 }
 
-/// Makes and signs packages, and serves the feed.
+/// Makes and signs packages, serves the feed, and receives pushed packages.
 #[derive(Clone)]
 pub struct ExchangeService {
     meta: Arc<dyn MetadataStore>,
@@ -173,14 +97,25 @@ impl ExchangeService {
             Some(p) => Some(Arc::new(keys::load(p)?)),
             None => None,
         };
+        if !config.agreements.is_empty() || !config.issuers.is_empty() {
+            anyhow::ensure!(!config.administration.is_empty(), "[exchange] administration is not set (e.g. \"NL\")");
+        }
         if !config.agreements.is_empty() {
             anyhow::ensure!(
                 key.is_some(),
                 "[exchange] has agreements but no signing_key (make one with `niix keys init`)"
             );
-            anyhow::ensure!(!config.administration.is_empty(), "[exchange] administration is not set (e.g. \"NL\")");
+        }
+        for i in &config.issuers {
+            keys::parse_public(&i.public_key)
+                .map_err(|e| anyhow::anyhow!("[[exchange.issuers]] {}: {e}", i.administration))?;
         }
         Ok(ExchangeService { meta, blobs, config: Arc::new(config), key, gate, events, stop })
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &ExchangeConfig {
+        &self.config
     }
 
     fn agreement_of(&self, caller: &Caller) -> Result<Agreement> {
@@ -193,7 +128,7 @@ impl ExchangeService {
     }
 
     /// The signed package of one event for one agreement, if it entitles.
-    fn package(&self, agreement: &Agreement, event: &StoredEvent) -> Result<Option<ResultPackage>> {
+    pub fn package(&self, agreement: &Agreement, event: &StoredEvent) -> Result<Option<ResultPackage>> {
         let Some(record) = self.meta.get_scan(&event.scan_id)? else { return Ok(None) };
         if !agreement.entitles(&record, &event.report) {
             return Ok(None);
@@ -203,7 +138,6 @@ impl ExchangeService {
         let mut reports = vec![event.report.clone()];
         agreement.redact(&mut meta, &mut reports);
         let overlay_png = match agreement.content {
-            Content::Findings => Vec::new(),
             Content::FindingsOverlay => {
                 let all = self.meta.reports(&record.scan_id)?;
                 let req = RenderOverlayRequest {
@@ -214,6 +148,11 @@ impl ExchangeService {
                 };
                 render_scan(self.blobs.as_ref(), &record, &all, &req)?.png
             }
+            _ => Vec::new(),
+        };
+        let plane_images = match agreement.content {
+            Content::FindingsPlanes => images::plane_images(self.blobs.as_ref(), &record, agreement.plane_width)?,
+            _ => Vec::new(),
         };
         let issuer = &self.config.administration;
         let content = PackageContent {
@@ -228,28 +167,67 @@ impl ExchangeService {
             planes: record.header.planes.clone(),
             reports,
             overlay_png,
+            plane_images,
+            full_planes: agreement.content == Content::FullPlanes && record.planes.len() == record.header.planes.len(),
+            origin: record.origin.clone(),
         };
         Ok(Some(keys::sign(key, &content)))
+    }
+
+    /// The package with this id for `agreement`'s partner, with its scan's
+    /// event (for the planes).
+    fn find_package(&self, agreement: &Agreement, id: &str) -> Result<(ResultPackage, StoredEvent)> {
+        let prefix = format!("{}.{}.", self.config.administration, agreement.partner);
+        let missing = || Error::NotFound(format!("no package {id} for {}", agreement.partner));
+        let seq: u64 = id.strip_prefix(&prefix).and_then(|s| s.parse().ok()).filter(|s| *s > 0).ok_or_else(missing)?;
+        let event = self.meta.events_after(seq - 1, None, 1)?.into_iter().find(|e| e.seq == seq).ok_or_else(missing)?;
+        let package = self.package(agreement, &event)?.ok_or_else(missing)?;
+        Ok((package, event))
     }
 
     /// One package by id, for its partner.
     pub async fn get_package(&self, caller: &Caller, id: &str) -> Result<ResultPackage> {
         let agreement = self.agreement_of(caller)?;
-        let prefix = format!("{}.{}.", self.config.administration, agreement.partner);
-        let seq: u64 = id
-            .strip_prefix(&prefix)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| Error::NotFound(format!("no package {id} for {}", agreement.partner)))?;
         let this = self.clone();
         let id = id.to_string();
-        blocking(move || {
-            let event = this.meta.events_after(seq - 1, None, 1)?.into_iter().find(|e| e.seq == seq);
-            match event {
-                Some(e) => this.package(&agreement, &e)?.ok_or_else(|| Error::NotFound(format!("no package {id}"))),
-                None => Err(Error::NotFound(format!("no package {id}"))),
+        blocking(move || Ok(this.find_package(&agreement, &id)?.0)).await
+    }
+
+    /// The bytes of one plane of a full-planes package, from `offset`.
+    pub async fn get_plane(
+        &self,
+        caller: &Caller,
+        req: GetPlaneRequest,
+    ) -> Result<ReceiverStream<std::result::Result<PlaneChunk, Status>>> {
+        let agreement = self.agreement_of(caller)?;
+        if agreement.content != Content::FullPlanes {
+            return Err(Error::PermissionDenied(format!(
+                "agreement {} does not share full planes (content is {:?})",
+                agreement.name, agreement.content
+            )));
+        }
+        let this = self.clone();
+        let id = req.package_id.clone();
+        let reader = blocking(move || {
+            let (_, event) = this.find_package(&agreement, &id)?;
+            let record = this.meta.get_scan(&event.scan_id)?.ok_or_else(|| Error::NotFound(id.clone()))?;
+            let index = req.plane_index as usize;
+            let plane = record.planes.get(index).ok_or_else(|| {
+                Error::InvalidArgument(format!("plane {index} does not exist; the scan has {}", record.planes.len()))
+            })?;
+            if req.offset > plane.byte_length {
+                return Err(Error::InvalidArgument(format!(
+                    "offset {} is past the plane's {} bytes",
+                    req.offset, plane.byte_length
+                )));
             }
+            let mut reader = this.blobs.open(&plane.sha256)?;
+            std::io::Seek::seek(&mut reader, std::io::SeekFrom::Start(req.offset))
+                .map_err(|e| Error::Internal(format!("seeking plane {index}: {e}")))?;
+            Ok(reader)
         })
-        .await
+        .await?;
+        Ok(stream_plane(reader, req.plane_index, req.offset))
     }
 
     /// The feed after `cursor`.
@@ -265,18 +243,7 @@ impl ExchangeService {
         let mut stop = self.stop.clone();
         tokio::spawn(async move {
             loop {
-                let (t, a) = (this.clone(), agreement.clone());
-                let batch = blocking(move || {
-                    let events = t.meta.events_after(cursor, None, 64)?;
-                    let full = events.len() == 64;
-                    let mut out = Vec::new();
-                    for e in events {
-                        let seq = e.seq;
-                        out.push((seq, t.package(&a, &e)?));
-                    }
-                    Ok((out, full))
-                })
-                .await;
+                let batch = this.next_packages(&agreement, cursor).await;
                 let (packages, full) = match batch {
                     Ok(b) => b,
                     Err(e) => {
@@ -299,13 +266,76 @@ impl ExchangeService {
         });
         Ok(ReceiverStream::new(rx))
     }
+
+    /// The next events after `cursor` with their packages for `agreement`
+    /// (`None` where it is not entitled), and whether there may be more.
+    pub async fn next_packages(
+        &self,
+        agreement: &Agreement,
+        cursor: u64,
+    ) -> Result<(Vec<(u64, Option<ResultPackage>)>, bool)> {
+        const BATCH: usize = 64;
+        let (t, a) = (self.clone(), agreement.clone());
+        blocking(move || {
+            let events = t.meta.events_after(cursor, None, BATCH)?;
+            let full = events.len() == BATCH;
+            let out = events.iter().map(|e| Ok((e.seq, t.package(&a, e)?))).collect::<Result<Vec<_>>>()?;
+            Ok((out, full))
+        })
+        .await
+    }
+}
+
+/// Streams a plane's bytes from a positioned reader in [`CHUNK_BYTES`] chunks.
+pub fn stream_plane(
+    mut reader: Box<dyn crate::store::ReadSeek>,
+    plane_index: u32,
+    mut offset: u64,
+) -> ReceiverStream<std::result::Result<PlaneChunk, Status>> {
+    let (tx, rx) = mpsc::channel(4);
+    tokio::task::spawn_blocking(move || {
+        loop {
+            let mut data = vec![0u8; CHUNK_BYTES];
+            let n = match read_full(&mut reader, &mut data) {
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(Status::internal(format!("reading plane {plane_index}: {e}"))));
+                    return;
+                }
+            };
+            if n == 0 {
+                return;
+            }
+            data.truncate(n);
+            let chunk = PlaneChunk { plane_index, offset, data };
+            offset += n as u64;
+            if tx.blocking_send(Ok(chunk)).is_err() {
+                return;
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// Reads until `buf` is full or the input ends.
+fn read_full(reader: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match reader.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
 }
 
 type PackageStream = Pin<Box<dyn Stream<Item = std::result::Result<ResultPackage, Status>> + Send>>;
+type ChunkStream = Pin<Box<dyn Stream<Item = std::result::Result<PlaneChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Exchange for ExchangeService {
     type SubscribeStream = PackageStream;
+    type GetPlaneStream = ChunkStream;
 
     async fn subscribe(
         &self,
@@ -326,104 +356,24 @@ impl Exchange for ExchangeService {
         let result = ExchangeService::get_package(self, &caller, &id).await;
         self.gate.reply(&caller, "GetPackage", &id, result).await
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use niix_proto::v1::{DeclarationReference, Region, ScanHeader, Scanner};
-
-    use super::*;
-
-    fn agreement(redact: Vec<Redact>) -> Agreement {
-        Agreement {
-            name: "NL-DE".into(),
-            partner: "DE".into(),
-            sites: vec!["NLRTM".into()],
-            conveyances: vec!["container".into()],
-            decisions: vec!["alarm".into()],
-            content: Content::Findings,
-            redact,
-            operator_reports: false,
-        }
+    async fn get_plane(
+        &self,
+        request: Request<GetPlaneRequest>,
+    ) -> std::result::Result<Response<Self::GetPlaneStream>, Status> {
+        let caller = Caller::of(&request);
+        let req = request.into_inner();
+        let object = format!("{}#plane{}", req.package_id, req.plane_index);
+        let result = ExchangeService::get_plane(self, &caller, req).await.map(|s| Box::pin(s) as ChunkStream);
+        self.gate.reply(&caller, "GetPlane", &object, result).await
     }
 
-    fn scan(site: &str, conveyance: ConveyanceType, decision: AlarmDecision) -> ScanRecord {
-        ScanRecord {
-            scan_id: "s".into(),
-            header: ScanHeader {
-                scan_id: "s".into(),
-                metadata: Some(ScanMetadata {
-                    site_id: site.into(),
-                    conveyance: conveyance as i32,
-                    ..Default::default()
-                }),
-                planes: vec![],
-            },
-            planes: vec![],
-            header_sha256: String::new(),
-            status: niix_proto::v1::ScanStatus::Analyzed,
-            received_at: std::time::SystemTime::now(),
-            decision: decision as i32,
-            score: None,
-        }
-    }
-
-    fn machine(decision: AlarmDecision) -> ThreatReport {
-        ThreatReport { r#type: ReportType::Machine as i32, decision: decision as i32, ..Default::default() }
-    }
-
-    #[test]
-    fn entitlement_follows_site_conveyance_decision_and_report_type() {
-        let a = agreement(vec![]);
-        let alarm = AlarmDecision::Alarm;
-        assert!(a.entitles(&scan("NLRTM", ConveyanceType::Container, alarm), &machine(alarm)));
-        assert!(!a.entitles(&scan("DEHAM", ConveyanceType::Container, alarm), &machine(alarm)));
-        assert!(!a.entitles(&scan("NLRTM", ConveyanceType::Truck, alarm), &machine(alarm)));
-        assert!(!a.entitles(&scan("NLRTM", ConveyanceType::Container, alarm), &machine(AlarmDecision::Clear)));
-        let operator = ThreatReport { r#type: ReportType::Operator as i32, ..Default::default() };
-        assert!(!a.entitles(&scan("NLRTM", ConveyanceType::Container, alarm), &operator));
-        let b = Agreement { operator_reports: true, ..a };
-        assert!(b.entitles(&scan("NLRTM", ConveyanceType::Container, alarm), &operator));
-    }
-
-    #[test]
-    fn each_redaction_removes_exactly_its_field() {
-        let full = ScanMetadata {
-            site_id: "NLRTM".into(),
-            vehicle_plate: "XX-123-Y".into(),
-            declarations: vec![DeclarationReference { kind: 2, value: "MRN1".into() }],
-            container_numbers: vec!["CSQU3054383".into()],
-            scanner: Some(Scanner { serial_number: "S1".into(), ..Default::default() }),
-            remarks: "seal broken".into(),
-            ..Default::default()
-        };
-        let report = ThreatReport {
-            operator_id: "NL-4711".into(),
-            comment: "looks like a weapon".into(),
-            regions: vec![Region { comment: "barrel".into(), ..Default::default() }],
-            ..Default::default()
-        };
-        type Removed = fn(&ScanMetadata, &ThreatReport) -> bool;
-        let cases: [(Redact, Removed); 6] = [
-            (Redact::VehiclePlate, |m, _| m.vehicle_plate.is_empty()),
-            (Redact::Declarations, |m, _| m.declarations.is_empty()),
-            (Redact::ContainerNumbers, |m, _| m.container_numbers.is_empty()),
-            (Redact::Scanner, |m, _| m.scanner.is_none()),
-            (Redact::OfficerIds, |_, r| r.operator_id.is_empty()),
-            (Redact::FreeText, |m, r| m.remarks.is_empty() && r.comment.is_empty() && r.regions[0].comment.is_empty()),
-        ];
-        for (field, removed) in cases {
-            let mut m = full.clone();
-            let mut r = [report.clone()];
-            agreement(vec![field]).redact(&mut m, &mut r);
-            assert!(removed(&m, &r[0]), "{field:?} not removed");
-            // Every other field is untouched.
-            for (other, gone) in cases {
-                if other != field {
-                    assert!(!gone(&m, &r[0]), "{field:?} also removed {other:?}");
-                }
-            }
-            assert_eq!(m.site_id, "NLRTM");
-        }
+    async fn receive(
+        &self,
+        request: Request<Streaming<ReceiveRequest>>,
+    ) -> std::result::Result<Response<ReceiveReceipt>, Status> {
+        let caller = Caller::of(&request);
+        let (result, object) = receive::receive(self, &caller, request.into_inner()).await;
+        self.gate.reply(&caller, "Receive", &object, result).await
     }
 }

@@ -9,7 +9,7 @@
 //! either no scan or the whole scan. Staged bytes survive a broken stream or a
 //! restart, and [`Ingest::upload_status`] tells a client where to resume.
 
-mod planes;
+pub mod planes;
 mod service;
 
 use std::collections::HashSet;
@@ -303,7 +303,7 @@ impl Ingest {
                 Some(d) => d,
                 None => make_sink(i).finish().await?,
             };
-            out.push(PlaneDigest { sha256, byte_length: lengths[i] });
+            out.push(PlaneDigest::full(sha256, lengths[i]));
         }
         Ok(out)
     }
@@ -352,6 +352,7 @@ impl Ingest {
             received_at: SystemTime::now(),
             decision: 0,
             score: None,
+            origin: String::new(),
         };
         let outcome = blocking(move || {
             for (i, p) in record.planes.iter().enumerate() {
@@ -401,11 +402,8 @@ impl Ingest {
                 existing.scan_id
             )));
         }
-        let declared: Vec<PlaneDigest> = header
-            .planes
-            .iter()
-            .map(|p| PlaneDigest { sha256: p.sha256.clone(), byte_length: p.byte_length })
-            .collect();
+        let declared: Vec<PlaneDigest> =
+            header.planes.iter().map(|p| PlaneDigest::full(p.sha256.clone(), p.byte_length)).collect();
         if declared.iter().all(|d| !d.sha256.is_empty()) {
             // The client told us the digests: no need to receive the bytes again.
             return same_scan(&existing, fingerprint, &declared);

@@ -52,6 +52,16 @@ pub struct PlaneDigest {
     pub sha256: String,
     /// Number of bytes.
     pub byte_length: u64,
+    /// 1: the plane as scanned. n > 1: a partner's share of the plane
+    /// averaged over n x n blocks, stored as a 16-bit PNG.
+    pub downsampled: u32,
+}
+
+impl PlaneDigest {
+    /// A plane as scanned.
+    pub fn full(sha256: String, byte_length: u64) -> Self {
+        PlaneDigest { sha256, byte_length, downsampled: 1 }
+    }
 }
 
 /// A complete, durable scan.
@@ -74,6 +84,9 @@ pub struct ScanRecord {
     pub decision: i32,
     /// Score of the latest MACHINE report.
     pub score: Option<f32>,
+    /// Empty for this administration's scans; the issuing administration's
+    /// id for a scan received from a partner.
+    pub origin: String,
 }
 
 impl ScanRecord {
@@ -172,6 +185,43 @@ pub struct AuditRecord {
     pub sha256: String,
 }
 
+/// A verified package received from a partner administration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReceivedPackage {
+    /// Its id (`<issuer>.<recipient>.<sequence>`).
+    pub package_id: String,
+    /// The issuing administration.
+    pub issuer: String,
+    /// Its sequence in the issuer's feed.
+    pub sequence: u64,
+    /// The scan it is about.
+    pub scan_id: String,
+    /// SHA-256 of the encoded signed package, kept in the blob store.
+    pub package_sha256: String,
+}
+
+/// What [`MetadataStore::receive_package`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReceiveOutcome {
+    /// Stored now.
+    Stored,
+    /// The same package was stored before; nothing changed.
+    Duplicate,
+    /// It contradicts what is stored (why); nothing changed.
+    Conflict(String),
+}
+
+/// Where pushing packages to one partner stands.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OutboxState {
+    /// Every entitled package up to this event sequence was acknowledged.
+    pub delivered: u64,
+    /// Failed attempts since the last delivery.
+    pub attempts: u32,
+    /// The last failure, empty after a delivery.
+    pub last_error: String,
+}
+
 /// A stored report, as the findings watch delivers it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredEvent {
@@ -229,6 +279,24 @@ pub trait MetadataStore: Send + Sync + 'static {
     fn audit_tail(&self, n: usize) -> StoreResult<Vec<AuditRecord>>;
     /// A scan's reports, oldest first.
     fn reports(&self, scan_id: &str) -> StoreResult<Vec<ThreatReport>>;
+    /// Stores a verified partner package atomically: creates the foreign
+    /// `scan` on its first package (or adds its planes if it had none),
+    /// appends `reports` as events, and remembers the package id, so a
+    /// package delivered twice changes nothing.
+    fn receive_package(
+        &self,
+        package: &ReceivedPackage,
+        scan: &ScanRecord,
+        reports: &[ThreatReport],
+    ) -> StoreResult<ReceiveOutcome>;
+    /// The packages received about a scan.
+    fn received_packages(&self, scan_id: &str) -> StoreResult<Vec<ReceivedPackage>>;
+    /// Where pushing to `partner` stands (all zero if never pushed).
+    fn outbox(&self, partner: &str) -> StoreResult<OutboxState>;
+    /// Records that `partner` acknowledged everything up to event `seq`.
+    fn outbox_delivered(&self, partner: &str, seq: u64) -> StoreResult<()>;
+    /// Records a failed push; returns the failed attempts since the last delivery.
+    fn outbox_failed(&self, partner: &str, error: &str) -> StoreResult<u32>;
 }
 
 /// Bytes that can be read from any position.

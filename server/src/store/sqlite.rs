@@ -12,8 +12,8 @@ use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
-    AuditEntry, AuditRecord, CommitOutcome, MetadataStore, PendingUpload, PlaneDigest, ScanQuery, ScanRecord,
-    StoreError, StoreResult, StoredEvent,
+    AuditEntry, AuditRecord, CommitOutcome, MetadataStore, OutboxState, PendingUpload, PlaneDigest, ReceiveOutcome,
+    ReceivedPackage, ScanQuery, ScanRecord, StoreError, StoreResult, StoredEvent,
 };
 
 /// Schema migrations, oldest first. Never edit one that has shipped: append.
@@ -93,6 +93,27 @@ const MIGRATIONS: &[&str] = &[
         prev_sha256 TEXT NOT NULL,
         sha256      TEXT NOT NULL
     ) STRICT;",
+    // 5: federation: scans received from partner administrations (their
+    // origin, planes held downsampled), the packages received, and the
+    // per-partner outbox cursor of packages pushed.
+    "ALTER TABLE scans ADD COLUMN origin TEXT NOT NULL DEFAULT '';
+    ALTER TABLE planes ADD COLUMN downsampled INTEGER NOT NULL DEFAULT 1;
+    CREATE TABLE received_packages (
+        package_id     TEXT PRIMARY KEY,
+        issuer         TEXT NOT NULL,
+        sequence       INTEGER NOT NULL,
+        scan_id        TEXT NOT NULL REFERENCES scans (scan_id) ON DELETE CASCADE,
+        package_sha256 TEXT NOT NULL,
+        received_at_us INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX received_by_scan ON received_packages (scan_id);
+    CREATE TABLE outbox (
+        partner       TEXT PRIMARY KEY,
+        delivered_seq INTEGER NOT NULL,
+        attempts      INTEGER NOT NULL,
+        last_error    TEXT NOT NULL,
+        updated_at_us INTEGER NOT NULL
+    ) STRICT;",
 ];
 
 /// Work a migration needs beyond SQL, run in the same transaction.
@@ -143,6 +164,80 @@ fn index_lookups(tx: &rusqlite::Transaction<'_>, scan_id: &str, header: &ScanHea
 /// Read-only connections kept beside the writer: in WAL mode readers do not
 /// block each other or the writer, so queries from many officers run in
 /// parallel.
+/// The scan with this id, read inside a transaction.
+fn scan_in(tx: &rusqlite::Transaction<'_>, scan_id: &str) -> StoreResult<Option<ScanRecord>> {
+    let row = tx
+        .query_row(&format!("SELECT {SCAN_COLUMNS} FROM scans WHERE scan_id = ?1"), [scan_id], raw_scan)
+        .optional()?;
+    row.map(|r| SqliteMetadata::row_to_record(tx, r)).transpose()
+}
+
+/// Inserts a new scan row with its planes and look-up rows.
+fn insert_scan(tx: &rusqlite::Transaction<'_>, scan: &ScanRecord) -> StoreResult<()> {
+    let meta = scan.header.metadata.clone().unwrap_or_default();
+    tx.execute(
+        "INSERT INTO scans (scan_id, site_id, lane_id, scan_time_us, conveyance, status, received_at_us, header_sha256,
+                            header, decision, score, origin)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+        params![
+            scan.scan_id,
+            meta.site_id,
+            meta.lane_id,
+            micros(scan.sort_time()),
+            meta.conveyance,
+            scan.status as i32,
+            micros(scan.received_at),
+            scan.header_sha256,
+            scan.header.encode_to_vec(),
+            scan.decision,
+            scan.score.map(f64::from),
+            scan.origin,
+        ],
+    )?;
+    insert_planes(tx, scan)?;
+    index_lookups(tx, &scan.scan_id, &scan.header)
+}
+
+fn insert_planes(tx: &rusqlite::Transaction<'_>, scan: &ScanRecord) -> StoreResult<()> {
+    for (i, p) in scan.planes.iter().enumerate() {
+        tx.execute(
+            "INSERT INTO planes (scan_id, idx, sha256, byte_length, downsampled) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![scan.scan_id, i as i64, p.sha256, p.byte_length as i64, p.downsampled],
+        )?;
+    }
+    Ok(())
+}
+
+/// Appends a report (and its event), updating the scan's status and latest
+/// machine decision; returns the event's sequence number.
+fn insert_report(
+    tx: &rusqlite::Transaction<'_>,
+    scan_id: &str,
+    report: &ThreatReport,
+    status: Option<ScanStatus>,
+) -> StoreResult<u64> {
+    let now = micros(SystemTime::now());
+    tx.execute(
+        "INSERT INTO reports (scan_id, report_type, created_at_us, report) VALUES (?1, ?2, ?3, ?4)",
+        params![scan_id, report.r#type, now, report.encode_to_vec()],
+    )?;
+    let report_seq = tx.last_insert_rowid();
+    if let Some(status) = status {
+        tx.execute("UPDATE scans SET status = ?1 WHERE scan_id = ?2", params![status as i32, scan_id])?;
+    }
+    if report.r#type == ReportType::Machine as i32 {
+        tx.execute(
+            "UPDATE scans SET decision = ?1, score = ?2 WHERE scan_id = ?3",
+            params![report.decision, f64::from(report.score), scan_id],
+        )?;
+    }
+    tx.execute(
+        "INSERT INTO events (scan_id, report_seq, created_at_us) VALUES (?1, ?2, ?3)",
+        params![scan_id, report_seq, now],
+    )?;
+    Ok(tx.last_insert_rowid() as u64)
+}
+
 const READERS: usize = 4;
 
 /// Scan metadata in SQLite.
@@ -221,9 +316,11 @@ impl SqliteMetadata {
     }
 
     fn planes_of(conn: &Connection, scan_id: &str) -> StoreResult<Vec<PlaneDigest>> {
-        let mut stmt = conn.prepare_cached("SELECT sha256, byte_length FROM planes WHERE scan_id = ?1 ORDER BY idx")?;
-        let rows = stmt
-            .query_map([scan_id], |r| Ok(PlaneDigest { sha256: r.get(0)?, byte_length: r.get::<_, i64>(1)? as u64 }))?;
+        let mut stmt =
+            conn.prepare_cached("SELECT sha256, byte_length, downsampled FROM planes WHERE scan_id = ?1 ORDER BY idx")?;
+        let rows = stmt.query_map([scan_id], |r| {
+            Ok(PlaneDigest { sha256: r.get(0)?, byte_length: r.get::<_, i64>(1)? as u64, downsampled: r.get(2)? })
+        })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -238,6 +335,7 @@ impl SqliteMetadata {
             decision: row.decision,
             score: row.score.map(|s| s as f32),
             scan_id: row.scan_id,
+            origin: row.origin,
         })
     }
 }
@@ -250,9 +348,10 @@ struct RawScan {
     header: Vec<u8>,
     decision: i32,
     score: Option<f64>,
+    origin: String,
 }
 
-const SCAN_COLUMNS: &str = "scan_id, status, received_at_us, header_sha256, header, decision, score";
+const SCAN_COLUMNS: &str = "scan_id, status, received_at_us, header_sha256, header, decision, score, origin";
 
 fn raw_scan(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawScan> {
     Ok(RawScan {
@@ -263,6 +362,7 @@ fn raw_scan(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawScan> {
         header: r.get(4)?,
         decision: r.get(5)?,
         score: r.get(6)?,
+        origin: r.get(7)?,
     })
 }
 
@@ -380,31 +480,12 @@ impl MetadataStore for SqliteMetadata {
     fn add_report(&self, scan_id: &str, report: &ThreatReport, status: Option<ScanStatus>) -> StoreResult<u64> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
-        let now = micros(SystemTime::now());
         let known: Option<i64> =
             tx.query_row("SELECT 1 FROM scans WHERE scan_id = ?1", [scan_id], |r| r.get(0)).optional()?;
         if known.is_none() {
             return Err(StoreError::Corrupt(format!("report for unknown scan {scan_id}")));
         }
-        tx.execute(
-            "INSERT INTO reports (scan_id, report_type, created_at_us, report) VALUES (?1, ?2, ?3, ?4)",
-            params![scan_id, report.r#type, now, report.encode_to_vec()],
-        )?;
-        let report_seq = tx.last_insert_rowid();
-        if let Some(status) = status {
-            tx.execute("UPDATE scans SET status = ?1 WHERE scan_id = ?2", params![status as i32, scan_id])?;
-        }
-        if report.r#type == ReportType::Machine as i32 {
-            tx.execute(
-                "UPDATE scans SET decision = ?1, score = ?2 WHERE scan_id = ?3",
-                params![report.decision, f64::from(report.score), scan_id],
-            )?;
-        }
-        tx.execute(
-            "INSERT INTO events (scan_id, report_seq, created_at_us) VALUES (?1, ?2, ?3)",
-            params![scan_id, report_seq, now],
-        )?;
-        let seq = tx.last_insert_rowid() as u64;
+        let seq = insert_report(&tx, scan_id, report, status)?;
         tx.commit()?;
         Ok(seq)
     }
@@ -461,40 +542,118 @@ impl MetadataStore for SqliteMetadata {
     fn commit_scan(&self, scan: &ScanRecord) -> StoreResult<CommitOutcome> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
-        let existing = tx
-            .query_row(&format!("SELECT {SCAN_COLUMNS} FROM scans WHERE scan_id = ?1"), [&scan.scan_id], raw_scan)
-            .optional()?;
-        if let Some(row) = existing {
-            let record = Self::row_to_record(&tx, row)?;
-            return Ok(CommitOutcome::Existing(Box::new(record)));
+        if let Some(existing) = scan_in(&tx, &scan.scan_id)? {
+            return Ok(CommitOutcome::Existing(Box::new(existing)));
         }
-        let meta = scan.header.metadata.clone().unwrap_or_default();
-        let scan_time = micros(scan.sort_time());
-        tx.execute(
-            "INSERT INTO scans (scan_id, site_id, lane_id, scan_time_us, conveyance, status, received_at_us, header_sha256, header)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![
-                scan.scan_id,
-                meta.site_id,
-                meta.lane_id,
-                scan_time,
-                meta.conveyance,
-                scan.status as i32,
-                micros(scan.received_at),
-                scan.header_sha256,
-                scan.header.encode_to_vec(),
-            ],
-        )?;
-        for (i, p) in scan.planes.iter().enumerate() {
-            tx.execute(
-                "INSERT INTO planes (scan_id, idx, sha256, byte_length) VALUES (?1, ?2, ?3, ?4)",
-                params![scan.scan_id, i as i64, p.sha256, p.byte_length as i64],
-            )?;
-        }
-        index_lookups(&tx, &scan.scan_id, &scan.header)?;
+        insert_scan(&tx, scan)?;
         tx.execute("DELETE FROM uploads WHERE scan_id = ?1", [&scan.scan_id])?;
         tx.commit()?;
         Ok(CommitOutcome::Committed)
+    }
+
+    fn receive_package(
+        &self,
+        package: &ReceivedPackage,
+        scan: &ScanRecord,
+        reports: &[ThreatReport],
+    ) -> StoreResult<ReceiveOutcome> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let seen: Option<String> = tx
+            .query_row(
+                "SELECT package_sha256 FROM received_packages WHERE package_id = ?1",
+                [&package.package_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(sha) = seen {
+            return Ok(match sha == package.package_sha256 {
+                true => ReceiveOutcome::Duplicate,
+                false => ReceiveOutcome::Conflict(format!(
+                    "package {} was received before with different content",
+                    package.package_id
+                )),
+            });
+        }
+        match scan_in(&tx, &scan.scan_id)? {
+            Some(existing) if existing.origin != scan.origin => {
+                let whose = if existing.origin.is_empty() { "this administration" } else { &existing.origin };
+                return Ok(ReceiveOutcome::Conflict(format!(
+                    "scan id {} is already taken by a scan of {whose}",
+                    scan.scan_id
+                )));
+            }
+            Some(existing) if existing.planes.is_empty() && !scan.planes.is_empty() => {
+                insert_planes(&tx, scan)?;
+            }
+            Some(_) => {}
+            None => insert_scan(&tx, scan)?,
+        }
+        for report in reports {
+            insert_report(&tx, &scan.scan_id, report, None)?;
+        }
+        tx.execute(
+            "INSERT INTO received_packages (package_id, issuer, sequence, scan_id, package_sha256, received_at_us)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                package.package_id,
+                package.issuer,
+                package.sequence as i64,
+                scan.scan_id,
+                package.package_sha256,
+                micros(SystemTime::now())
+            ],
+        )?;
+        tx.commit()?;
+        Ok(ReceiveOutcome::Stored)
+    }
+
+    fn received_packages(&self, scan_id: &str) -> StoreResult<Vec<ReceivedPackage>> {
+        let conn = self.read();
+        let mut stmt = conn.prepare_cached(
+            "SELECT package_id, issuer, sequence, scan_id, package_sha256 FROM received_packages
+             WHERE scan_id = ?1 ORDER BY issuer, sequence",
+        )?;
+        let rows = stmt.query_map([scan_id], |r| {
+            Ok(ReceivedPackage {
+                package_id: r.get(0)?,
+                issuer: r.get(1)?,
+                sequence: r.get::<_, i64>(2)? as u64,
+                scan_id: r.get(3)?,
+                package_sha256: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn outbox(&self, partner: &str) -> StoreResult<OutboxState> {
+        let row = self
+            .read()
+            .query_row("SELECT delivered_seq, attempts, last_error FROM outbox WHERE partner = ?1", [partner], |r| {
+                Ok(OutboxState { delivered: r.get::<_, i64>(0)? as u64, attempts: r.get(1)?, last_error: r.get(2)? })
+            })
+            .optional()?;
+        Ok(row.unwrap_or_default())
+    }
+
+    fn outbox_delivered(&self, partner: &str, seq: u64) -> StoreResult<()> {
+        self.lock().execute(
+            "INSERT INTO outbox (partner, delivered_seq, attempts, last_error, updated_at_us) VALUES (?1, ?2, 0, '', ?3)
+             ON CONFLICT (partner) DO UPDATE SET delivered_seq = max(delivered_seq, ?2), attempts = 0,
+                 last_error = '', updated_at_us = ?3",
+            params![partner, seq as i64, micros(SystemTime::now())],
+        )?;
+        Ok(())
+    }
+
+    fn outbox_failed(&self, partner: &str, error: &str) -> StoreResult<u32> {
+        let conn = self.lock();
+        conn.execute(
+            "INSERT INTO outbox (partner, delivered_seq, attempts, last_error, updated_at_us) VALUES (?1, 0, 1, ?2, ?3)
+             ON CONFLICT (partner) DO UPDATE SET attempts = attempts + 1, last_error = ?2, updated_at_us = ?3",
+            params![partner, error, micros(SystemTime::now())],
+        )?;
+        Ok(conn.query_row("SELECT attempts FROM outbox WHERE partner = ?1", [partner], |r| r.get(0))?)
     }
 
     fn get_scan(&self, scan_id: &str) -> StoreResult<Option<ScanRecord>> {
@@ -609,12 +768,13 @@ mod tests {
                 metadata: Some(ScanMetadata { site_id: site.into(), ..Default::default() }),
                 planes: vec![],
             },
-            planes: vec![PlaneDigest { sha256: "ab".repeat(32), byte_length: 7 }],
+            planes: vec![PlaneDigest::full("ab".repeat(32), 7)],
             header_sha256: "cd".repeat(32),
             status: ScanStatus::Received,
             received_at: from_micros(at_us),
             decision: 0,
             score: None,
+            origin: String::new(),
         }
     }
 
@@ -719,6 +879,60 @@ mod tests {
         assert_eq!(db.claim_next_queued().unwrap().as_deref(), Some("b"));
         assert_eq!(db.claim_next_queued().unwrap().as_deref(), Some("c"));
         assert_eq!(db.claim_next_queued().unwrap(), None);
+    }
+
+    #[test]
+    fn a_received_package_is_stored_once_with_its_foreign_scan() {
+        let db = SqliteMetadata::in_memory().unwrap();
+        let mut scan = record("f", "NLRTM", 5);
+        scan.origin = "NL".into();
+        scan.planes[0].downsampled = 4;
+        let pkg = |id: &str, sha: &str| ReceivedPackage {
+            package_id: id.into(),
+            issuer: "NL".into(),
+            sequence: 1,
+            scan_id: "f".into(),
+            package_sha256: sha.into(),
+        };
+        let machine = ThreatReport { r#type: ReportType::Machine as i32, decision: 2, ..Default::default() };
+        assert_eq!(
+            db.receive_package(&pkg("NL.DE.1", "aa"), &scan, &[machine.clone()]).unwrap(),
+            ReceiveOutcome::Stored
+        );
+        assert_eq!(
+            db.receive_package(&pkg("NL.DE.1", "aa"), &scan, &[machine.clone()]).unwrap(),
+            ReceiveOutcome::Duplicate
+        );
+        assert!(matches!(
+            db.receive_package(&pkg("NL.DE.1", "bb"), &scan, &[machine.clone()]).unwrap(),
+            ReceiveOutcome::Conflict(_)
+        ));
+        // A later package about the same scan adds its report to it.
+        let operator = ThreatReport { r#type: ReportType::Operator as i32, ..Default::default() };
+        assert_eq!(db.receive_package(&pkg("NL.DE.2", "cc"), &scan, &[operator]).unwrap(), ReceiveOutcome::Stored);
+        let stored = db.get_scan("f").unwrap().unwrap();
+        assert_eq!((stored.origin.as_str(), stored.decision, stored.planes[0].downsampled), ("NL", 2, 4));
+        assert_eq!(db.reports("f").unwrap().len(), 2);
+        assert_eq!(db.received_packages("f").unwrap().len(), 2);
+        // A scan id of this administration cannot be taken over by a partner's package.
+        db.commit_scan(&record("own", "S", 1)).unwrap();
+        let takeover = ScanRecord { scan_id: "own".into(), ..scan.clone() };
+        let third = ReceivedPackage { scan_id: "own".into(), ..pkg("NL.DE.3", "dd") };
+        assert!(matches!(db.receive_package(&third, &takeover, &[]).unwrap(), ReceiveOutcome::Conflict(_)));
+        assert!(db.reports("own").unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_outbox_cursor_only_moves_forward() {
+        let db = SqliteMetadata::in_memory().unwrap();
+        assert_eq!(db.outbox("DE").unwrap(), OutboxState::default());
+        assert_eq!(db.outbox_failed("DE", "down").unwrap(), 1);
+        assert_eq!(db.outbox_failed("DE", "still down").unwrap(), 2);
+        assert_eq!(db.outbox("DE").unwrap().last_error, "still down");
+        db.outbox_delivered("DE", 7).unwrap();
+        db.outbox_delivered("DE", 3).unwrap();
+        assert_eq!(db.outbox("DE").unwrap(), OutboxState { delivered: 7, attempts: 0, last_error: String::new() });
+        assert_eq!(db.outbox("FR").unwrap().delivered, 0);
     }
 
     #[test]

@@ -152,7 +152,8 @@ pub fn file(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
 }
 
-fn free_port() -> u16 {
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
@@ -167,20 +168,25 @@ impl Server {
     /// Starts it on a free port over `data` and waits until it answers.
     pub async fn spawn(data: &Path) -> Server {
         let port = free_port();
+        let mut args: Vec<std::ffi::OsString> = vec!["--data".into(), data.into(), "--models".into()];
+        args.push(fixtures().join("models").into());
+        Server::spawn_args(port, &args).await
+    }
+
+    /// `niix serve --listen 127.0.0.1:<port> <args>`, once the port accepts
+    /// connections (plain TCP, so it works for TLS servers too).
+    pub async fn spawn_args(port: u16, args: &[std::ffi::OsString]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_niix"))
             .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--metrics-listen", "127.0.0.1:0"])
-            .arg("--data")
-            .arg(data)
-            .arg("--models")
-            .arg(fixtures().join("models"))
+            .args(args)
             .env("NIIX_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
         let url = format!("http://127.0.0.1:{port}");
-        for _ in 0..200 {
-            if niix::client::connect(&url).await.is_ok() {
+        for _ in 0..400 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
                 return Server { child, url };
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
@@ -246,4 +252,37 @@ pub async fn wait_analysed(ch: &Channel, id: &str) -> niix_proto::v1::ScanFindin
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("scan {id} was not analysed in time");
+}
+
+/// A directory of test certificates and keys (PEM).
+pub struct Pki {
+    /// Where the files go.
+    pub dir: std::path::PathBuf,
+}
+
+impl Pki {
+    /// Writes one PEM file; returns its path.
+    pub fn write(&self, name: &str, text: &str) -> std::path::PathBuf {
+        let p = self.dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+}
+
+/// A self-signed CA.
+pub fn ca(name: &str) -> (rcgen::Certificate, rcgen::Issuer<'static, rcgen::KeyPair>) {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.distinguished_name.push(rcgen::DnType::CommonName, name);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    (cert, rcgen::Issuer::new(params, key))
+}
+
+/// A certificate for `name` (also its DNS name) signed by `issuer`.
+pub fn leaf(name: &str, issuer: &rcgen::Issuer<'static, rcgen::KeyPair>) -> (rcgen::Certificate, rcgen::KeyPair) {
+    let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+    params.distinguished_name.push(rcgen::DnType::CommonName, name);
+    let key = rcgen::KeyPair::generate().unwrap();
+    (params.signed_by(&key, issuer).unwrap(), key)
 }

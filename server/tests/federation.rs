@@ -1,0 +1,403 @@
+//! Push federation between two administrations' niix instances: NL pushes
+//! the packages its agreement entitles DE to, over mutual TLS; DE verifies
+//! them against NL's configured key and stores them as foreign scans. DE
+//! crashing mid-stream loses nothing and receives nothing twice; foreign
+//! scans are not passed on; forged, misaddressed and corrupted deliveries
+//! are refused and leave nothing behind.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::*;
+use niix::auth::{AuthConfig, Role, TokenConfig, token_hash};
+use niix::client::{Authed, ClientTls, authed, connect_tls};
+use niix::config::Limits;
+use niix::exchange::{Agreement, Content, ExchangeConfig, Issuer, PushTarget, Redact, keys};
+use niix::store::MetadataStore;
+use niix_proto::v1::exchange_client::ExchangeClient;
+use niix_proto::v1::findings_client::FindingsClient;
+use niix_proto::v1::receive_request::Part;
+use niix_proto::v1::scan_ingest_client::ScanIngestClient;
+use niix_proto::v1::*;
+use prost::Message;
+
+/// Pushes a 256x128 container scan; an alarm scan has a dense block.
+async fn push(conn: &Authed, site: &str, plate: &str, alarm: bool) -> String {
+    let raw: Vec<u8> = cargo_samples(256, 128, alarm.then_some((100, 40, 40, 30)), false)
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let mut h = header(&new_id(), plane(PlaneEncoding::RawU16le, 256, 128, &raw));
+    let m = h.metadata.as_mut().unwrap();
+    m.site_id = site.into();
+    m.vehicle_plate = plate.into();
+    m.conveyance = ConveyanceType::Container as i32;
+    let receipt = ScanIngestClient::new(conn.clone())
+        .push_scan(tokio_stream::iter(messages(&h, &[&raw], 1 << 16)))
+        .await
+        .unwrap();
+    receipt.into_inner().scan_id
+}
+
+/// Waits until the scan is analysed on its own server and says whether it alarmed.
+async fn alarmed(conn: &Authed, id: &str) -> bool {
+    let mut c = FindingsClient::new(conn.clone());
+    for _ in 0..600 {
+        let s = c.get_scan(GetScanRequest { scan_id: id.into() }).await.unwrap().into_inner().scan.unwrap();
+        if s.status == ScanStatus::Analyzed as i32 {
+            return s.decision == AlarmDecision::Alarm as i32;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{id} not analysed");
+}
+
+async fn foreign_scans(officer: &Authed) -> Vec<Scan> {
+    let req = ListScansRequest { page_size: 1000, ..Default::default() };
+    FindingsClient::new(officer.clone()).list_scans(req).await.unwrap().into_inner().scans
+}
+
+/// Polls until `officer` sees `n` scans (or the time is up) and returns them.
+async fn wait_for_scans(officer: &impl AsyncFn() -> Option<Authed>, n: usize) -> Vec<Scan> {
+    let mut last = Vec::new();
+    for _ in 0..600 {
+        if let Some(c) = officer().await {
+            last = foreign_scans(&c).await;
+            if last.len() >= n {
+                return last;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("expected {n} scans, have {}", last.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nl_pushes_alarms_to_de_over_mutual_tls_and_a_de_crash_loses_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki { dir: tmp.path().to_path_buf() };
+    let (nl_ca, nl_issuer) = ca("NL customs CA");
+    let (de_ca, de_issuer) = ca("DE customs CA");
+    let (de_server, de_server_key) = leaf("localhost", &de_issuer);
+    let (nl_client, nl_client_key) = leaf("NL", &nl_issuer);
+    let (nl_key_file, nl_public) = keys::init(&tmp.path().join("nl-keys")).unwrap();
+
+    // DE: TLS with client certificates from NL's CA; NL's certificate is the
+    // partner NL; NL's packages verify with NL's public key.
+    let de_port = free_port();
+    let de_data = tmp.path().join("de-data");
+    let de_config = pki.write(
+        "de.toml",
+        &format!(
+            "[analysis]\nenabled = false\n\
+             [tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n\
+             [[auth.tokens]]\nidentity = \"de-officer\"\nrole = \"officer\"\nsha256 = \"{}\"\n\
+             [[auth.certificates]]\nidentity = \"NL\"\nrole = \"partner\"\nsha256 = \"{}\"\n\
+             [exchange]\nadministration = \"DE\"\n\
+             [[exchange.issuers]]\nadministration = \"NL\"\npublic_key = \"{nl_public}\"\n",
+            pki.write("de-server.pem", &de_server.pem()),
+            pki.write("de-server.key", &de_server_key.serialize_pem()),
+            pki.write("nl-ca.pem", &nl_ca.pem()),
+            token_hash("t-de-officer"),
+            sha256(nl_client.der()),
+        ),
+    );
+    let de_args: Vec<std::ffi::OsString> =
+        vec!["--config".into(), de_config.into(), "--data".into(), de_data.clone().into()];
+    let de_ca_pem = pki.write("de-ca.pem", &de_ca.pem());
+    let de_url = format!("https://127.0.0.1:{de_port}");
+    let de_tls = ClientTls { ca: Some(de_ca_pem.clone()), domain: Some("localhost".into()), ..Default::default() };
+    let de_officer = async || {
+        let ch = connect_tls(&de_url, Some(&de_tls)).await.ok()?;
+        Some(authed(ch, Some("t-de-officer")).unwrap())
+    };
+    let de = Server::spawn_args(de_port, &de_args).await;
+
+    // NL: shares ALARM findings of NLRTM with DE, plate redacted,
+    // downsampled planes included, pushed with NL's client certificate.
+    let mut nl_config = config(&tmp.path().join("nl-data"), Limits::default());
+    let token = |id: &str, role, tok: &str| TokenConfig { identity: id.into(), role, sha256: token_hash(tok) };
+    nl_config.auth = AuthConfig {
+        tokens: vec![token("scanner", Role::Scanner, "t-scan"), token("officer", Role::Officer, "t-officer")],
+        ..Default::default()
+    };
+    nl_config.exchange = ExchangeConfig {
+        administration: "NL".into(),
+        signing_key: Some(nl_key_file),
+        agreements: vec![Agreement {
+            name: "NL-DE-2026-01".into(),
+            partner: "DE".into(),
+            sites: vec!["NLRTM".into()],
+            decisions: vec!["alarm".into()],
+            content: Content::FindingsPlanes,
+            plane_width: 64,
+            redact: vec![Redact::VehiclePlate],
+            push: Some(PushTarget {
+                endpoint: de_url.clone(),
+                ca: Some(de_ca_pem.clone()),
+                cert: Some(pki.write("nl-client.pem", &nl_client.pem())),
+                key: Some(pki.write("nl-client.key", &nl_client_key.serialize_pem())),
+                domain: Some("localhost".into()),
+                token_file: None,
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let nl = niix::server::start(nl_config).await.unwrap();
+    let nl_ch = niix::client::connect(&format!("http://{}", nl.addr)).await.unwrap();
+    let (scanner, nl_officer) =
+        (authed(nl_ch.clone(), Some("t-scan")).unwrap(), authed(nl_ch, Some("t-officer")).unwrap());
+
+    // First wave: three entitled alarms among scans DE must not get.
+    let mut entitled = BTreeSet::new();
+    let mut wave = Vec::new();
+    for (site, alarm) in [("NLRTM", true), ("NLRTM", false), ("NLRTM", true), ("DEHAM", true), ("NLRTM", true)] {
+        wave.push((push(&scanner, site, "AB-123-C", alarm).await, site));
+    }
+    for (id, site) in &wave {
+        if alarmed(&nl_officer, id).await && *site == "NLRTM" {
+            entitled.insert(id.clone());
+        }
+    }
+    assert_eq!(entitled.len(), 3, "the demo model alarms on the dense block only");
+
+    // DE crashes as soon as the first package is in.
+    wait_for_scans(&de_officer, 1).await;
+    de.kill9();
+
+    // Second wave while DE is down.
+    for alarm in [true, false, true] {
+        let id = push(&scanner, "NLRTM", "ZZ-999-Z", alarm).await;
+        if alarmed(&nl_officer, &id).await {
+            entitled.insert(id);
+        }
+    }
+    assert_eq!(entitled.len(), 5);
+
+    // DE comes back on the same port; NL's outbox catches up.
+    let de = Server::spawn_args(de_port, &de_args).await;
+    let scans = wait_for_scans(&de_officer, entitled.len()).await;
+    // Give a duplicate delivery the time to show up, if there were one.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let officer = de_officer().await.unwrap();
+    let scans_after = foreign_scans(&officer).await;
+    assert_eq!(scans_after.len(), scans.len());
+    let got: BTreeSet<String> = scans_after.iter().map(|s| s.scan_id.clone()).collect();
+    assert_eq!(got, entitled, "exactly the entitled scans arrive, nothing else");
+    for s in &scans_after {
+        assert_eq!(s.origin, "NL");
+        let meta = s.metadata.clone().unwrap();
+        assert_eq!(meta.vehicle_plate, "", "the plate never leaves NL");
+        assert_eq!(meta.site_id, "NLRTM");
+        assert_eq!(s.decision, AlarmDecision::Alarm as i32);
+        assert_eq!(s.planes.len(), 1);
+        assert_eq!(s.planes[0].downsampled, 4, "256 px wide shared at most 64 px wide");
+        let f = FindingsClient::new(officer.clone())
+            .get_findings(GetFindingsRequest { scan_id: s.scan_id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(f.reports.len(), 1, "each package stored once");
+    }
+    // DE's officers see the downsampled plane with NL's regions drawn on it.
+    let overlay = FindingsClient::new(officer.clone())
+        .render_overlay(RenderOverlayRequest { scan_id: scans_after[0].scan_id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((overlay.width, overlay.height), (64, 32));
+    drop(de);
+    nl.shutdown().await.unwrap();
+
+    // Every stored package verifies with NL's key; the audit logs show both sides.
+    let db = niix::store::SqliteMetadata::open(&de_data.join("niix.db")).unwrap();
+    let blobs = niix::store::FsBlobs::open(&de_data).unwrap();
+    let mut packages = 0;
+    for id in &entitled {
+        for p in db.received_packages(id).unwrap() {
+            let bytes = std::fs::read(blobs.blob_path(&p.package_sha256)).unwrap();
+            let content = keys::verify(&ResultPackage::decode(bytes.as_slice()).unwrap(), &nl_public).unwrap();
+            assert_eq!((content.scan_id.as_str(), content.recipient.as_str()), (id.as_str(), "DE"));
+            packages += 1;
+        }
+    }
+    assert_eq!(packages, entitled.len());
+    let log = db.audit_tail(10_000).unwrap();
+    assert!(log.iter().any(|r| r.entry.identity == "NL" && r.entry.action == "Receive" && r.entry.outcome == "OK"));
+    let nl_db = niix::store::SqliteMetadata::open(&tmp.path().join("nl-data/niix.db")).unwrap();
+    let nl_log = nl_db.audit_tail(10_000).unwrap();
+    let pushed = nl_log.iter().filter(|r| r.entry.action == "Push" && r.entry.outcome == "OK").count();
+    assert!(pushed >= entitled.len(), "every delivery is audited");
+    assert!(nl_db.outbox("DE").unwrap().delivered > 0);
+}
+
+/// A second in-process pair: full planes pushed with a token, refusals of
+/// bad deliveries, and foreign scans not re-shared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receive_checks_every_delivery_and_foreign_scans_stay_put() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (nl_key_file, nl_public) = keys::init(&tmp.path().join("nl-keys")).unwrap();
+    let (de_key_file, _) = keys::init(&tmp.path().join("de-keys")).unwrap();
+    let (rogue_key_file, _) = keys::init(&tmp.path().join("rogue-keys")).unwrap();
+    let token = |id: &str, role, tok: &str| TokenConfig { identity: id.into(), role, sha256: token_hash(tok) };
+
+    // DE accepts NL's packages; shares with FR, but not foreign scans.
+    let mut de_config = config(&tmp.path().join("de"), Limits::default());
+    de_config.analysis.enabled = false;
+    de_config.auth = AuthConfig {
+        tokens: vec![
+            token("NL", Role::Partner, "t-nl"),
+            token("BE", Role::Partner, "t-be"),
+            token("FR", Role::Partner, "t-fr"),
+            token("de-officer", Role::Officer, "t-off"),
+        ],
+        ..Default::default()
+    };
+    de_config.exchange = ExchangeConfig {
+        administration: "DE".into(),
+        signing_key: Some(de_key_file),
+        agreements: vec![Agreement { name: "DE-FR".into(), partner: "FR".into(), ..Default::default() }],
+        issuers: vec![
+            Issuer { administration: "NL".into(), public_key: nl_public.clone() },
+            Issuer { administration: "BE".into(), public_key: nl_public.clone() },
+        ],
+    };
+    let de = niix::server::start(de_config).await.unwrap();
+    let de_url = format!("http://{}", de.addr);
+    let de_ch = niix::client::connect(&de_url).await.unwrap();
+    let as_de = |tok: &str| authed(de_ch.clone(), Some(tok)).unwrap();
+
+    // NL pushes full planes of everything to DE with a token.
+    let token_file = tmp.path().join("nl-at-de.token");
+    std::fs::write(&token_file, "t-nl\n").unwrap();
+    let mut nl_config = config(&tmp.path().join("nl"), Limits::default());
+    nl_config.exchange = ExchangeConfig {
+        administration: "NL".into(),
+        signing_key: Some(nl_key_file.clone()),
+        agreements: vec![Agreement {
+            name: "NL-DE-full".into(),
+            partner: "DE".into(),
+            content: Content::FullPlanes,
+            push: Some(PushTarget {
+                endpoint: de_url.clone(),
+                ca: None,
+                cert: None,
+                key: None,
+                domain: None,
+                token_file: Some(token_file),
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let nl = niix::server::start(nl_config).await.unwrap();
+    let nl_conn = authed(niix::client::connect(&format!("http://{}", nl.addr)).await.unwrap(), None).unwrap();
+    let id = push(&nl_conn, "NLRTM", "AB-1", true).await;
+    alarmed(&nl_conn, &id).await;
+    let officer = as_de("t-off");
+    let scans = wait_for_scans(&async || Some(officer.clone()), 1).await;
+    let nl_scan = FindingsClient::new(nl_conn.clone())
+        .get_scan(GetScanRequest { scan_id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .scan
+        .unwrap();
+    assert_eq!(scans[0].scan_id, id);
+    assert_eq!(scans[0].planes.len(), 1);
+    assert_eq!(scans[0].planes[0].sha256, nl_scan.planes[0].sha256, "full planes arrive byte for byte");
+    assert_eq!(scans[0].planes[0].downsampled, 1);
+    let overlay = FindingsClient::new(officer.clone())
+        .render_overlay(RenderOverlayRequest { scan_id: id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(overlay.width, 256);
+    nl.shutdown().await.unwrap();
+
+    // FR's feed from DE does not include NL's scan.
+    let mut fr = ExchangeClient::new(as_de("t-fr"));
+    let mut feed = fr.subscribe(SubscribeRequest { cursor: 0 }).await.unwrap().into_inner();
+    let next = tokio::time::timeout(Duration::from_millis(800), tokio_stream::StreamExt::next(&mut feed)).await;
+    assert!(next.is_err(), "a foreign scan is not re-shared: {next:?}");
+
+    // Hand-made deliveries, each refused with its reason, nothing stored.
+    let nl_key = keys::load(&nl_key_file).unwrap();
+    let content = |recipient: &str, seq: u64| PackageContent {
+        package_id: niix::exchange::package_id("NL", recipient, seq),
+        issuer: "NL".into(),
+        recipient: recipient.into(),
+        sequence: seq,
+        scan_id: new_id(),
+        metadata: Some(ScanMetadata { site_id: "NLRTM".into(), ..Default::default() }),
+        reports: vec![ThreatReport { r#type: ReportType::Machine as i32, ..Default::default() }],
+        ..Default::default()
+    };
+    let deliver = |tok: &'static str, parts: Vec<ReceiveRequest>| {
+        let mut c = ExchangeClient::new(as_de(tok));
+        async move { c.receive(tokio_stream::iter(parts)).await.map(|r| r.into_inner()) }
+    };
+    let pkg = |p: ResultPackage| ReceiveRequest { part: Some(Part::Package(p)) };
+
+    let good = content("DE", 1000);
+    let ok = deliver("t-nl", vec![pkg(keys::sign(&nl_key, &good))]).await.unwrap();
+    assert!(!ok.duplicate);
+    let again = deliver("t-nl", vec![pkg(keys::sign(&nl_key, &good))]).await.unwrap();
+    assert!(again.duplicate, "idempotent on package id");
+
+    let mut tampered = keys::sign(&nl_key, &content("DE", 1001));
+    let last = tampered.content.len() - 1;
+    tampered.content[last] ^= 1;
+    let cases: Vec<(&'static str, Vec<ReceiveRequest>, tonic::Code, &str)> = vec![
+        ("t-nl", vec![pkg(tampered)], tonic::Code::DataLoss, "altered or forged"),
+        (
+            "t-nl",
+            vec![pkg(keys::sign(&keys::load(&rogue_key_file).unwrap(), &content("DE", 1002)))],
+            tonic::Code::PermissionDenied,
+            "signed by key",
+        ),
+        (
+            "t-be",
+            vec![pkg(keys::sign(&nl_key, &content("DE", 1003)))],
+            tonic::Code::PermissionDenied,
+            "may not deliver packages issued by NL",
+        ),
+        ("t-nl", vec![pkg(keys::sign(&nl_key, &content("FR", 1004)))], tonic::Code::FailedPrecondition, "addressed to"),
+        (
+            "t-fr",
+            vec![pkg(keys::sign(
+                &keys::load(&tmp.path().join("de-keys").join(keys::PRIVATE_KEY_FILE)).unwrap(),
+                &PackageContent { issuer: "FR".into(), ..content("DE", 1005) },
+            ))],
+            tonic::Code::PermissionDenied,
+            "not accepted here",
+        ),
+        ("t-nl", vec![], tonic::Code::InvalidArgument, "first message must be the package"),
+    ];
+    for (tok, parts, code, text) in cases {
+        let err = deliver(tok, parts).await.unwrap_err();
+        assert_eq!(err.code(), code, "{}", err.message());
+        assert!(err.message().contains(text), "{:?} lacks {text:?}", err.message());
+    }
+    // Full planes whose bytes do not match the signed digest.
+    let bytes = raw_bytes(16, 8, 3);
+    let mut full = content("DE", 1006);
+    full.full_planes = true;
+    full.planes = vec![PlaneDescriptor { sha256: sha256(&bytes), ..plane(PlaneEncoding::RawU16le, 16, 8, &bytes) }];
+    let mut wrong = bytes.clone();
+    wrong[0] ^= 1;
+    let chunk = ReceiveRequest { part: Some(Part::Chunk(PlaneChunk { plane_index: 0, offset: 0, data: wrong })) };
+    let err = deliver("t-nl", vec![pkg(keys::sign(&nl_key, &full)), chunk]).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::DataLoss, "{}", err.message());
+    let truncated = ReceiveRequest {
+        part: Some(Part::Chunk(PlaneChunk { plane_index: 0, offset: 0, data: bytes[..100].to_vec() })),
+    };
+    let err = deliver("t-nl", vec![pkg(keys::sign(&nl_key, &full)), truncated]).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::DataLoss, "{}", err.message());
+    // Only the good package and NL's pushed scan are stored.
+    assert_eq!(foreign_scans(&officer).await.len(), 2);
+    de.shutdown().await.unwrap();
+}
