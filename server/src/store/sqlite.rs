@@ -896,15 +896,15 @@ mod tests {
         };
         let machine = ThreatReport { r#type: ReportType::Machine as i32, decision: 2, ..Default::default() };
         assert_eq!(
-            db.receive_package(&pkg("NL.DE.1", "aa"), &scan, &[machine.clone()]).unwrap(),
+            db.receive_package(&pkg("NL.DE.1", "aa"), &scan, std::slice::from_ref(&machine)).unwrap(),
             ReceiveOutcome::Stored
         );
         assert_eq!(
-            db.receive_package(&pkg("NL.DE.1", "aa"), &scan, &[machine.clone()]).unwrap(),
+            db.receive_package(&pkg("NL.DE.1", "aa"), &scan, std::slice::from_ref(&machine)).unwrap(),
             ReceiveOutcome::Duplicate
         );
         assert!(matches!(
-            db.receive_package(&pkg("NL.DE.1", "bb"), &scan, &[machine.clone()]).unwrap(),
+            db.receive_package(&pkg("NL.DE.1", "bb"), &scan, std::slice::from_ref(&machine)).unwrap(),
             ReceiveOutcome::Conflict(_)
         ));
         // A later package about the same scan adds its report to it.
