@@ -37,6 +37,10 @@ pub struct Config {
     pub exchange: crate::exchange::ExchangeConfig,
     /// TLS for the gRPC port (and mutual TLS when `client_ca` is set).
     pub tls: Option<TlsConfig>,
+    /// The file this was read from and the SHA-256 of its bytes (set by
+    /// [`Config::load`]; audited at start).
+    #[serde(skip)]
+    pub source: Option<(PathBuf, String)>,
 }
 
 /// The `[tls]` section.
@@ -96,6 +100,7 @@ impl Default for Config {
             auth: crate::auth::AuthConfig::default(),
             exchange: crate::exchange::ExchangeConfig::default(),
             tls: None,
+            source: None,
         }
     }
 }
@@ -144,7 +149,10 @@ impl Config {
         let Some(path) = path else { return Ok(Config::default()) };
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid config file {}: {e}", path.display()))
+        let mut config: Config =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid config file {}: {e}", path.display()))?;
+        config.source = Some((path.to_path_buf(), crate::digest::sha256_hex(text.as_bytes())?));
+        Ok(config)
     }
 }
 

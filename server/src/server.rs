@@ -89,13 +89,18 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         false => None,
     };
     let gate = Gate::new(metrics.clone(), meta.clone());
-    gate.audit(
-        &Caller { identity: "niix".into(), role: "system".into() },
-        "Start",
-        &config.data_dir.display().to_string(),
-        "OK",
-    )
-    .await;
+    let system = Caller { identity: "niix".into(), role: "system".into() };
+    gate.audit(&system, "Start", &config.data_dir.display().to_string(), "OK").await;
+    // Which configuration (and signing key) the server runs under: a changed
+    // file shows as a new digest in the chain.
+    let source = match &config.source {
+        Some((path, sha256)) => format!("{} sha256={sha256}", path.display()),
+        None => "defaults and command-line flags".into(),
+    };
+    gate.audit(&system, "ReadConfig", &source, "OK").await;
+    if let Some(key) = &config.exchange.signing_key {
+        gate.audit(&system, "ReadSigningKey", &key.display().to_string(), "OK").await;
+    }
     let exchange = ExchangeService::new(
         meta.clone(),
         blobs.clone(),

@@ -189,3 +189,104 @@ async fn a_partner_receives_exactly_its_redacted_signed_packages() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("altered or forged"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_planes_are_pulled_in_chunks_and_checked_against_the_signed_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key_file, public) = keys::init(&dir.path().join("keys")).unwrap();
+    let mut config = config(&dir.path().join("data"), Limits::default());
+    let token = |id: &str, role, tok: &str| TokenConfig { identity: id.into(), role, sha256: token_hash(tok) };
+    config.auth = AuthConfig {
+        tokens: vec![
+            token("scanner", Role::Scanner, "t-scan"),
+            token("officer", Role::Officer, "t-officer"),
+            token("DE", Role::Partner, "t-de"),
+            token("FR", Role::Partner, "t-fr"),
+        ],
+        ..Default::default()
+    };
+    config.exchange = ExchangeConfig {
+        administration: "NL".into(),
+        signing_key: Some(key_file),
+        agreements: vec![
+            Agreement {
+                name: "NL-DE".into(),
+                partner: "DE".into(),
+                content: Content::FullPlanes,
+                ..Default::default()
+            },
+            Agreement { name: "NL-FR".into(), partner: "FR".into(), ..Default::default() },
+        ],
+        ..Default::default()
+    };
+    let server = niix::server::start(config).await.unwrap();
+    let url = format!("http://{}", server.addr);
+    let ch = niix::client::connect(&url).await.unwrap();
+    let (scanner, officer, de, fr) = (
+        authed(ch.clone(), Some("t-scan")).unwrap(),
+        authed(ch.clone(), Some("t-officer")).unwrap(),
+        authed(ch.clone(), Some("t-de")).unwrap(),
+        authed(ch.clone(), Some("t-fr")).unwrap(),
+    );
+    let id = push(&scanner, "NLRTM", "AB-1", true).await;
+    analysed(&officer, &id).await;
+    let got = drain(&de, 0).await;
+    assert_eq!(got.len(), 1);
+    let content = keys::verify(&got[0], &public).unwrap();
+    assert!(content.full_planes);
+    let digest = content.planes[0].sha256.clone();
+
+    // GetPlane streams the stored bytes, and resumes from an offset.
+    let fetch = |offset: u64| {
+        let mut c = ExchangeClient::new(de.clone());
+        let req = GetPlaneRequest { package_id: content.package_id.clone(), plane_index: 0, offset };
+        async move {
+            let mut s = c.get_plane(req).await.unwrap().into_inner();
+            let mut bytes = Vec::new();
+            while let Some(chunk) = s.next().await {
+                bytes.extend(chunk.unwrap().data);
+            }
+            bytes
+        }
+    };
+    let whole = fetch(0).await;
+    assert_eq!(sha256(&whole), digest);
+    assert_eq!(fetch(1000).await, whole[1000..]);
+    // Another partner's agreement does not share planes.
+    let err = ExchangeClient::new(fr)
+        .get_plane(GetPlaneRequest { package_id: content.package_id.clone(), plane_index: 0, offset: 0 })
+        .await
+        .unwrap_err();
+    assert!(matches!(err.code(), tonic::Code::PermissionDenied | tonic::Code::NotFound), "{err:?}");
+
+    // The partner's CLI saves the plane beside the package; verify checks both.
+    let out = dir.path().join("inbox");
+    let cli = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_niix")).args(args).env("NIIX_LOG", "warn").output().unwrap()
+    };
+    let pulled = cli(&[
+        "partner",
+        "pull",
+        "--server",
+        &url,
+        "--token",
+        "t-de",
+        "--out",
+        out.to_str().unwrap(),
+        "--key",
+        &public,
+    ]);
+    assert!(pulled.status.success(), "{}", String::from_utf8_lossy(&pulled.stderr));
+    let pkg_file = std::path::PathBuf::from(String::from_utf8_lossy(&pulled.stdout).trim());
+    let plane_file = niix::cli::partner::plane_path(&pkg_file, 0);
+    assert_eq!(std::fs::read(&plane_file).unwrap(), whole);
+    server.shutdown().await.unwrap();
+    let ok = cli(&["verify", pkg_file.to_str().unwrap(), "--key", &public]);
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("1 plane file(s) match"), "{ok:?}");
+    let mut bad = whole.clone();
+    bad[7] ^= 0x40;
+    std::fs::write(&plane_file, bad).unwrap();
+    let tampered = cli(&["verify", pkg_file.to_str().unwrap(), "--key", &public]);
+    assert!(!tampered.status.success());
+    assert!(String::from_utf8_lossy(&tampered.stderr).contains("is not the signed"));
+}

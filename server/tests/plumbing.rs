@@ -93,7 +93,17 @@ async fn metrics_count_scans_bytes_and_errors() {
 #[tokio::test]
 async fn every_call_is_audited_and_the_chain_verifies_until_tampered() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start(dir.path()).await;
+    let config_file = dir.path().join("niix.toml");
+    let config_text = "shutdown_grace = \"500ms\"\n[limits]\nmax_planes = 4\n";
+    std::fs::write(&config_file, config_text).unwrap();
+    let loaded = niix::config::Config::load(Some(&config_file)).unwrap();
+    let server = niix::server::start(niix::config::Config {
+        source: loaded.source.clone(),
+        limits: loaded.limits.clone(),
+        ..config(dir.path(), Default::default())
+    })
+    .await
+    .unwrap();
     let ch = channel(&server).await;
     let raw = raw_bytes(16, 16, 1);
     let receipt =
@@ -124,6 +134,8 @@ async fn every_call_is_audited_and_the_chain_verifies_until_tampered() {
     assert!(actions.contains(&("PushScan", receipt.scan_id.as_str(), "OK")), "{actions:?}");
     assert!(actions.contains(&("PushScan", "", "InvalidArgument")), "refused calls are audited: {actions:?}");
     assert!(actions.contains(&("GetScan", receipt.scan_id.as_str(), "OK")), "reads are audited: {actions:?}");
+    let config_read = format!("{} sha256={}", config_file.display(), sha256(config_text.as_bytes()));
+    assert!(actions.contains(&("ReadConfig", config_read.as_str(), "OK")), "the config read is audited: {actions:?}");
     assert!(records.iter().all(|r| r["identity"].as_str().unwrap().starts_with("local@") || r["identity"] == "niix"));
 
     let (ok, out, err) = niix(&["audit", "verify", "--data", data]);

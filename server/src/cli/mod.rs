@@ -3,7 +3,7 @@
 mod audit;
 mod findings;
 mod officer;
-mod partner;
+pub mod partner;
 mod push;
 mod scans;
 mod serve;
