@@ -10,10 +10,11 @@ use niix_inference::pipeline::decode_plane;
 use niix_proto::v1::findings_server::Findings;
 use niix_proto::v1::{
     AdjudicateRequest, AlarmDecision, ExportTdrRequest, ExportTdrResponse, FindingsEvent, FindingsEventKind,
-    GetFindingsRequest, GetScanRequest, ListScansRequest, ListScansResponse, Plane, PlaneEncoding, PlaneKind,
-    RenderOverlayRequest, RenderOverlayResponse, ReportType, Scan, ScanDetail, ScanFindings, ScanStatus, ThreatReport,
-    WatchFindingsRequest,
+    GetFindingsRequest, GetScanRequest, ListScansRequest, ListScansResponse, PackageContent, Plane, PlaneEncoding,
+    PlaneKind, RenderOverlayRequest, RenderOverlayResponse, ReportType, ResultPackage, Scan, ScanDetail, ScanFindings,
+    ScanStatus, ThreatReport, WatchFindingsRequest,
 };
+use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -232,8 +233,17 @@ impl FindingsService {
     /// Renders a plane with its findings.
     pub async fn overlay(&self, req: RenderOverlayRequest) -> Result<RenderOverlayResponse> {
         let (record, reports) = self.record(&req.scan_id).await?;
-        let blobs = self.blobs.clone();
-        blocking(move || render_scan(blobs.as_ref(), &record, &reports, &req)).await
+        let (meta, blobs) = (self.meta.clone(), self.blobs.clone());
+        blocking(move || {
+            if !record.origin.is_empty()
+                && record.planes.is_empty()
+                && let Some(shared) = shared_overlay(meta.as_ref(), blobs.as_ref(), &record.scan_id)?
+            {
+                return Ok(shared);
+            }
+            render_scan(blobs.as_ref(), &record, &reports, &req)
+        })
+        .await
     }
 
     /// Stores an officer's verdict and returns the OPERATOR report.
@@ -325,6 +335,12 @@ pub fn render_scan(
     reports: &[ThreatReport],
     req: &RenderOverlayRequest,
 ) -> Result<RenderOverlayResponse> {
+    if !record.origin.is_empty() && record.planes.is_empty() {
+        return Err(Error::FailedPrecondition(format!(
+            "scan {} came from {} without its planes (the sharing agreement does not include image content)",
+            record.scan_id, record.origin
+        )));
+    }
     let planes = &record.header.planes;
     let index = match PlaneKind::try_from(req.plane_kind) {
         Ok(PlaneKind::Unspecified) => req.plane_index as usize,
@@ -344,12 +360,6 @@ pub fn render_scan(
         )));
     }
     let machine = latest(reports, ReportType::Machine).map(|(_, r)| r.clone());
-    if !record.origin.is_empty() && record.planes.get(index).is_none() {
-        return Err(Error::FailedPrecondition(format!(
-            "scan {} came from {} without its planes (the sharing agreement does not include image content)",
-            record.scan_id, record.origin
-        )));
-    }
     // A partner's downsampled share is drawn at its size, regions scaled down.
     let factor = record.planes.get(index).map_or(1, |p| p.downsampled.max(1));
     let mut input = crate::analysis::stored_plane(record, index, blobs)?;
@@ -389,6 +399,32 @@ pub fn render_scan(
         window_low: u32::from(o.window.0),
         window_high: u32::from(o.window.1),
     })
+}
+
+/// The newest overlay PNG a partner shared for a foreign scan held without
+/// its planes (agreement content `findings_overlay`), as it was signed.
+fn shared_overlay(
+    meta: &dyn MetadataStore,
+    blobs: &dyn BlobStore,
+    scan_id: &str,
+) -> Result<Option<RenderOverlayResponse>> {
+    for p in meta.received_packages(scan_id)?.iter().rev() {
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut blobs.open(&p.package_sha256)?, &mut bytes)
+            .map_err(|e| Error::Internal(format!("reading received package {}: {e}", p.package_id)))?;
+        let content = ResultPackage::decode(bytes.as_slice())
+            .and_then(|pkg| PackageContent::decode(pkg.content.as_slice()))
+            .map_err(|e| Error::Internal(format!("stored package {} does not decode: {e}", p.package_id)))?;
+        if content.overlay_png.is_empty() {
+            continue;
+        }
+        let info = png::Decoder::new(std::io::Cursor::new(&content.overlay_png))
+            .read_info()
+            .map_err(|e| Error::Internal(format!("shared overlay of {}: {e}", p.package_id)))?;
+        let (width, height) = (info.info().width, info.info().height);
+        return Ok(Some(RenderOverlayResponse { png: content.overlay_png, width, height, ..Default::default() }));
+    }
+    Ok(None)
 }
 
 fn planes_size(record: &ScanRecord, index: usize) -> Option<(u32, u32)> {

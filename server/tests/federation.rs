@@ -347,6 +347,23 @@ async fn receive_checks_every_delivery_and_foreign_scans_stay_put() {
     assert!(!ok.duplicate);
     let again = deliver("t-nl", vec![pkg(keys::sign(&nl_key, &good))]).await.unwrap();
     assert!(again.duplicate, "idempotent on package id");
+    // Without planes or an overlay there is nothing to draw; a shared overlay is shown as signed.
+    let overlay = |scan_id: String| {
+        let mut c = FindingsClient::new(officer.clone());
+        async move { c.render_overlay(RenderOverlayRequest { scan_id, ..Default::default() }).await }
+    };
+    let err = overlay(good.scan_id.clone()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{}", err.message());
+    let mut png = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut png, 3, 2);
+        enc.set_color(png::ColorType::Rgb);
+        enc.write_header().unwrap().write_image_data(&[200; 18]).unwrap();
+    }
+    let with_overlay = PackageContent { overlay_png: png.clone(), ..content("DE", 1007) };
+    deliver("t-nl", vec![pkg(keys::sign(&nl_key, &with_overlay))]).await.unwrap();
+    let shown = overlay(with_overlay.scan_id.clone()).await.unwrap().into_inner();
+    assert_eq!((shown.png, shown.width, shown.height), (png, 3, 2));
 
     let mut tampered = keys::sign(&nl_key, &content("DE", 1001));
     let last = tampered.content.len() - 1;
@@ -397,7 +414,7 @@ async fn receive_checks_every_delivery_and_foreign_scans_stay_put() {
     };
     let err = deliver("t-nl", vec![pkg(keys::sign(&nl_key, &full)), truncated]).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::DataLoss, "{}", err.message());
-    // Only the good package and NL's pushed scan are stored.
-    assert_eq!(foreign_scans(&officer).await.len(), 2);
+    // Only the two good packages and NL's pushed scan are stored.
+    assert_eq!(foreign_scans(&officer).await.len(), 3);
     de.shutdown().await.unwrap();
 }
