@@ -33,7 +33,7 @@ work="$(mktemp -d /tmp/niix-pybase.XXXXXX)"
 "$NIIX" serve --models fixtures/models --data "$work/data" --listen "127.0.0.1:$port" \
   --metrics-listen "127.0.0.1:$((port + 1))" >"$work/serve.log" 2>&1 &
 pid=$!
-trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true' EXIT
+trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$work/data"' EXIT
 for _ in $(seq 100); do
   "$NIIX" scans --server "$server" --limit 1 >/dev/null 2>&1 && break
   kill -0 "$pid" 2>/dev/null || { cat "$work/serve.log" >&2; exit 1; }
@@ -64,5 +64,5 @@ print(f"python seconds            {p['seconds']:.3f} s (best of {p['repeat']}; m
 print("python stages (ms):       " + ", ".join(f"{k} {v * 1000:.0f}" for k, v in p["timings"].items()))
 print(f"speedup_vs_python         {p['seconds'] / best:.2f} (best / best)")
 PY
-echo "files in $work"
+echo "JSON files in $work (the scratch data directory is removed)"
 exit "$status"
