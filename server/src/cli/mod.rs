@@ -7,6 +7,7 @@ pub mod partner;
 mod push;
 mod scans;
 mod serve;
+mod synth;
 
 use clap::{Parser, Subcommand};
 
@@ -53,6 +54,8 @@ pub enum Command {
     /// What a partner administration runs.
     #[command(subcommand)]
     Partner(partner::PartnerCommand),
+    /// Generate synthetic dual-energy cargo scans with ground truth.
+    Synth(synth::SynthArgs),
 }
 
 /// `niix token` subcommands.
@@ -156,6 +159,7 @@ impl Cli {
             Command::Keys(c) => partner::keys_command(c),
             Command::Verify(a) => partner::verify(a),
             Command::Partner(partner::PartnerCommand::Pull(a)) => partner::pull(a).await,
+            Command::Synth(a) => synth::run(a),
         }
     }
 }
