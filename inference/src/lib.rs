@@ -17,6 +17,7 @@
 
 pub mod decode;
 pub mod dicos;
+pub mod fit;
 pub mod manifest;
 pub mod model;
 pub mod pipeline;

@@ -32,6 +32,58 @@ pub struct Manifest {
     pub output: OutputSpec,
     /// From the anomaly map to regions and an alarm.
     pub decision: Decision,
+    /// Constant tensors fed to further graph inputs from files beside
+    /// `model.onnx` (e.g. a fitted memory bank).
+    #[serde(default)]
+    pub constants: Vec<Constant>,
+    /// How `niix model fit` makes a new version from a site's normal scans.
+    #[serde(default)]
+    pub fit: Option<FitSpec>,
+}
+
+/// A constant input: raw little-endian float32 values in a file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Constant {
+    /// Input name in the ONNX graph.
+    pub name: String,
+    /// File name in the version directory.
+    pub file: String,
+    /// Tensor shape; the file holds exactly their product of values.
+    pub shape: Vec<usize>,
+}
+
+/// Fitting a memory-bank detector (PatchCore-style) to normal scans.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FitSpec {
+    /// The feature graph (same input as the model), in the version directory.
+    pub features: String,
+    /// Its output: float32 `[N, D, tile/stride, tile/stride]`.
+    pub output: String,
+    /// The constant that holds the memory bank, shape `[K, D]`.
+    pub bank: String,
+    /// Rows of the memory bank (greedy coreset of the normal features).
+    #[serde(default = "default_coreset")]
+    pub coreset: usize,
+    /// Feature cells sampled from each normal scan before the coreset.
+    #[serde(default = "default_samples")]
+    pub samples_per_scan: usize,
+    /// Share of held-out normal scans allowed to alarm.
+    #[serde(default = "default_far")]
+    pub false_alarm_rate: f64,
+}
+
+fn default_coreset() -> usize {
+    4096
+}
+
+fn default_samples() -> usize {
+    3000
+}
+
+fn default_far() -> f64 {
+    0.01
 }
 
 /// The model's input tensor: float32 `[N, channels, tile, tile]`.
@@ -199,6 +251,22 @@ impl Manifest {
         }
         if !(d.threshold > 0.0 && d.threshold <= 1.0) {
             return bad(format!("decision.threshold {} must be in (0, 1]", d.threshold));
+        }
+        for c in &self.constants {
+            if c.file.is_empty() || c.file.contains(['/', '\\']) || c.file.starts_with('.') {
+                return bad(format!("constants {:?}: file {:?} must be a plain file name", c.name, c.file));
+            }
+            if c.shape.is_empty() || c.shape.contains(&0) {
+                return bad(format!("constants {:?}: shape {:?} must be non-empty and positive", c.name, c.shape));
+            }
+        }
+        if let Some(f) = &self.fit {
+            if !self.constants.iter().any(|c| c.name == f.bank && c.shape.len() == 2) {
+                return bad(format!("fit.bank {:?} is not a two-dimensional entry of constants", f.bank));
+            }
+            if !(f.false_alarm_rate > 0.0 && f.false_alarm_rate < 1.0) || f.coreset == 0 || f.samples_per_scan == 0 {
+                return bad("fit: false_alarm_rate must be in (0, 1); coreset and samples_per_scan positive".into());
+            }
         }
         if !THREAT_CATEGORIES.contains(&d.category.as_str()) {
             return bad(format!(

@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use ndarray::Array4;
-use ort::session::Session;
+use ndarray::{Array4, ArrayD, IxDyn};
+use ort::session::{Session, SessionInputValue};
 use ort::value::{TensorElementType, TensorRef, ValueType};
 use sha2::{Digest, Sha256};
 
@@ -46,7 +46,9 @@ pub struct Model {
     pub name: String,
     /// Version (its numeric sub-directory).
     pub version: u64,
-    /// Lowercase hex SHA-256 of `model.onnx`.
+    /// Lowercase hex SHA-256 of `model.onnx` followed by the manifest's
+    /// constant files in order (of `model.onnx` alone when there are none),
+    /// so a refitted memory bank is a different model.
     pub sha256: String,
     /// The manifest.
     pub manifest: Manifest,
@@ -54,6 +56,7 @@ pub struct Model {
     pub stride: usize,
     /// The version directory.
     pub dir: PathBuf,
+    constants: Vec<(String, ArrayD<f32>)>,
     session: Mutex<Session>,
 }
 
@@ -92,7 +95,25 @@ impl Model {
             return Err(mismatch(format!("model.toml names {:?} but the directory is {name:?}", manifest.name)));
         }
         let bytes = read(&dir.join("model.onnx"))?;
-        let sha256 = hex::encode(Sha256::digest(&bytes));
+        let mut digest = Sha256::new();
+        digest.update(&bytes);
+        let mut constants = Vec::new();
+        for c in &manifest.constants {
+            let path = dir.join(&c.file);
+            let raw = read(&path)?;
+            let want = c.shape.iter().product::<usize>() * 4;
+            if raw.len() != want {
+                return Err(ModelError::File {
+                    path,
+                    reason: format!("holds {} bytes; shape {:?} of float32 needs {want}", raw.len(), c.shape),
+                });
+            }
+            digest.update(&raw);
+            let values: Vec<f32> = raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            let array = ArrayD::from_shape_vec(IxDyn(&c.shape), values).expect("length checked above");
+            constants.push((c.name.clone(), array));
+        }
+        let sha256 = hex::encode(digest.finalize());
         let env = environment()?;
         let configure = || -> Result<ort::session::builder::SessionBuilder, ort::Error> {
             Ok(Session::builder(&env)?.with_intra_threads(threads.intra_op)?.with_inter_threads(threads.inter_op)?)
@@ -124,6 +145,14 @@ impl Model {
                 )));
             }
         }
+        for (c, _) in &constants {
+            if !session.inputs().iter().any(|o| o.name() == c) {
+                return Err(mismatch(format!(
+                    "constants names input {c:?}; the model's inputs are {:?}",
+                    names(session.inputs())
+                )));
+            }
+        }
         let out_name = &manifest.output.name;
         let Some(out) = session.outputs().iter().find(|o| o.name() == *out_name) else {
             return Err(mismatch(format!(
@@ -147,6 +176,7 @@ impl Model {
             manifest,
             stride: 1,
             dir: dir.to_path_buf(),
+            constants,
             session: Mutex::new(session),
         };
         let blank = Array4::<f32>::zeros((1, channels, model.manifest.input.tile, model.manifest.input.tile));
@@ -175,8 +205,12 @@ impl Model {
         F: FnMut(usize, &[f32]),
     {
         let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
-        let input = TensorRef::from_array_view(batch.view())?;
-        let outputs = session.run(ort::inputs![self.manifest.input.name.as_str() => input])?;
+        let mut inputs: Vec<(&str, SessionInputValue<'_>)> =
+            vec![(self.manifest.input.name.as_str(), TensorRef::from_array_view(batch.view())?.into())];
+        for (name, value) in &self.constants {
+            inputs.push((name.as_str(), TensorRef::from_array_view(value.view())?.into()));
+        }
+        let outputs = session.run(inputs)?;
         let (shape, data) = outputs[self.manifest.output.name.as_str()].try_extract_tensor::<f32>()?;
         let dims: Vec<i64> = shape.to_vec();
         let (h, w) = match dims.as_slice() {

@@ -90,6 +90,9 @@ pub struct Timings {
 pub struct Analysis {
     /// Highest normalised score anywhere, 0..1.
     pub score: f32,
+    /// Highest raw map value, before normalisation (for ranking scans, e.g.
+    /// ROC curves, where the normalised score saturates at 1).
+    pub raw_score: f32,
     /// True when at least one region passed the threshold and minimum area.
     pub alarm: bool,
     /// Regions, highest score first.
@@ -187,17 +190,29 @@ pub fn fill_tile(batch: &mut Array4<f32>, slot: usize, input: ArrayView3<'_, f32
 
 /// Writes the owned part of one tile's raw map into the scan map, normalised
 /// to a 0..1 score.
-pub fn stitch_tile(map: &mut Array2<f32>, tile: &Tile, side: usize, stride: usize, raw: &[f32], lo: f32, hi: f32) {
+/// Returns the highest raw value written.
+pub fn stitch_tile(
+    map: &mut Array2<f32>,
+    tile: &Tile,
+    side: usize,
+    stride: usize,
+    raw: &[f32],
+    lo: f32,
+    hi: f32,
+) -> f32 {
     let (ty, tx) = (tile.y / stride, tile.x / stride);
     let scale = 1.0 / (hi - lo);
+    let mut top = f32::NEG_INFINITY;
     for my in tile.own_rows.0..tile.own_rows.1 {
         let src = &raw[(my - ty) * side..(my - ty + 1) * side];
         let mut dst = map.slice_mut(s![my, tile.own_cols.0..tile.own_cols.1]);
         let from = tile.own_cols.0 - tx;
         for (d, &v) in dst.iter_mut().zip(&src[from..]) {
+            top = top.max(v);
             *d = ((v - lo) * scale).clamp(0.0, 1.0);
         }
     }
+    top
 }
 
 struct Batch {
@@ -213,7 +228,7 @@ pub fn infer_map(
     input: ArrayView3<'_, f32>,
     pad: &[f32],
     timings: &mut Timings,
-) -> Result<Array2<f32>, AnalysisError> {
+) -> Result<(Array2<f32>, f32), AnalysisError> {
     let m = &model.manifest;
     let (channels, h, w) = input.dim();
     let side = m.input.tile;
@@ -223,6 +238,7 @@ pub fn infer_map(
     let batch_size = m.input.batch.min(tiles.len());
     let map_side = side / model.stride;
     let (lo, hi) = (m.decision.score_min, m.decision.score_max);
+    let mut raw_max = f32::NEG_INFINITY;
 
     std::thread::scope(|scope| {
         let (full_tx, full_rx): (SyncSender<Batch>, Receiver<Batch>) = sync_channel(1);
@@ -261,7 +277,7 @@ pub fn infer_map(
             };
             let ran = model.run(run_input, |i, raw| {
                 let t1 = Instant::now();
-                stitch_tile(&mut map, &batch.tiles[i], map_side, model.stride, raw, lo, hi);
+                raw_max = raw_max.max(stitch_tile(&mut map, &batch.tiles[i], map_side, model.stride, raw, lo, hi));
                 stitch += t1.elapsed();
             });
             timings.infer += t0.elapsed() - stitch;
@@ -277,14 +293,27 @@ pub fn infer_map(
         timings.tile += producer.join().unwrap_or_default();
         result
     })?;
-    Ok(map)
+    Ok((map, raw_max))
 }
 
-/// Analyses one scan with one model.
-pub fn analyze(model: &Model, mut planes: Vec<PlaneInput>) -> Result<Analysis, AnalysisError> {
-    let start = Instant::now();
-    let mut timings = Timings::default();
-    let m = &model.manifest;
+/// A scan turned into model input.
+pub struct ModelInput {
+    /// `[channels, height, width]`, transformed.
+    pub data: Array3<f32>,
+    /// Per channel, the transformed value of air (tile padding).
+    pub pad: Vec<f32>,
+    /// For each channel, the index of the plane that fed it.
+    pub planes: Vec<usize>,
+    /// Image height and width.
+    pub size: (usize, usize),
+}
+
+/// Picks, decodes and transforms the planes a manifest asks for.
+pub fn model_input(
+    m: &Manifest,
+    planes: &mut [PlaneInput],
+    timings: &mut Timings,
+) -> Result<ModelInput, AnalysisError> {
     let kinds: Vec<String> = planes.iter().map(|p| p.kind.clone()).collect();
     let kind_refs: Vec<&str> = kinds.iter().map(String::as_str).collect();
     let chosen = select_planes(m, &kind_refs)?;
@@ -306,20 +335,37 @@ pub fn analyze(model: &Model, mut planes: Vec<PlaneInput>) -> Result<Analysis, A
     let t0 = Instant::now();
     let tables: Vec<Vec<f32>> = (0..chosen.len()).map(|c| lookup_table(m, c)).collect();
     let sources: Vec<&Array2<u16>> = chosen.iter().map(|&i| decoded[i].as_ref().expect("decoded above")).collect();
-    let input = transform(&sources, &tables);
+    let data = transform(&sources, &tables);
     let air = (m.transform.i0.round() as usize).min(u16::MAX as usize);
     let pad: Vec<f32> = tables.iter().map(|t| t[air]).collect();
-    drop(decoded);
     timings.transform = t0.elapsed();
+    let size = (sizes[0].1 as usize, sizes[0].0 as usize);
+    Ok(ModelInput { data, pad, planes: chosen, size })
+}
 
-    let map = infer_map(model, input.view(), &pad, &mut timings)?;
+/// Analyses one scan with one model.
+pub fn analyze(model: &Model, mut planes: Vec<PlaneInput>) -> Result<Analysis, AnalysisError> {
+    let start = Instant::now();
+    let mut timings = Timings::default();
+    let m = &model.manifest;
+    let ModelInput { data: input, pad, planes: chosen, size: (h, w) } = model_input(m, &mut planes, &mut timings)?;
+    drop(planes);
+    let (map, raw_score) = infer_map(model, input.view(), &pad, &mut timings)?;
     drop(input);
 
     let t0 = Instant::now();
-    let (h, w) = (sizes[0].1 as usize, sizes[0].0 as usize);
     let regions = find_regions(map.view(), m.decision.threshold, model.stride, m.decision.min_region_area, (h, w));
     let score = map.iter().copied().fold(0.0f32, f32::max);
     timings.postprocess = t0.elapsed();
     timings.total = start.elapsed();
-    Ok(Analysis { score, alarm: !regions.is_empty(), regions, map, stride: model.stride, planes: chosen, timings })
+    Ok(Analysis {
+        score,
+        raw_score,
+        alarm: !regions.is_empty(),
+        regions,
+        map,
+        stride: model.stride,
+        planes: chosen,
+        timings,
+    })
 }

@@ -2,6 +2,7 @@
 
 mod audit;
 mod findings;
+mod model;
 mod officer;
 pub mod partner;
 mod push;
@@ -56,6 +57,11 @@ pub enum Command {
     Partner(partner::PartnerCommand),
     /// Generate synthetic dual-energy cargo scans with ground truth.
     Synth(synth::SynthArgs),
+    /// Fit models to a site's scans.
+    #[command(subcommand)]
+    Model(model::ModelCommand),
+    /// Detection figures of a model on a labelled set (`niix synth` output).
+    Eval(model::EvalArgs),
 }
 
 /// `niix token` subcommands.
@@ -160,6 +166,8 @@ impl Cli {
             Command::Verify(a) => partner::verify(a),
             Command::Partner(partner::PartnerCommand::Pull(a)) => partner::pull(a).await,
             Command::Synth(a) => synth::run(a),
+            Command::Model(model::ModelCommand::Fit(a)) => model::fit(a),
+            Command::Eval(a) => model::eval(a),
         }
     }
 }

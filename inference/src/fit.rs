@@ -1,0 +1,260 @@
+//! Fitting a memory-bank detector (PatchCore-style) to a site's normal
+//! scans, in Rust through ONNX Runtime: the model's feature graph turns
+//! every normal scan into patch features, a greedy k-center coreset of them
+//! becomes the memory bank, and the decision threshold is set on held-out
+//! normal scans so that a chosen share of them would alarm.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use ndarray::{Array2, Array4, ArrayView2, s};
+use ort::session::Session;
+use ort::value::TensorRef;
+
+use crate::manifest::{FitSpec, Manifest};
+use crate::model::ModelError;
+use crate::pipeline::{AnalysisError, ModelInput, PlaneInput, Timings, fill_tile, model_input};
+use crate::runtime::{Threads, environment};
+use crate::tiling::Grid;
+
+/// The feature graph of a fittable model.
+pub struct FeatureGraph {
+    manifest: Manifest,
+    spec: FitSpec,
+    session: Mutex<Session>,
+}
+
+impl FeatureGraph {
+    /// Loads `dir/<fit.features>` for the manifest `dir/model.toml`.
+    pub fn load(dir: &Path, threads: Threads) -> Result<FeatureGraph, ModelError> {
+        let path = dir.join("model.toml");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| ModelError::File { path: path.clone(), reason: e.to_string() })?;
+        let manifest = Manifest::parse(&text)?;
+        let spec = manifest.fit.clone().ok_or_else(|| ModelError::File {
+            path,
+            reason: "this model has no [fit] section: it cannot be fitted to a site".into(),
+        })?;
+        let graph = dir.join(&spec.features);
+        let bytes =
+            std::fs::read(&graph).map_err(|e| ModelError::File { path: graph.clone(), reason: e.to_string() })?;
+        let env = environment()?;
+        let build = || -> Result<Session, ort::Error> {
+            Session::builder(&env)?
+                .with_intra_threads(threads.intra_op)?
+                .with_inter_threads(threads.inter_op)?
+                .commit_from_memory(&bytes)
+        };
+        let session = build()
+            .map_err(|e| ModelError::File { path: graph, reason: format!("ONNX Runtime cannot load it: {e}") })?;
+        Ok(FeatureGraph { manifest, spec, session: Mutex::new(session) })
+    }
+
+    /// The manifest it was loaded with.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The feature vector of every map cell of a scan, each taken from the
+    /// tile that owns it under the stitching rule: `[cells, D]`.
+    pub fn scan_features(&self, mut planes: Vec<PlaneInput>) -> Result<Array2<f32>, AnalysisError> {
+        let m = &self.manifest;
+        let ModelInput { data, pad, size: (h, w), .. } = model_input(m, &mut planes, &mut Timings::default())?;
+        drop(planes);
+        let side = m.input.tile;
+        let channels = data.shape()[0];
+        let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        let mut stride = 0;
+        let mut rows: Vec<f32> = Vec::new();
+        let mut dim = 0;
+        // The stride is known after the first run; run a first tile alone to learn it.
+        let probe = Array4::<f32>::zeros((1, channels, side, side));
+        {
+            let out = session.run(ort::inputs![m.input.name.as_str() => TensorRef::from_array_view(probe.view())?])?;
+            let (shape, _) = out[self.spec.output.as_str()].try_extract_tensor::<f32>()?;
+            if shape.len() == 4 && shape[2] > 0 {
+                stride = side / shape[2] as usize;
+                dim = shape[1] as usize;
+            }
+        }
+        if stride == 0 {
+            return Err(AnalysisError::Runtime(ort::Error::new("the feature graph's output is not [N, D, h, w]")));
+        }
+        let grid = Grid::new(h, w, side, m.input.overlap, stride);
+        let map_side = side / stride;
+        let mut batch = Array4::<f32>::zeros((m.input.batch, channels, side, side));
+        for group in grid.tiles().chunks(m.input.batch) {
+            for (slot, tile) in group.iter().enumerate() {
+                fill_tile(&mut batch, slot, data.view(), tile, &pad);
+            }
+            let view = batch.slice(s![..group.len(), .., .., ..]);
+            let out = session.run(ort::inputs![m.input.name.as_str() => TensorRef::from_array_view(view)?])?;
+            let (_, values) = out[self.spec.output.as_str()].try_extract_tensor::<f32>()?;
+            let per_tile = dim * map_side * map_side;
+            for (i, tile) in group.iter().enumerate() {
+                let t = &values[i * per_tile..(i + 1) * per_tile];
+                let (ty, tx) = (tile.y / stride, tile.x / stride);
+                for my in tile.own_rows.0..tile.own_rows.1 {
+                    for mx in tile.own_cols.0..tile.own_cols.1 {
+                        let cell = (my - ty) * map_side + (mx - tx);
+                        rows.extend((0..dim).map(|d| t[d * map_side * map_side + cell]));
+                    }
+                }
+            }
+        }
+        let cells = rows.len() / dim;
+        Ok(Array2::from_shape_vec((cells, dim), rows).expect("whole rows pushed"))
+    }
+}
+
+/// A deterministic pseudo-random index stream (SplitMix64).
+struct Picker(u64);
+
+impl Picker {
+    fn next(&mut self, n: usize) -> usize {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        ((z ^ (z >> 31)) % n as u64) as usize
+    }
+}
+
+/// `n` rows of `features` chosen at random without replacement (all if fewer).
+pub fn sample_rows(features: ArrayView2<'_, f32>, n: usize, seed: u64) -> Array2<f32> {
+    let total = features.nrows();
+    if total <= n {
+        return features.to_owned();
+    }
+    let mut order: Vec<usize> = (0..total).collect();
+    let mut pick = Picker(seed);
+    for i in 0..n {
+        let j = i + pick.next(total - i);
+        order.swap(i, j);
+    }
+    let mut chosen = order[..n].to_vec();
+    chosen.sort_unstable();
+    features.select(ndarray::Axis(0), &chosen)
+}
+
+fn sq_dist(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
+}
+
+/// Greedy k-center coreset of `pool` (PatchCore's memory-bank reduction):
+/// starting from one row, repeatedly adds the row farthest from those chosen.
+/// The result covers the pool with the smallest largest gap a greedy choice
+/// gives. Uses every core.
+pub fn coreset(pool: ArrayView2<'_, f32>, k: usize, seed: u64) -> Array2<f32> {
+    let n = pool.nrows();
+    if n <= k {
+        return pool.to_owned();
+    }
+    let pool = pool.as_standard_layout().into_owned();
+    let dim = pool.ncols();
+    let flat = pool.as_slice().expect("standard layout");
+    let mut nearest = vec![f32::INFINITY; n];
+    let mut chosen = Vec::with_capacity(k);
+    let mut next = Picker(seed).next(n);
+    let workers = std::thread::available_parallelism().map_or(1, |c| c.get()).max(1);
+    let chunk = n.div_ceil(workers);
+    for _ in 0..k {
+        chosen.push(next);
+        let center = &flat[next * dim..(next + 1) * dim];
+        // Update distances and find the farthest row, in parallel chunks.
+        let best = std::thread::scope(|s| {
+            let handles: Vec<_> = nearest
+                .chunks_mut(chunk)
+                .enumerate()
+                .map(|(c, part)| {
+                    s.spawn(move || {
+                        let mut best = (0usize, f32::NEG_INFINITY);
+                        for (i, d) in part.iter_mut().enumerate() {
+                            let row = c * chunk + i;
+                            let dist = sq_dist(&flat[row * dim..(row + 1) * dim], center);
+                            if dist < *d {
+                                *d = dist;
+                            }
+                            if *d > best.1 {
+                                best = (row, *d);
+                            }
+                        }
+                        best
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("coreset worker"))
+                .fold((0, f32::NEG_INFINITY), |a, b| if b.1 > a.1 { b } else { a })
+        });
+        next = best.0;
+    }
+    pool.select(ndarray::Axis(0), &chosen)
+}
+
+/// The raw threshold that lets at most `rate` of `scores` (image scores of
+/// held-out normal scans) alarm: their `1 - rate` quantile, taken as the
+/// largest when there are too few scans to estimate it, raised by `margin`
+/// (relative) so the scan that set it does not itself alarm.
+pub fn threshold_for(scores: &[f32], rate: f64, margin: f32) -> f32 {
+    let mut sorted: Vec<f32> = scores.iter().copied().filter(|s| s.is_finite()).collect();
+    sorted.sort_by(f32::total_cmp);
+    if sorted.is_empty() {
+        return f32::INFINITY;
+    }
+    let allowed = (rate * sorted.len() as f64).floor() as usize;
+    let at = sorted.len() - 1 - allowed.min(sorted.len() - 1);
+    sorted[at] * (1.0 + margin)
+}
+
+/// Writes a memory bank as raw little-endian float32 (the `constants` format).
+pub fn bank_bytes(bank: &Array2<f32>) -> Vec<u8> {
+    bank.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_coreset_covers_every_cluster() {
+        // Four tight clusters of 100 points; a 4-point coreset takes one of each.
+        let centers = [[0.0f32, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]];
+        let mut pts = Vec::new();
+        for (c, [x, y]) in centers.iter().enumerate() {
+            for i in 0..100 {
+                let j = (i * 7 + c * 13) % 100;
+                pts.extend([x + j as f32 * 0.001, y - j as f32 * 0.001]);
+            }
+        }
+        let pool = Array2::from_shape_vec((400, 2), pts).unwrap();
+        let core = coreset(pool.view(), 4, 5);
+        let mut hit = [false; 4];
+        for row in core.rows() {
+            let c = centers.iter().position(|[x, y]| (row[0] - x).abs() < 1.0 && (row[1] - y).abs() < 1.0).unwrap();
+            hit[c] = true;
+        }
+        assert_eq!(hit, [true; 4]);
+        assert_eq!(coreset(pool.view(), 1000, 5).nrows(), 400, "a small pool is kept whole");
+    }
+
+    #[test]
+    fn sampling_is_deterministic_and_without_repeats() {
+        let pool = Array2::from_shape_fn((50, 3), |(r, c)| (r * 3 + c) as f32);
+        let a = sample_rows(pool.view(), 10, 9);
+        assert_eq!(a, sample_rows(pool.view(), 10, 9));
+        let mut firsts: Vec<i32> = a.column(0).iter().map(|v| *v as i32).collect();
+        firsts.dedup();
+        assert_eq!(firsts.len(), 10);
+    }
+
+    #[test]
+    fn the_threshold_lets_the_agreed_share_alarm() {
+        let scores: Vec<f32> = (1..=200).map(|i| i as f32).collect();
+        // 1% of 200: two may alarm, so the threshold sits on the third highest.
+        assert_eq!(threshold_for(&scores, 0.01, 0.0), 198.0);
+        // Ten scans cannot estimate a 1% quantile: the largest, plus the margin.
+        assert_eq!(threshold_for(&scores[..10], 0.01, 0.1), 11.0);
+    }
+}

@@ -1,0 +1,388 @@
+//! `niix model fit` (site calibration without Python) and `niix eval`
+//! (detection figures on a generated, labelled set). Both run the tensor
+//! core in this process; no server is needed.
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use ndarray::{Array2, concatenate};
+use niix_inference::decode::{Encoding, probe};
+use niix_inference::fit::{FeatureGraph, bank_bytes, coreset, sample_rows, threshold_for};
+use niix_inference::manifest::Manifest;
+use niix_inference::model::Model;
+use niix_inference::pipeline::{PlaneInput, analyze};
+use niix_inference::regions::Region;
+use niix_inference::runtime::Threads;
+use niix_synth::{Anomaly, ScanInfo};
+
+/// `niix model` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum ModelCommand {
+    /// Fit a new model version to a site's normal scans.
+    Fit(FitArgs),
+}
+
+/// Arguments of `niix model fit`.
+#[derive(Debug, clap::Args)]
+pub struct FitArgs {
+    /// Directory of normal scans: `NAME.high.tif` + `NAME.low.tif` pairs
+    /// (`NAME.json` with anomalies listed excludes a scan).
+    #[arg(long)]
+    pub normal: PathBuf,
+    /// The model to start from: a name in `--models` (its newest version),
+    /// or a directory holding `model.toml` with a `[fit]` section.
+    #[arg(long)]
+    pub base: String,
+    /// The model repository `--base` names a model of.
+    #[arg(long, default_value = "models")]
+    pub models: PathBuf,
+    /// The new version's directory, e.g. `models/cargo-patchcore/2`. Written
+    /// whole under a temporary name, then renamed, so a running server never
+    /// sees half a version.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Share of the normal scans held out to set the threshold.
+    #[arg(long, default_value_t = 0.3)]
+    pub holdout: f64,
+}
+
+/// Arguments of `niix eval`.
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    /// Directory of labelled scans (`niix synth` output).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Model repository.
+    #[arg(long, default_value = "models")]
+    pub models: PathBuf,
+    /// Which model (default: the only one, or the first by name).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Print the figures as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One scan on disk.
+struct ScanFiles {
+    name: String,
+    high: PathBuf,
+    low: PathBuf,
+    info: Option<ScanInfo>,
+}
+
+/// The `NAME.high.tif` / `NAME.low.tif` pairs of a directory, by name.
+fn scan_files(dir: &Path) -> anyhow::Result<Vec<ScanFiles>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".high.tif")) else {
+            continue;
+        };
+        let low = dir.join(format!("{name}.low.tif"));
+        anyhow::ensure!(low.exists(), "{} has no low-energy plane {}", path.display(), low.display());
+        let json = dir.join(format!("{name}.json"));
+        let info = json.exists().then(|| niix_synth::read_info(&json)).transpose()?;
+        out.push(ScanFiles { name: name.to_string(), high: path, low, info });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+fn plane(path: &Path, kind: &str) -> anyhow::Result<PlaneInput> {
+    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let header = probe(&mut file, Encoding::Tiff).with_context(|| format!("reading {}", path.display()))?;
+    file.seek(SeekFrom::Start(0))?;
+    Ok(PlaneInput {
+        kind: kind.into(),
+        encoding: Encoding::Tiff,
+        width: header.width,
+        height: header.height,
+        reader: Box::new(std::io::BufReader::new(file)),
+    })
+}
+
+impl ScanFiles {
+    fn planes(&self) -> anyhow::Result<Vec<PlaneInput>> {
+        Ok(vec![plane(&self.high, "high_energy")?, plane(&self.low, "low_energy")?])
+    }
+}
+
+/// The directory `--base` means.
+fn base_dir(base: &str, models: &Path) -> anyhow::Result<PathBuf> {
+    let as_dir = PathBuf::from(base);
+    if as_dir.join("model.toml").exists() {
+        return Ok(as_dir);
+    }
+    let root = models.join(base);
+    let newest = std::fs::read_dir(&root)
+        .with_context(|| format!("--base {base}: neither a model directory nor a model in {}", models.display()))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u64>().ok()))
+        .max()
+        .ok_or_else(|| anyhow::anyhow!("{} has no numbered versions", root.display()))?;
+    Ok(root.join(newest.to_string()))
+}
+
+/// `niix model fit`.
+pub fn fit(args: FitArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.holdout > 0.0 && args.holdout < 1.0, "--holdout must be between 0 and 1");
+    anyhow::ensure!(!args.out.exists(), "{} exists already: versions are never overwritten", args.out.display());
+    let base = base_dir(&args.base, &args.models)?;
+    let graph = FeatureGraph::load(&base, Threads::default())?;
+    let spec = graph.manifest().fit.clone().expect("FeatureGraph::load checks [fit]");
+    let mut scans = scan_files(&args.normal)?;
+    let before = scans.len();
+    scans.retain(|s| s.info.as_ref().is_none_or(|i| i.anomalies.is_empty()));
+    if scans.len() < before {
+        eprintln!("skipping {} scans whose NAME.json lists anomalies", before - scans.len());
+    }
+    anyhow::ensure!(
+        scans.len() >= 4,
+        "{} holds {} normal scans; fit needs at least 4",
+        args.normal.display(),
+        scans.len()
+    );
+    // Every k-th scan is held out (deterministic, spread over the set).
+    let every = (1.0 / args.holdout).round().max(2.0) as usize;
+    let (held, fitted): (Vec<_>, Vec<_>) = scans.into_iter().enumerate().partition(|(i, _)| i % every == every - 1);
+    eprintln!("fitting on {} normal scans, {} held out for the threshold", fitted.len(), held.len());
+
+    let started = Instant::now();
+    let mut pool: Vec<Array2<f32>> = Vec::new();
+    for (i, s) in &fitted {
+        let features = graph.scan_features(s.planes()?).with_context(|| format!("features of {}", s.name))?;
+        pool.push(sample_rows(features.view(), spec.samples_per_scan, *i as u64 + 1));
+        eprintln!("  {} ({} cells)", s.name, features.nrows());
+    }
+    let views: Vec<_> = pool.iter().map(|p| p.view()).collect();
+    let pool = concatenate(ndarray::Axis(0), &views)?;
+    let bank = coreset(pool.view(), spec.coreset, 7);
+    eprintln!(
+        "memory bank: {} of {} patch features ({:.1} s)",
+        bank.nrows(),
+        pool.nrows(),
+        started.elapsed().as_secs_f64()
+    );
+
+    // Write the version under a temporary name.
+    let parent = args.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)?;
+    let leaf = args.out.file_name().and_then(|n| n.to_str()).unwrap_or("new");
+    let tmp = parent.join(format!(".{leaf}.partial"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    let mut manifest: Manifest = graph.manifest().clone();
+    let name = args.out.parent().and_then(|p| p.file_name()).and_then(|n| n.to_str()).unwrap_or(&manifest.name);
+    manifest.name = name.to_string();
+    let bank_constant = manifest.constants.iter_mut().find(|c| c.name == spec.bank).expect("checked by the manifest");
+    bank_constant.shape = vec![bank.nrows(), bank.ncols()];
+    std::fs::write(tmp.join(&bank_constant.file), bank_bytes(&bank))?;
+    for file in ["model.onnx", spec.features.as_str()] {
+        std::fs::copy(base.join(file), tmp.join(file)).with_context(|| format!("copying {file}"))?;
+    }
+    std::fs::write(tmp.join("model.toml"), toml::to_string(&manifest)?)?;
+
+    // Threshold from the held-out scans, through the model as it will serve.
+    let version = args.out.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse().ok()).unwrap_or(0);
+    let model = Model::load(&tmp, &manifest.name, version, Threads::default())?;
+    let mut scores = Vec::new();
+    let mut cells = Vec::new();
+    for (_, s) in &held {
+        let a = analyze(&model, s.planes()?).with_context(|| format!("analysing {}", s.name))?;
+        // Back from the placeholder normalisation to raw distances.
+        let (lo, hi) = (manifest.decision.score_min, manifest.decision.score_max);
+        cells.extend(a.map.iter().map(|v| lo + v * (hi - lo)));
+        scores.push(a.raw_score);
+        eprintln!("  held out {}: highest distance {:.3}", s.name, a.raw_score);
+    }
+    let threshold = threshold_for(&scores, spec.false_alarm_rate, 0.05);
+    cells.sort_by(f32::total_cmp);
+    let typical = cells.get(cells.len() / 2).copied().unwrap_or(0.0).min(threshold * 0.5);
+    // Normalised score 0.5 is the threshold; 0 the typical normal cell.
+    manifest.decision.score_min = typical;
+    manifest.decision.score_max = typical + 2.0 * (threshold - typical);
+    manifest.decision.threshold = 0.5;
+    manifest.description = format!(
+        "{} Fitted by `niix model fit` on {} normal scans of {}; threshold {:.3} from {} held-out scans at a {}% false-alarm rate.",
+        manifest.description.split(" Fitted by").next().unwrap_or_default(),
+        fitted.len(),
+        args.normal.display(),
+        threshold,
+        held.len(),
+        spec.false_alarm_rate * 100.0
+    );
+    drop(model);
+    std::fs::write(tmp.join("model.toml"), toml::to_string(&manifest)?)?;
+    std::fs::rename(&tmp, &args.out).with_context(|| format!("moving the new version to {}", args.out.display()))?;
+    println!(
+        "{}: memory bank {}x{}, threshold {threshold:.3} (typical normal {typical:.3})",
+        args.out.display(),
+        bank.nrows(),
+        bank.ncols()
+    );
+    Ok(())
+}
+
+/// Image-level AUROC of `positive` against `negative` scores (ties count half).
+pub fn auroc(negative: &[f32], positive: &[f32]) -> f64 {
+    if negative.is_empty() || positive.is_empty() {
+        return f64::NAN;
+    }
+    let mut wins = 0.0;
+    for p in positive {
+        for n in negative {
+            wins += if p > n {
+                1.0
+            } else if p == n {
+                0.5
+            } else {
+                0.0
+            };
+        }
+    }
+    wins / (negative.len() * positive.len()) as f64
+}
+
+/// True when a region's box overlaps a ground-truth box.
+fn overlaps(r: &Region, a: &Anomaly) -> bool {
+    r.x < a.x + a.width && a.x < r.x + r.width && r.y < a.y + a.height && a.y < r.y + r.height
+}
+
+/// The figures `niix eval` reports.
+#[derive(Debug, serde::Serialize)]
+pub struct EvalReport {
+    /// Model name, version and digest.
+    pub model: String,
+    /// Scans evaluated.
+    pub scans: usize,
+    /// Of which anomalous.
+    pub anomalous: usize,
+    /// Image-level AUROC of the highest map value.
+    pub auroc: f64,
+    /// Share of anomalous scans above the threshold that lets 1% of normal scans through.
+    pub detection_at_1pct_fa: f64,
+    /// Same at 5%.
+    pub detection_at_5pct_fa: f64,
+    /// At the model's own threshold: share of normal scans that alarm.
+    pub false_alarm_rate: f64,
+    /// At the model's own threshold: share of anomalous scans that alarm.
+    pub detection_rate: f64,
+    /// Share of ground-truth anomalies overlapped by a region of the model's findings.
+    pub localization: f64,
+    /// Mean analysis time per scan (decode to regions), seconds.
+    pub seconds_per_scan: f64,
+    /// Per anomaly kind: (anomalies, hit by a region).
+    pub by_kind: std::collections::BTreeMap<String, (usize, usize)>,
+}
+
+/// `niix eval`.
+pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
+    let repo = niix_inference::repository::Repository::new(&args.models, Threads::default());
+    let report = repo.reload();
+    for (path, why) in repo.refused() {
+        eprintln!("refused {}: {why}", path.display());
+    }
+    let _ = report;
+    let model = match &args.model {
+        Some(n) => {
+            repo.get(n).ok_or_else(|| anyhow::anyhow!("no servable model {n:?} in {}", args.models.display()))?
+        }
+        None => repo
+            .serving()
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("no servable model in {}", args.models.display()))?,
+    };
+    let scans = scan_files(&args.data)?;
+    anyhow::ensure!(scans.iter().all(|s| s.info.is_some()), "every scan in --data needs its NAME.json ground truth");
+    anyhow::ensure!(!scans.is_empty(), "{} holds no scans", args.data.display());
+    let (mut normal, mut anomalous) = (Vec::new(), Vec::new());
+    let (mut normal_alarms, mut anomalous_alarms) = (0usize, 0usize);
+    let mut by_kind: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+    let mut seconds = 0.0;
+    for s in &scans {
+        let truth = &s.info.as_ref().expect("checked above").anomalies;
+        let t0 = Instant::now();
+        let a = analyze(&model, s.planes()?).with_context(|| format!("analysing {}", s.name))?;
+        seconds += t0.elapsed().as_secs_f64();
+        if truth.is_empty() {
+            normal.push(a.raw_score);
+            normal_alarms += usize::from(a.alarm);
+        } else {
+            anomalous.push(a.raw_score);
+            anomalous_alarms += usize::from(a.alarm);
+        }
+        let mut hits = Vec::new();
+        for t in truth {
+            let hit = a.regions.iter().any(|r| overlaps(r, t));
+            let entry = by_kind.entry(format!("{:?}", t.kind).to_lowercase()).or_default();
+            entry.0 += 1;
+            entry.1 += usize::from(hit);
+            hits.push(hit);
+        }
+        if !args.json {
+            eprintln!(
+                "{} {:>8.3} {} regions={} truth={:?} hit={hits:?} {:.2}s",
+                s.name,
+                a.raw_score,
+                if a.alarm { "ALARM" } else { "clear" },
+                a.regions.len(),
+                truth.iter().map(|t| format!("{:?}", t.kind)).collect::<Vec<_>>(),
+                t0.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let at = |rate: f64| {
+        let t = threshold_for(&normal, rate, 0.0);
+        anomalous.iter().filter(|s| **s > t).count() as f64 / anomalous.len().max(1) as f64
+    };
+    let (hit, total) = by_kind.values().fold((0, 0), |(h, t), (n, k)| (h + k, t + n));
+    let report = EvalReport {
+        model: model.label(),
+        scans: scans.len(),
+        anomalous: anomalous.len(),
+        auroc: auroc(&normal, &anomalous),
+        detection_at_1pct_fa: at(0.01),
+        detection_at_5pct_fa: at(0.05),
+        false_alarm_rate: normal_alarms as f64 / normal.len().max(1) as f64,
+        detection_rate: anomalous_alarms as f64 / anomalous.len().max(1) as f64,
+        localization: hit as f64 / total.max(1) as f64,
+        seconds_per_scan: seconds / scans.len() as f64,
+        by_kind,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("model: {}", report.model);
+        println!("scans: {} ({} anomalous)", report.scans, report.anomalous);
+        println!("auroc: {:.3}", report.auroc);
+        println!("detection_at_1pct_fa: {:.3}", report.detection_at_1pct_fa);
+        println!("detection_at_5pct_fa: {:.3}", report.detection_at_5pct_fa);
+        println!(
+            "operating_point: {:.3} detection at {:.3} false alarms",
+            report.detection_rate, report.false_alarm_rate
+        );
+        println!("localization: {:.3}", report.localization);
+        for (kind, (n, k)) in &report.by_kind {
+            println!("  {kind}: {k}/{n} hit");
+        }
+        println!("seconds_per_scan: {:.2}", report.seconds_per_scan);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auroc_counts_pairs_and_ties() {
+        assert_eq!(auroc(&[1.0, 2.0], &[3.0, 4.0]), 1.0);
+        assert_eq!(auroc(&[3.0, 4.0], &[1.0, 2.0]), 0.0);
+        assert_eq!(auroc(&[1.0, 3.0], &[2.0, 3.0]), 0.625);
+    }
+}
