@@ -120,6 +120,14 @@ impl Picker {
     }
 }
 
+/// `n` rows of `features` that cover them: a greedy coreset of a random
+/// subset of at most `8 n` rows (so rare patches, e.g. a landing gear seen
+/// in a few cells of each scan, are kept rather than left to chance).
+pub fn cover_rows(features: ArrayView2<'_, f32>, n: usize, seed: u64) -> Array2<f32> {
+    let subset = sample_rows(features, n.saturating_mul(8), seed);
+    coreset(subset.view(), n, seed)
+}
+
 /// `n` rows of `features` chosen at random without replacement (all if fewer).
 pub fn sample_rows(features: ArrayView2<'_, f32>, n: usize, seed: u64) -> Array2<f32> {
     let total = features.nrows();

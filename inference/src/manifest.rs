@@ -166,9 +166,17 @@ pub struct Decision {
     /// Smallest region kept, in image pixels.
     #[serde(default)]
     pub min_region_area: u64,
+    /// Mean over a `smooth x smooth` window of map cells before scoring
+    /// (odd; 1 = none), e.g. to keep single noisy cells from alarming.
+    #[serde(default = "default_smooth")]
+    pub smooth: usize,
     /// DICOS threat category of the regions.
     #[serde(default = "default_category")]
     pub category: String,
+}
+
+fn default_smooth() -> usize {
+    1
 }
 
 fn default_category() -> String {
@@ -251,6 +259,9 @@ impl Manifest {
         }
         if !(d.threshold > 0.0 && d.threshold <= 1.0) {
             return bad(format!("decision.threshold {} must be in (0, 1]", d.threshold));
+        }
+        if d.smooth == 0 || d.smooth.is_multiple_of(2) || d.smooth > 15 {
+            return bad(format!("decision.smooth {} must be odd, 1..15", d.smooth));
         }
         for c in &self.constants {
             if c.file.is_empty() || c.file.contains(['/', '\\']) || c.file.starts_with('.') {

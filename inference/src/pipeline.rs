@@ -188,20 +188,10 @@ pub fn fill_tile(batch: &mut Array4<f32>, slot: usize, input: ArrayView3<'_, f32
     }
 }
 
-/// Writes the owned part of one tile's raw map into the scan map, normalised
-/// to a 0..1 score.
-/// Returns the highest raw value written.
-pub fn stitch_tile(
-    map: &mut Array2<f32>,
-    tile: &Tile,
-    side: usize,
-    stride: usize,
-    raw: &[f32],
-    lo: f32,
-    hi: f32,
-) -> f32 {
+/// Writes the owned part of one tile's raw map into the scan map; returns
+/// the highest value written.
+pub fn stitch_tile(map: &mut Array2<f32>, tile: &Tile, side: usize, stride: usize, raw: &[f32]) -> f32 {
     let (ty, tx) = (tile.y / stride, tile.x / stride);
-    let scale = 1.0 / (hi - lo);
     let mut top = f32::NEG_INFINITY;
     for my in tile.own_rows.0..tile.own_rows.1 {
         let src = &raw[(my - ty) * side..(my - ty + 1) * side];
@@ -209,10 +199,52 @@ pub fn stitch_tile(
         let from = tile.own_cols.0 - tx;
         for (d, &v) in dst.iter_mut().zip(&src[from..]) {
             top = top.max(v);
-            *d = ((v - lo) * scale).clamp(0.0, 1.0);
+            *d = v;
         }
     }
     top
+}
+
+/// Raw map values to 0..1 scores: `clamp((v - lo) / (hi - lo), 0, 1)`, in place.
+pub fn normalise(map: &mut Array2<f32>, lo: f32, hi: f32) {
+    let scale = 1.0 / (hi - lo);
+    map.mapv_inplace(|v| ((v - lo) * scale).clamp(0.0, 1.0));
+}
+
+/// Mean over a `side x side` window around each cell (cells outside the map
+/// do not count), by running sums along rows then columns.
+pub fn smooth(map: &Array2<f32>, side: usize) -> Array2<f32> {
+    let r = side / 2;
+    if r == 0 {
+        return map.clone();
+    }
+    let box_1d = |line: &[f32], out: &mut [f32]| {
+        let n = line.len();
+        let mut prefix = vec![0f64; n + 1];
+        for (i, v) in line.iter().enumerate() {
+            prefix[i + 1] = prefix[i] + f64::from(*v);
+        }
+        for (i, o) in out.iter_mut().enumerate() {
+            let (a, b) = (i.saturating_sub(r), (i + r + 1).min(n));
+            *o = ((prefix[b] - prefix[a]) / (b - a) as f64) as f32;
+        }
+    };
+    let (h, w) = map.dim();
+    let mut rows = Array2::<f32>::zeros((h, w));
+    for (src, mut dst) in map.rows().into_iter().zip(rows.rows_mut()) {
+        let line: Vec<f32> = src.to_vec();
+        let mut out = vec![0f32; w];
+        box_1d(&line, &mut out);
+        dst.assign(&ndarray::ArrayView1::from(&out));
+    }
+    let mut both = Array2::<f32>::zeros((h, w));
+    for (src, mut dst) in rows.columns().into_iter().zip(both.columns_mut()) {
+        let line: Vec<f32> = src.to_vec();
+        let mut out = vec![0f32; h];
+        box_1d(&line, &mut out);
+        dst.assign(&ndarray::ArrayView1::from(&out));
+    }
+    both
 }
 
 struct Batch {
@@ -220,8 +252,8 @@ struct Batch {
     tiles: Vec<Tile>,
 }
 
-/// Runs the model over every tile of `input` and returns the stitched,
-/// normalised score map. Batches are filled on a second thread while the
+/// Runs the model over every tile of `input` and returns the stitched raw
+/// map and its highest value. Batches are filled on a second thread while the
 /// current one runs.
 pub fn infer_map(
     model: &Model,
@@ -237,7 +269,6 @@ pub fn infer_map(
     let mut map = Array2::<f32>::zeros(grid.map_shape());
     let batch_size = m.input.batch.min(tiles.len());
     let map_side = side / model.stride;
-    let (lo, hi) = (m.decision.score_min, m.decision.score_max);
     let mut raw_max = f32::NEG_INFINITY;
 
     std::thread::scope(|scope| {
@@ -277,7 +308,7 @@ pub fn infer_map(
             };
             let ran = model.run(run_input, |i, raw| {
                 let t1 = Instant::now();
-                raw_max = raw_max.max(stitch_tile(&mut map, &batch.tiles[i], map_side, model.stride, raw, lo, hi));
+                raw_max = raw_max.max(stitch_tile(&mut map, &batch.tiles[i], map_side, model.stride, raw));
                 stitch += t1.elapsed();
             });
             timings.infer += t0.elapsed() - stitch;
@@ -350,8 +381,15 @@ pub fn analyze(model: &Model, mut planes: Vec<PlaneInput>) -> Result<Analysis, A
     let m = &model.manifest;
     let ModelInput { data: input, pad, planes: chosen, size: (h, w) } = model_input(m, &mut planes, &mut timings)?;
     drop(planes);
-    let (map, raw_score) = infer_map(model, input.view(), &pad, &mut timings)?;
+    let (mut map, mut raw_score) = infer_map(model, input.view(), &pad, &mut timings)?;
     drop(input);
+    let t0 = Instant::now();
+    if m.decision.smooth > 1 {
+        map = smooth(&map, m.decision.smooth);
+        raw_score = map.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    }
+    normalise(&mut map, m.decision.score_min, m.decision.score_max);
+    timings.stitch += t0.elapsed();
 
     let t0 = Instant::now();
     let regions = find_regions(map.view(), m.decision.threshold, model.stride, m.decision.min_region_area, (h, w));

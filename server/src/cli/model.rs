@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::Context;
 use ndarray::{Array2, concatenate};
 use niix_inference::decode::{Encoding, probe};
-use niix_inference::fit::{FeatureGraph, bank_bytes, coreset, sample_rows, threshold_for};
+use niix_inference::fit::{FeatureGraph, bank_bytes, coreset, cover_rows, threshold_for};
 use niix_inference::manifest::Manifest;
 use niix_inference::model::Model;
 use niix_inference::pipeline::{PlaneInput, analyze};
@@ -155,7 +155,7 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
     let mut pool: Vec<Array2<f32>> = Vec::new();
     for (i, s) in &fitted {
         let features = graph.scan_features(s.planes()?).with_context(|| format!("features of {}", s.name))?;
-        pool.push(sample_rows(features.view(), spec.samples_per_scan, *i as u64 + 1));
+        pool.push(cover_rows(features.view(), spec.samples_per_scan, *i as u64 + 1));
         eprintln!("  {} ({} cells)", s.name, features.nrows());
     }
     let views: Vec<_> = pool.iter().map(|p| p.view()).collect();
@@ -317,6 +317,18 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
             anomalous_alarms += usize::from(a.alarm);
         }
         let mut hits = Vec::new();
+        // The highest raw map value inside each ground-truth box (diagnostics).
+        let (lo, hi) = (model.manifest.decision.score_min, model.manifest.decision.score_max);
+        let inside: Vec<String> = truth
+            .iter()
+            .map(|t| {
+                let st = a.stride as u32;
+                let rows = (t.y / st) as usize..((t.y + t.height).div_ceil(st) as usize).min(a.map.nrows());
+                let cols = (t.x / st) as usize..((t.x + t.width).div_ceil(st) as usize).min(a.map.ncols());
+                let m = a.map.slice(ndarray::s![rows, cols]).iter().copied().fold(0.0f32, f32::max);
+                format!("{:.1}", lo + m * (hi - lo))
+            })
+            .collect();
         for t in truth {
             let hit = a.regions.iter().any(|r| overlaps(r, t));
             let entry = by_kind.entry(format!("{:?}", t.kind).to_lowercase()).or_default();
@@ -325,8 +337,10 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
             hits.push(hit);
         }
         if !args.json {
+            let peak = a.map.indexed_iter().fold(((0, 0), f32::MIN), |b, (i, v)| if *v > b.1 { (i, *v) } else { b });
+            let (py, px) = (peak.0.0 * a.stride, peak.0.1 * a.stride);
             eprintln!(
-                "{} {:>8.3} {} regions={} truth={:?} hit={hits:?} {:.2}s",
+                "{} {:>8.3} at ({px},{py}) {} regions={} truth={:?} in-box={inside:?} hit={hits:?} {:.2}s",
                 s.name,
                 a.raw_score,
                 if a.alarm { "ALARM" } else { "clear" },
