@@ -207,8 +207,8 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
     manifest.decision.score_max = typical + 2.0 * (threshold - typical);
     manifest.decision.threshold = 0.5;
     manifest.description = format!(
-        "{} Fitted by `niix model fit` on {} normal scans of {}; threshold {:.3} from {} held-out scans at a {}% false-alarm rate.",
-        manifest.description.split(" Fitted by").next().unwrap_or_default(),
+        "{}. Fitted by `niix model fit` on {} normal scans of {}; threshold {:.3} from {} held-out scans at a {}% false-alarm rate.",
+        manifest.description.split(". Fitted by").next().unwrap_or_default().trim_end_matches('.'),
         fitted.len(),
         args.normal.display(),
         threshold,

@@ -24,6 +24,10 @@ pub struct ServeArgs {
     /// Model repository directory.
     #[arg(long, env = "NIIX_MODELS")]
     pub models: Option<PathBuf>,
+    /// Which model of the repository analyses scans (default: the only one,
+    /// or the first by name).
+    #[arg(long, env = "NIIX_MODEL")]
+    pub model: Option<String>,
     /// Accept unauthenticated clients on a non-loopback address.
     #[arg(long)]
     pub insecure: bool,
@@ -44,6 +48,9 @@ impl ServeArgs {
         }
         if let Some(m) = &self.models {
             c.models_dir = m.clone();
+        }
+        if let Some(m) = &self.model {
+            c.analysis.model = Some(m.clone());
         }
         c.insecure |= self.insecure;
         Ok(c)

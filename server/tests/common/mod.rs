@@ -40,6 +40,8 @@ pub fn config(data: &Path, limits: Limits) -> Config {
         models_dir: fixtures().join("models"),
         shutdown_grace: Duration::from_millis(500),
         limits,
+        // The tests' small scans and expectations are made for the demo model.
+        analysis: niix::config::AnalysisConfig { model: Some("demo-local-contrast".into()), ..Default::default() },
         ..Config::default()
     }
 }
@@ -170,6 +172,7 @@ impl Server {
         let port = free_port();
         let mut args: Vec<std::ffi::OsString> = vec!["--data".into(), data.into(), "--models".into()];
         args.push(fixtures().join("models").into());
+        args.extend(["--model".into(), "demo-local-contrast".into()]);
         Server::spawn_args(port, &args).await
     }
 
