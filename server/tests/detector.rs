@@ -18,7 +18,21 @@ fn niix(args: &[&str]) -> String {
 
 fn synth(out: &Path, seed: &str, count: &str, rate: &str) {
     let out = out.to_str().unwrap();
-    niix(&["synth", "--out", out, "--seed", seed, "--count", count, "--anomaly-rate", rate, "--width", "512", "--height", "1536"]);
+    niix(&[
+        "synth",
+        "--out",
+        out,
+        "--seed",
+        seed,
+        "--count",
+        count,
+        "--anomaly-rate",
+        rate,
+        "--width",
+        "512",
+        "--height",
+        "1536",
+    ]);
 }
 
 #[test]
