@@ -54,8 +54,9 @@ clean-data:
 	rm -rf $(DATA)
 
 ## Benchmarks (see benches/README.md); prints each stage's time.
-bench: onnxruntime
-	$(CARGO) bench -p niix-benches
+bench: onnxruntime pyenv release
+	.niix/venv/bin/pip install --quiet -r benches/baselines/requirements.txt
+	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" $(CARGO) bench -p niix-benches
 
 ## Rebuild the shipped ONNX models from their script (needs the `onnx` Python package).
 models:
