@@ -144,17 +144,21 @@ struct Serve {
 }
 
 impl Serve {
+    /// An ingest-only server (analysis off), so its memory is the ingest path's.
     fn start(data: &Path) -> Serve {
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        std::fs::create_dir_all(data).unwrap();
+        let config = data.join("niix.toml");
+        std::fs::write(&config, "[analysis]\nenabled = false\n").unwrap();
         let child = Command::new(workspace().join("target/release/niix"))
             .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--metrics-listen", "127.0.0.1:0"])
+            .arg("--config")
+            .arg(&config)
             .arg("--data")
             .arg(data)
-            .arg("--models")
-            .arg(workspace().join("fixtures/models"))
             .env("NIIX_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::null())
             .spawn()
             .expect("target/release/niix (make release)");
         for _ in 0..400 {
