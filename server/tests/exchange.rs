@@ -7,33 +7,15 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use niix::auth::{AuthConfig, Role, TokenConfig, token_hash};
+use niix::auth::Role;
 use niix::client::{Authed, authed};
 use niix::config::Limits;
 use niix::exchange::{Agreement, Content, ExchangeConfig, Redact, keys};
 use niix_proto::v1::exchange_client::ExchangeClient;
 use niix_proto::v1::findings_client::FindingsClient;
-use niix_proto::v1::scan_ingest_client::ScanIngestClient;
 use niix_proto::v1::*;
 use prost::Message;
 use tokio_stream::StreamExt;
-
-async fn push(conn: &Authed, site: &str, plate: &str, alarm: bool) -> String {
-    let raw: Vec<u8> = cargo_samples(256, 128, alarm.then_some((100, 40, 40, 30)), false)
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
-    let mut h = header(&new_id(), plane(PlaneEncoding::RawU16le, 256, 128, &raw));
-    let m = h.metadata.as_mut().unwrap();
-    m.site_id = site.into();
-    m.vehicle_plate = plate.into();
-    m.conveyance = ConveyanceType::Container as i32;
-    let id = ScanIngestClient::new(conn.clone())
-        .push_scan(tokio_stream::iter(messages(&h, &[&raw], 1 << 16)))
-        .await
-        .unwrap();
-    id.into_inner().scan_id
-}
 
 async fn analysed(conn: &Authed, id: &str) {
     let mut c = FindingsClient::new(conn.clone());
@@ -62,16 +44,12 @@ async fn a_partner_receives_exactly_its_redacted_signed_packages() {
     let dir = tempfile::tempdir().unwrap();
     let (key_file, public) = keys::init(&dir.path().join("keys")).unwrap();
     let mut config = config(&dir.path().join("data"), Limits::default());
-    let token = |id: &str, role, tok: &str| TokenConfig { identity: id.into(), role, sha256: token_hash(tok) };
-    config.auth = AuthConfig {
-        tokens: vec![
-            token("scanner", Role::Scanner, "t-scan"),
-            token("officer", Role::Officer, "t-officer"),
-            token("DE", Role::Partner, "t-de"),
-            token("FR", Role::Partner, "t-fr"),
-        ],
-        ..Default::default()
-    };
+    config.auth = tokens(&[
+        ("scanner", Role::Scanner, "t-scan"),
+        ("officer", Role::Officer, "t-officer"),
+        ("DE", Role::Partner, "t-de"),
+        ("FR", Role::Partner, "t-fr"),
+    ]);
     config.exchange = ExchangeConfig {
         administration: "NL".into(),
         signing_key: Some(key_file),
@@ -98,9 +76,9 @@ async fn a_partner_receives_exactly_its_redacted_signed_packages() {
         authed(ch.clone(), Some("t-fr")).unwrap(),
     );
 
-    let shared = push(&scanner, "NLRTM", "AB-123-C", true).await;
-    let clear = push(&scanner, "NLRTM", "AB-124-C", false).await;
-    let elsewhere = push(&scanner, "DEHAM", "AB-125-C", true).await;
+    let shared = push_container(&scanner, "NLRTM", "AB-123-C", true).await;
+    let clear = push_container(&scanner, "NLRTM", "AB-124-C", false).await;
+    let elsewhere = push_container(&scanner, "DEHAM", "AB-125-C", true).await;
     for id in [&shared, &clear, &elsewhere] {
         analysed(&officer, id).await;
     }
@@ -129,7 +107,7 @@ async fn a_partner_receives_exactly_its_redacted_signed_packages() {
     assert_eq!(content.reports[0].decision, AlarmDecision::Alarm as i32);
 
     // Resume from the cursor: nothing repeated, the next entitled package arrives.
-    let next = push(&scanner, "NLRTM", "ZZ-9", true).await;
+    let next = push_container(&scanner, "NLRTM", "ZZ-9", true).await;
     analysed(&officer, &next).await;
     let more = drain(&de, content.sequence).await;
     assert_eq!(more.len(), 1);
@@ -195,16 +173,12 @@ async fn full_planes_are_pulled_in_chunks_and_checked_against_the_signed_digest(
     let dir = tempfile::tempdir().unwrap();
     let (key_file, public) = keys::init(&dir.path().join("keys")).unwrap();
     let mut config = config(&dir.path().join("data"), Limits::default());
-    let token = |id: &str, role, tok: &str| TokenConfig { identity: id.into(), role, sha256: token_hash(tok) };
-    config.auth = AuthConfig {
-        tokens: vec![
-            token("scanner", Role::Scanner, "t-scan"),
-            token("officer", Role::Officer, "t-officer"),
-            token("DE", Role::Partner, "t-de"),
-            token("FR", Role::Partner, "t-fr"),
-        ],
-        ..Default::default()
-    };
+    config.auth = tokens(&[
+        ("scanner", Role::Scanner, "t-scan"),
+        ("officer", Role::Officer, "t-officer"),
+        ("DE", Role::Partner, "t-de"),
+        ("FR", Role::Partner, "t-fr"),
+    ]);
     config.exchange = ExchangeConfig {
         administration: "NL".into(),
         signing_key: Some(key_file),
@@ -228,7 +202,7 @@ async fn full_planes_are_pulled_in_chunks_and_checked_against_the_signed_digest(
         authed(ch.clone(), Some("t-de")).unwrap(),
         authed(ch.clone(), Some("t-fr")).unwrap(),
     );
-    let id = push(&scanner, "NLRTM", "AB-1", true).await;
+    let id = push_container(&scanner, "NLRTM", "AB-1", true).await;
     analysed(&officer, &id).await;
     let got = drain(&de, 0).await;
     assert_eq!(got.len(), 1);

@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::*;
-use niix::auth::{AuthConfig, Role, TokenConfig, token_hash};
+use niix::auth::{Role, token_hash};
 use niix::client::{Authed, ClientTls, authed, connect_tls};
 use niix::config::Limits;
 use niix::exchange::{Agreement, Content, ExchangeConfig, Issuer, PushTarget, Redact, keys};
@@ -19,27 +19,8 @@ use niix::store::MetadataStore;
 use niix_proto::v1::exchange_client::ExchangeClient;
 use niix_proto::v1::findings_client::FindingsClient;
 use niix_proto::v1::receive_request::Part;
-use niix_proto::v1::scan_ingest_client::ScanIngestClient;
 use niix_proto::v1::*;
 use prost::Message;
-
-/// Pushes a 256x128 container scan; an alarm scan has a dense block.
-async fn push(conn: &Authed, site: &str, plate: &str, alarm: bool) -> String {
-    let raw: Vec<u8> = cargo_samples(256, 128, alarm.then_some((100, 40, 40, 30)), false)
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
-    let mut h = header(&new_id(), plane(PlaneEncoding::RawU16le, 256, 128, &raw));
-    let m = h.metadata.as_mut().unwrap();
-    m.site_id = site.into();
-    m.vehicle_plate = plate.into();
-    m.conveyance = ConveyanceType::Container as i32;
-    let receipt = ScanIngestClient::new(conn.clone())
-        .push_scan(tokio_stream::iter(messages(&h, &[&raw], 1 << 16)))
-        .await
-        .unwrap();
-    receipt.into_inner().scan_id
-}
 
 /// Waits until the scan is analysed on its own server and says whether it alarmed.
 async fn alarmed(conn: &Authed, id: &str) -> bool {
@@ -118,11 +99,7 @@ async fn nl_pushes_alarms_to_de_over_mutual_tls_and_a_de_crash_loses_nothing() {
     // NL: shares ALARM findings of NLRTM with DE, plate redacted,
     // downsampled planes included, pushed with NL's client certificate.
     let mut nl_config = config(&tmp.path().join("nl-data"), Limits::default());
-    let token = |id: &str, role, tok: &str| TokenConfig { identity: id.into(), role, sha256: token_hash(tok) };
-    nl_config.auth = AuthConfig {
-        tokens: vec![token("scanner", Role::Scanner, "t-scan"), token("officer", Role::Officer, "t-officer")],
-        ..Default::default()
-    };
+    nl_config.auth = tokens(&[("scanner", Role::Scanner, "t-scan"), ("officer", Role::Officer, "t-officer")]);
     nl_config.exchange = ExchangeConfig {
         administration: "NL".into(),
         signing_key: Some(nl_key_file),
@@ -155,7 +132,7 @@ async fn nl_pushes_alarms_to_de_over_mutual_tls_and_a_de_crash_loses_nothing() {
     let mut entitled = BTreeSet::new();
     let mut wave = Vec::new();
     for (site, alarm) in [("NLRTM", true), ("NLRTM", false), ("NLRTM", true), ("DEHAM", true), ("NLRTM", true)] {
-        wave.push((push(&scanner, site, "AB-123-C", alarm).await, site));
+        wave.push((push_container(&scanner, site, "AB-123-C", alarm).await, site));
     }
     for (id, site) in &wave {
         if alarmed(&nl_officer, id).await && *site == "NLRTM" {
@@ -170,7 +147,7 @@ async fn nl_pushes_alarms_to_de_over_mutual_tls_and_a_de_crash_loses_nothing() {
 
     // Second wave while DE is down.
     for alarm in [true, false, true] {
-        let id = push(&scanner, "NLRTM", "ZZ-999-Z", alarm).await;
+        let id = push_container(&scanner, "NLRTM", "ZZ-999-Z", alarm).await;
         if alarmed(&nl_officer, &id).await {
             entitled.insert(id);
         }
@@ -242,20 +219,16 @@ async fn receive_checks_every_delivery_and_foreign_scans_stay_put() {
     let (nl_key_file, nl_public) = keys::init(&tmp.path().join("nl-keys")).unwrap();
     let (de_key_file, _) = keys::init(&tmp.path().join("de-keys")).unwrap();
     let (rogue_key_file, _) = keys::init(&tmp.path().join("rogue-keys")).unwrap();
-    let token = |id: &str, role, tok: &str| TokenConfig { identity: id.into(), role, sha256: token_hash(tok) };
 
     // DE accepts NL's packages; shares with FR, but not foreign scans.
     let mut de_config = config(&tmp.path().join("de"), Limits::default());
     de_config.analysis.enabled = false;
-    de_config.auth = AuthConfig {
-        tokens: vec![
-            token("NL", Role::Partner, "t-nl"),
-            token("BE", Role::Partner, "t-be"),
-            token("FR", Role::Partner, "t-fr"),
-            token("de-officer", Role::Officer, "t-off"),
-        ],
-        ..Default::default()
-    };
+    de_config.auth = tokens(&[
+        ("NL", Role::Partner, "t-nl"),
+        ("BE", Role::Partner, "t-be"),
+        ("FR", Role::Partner, "t-fr"),
+        ("de-officer", Role::Officer, "t-off"),
+    ]);
     de_config.exchange = ExchangeConfig {
         administration: "DE".into(),
         signing_key: Some(de_key_file),
@@ -295,7 +268,7 @@ async fn receive_checks_every_delivery_and_foreign_scans_stay_put() {
     };
     let nl = niix::server::start(nl_config).await.unwrap();
     let nl_conn = authed(niix::client::connect(&format!("http://{}", nl.addr)).await.unwrap(), None).unwrap();
-    let id = push(&nl_conn, "NLRTM", "AB-1", true).await;
+    let id = push_container(&nl_conn, "NLRTM", "AB-1", true).await;
     alarmed(&nl_conn, &id).await;
     let officer = as_de("t-off");
     let scans = wait_for_scans(&async || Some(officer.clone()), 1).await;

@@ -289,3 +289,38 @@ pub fn leaf(name: &str, issuer: &rcgen::Issuer<'static, rcgen::KeyPair>) -> (rcg
     let key = rcgen::KeyPair::generate().unwrap();
     (params.signed_by(&key, issuer).unwrap(), key)
 }
+
+/// Pushes a 256x128 container scan from `site` with plate `plate`; an
+/// `alarm` scan has a dense block the demo model flags. Returns its id.
+pub async fn push_container(conn: &niix::client::Authed, site: &str, plate: &str, alarm: bool) -> String {
+    use niix_proto::v1::ConveyanceType;
+    let raw: Vec<u8> = cargo_samples(256, 128, alarm.then_some((100, 40, 40, 30)), false)
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let mut h = header(&new_id(), plane(PlaneEncoding::RawU16le, 256, 128, &raw));
+    let m = h.metadata.as_mut().unwrap();
+    m.site_id = site.into();
+    m.vehicle_plate = plate.into();
+    m.conveyance = ConveyanceType::Container as i32;
+    let receipt = ScanIngestClient::new(conn.clone())
+        .push_scan(tokio_stream::iter(messages(&h, &[&raw], 1 << 16)))
+        .await
+        .unwrap();
+    receipt.into_inner().scan_id
+}
+
+/// An `[auth]` section with one bearer token per `(identity, role, token)`.
+pub fn tokens(entries: &[(&str, niix::auth::Role, &str)]) -> niix::auth::AuthConfig {
+    niix::auth::AuthConfig {
+        tokens: entries
+            .iter()
+            .map(|(id, role, tok)| niix::auth::TokenConfig {
+                identity: id.to_string(),
+                role: *role,
+                sha256: niix::auth::token_hash(tok),
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
