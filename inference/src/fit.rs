@@ -21,6 +21,10 @@ use crate::tiling::Grid;
 pub struct FeatureGraph {
     manifest: Manifest,
     spec: FitSpec,
+    /// Tile pixels per feature cell, learnt at load.
+    stride: usize,
+    /// Feature dimension D.
+    dim: usize,
     session: Mutex<Session>,
 }
 
@@ -45,9 +49,29 @@ impl FeatureGraph {
                 .with_inter_threads(threads.inter_op)?
                 .commit_from_memory(&bytes)
         };
-        let session = build()
-            .map_err(|e| ModelError::File { path: graph, reason: format!("ONNX Runtime cannot load it: {e}") })?;
-        Ok(FeatureGraph { manifest, spec, session: Mutex::new(session) })
+        let session = build().map_err(|e| ModelError::File {
+            path: graph.clone(),
+            reason: format!("ONNX Runtime cannot load it: {e}"),
+        })?;
+        // One run on a blank tile gives the output grid and dimension.
+        let mut session = session;
+        let side = manifest.input.tile;
+        let blank = Array4::<f32>::zeros((1, manifest.input.channels.len(), side, side));
+        let (stride, dim) = {
+            let bad = |reason: String| ModelError::File { path: graph.clone(), reason };
+            let input = TensorRef::from_array_view(blank.view()).map_err(|e| bad(e.to_string()))?;
+            let out = session
+                .run(ort::inputs![manifest.input.name.as_str() => input])
+                .map_err(|e| bad(format!("a trial run failed: {e}")))?;
+            let (shape, _) = out[spec.output.as_str()]
+                .try_extract_tensor::<f32>()
+                .map_err(|e| bad(format!("output {:?}: {e}", spec.output)))?;
+            match shape.to_vec().as_slice() {
+                [_, d, h, _] if *h > 0 && side % *h as usize == 0 => (side / *h as usize, *d as usize),
+                other => return Err(bad(format!("output {:?} is {other:?}, not [N, D, h, w]", spec.output))),
+            }
+        };
+        Ok(FeatureGraph { manifest, spec, stride, dim, session: Mutex::new(session) })
     }
 
     /// The manifest it was loaded with.
@@ -64,22 +88,8 @@ impl FeatureGraph {
         let side = m.input.tile;
         let channels = data.shape()[0];
         let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
-        let mut stride = 0;
+        let (stride, dim) = (self.stride, self.dim);
         let mut rows: Vec<f32> = Vec::new();
-        let mut dim = 0;
-        // The stride is known after the first run; run a first tile alone to learn it.
-        let probe = Array4::<f32>::zeros((1, channels, side, side));
-        {
-            let out = session.run(ort::inputs![m.input.name.as_str() => TensorRef::from_array_view(probe.view())?])?;
-            let (shape, _) = out[self.spec.output.as_str()].try_extract_tensor::<f32>()?;
-            if shape.len() == 4 && shape[2] > 0 {
-                stride = side / shape[2] as usize;
-                dim = shape[1] as usize;
-            }
-        }
-        if stride == 0 {
-            return Err(AnalysisError::Runtime(ort::Error::new("the feature graph's output is not [N, D, h, w]")));
-        }
         let grid = Grid::new(h, w, side, m.input.overlap, stride);
         let map_side = side / stride;
         let mut batch = Array4::<f32>::zeros((m.input.batch, channels, side, side));

@@ -29,6 +29,11 @@ async fn analysed(conn: &Authed, id: &str) {
     panic!("{id} not analysed");
 }
 
+/// Runs the `niix` binary.
+fn cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_niix")).args(args).env("NIIX_LOG", "warn").output().unwrap()
+}
+
 /// Packages from a subscription until it is quiet for a while.
 async fn drain(conn: &Authed, cursor: u64) -> Vec<ResultPackage> {
     let mut s = ExchangeClient::new(conn.clone()).subscribe(SubscribeRequest { cursor }).await.unwrap().into_inner();
@@ -131,9 +136,6 @@ async fn a_partner_receives_exactly_its_redacted_signed_packages() {
 
     // The partner's CLI saves and verifies; verify works offline and catches tampering.
     let out = dir.path().join("inbox");
-    let cli = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_niix")).args(args).env("NIIX_LOG", "warn").output().unwrap()
-    };
     let pulled = cli(&[
         "partner",
         "pull",
@@ -235,9 +237,6 @@ async fn full_planes_are_pulled_in_chunks_and_checked_against_the_signed_digest(
 
     // The partner's CLI saves the plane beside the package; verify checks both.
     let out = dir.path().join("inbox");
-    let cli = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_niix")).args(args).env("NIIX_LOG", "warn").output().unwrap()
-    };
     let pulled = cli(&[
         "partner",
         "pull",

@@ -282,11 +282,10 @@ pub struct EvalReport {
 /// `niix eval`.
 pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     let repo = niix_inference::repository::Repository::new(&args.models, Threads::default());
-    let report = repo.reload();
+    repo.reload();
     for (path, why) in repo.refused() {
         eprintln!("refused {}: {why}", path.display());
     }
-    let _ = report;
     let model = match &args.model {
         Some(n) => {
             repo.get(n).ok_or_else(|| anyhow::anyhow!("no servable model {n:?} in {}", args.models.display()))?

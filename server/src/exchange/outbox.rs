@@ -93,7 +93,6 @@ async fn push_pending(
     let (m, p) = (svc.meta.clone(), agreement.partner.clone());
     let state = blocking(move || Ok(m.outbox(&p)?)).await?;
     let (packages, more) = svc.next_packages(agreement, state.delivered).await?;
-    let mut cursor = state.delivered;
     for (seq, package) in packages {
         if let Some(package) = package {
             if client.is_none() {
@@ -101,11 +100,9 @@ async fn push_pending(
             }
             deliver(svc, client.as_mut().expect("connected above"), package).await?;
         }
-        cursor = seq;
         let (m, p) = (svc.meta.clone(), agreement.partner.clone());
         blocking(move || Ok(m.outbox_delivered(&p, seq)?)).await?;
     }
-    tracing::trace!(cursor, "outbox batch done");
     Ok(!more)
 }
 
