@@ -22,6 +22,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={p}");
     }
     tonic_prost_build::configure()
+        // Requests that do not parse are the sender's fault: see src/codec.rs.
+        .codec_path("crate::codec::NiixCodec")
         .file_descriptor_set_path(out.join("niix_v1_descriptor.bin"))
         .compile_protos(&protos.map(PathBuf::from), &[PathBuf::from("."), include])?;
     Ok(())

@@ -11,4 +11,6 @@ pub mod v1 {
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("niix_v1_descriptor");
 }
 
+pub mod codec;
+
 pub use v1::*;

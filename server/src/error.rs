@@ -61,6 +61,23 @@ impl Error {
     }
 }
 
+impl Error {
+    /// What a client stream that broke means: a message that did not parse
+    /// is the sender's fault (INVALID_ARGUMENT, see `niix_proto::codec`), so
+    /// is a message over the transport's size limit (RESOURCE_EXHAUSTED);
+    /// anything else lost bytes in transit (DATA_LOSS, `what: cause`).
+    pub fn broken_stream(status: tonic::Status, what: &str) -> Error {
+        match status.code() {
+            tonic::Code::InvalidArgument => Error::InvalidArgument(status.message().to_string()),
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => Error::ResourceExhausted(format!(
+                "{what}: {}; send plane bytes in chunks of at most 1 MiB",
+                status.message()
+            )),
+            _ => Error::DataLoss(format!("{what}: {}", status.message())),
+        }
+    }
+}
+
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
         if matches!(e, Error::Store(_) | Error::Internal(_)) {

@@ -109,6 +109,31 @@ fn check_plane(i: usize, d: &PlaneDescriptor, limits: &Limits) -> Result<()> {
     Ok(())
 }
 
+/// Planes of one scan: each kind at most once, and the transmission planes
+/// (single, high and low energy, Z-effective) pixel-aligned, so that the
+/// dual-energy pair can be combined pixel by pixel.
+fn check_plane_set(planes: &[PlaneDescriptor]) -> Result<()> {
+    let transmission = |k: i32| k != PlaneKind::Backscatter as i32;
+    for (i, d) in planes.iter().enumerate() {
+        if let Some(j) = planes[..i].iter().position(|e| e.kind == d.kind) {
+            let kind = PlaneKind::try_from(d.kind).map(|k| k.as_str_name()).unwrap_or("?");
+            return Err(Error::InvalidArgument(format!(
+                "planes {j} and {i} are both {kind}: a scan carries each kind of plane once"
+            )));
+        }
+        if let Some(j) = planes[..i]
+            .iter()
+            .position(|e| transmission(e.kind) && transmission(d.kind) && (e.width, e.height) != (d.width, d.height))
+        {
+            return Err(Error::InvalidArgument(format!(
+                "plane {i} is {}x{} but plane {j} is {}x{}: the transmission planes of a scan must have the same size",
+                d.width, d.height, planes[j].width, planes[j].height
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Checks everything that can be checked before the plane bytes arrive.
 /// Returns the canonical scan id.
 pub fn validate(header: &ScanHeader, limits: &Limits) -> Result<String> {
@@ -148,6 +173,7 @@ pub fn validate(header: &ScanHeader, limits: &Limits) -> Result<String> {
     for (i, d) in header.planes.iter().enumerate() {
         check_plane(i, d, limits)?;
     }
+    check_plane_set(&header.planes)?;
     let total: u64 = header.planes.iter().map(|d| d.byte_length).sum();
     if total > limits.max_scan_bytes {
         return Err(Error::ResourceExhausted(format!(
@@ -232,6 +258,20 @@ mod tests {
             (|h| h.planes[0].byte_length = 0, "byte_length is 0", tonic::Code::InvalidArgument),
             (|h| h.planes[0].sha256 = "XYZ".into(), "64 lowercase hex", tonic::Code::InvalidArgument),
             (|h| h.planes[0].width = 1 << 20, "pixels per side", tonic::Code::ResourceExhausted),
+            (|h| h.planes.push(h.planes[0].clone()), "both PLANE_KIND_HIGH_ENERGY", tonic::Code::InvalidArgument),
+            (
+                |h| {
+                    let low = PlaneDescriptor {
+                        kind: PlaneKind::LowEnergy as i32,
+                        width: 2,
+                        byte_length: 8,
+                        ..h.planes[0].clone()
+                    };
+                    h.planes.push(low);
+                },
+                "must have the same size",
+                tonic::Code::InvalidArgument,
+            ),
             (|h| h.planes = vec![h.planes[0].clone(); 9], "limit of 8", tonic::Code::ResourceExhausted),
             (
                 |h| h.metadata.as_mut().unwrap().remarks = "x".repeat(70_000),

@@ -128,7 +128,7 @@ impl Ingest {
                 return Err(Error::InvalidArgument("empty push stream: the first message must be a ScanHeader".into()));
             }
             Some(Err(status)) => {
-                return Err(Error::DataLoss(format!("push stream broke before the header: {}", status.message())));
+                return Err(Error::broken_stream(status, "push stream broke before the header"));
             }
             Some(Ok(PushScanRequest { part: Some(Part::Header(h)) })) => h,
             Some(Ok(_)) => {
@@ -240,7 +240,7 @@ impl Ingest {
                 let chunk = match next {
                     None => return Ok(()),
                     Some(Err(status)) => {
-                        return Err(Error::DataLoss(format!("push stream broke: {}", status.message())));
+                        return Err(Error::broken_stream(status, "push stream broke"));
                     }
                     Some(Ok(PushScanRequest { part: Some(Part::Chunk(c)) })) => c,
                     Some(Ok(_)) => return Err(Error::InvalidArgument("only one ScanHeader per push stream".into())),
