@@ -7,7 +7,7 @@ MODELS ?= fixtures/models
 LISTEN ?= 127.0.0.1:50051
 ORT_LIB := .niix/onnxruntime/libonnxruntime.so.1.31.1
 
-.PHONY: run test build release lint fmt sample onnxruntime pyenv clean-data bench models patchcore model eval
+.PHONY: run test build release lint fmt sample onnxruntime pyenv clean-data bench models patchcore model eval reliability
 
 ## Fetch what is missing, build, and serve on the embedded store.
 run: onnxruntime release
@@ -84,3 +84,10 @@ eval: onnxruntime release
 	test -d .niix/synth/eval100 || ./target/release/niix synth --out .niix/synth/eval100 --count 100 --seed 300
 	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" ./target/release/niix eval --data .niix/synth/eval100 \
 		--models fixtures/models --model cargo-patchcore
+
+## Reliability (docs/reliability.md): the bad-input catalogue, 50 SIGKILLs
+## during uploads and analyses, a short run of every fuzz target and a soak.
+CRASH_ROUNDS ?= 50
+reliability: onnxruntime pyenv
+	NIIX_CRASH_ROUNDS=$(CRASH_ROUNDS) ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" \
+		$(CARGO) test -p niix-server --test reliability --test crash -- --nocapture
