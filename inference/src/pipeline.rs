@@ -69,9 +69,11 @@ pub enum AnalysisError {
 /// Time spent in each stage.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Timings {
-    /// Reading and decoding plane bytes.
+    /// Reading and decoding plane bytes; in [`analyze`] this includes the
+    /// intensity transform, done in the same pass, one thread per plane.
     pub decode: Duration,
-    /// Intensity transform into the channel tensor.
+    /// Intensity transform into the channel tensor, when timed on its own
+    /// ([`transform`]); zero in [`analyze`], where it is part of `decode`.
     pub transform: Duration,
     /// Copying tiles into batches (on the producer thread, overlapped).
     pub tile: Duration,
@@ -339,6 +341,48 @@ pub struct ModelInput {
     pub size: (usize, usize),
 }
 
+/// Decodes each chosen plane on its own thread and writes it, row by row,
+/// through its channel's lookup table into `data` (`[channels, h, w]`).
+/// Decode and transform are one pass over the bytes, and the planes of a
+/// dual-energy scan are decoded side by side.
+fn decode_transformed(
+    planes: &mut [PlaneInput],
+    chosen: &[usize],
+    tables: &[Vec<f32>],
+    data: &mut Array3<f32>,
+) -> Result<(), AnalysisError> {
+    let mut channels: Vec<_> = data.outer_iter_mut().map(Some).collect();
+    std::thread::scope(|scope| {
+        let mut workers = Vec::new();
+        for (i, plane) in planes.iter_mut().enumerate() {
+            // The channels this plane feeds (usually one), with their tables.
+            let mut outputs: Vec<_> = (0..chosen.len())
+                .filter(|&c| chosen[c] == i)
+                .map(|c| (channels[c].take().expect("each channel once"), &tables[c]))
+                .collect();
+            if outputs.is_empty() {
+                continue;
+            }
+            workers.push(scope.spawn(move || {
+                let (w, h) = (plane.width, plane.height);
+                decode_rows(&mut plane.reader, plane.encoding, w, h, &DecodeLimits::default(), |y, row| {
+                    for (channel, table) in &mut outputs {
+                        let mut dst = channel.row_mut(y as usize);
+                        let dst = dst.as_slice_mut().expect("rows of a fresh array are contiguous");
+                        for (d, &v) in dst.iter_mut().zip(row) {
+                            *d = table[v as usize];
+                        }
+                    }
+                    Ok(())
+                })
+                .map(|_| ())
+                .map_err(|source| AnalysisError::Decode { kind: plane.kind.clone(), source })
+            }));
+        }
+        workers.into_iter().try_for_each(|w| w.join().expect("a plane decoder panicked"))
+    })
+}
+
 /// Picks, decodes and transforms the planes a manifest asks for.
 pub fn model_input(
     m: &Manifest,
@@ -355,21 +399,14 @@ pub fn model_input(
     }
 
     let t0 = Instant::now();
-    let mut decoded: Vec<Option<Array2<u16>>> = planes.iter().map(|_| None).collect();
-    for &i in &chosen {
-        if decoded[i].is_none() {
-            decoded[i] = Some(decode_plane(&mut planes[i])?);
-        }
-    }
-    timings.decode = t0.elapsed();
-
-    let t0 = Instant::now();
     let tables: Vec<Vec<f32>> = (0..chosen.len()).map(|c| lookup_table(m, c)).collect();
-    let sources: Vec<&Array2<u16>> = chosen.iter().map(|&i| decoded[i].as_ref().expect("decoded above")).collect();
-    let data = transform(&sources, &tables);
     let air = (m.transform.i0.round() as usize).min(u16::MAX as usize);
     let pad: Vec<f32> = tables.iter().map(|t| t[air]).collect();
-    timings.transform = t0.elapsed();
+    let (w, h) = (sizes[0].0 as usize, sizes[0].1 as usize);
+    let mut data = Array3::<f32>::zeros((chosen.len(), h, w));
+    decode_transformed(planes, &chosen, &tables, &mut data)?;
+    timings.decode = t0.elapsed();
+    timings.transform = Duration::ZERO;
     let size = (sizes[0].1 as usize, sizes[0].0 as usize);
     Ok(ModelInput { data, pad, planes: chosen, size })
 }

@@ -145,8 +145,10 @@ impl Analyzer {
         let elapsed = started.elapsed();
         let (report, status) = match outcome {
             Ok((record, Ok((analysis, map)))) => {
+                let t = &analysis.timings;
                 tracing::info!(%scan_id, model = %model.label(), score = analysis.score, regions = analysis.regions.len(),
-                    seconds = elapsed.as_secs_f64(), "scan analysed");
+                    seconds = elapsed.as_secs_f64(), decode_s = t.decode.as_secs_f64(), infer_s = t.infer.as_secs_f64(),
+                    stitch_s = t.stitch.as_secs_f64(), "scan analysed");
                 let mut report = machine_report(&model, &record, &analysis, elapsed);
                 report.anomaly_map_sha256 = map.unwrap_or_default();
                 report.anomaly_map_stride = analysis.stride as u32;
