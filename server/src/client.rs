@@ -329,8 +329,9 @@ fn spawn_reader(
             }
             while offset < lengths[i] {
                 let want = chunk_bytes.min((lengths[i] - offset) as usize);
-                let mut data = vec![0u8; want];
-                if file.read_exact(&mut data).is_err() {
+                // Read into spare capacity: no zero-filling of a buffer the read overwrites.
+                let mut data = Vec::with_capacity(want);
+                if (&mut file).take(want as u64).read_to_end(&mut data).is_err() || data.len() < want {
                     return; // the server reports the truncated plane
                 }
                 let chunk = PlaneChunk { plane_index: i as u32, offset, data };

@@ -27,10 +27,17 @@ use crate::ingest::{Ingest, IngestService};
 use crate::metrics::Metrics;
 use crate::store::{BlobStore, FsBlobs, MetadataStore, SqliteMetadata};
 
-/// HTTP/2 flow-control window per stream, in bytes.
-const STREAM_WINDOW: u32 = 8 << 20;
+/// HTTP/2 flow-control window per stream, in bytes. Measured on loopback:
+/// 16 MiB pushes a plane a third faster than 8 MiB, as the pusher keeps
+/// sending while the server's threads wait for a core.
+const STREAM_WINDOW: u32 = 16 << 20;
 /// HTTP/2 flow-control window per connection, in bytes.
 const CONNECTION_WINDOW: u32 = 32 << 20;
+/// Largest HTTP/2 frame the server accepts, in bytes (the protocol's default
+/// is 16 KiB). A 1 MiB plane chunk then crosses in four frames instead of 64,
+/// read in a few large system calls; much larger frames cost an extra copy
+/// when the HTTP/2 read buffer grows to hold them.
+const MAX_FRAME: u32 = 256 << 10;
 
 /// How often unfinished uploads past their TTL are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(3600);
@@ -150,6 +157,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         // the stream flowing while the server hashes and writes.
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(ScanIngestServer::new(IngestService::new(ingest, gate)))

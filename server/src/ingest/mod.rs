@@ -1,13 +1,14 @@
 //! Streaming scan ingest: the `ScanIngest` gRPC service.
 //!
-//! A push is a header followed by plane chunks. Each chunk is hashed and
-//! appended to the plane's staging area by a blocking writer fed through a
-//! small bounded channel, so memory per upload stays at a few chunks. When
-//! every byte is in, the planes are checked (declared digest, decodable image
-//! of the declared size), made durable under their digests, and only then is
-//! the scan committed to the metadata store: a crash at any moment leaves
-//! either no scan or the whole scan. Staged bytes survive a broken stream or a
-//! restart, and [`Ingest::upload_status`] tells a client where to resume.
+//! A push is a header followed by plane chunks. Each chunk is hashed by one
+//! blocking thread and appended to the plane's staging area by another, both
+//! fed through small bounded channels, so hashing and writing overlap and
+//! memory per upload stays at a few chunks. When every byte is in, the
+//! planes are checked (declared digest, decodable image of the declared
+//! size), made durable under their digests, and only then is the scan
+//! committed to the metadata store: a crash at any moment leaves either no
+//! scan or the whole scan. Staged bytes survive a broken stream or a restart,
+//! and [`Ingest::upload_status`] tells a client where to resume.
 
 pub mod planes;
 mod service;
@@ -203,9 +204,9 @@ impl Ingest {
 
     /// Reads chunks in order, feeding each plane's sink, and returns each
     /// plane's digest. Sinks start when their plane's first chunk arrives and
-    /// finish when the next plane starts, so an upload holds one writer
-    /// thread at a time; planes complete before this stream (resume) are
-    /// re-hashed from their staged bytes at the end.
+    /// finish when the next plane starts, so an upload holds one hasher and
+    /// one writer thread at a time; planes complete before this stream
+    /// (resume) are re-hashed from their staged bytes at the end.
     async fn receive<S, M>(
         &self,
         stream: &mut S,

@@ -4,10 +4,17 @@
 //! runs, `blobs/<2 hex>/<64 hex>` once a plane is complete. A plane becomes a
 //! blob by fsync + rename + fsync of the directory, so a crash leaves either
 //! the old state or the new one.
+//!
+//! While a plane is staged, its written bytes are synced in the background
+//! every 16 MiB, so the disk writes them while more arrive and the sync that
+//! ends the plane only waits for the last stretch. A failed background sync
+//! fails that final sync: the plane is never reported durable after one.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, SyncSender, TrySendError};
+use std::thread::JoinHandle;
 
 use super::{BlobStore, ReadSeek, StagedWriter, StoreError, StoreResult};
 
@@ -56,17 +63,81 @@ fn check_digest(sha256: &str) -> StoreResult<()> {
     }
 }
 
+/// Bytes appended to a staged plane between two background syncs.
+const SYNC_EVERY: u64 = 16 << 20;
+
 struct StagedFile {
     file: File,
     path: PathBuf,
+    /// Bytes written since the last background sync was requested.
+    unsynced: u64,
+    /// Started once the first [`SYNC_EVERY`] bytes are written.
+    syncer: Option<Syncer>,
+}
+
+impl StagedFile {
+    fn wrote(&mut self, n: usize) -> io::Result<()> {
+        self.unsynced += n as u64;
+        if self.unsynced < SYNC_EVERY {
+            return Ok(());
+        }
+        self.unsynced = 0;
+        let syncer = match &mut self.syncer {
+            Some(s) => s,
+            None => self.syncer.insert(Syncer::start(&self.file)?),
+        };
+        syncer.request()
+    }
+}
+
+/// A thread that syncs a staged file's data whenever asked, on its own file
+/// handle, so the writer never waits for the disk before the plane's end.
+struct Syncer {
+    wake: SyncSender<()>,
+    thread: JoinHandle<io::Result<()>>,
+}
+
+impl Syncer {
+    fn start(file: &File) -> io::Result<Syncer> {
+        let file = file.try_clone()?;
+        // One pending request is enough: a sync covers every byte written before it starts.
+        let (wake, requests) = mpsc::sync_channel::<()>(1);
+        let thread = std::thread::Builder::new().name("niix-stage-sync".into()).spawn(move || {
+            while requests.recv().is_ok() {
+                file.sync_data()?;
+            }
+            Ok(())
+        })?;
+        Ok(Syncer { wake, thread })
+    }
+
+    /// Asks for a sync; a no-op when one is already pending. A background
+    /// sync that failed shows here (the thread has stopped) or in [`Syncer::stop`].
+    fn request(&self) -> io::Result<()> {
+        match self.wake.try_send(()) {
+            Ok(()) | Err(TrySendError::Full(())) => Ok(()),
+            Err(TrySendError::Disconnected(())) => {
+                Err(io::Error::other("the background sync of the staged file failed"))
+            }
+        }
+    }
+
+    /// Waits for the background syncs to end; the first failure, if any.
+    fn stop(self) -> io::Result<()> {
+        drop(self.wake);
+        self.thread.join().unwrap_or_else(|_| Err(io::Error::other("the background sync thread panicked")))
+    }
 }
 
 impl Write for StagedFile {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.file.write(buf)
+        let n = self.file.write(buf)?;
+        self.wrote(n)?;
+        Ok(n)
     }
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        self.file.write_all(buf)
+        self.file.write_all(buf)?;
+        self.wrote(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {
         self.file.flush()
@@ -75,7 +146,12 @@ impl Write for StagedFile {
 
 impl StagedWriter for StagedFile {
     fn sync(&mut self) -> StoreResult<()> {
-        self.file.sync_data().map_err(|e| StoreError::io(format!("syncing {}", self.path.display()), e))
+        let context = || format!("syncing {}", self.path.display());
+        if let Some(syncer) = self.syncer.take() {
+            syncer.stop().map_err(|e| StoreError::io(context(), e))?;
+        }
+        self.unsynced = 0;
+        self.file.sync_data().map_err(|e| StoreError::io(context(), e))
     }
 }
 
@@ -101,7 +177,7 @@ impl BlobStore for FsBlobs {
             .append(true)
             .open(&path)
             .map_err(|e| StoreError::io(format!("opening {}", path.display()), e))?;
-        Ok(Box::new(StagedFile { file, path }))
+        Ok(Box::new(StagedFile { file, path, unsynced: 0, syncer: None }))
     }
 
     fn read_staged(&self, scan_id: &str, plane: u32) -> StoreResult<Box<dyn ReadSeek>> {
@@ -232,6 +308,35 @@ mod tests {
         assert_eq!(store.put_blob(b"hello").unwrap(), DIGEST);
         let other = store.put_blob(b"map").unwrap();
         assert_eq!(store.blob_len(&other).unwrap(), Some(3));
+    }
+
+    #[test]
+    fn large_staged_planes_sync_in_the_background_and_keep_every_byte() {
+        use sha2::Digest;
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsBlobs::open(dir.path()).unwrap();
+        let id = "0b0b0b0b-0000-4000-8000-000000000002";
+        let piece: Vec<u8> = (0..1 << 20).map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let pieces = 2 * SYNC_EVERY as usize / piece.len() + 3;
+        let mut expected = sha2::Sha256::new();
+        let mut w = store.append_staged(id, 0).unwrap();
+        for i in 0..pieces {
+            if i % 2 == 0 {
+                w.write_all(&piece).unwrap();
+            } else {
+                // Short writes count too.
+                let n = w.write(&piece).unwrap();
+                w.write_all(&piece[n..]).unwrap();
+            }
+            expected.update(&piece);
+        }
+        w.sync().unwrap();
+        w.write_all(b"tail").unwrap();
+        w.sync().unwrap();
+        expected.update(b"tail");
+        assert_eq!(store.staged_len(id, 0).unwrap(), (pieces * piece.len() + 4) as u64);
+        let digest = crate::digest::sha256_hex(store.read_staged(id, 0).unwrap()).unwrap();
+        assert_eq!(digest, hex::encode(expected.finalize()));
     }
 
     #[test]
