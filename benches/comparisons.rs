@@ -17,33 +17,23 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ndarray::Array4;
-use niix::client::{PlaneHints, PushOptions, Quiet, authed, connect, describe_plane, push_files};
+use niix::client::{PlaneHints, PushOptions, Quiet, authed, connect, push_files};
+use niix_benches::{Serve, scan_header, synth_planes, workspace};
 use niix_inference::model::Model;
 use niix_inference::pipeline::{Timings, analyze, fill_tile, model_input};
 use niix_inference::runtime::Threads;
 use niix_inference::tiling::Grid;
 use niix_proto::v1::findings_client::FindingsClient;
-use niix_proto::v1::{GetFindingsRequest, PlaneKind, ScanHeader, ScanMetadata, ScanStatus};
+use niix_proto::v1::{GetFindingsRequest, PlaneKind, ScanStatus};
 
 const MODEL: &str = "cargo-patchcore";
 const REPEAT: usize = 3;
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn tiff_planes(dir: &Path) -> (PathBuf, PathBuf) {
-    let scan = niix_synth::generate(1, 0, &niix_synth::Options { anomaly_rate: 1.0, ..Default::default() });
-    niix_synth::write(dir, &scan).expect("writing the scan");
-    let name = &scan.info.name;
-    (dir.join(format!("{name}.high.tif")), dir.join(format!("{name}.low.tif")))
-}
 
 fn planes(high: &Path, low: &Path) -> Vec<niix_inference::pipeline::PlaneInput> {
     let plane = |p: &Path, kind: &str| niix_inference::pipeline::PlaneInput {
@@ -54,22 +44,6 @@ fn planes(high: &Path, low: &Path) -> Vec<niix_inference::pipeline::PlaneInput> 
         reader: Box::new(std::io::BufReader::new(std::fs::File::open(p).expect("plane file"))),
     };
     vec![plane(high, "high_energy"), plane(low, "low_energy")]
-}
-
-fn header(files: &[(&Path, PlaneKind)], hints: &PlaneHints) -> ScanHeader {
-    let planes = files
-        .iter()
-        .map(|(p, k)| {
-            let mut d = describe_plane(p, *k, hints).expect("describing a plane");
-            d.sha256.clear(); // the server hashes; the client does not pre-hash here
-            d
-        })
-        .collect();
-    ScanHeader {
-        scan_id: uuid::Uuid::new_v4().to_string(),
-        metadata: Some(ScanMetadata { site_id: "BENCH".into(), ..Default::default() }),
-        planes,
-    }
 }
 
 /// ONNX Runtime alone on the scan's tiles: the sum of `Model::run` times.
@@ -98,7 +72,7 @@ fn raw_ort_seconds(model: &Model, high: &Path, low: &Path) -> f64 {
 /// Push to findings available through the gRPC stack of an in-process server.
 async fn end_to_end_seconds(url: &str, high: &Path, low: &Path) -> f64 {
     let hints = PlaneHints { pixel_spacing_mm: (2.0, 2.0), ..Default::default() };
-    let h = header(&[(high, PlaneKind::HighEnergy), (low, PlaneKind::LowEnergy)], &hints);
+    let h = scan_header(&[(high, PlaneKind::HighEnergy), (low, PlaneKind::LowEnergy)], &hints);
     let id = h.scan_id.clone();
     let channel = authed(connect(url).await.expect("server"), None).expect("channel");
     let t0 = Instant::now();
@@ -137,57 +111,9 @@ fn python_seconds(high: &Path, low: &Path) -> Option<f64> {
     v["seconds"].as_f64()
 }
 
-/// `niix serve` as a child process (for its resident memory).
-struct Serve {
-    child: Child,
-    url: String,
-}
-
-impl Serve {
-    /// An ingest-only server (analysis off), so its memory is the ingest path's.
-    fn start(data: &Path) -> Serve {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        std::fs::create_dir_all(data).unwrap();
-        let config = data.join("niix.toml");
-        std::fs::write(&config, "[analysis]\nenabled = false\n").unwrap();
-        let child = Command::new(workspace().join("target/release/niix"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--metrics-listen", "127.0.0.1:0"])
-            .arg("--config")
-            .arg(&config)
-            .arg("--data")
-            .arg(data)
-            .env("NIIX_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("target/release/niix (make release)");
-        for _ in 0..400 {
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
-        Serve { child, url: format!("http://127.0.0.1:{port}") }
-    }
-
-    /// Peak resident set (VmHWM) in MiB.
-    fn peak_rss_mib(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        let kib: f64 = status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
-        kib / 1024.0
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// An ingest-only server (analysis off), so its memory is the ingest path's.
+fn ingest_server(data: &Path) -> Serve {
+    Serve::start(data, "[analysis]\nenabled = false\n", &[])
 }
 
 /// A raw little-endian u16 plane file of `bytes` bytes (a textured ramp).
@@ -206,7 +132,7 @@ fn raw_file(path: &Path, bytes: u64) {
 /// Pushes a raw plane of `side x rows` pixels; returns seconds.
 async fn push_raw(url: &str, file: &Path, width: u32, height: u32) -> f64 {
     let hints = PlaneHints { width: Some(width), height: Some(height), ..Default::default() };
-    let h = header(&[(file, PlaneKind::SingleEnergy)], &hints);
+    let h = scan_header(&[(file, PlaneKind::SingleEnergy)], &hints);
     let channel = authed(connect(url).await.expect("server"), None).expect("channel");
     let t0 = Instant::now();
     push_files(channel, h, vec![file.into()], &PushOptions::default(), Arc::new(Quiet)).await.expect("push");
@@ -240,98 +166,116 @@ fn raw_copy_seconds(file: &Path, out: &Path) -> f64 {
     t0.elapsed().as_secs_f64()
 }
 
+/// Whether to run a section: all of them unless `NIIX_BENCH_ONLY` lists some
+/// (comma-separated: `analysis`, `ingest`, `concurrent`).
+fn section(name: &str) -> bool {
+    match std::env::var("NIIX_BENCH_ONLY") {
+        Ok(only) => only.split(',').any(|s| s.trim() == name),
+        Err(_) => true,
+    }
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let tmp = tempfile::tempdir_in(workspace().join("target")).expect("temp dir");
     let mut figures: Vec<(&str, String)> = Vec::new();
 
     // --- Analysis: niix vs raw ONNX Runtime, niix vs Python.
-    let (high, low) = tiff_planes(&tmp.path().join("scan"));
-    let model_dir = workspace().join(format!("fixtures/models/{MODEL}/1"));
-    let model = Model::load(&model_dir, MODEL, 1, Threads::default()).expect("the bundled model");
-    let raw = best((0..REPEAT).map(|_| raw_ort_seconds(&model, &high, &low)));
-    let mut config = niix::config::Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: None,
-        data_dir: tmp.path().join("data"),
-        models_dir: workspace().join("fixtures/models"),
-        ..Default::default()
-    };
-    config.analysis.model = Some(MODEL.into());
-    let server = niix::server::start(config).await.expect("server");
-    let url = format!("http://{}", server.addr);
-    let e2e = best({
-        let mut v = Vec::new();
-        for _ in 0..REPEAT {
-            v.push(end_to_end_seconds(&url, &high, &low).await);
-        }
-        v
-    });
-    server.shutdown().await.expect("shutdown");
-    figures.push(("end_to_end_seconds", format!("{e2e:.3}")));
-    figures.push(("raw_ort_seconds", format!("{raw:.3}")));
-    figures.push(("overhead_vs_raw_ort", format!("{:.2}", e2e / raw)));
+    if section("analysis") {
+        let (high, low) = synth_planes(
+            &tmp.path().join("scan"),
+            1,
+            0,
+            &niix_synth::Options { anomaly_rate: 1.0, ..Default::default() },
+        );
+        let model_dir = workspace().join(format!("fixtures/models/{MODEL}/1"));
+        let model = Model::load(&model_dir, MODEL, 1, Threads::default()).expect("the bundled model");
+        let raw = best((0..REPEAT).map(|_| raw_ort_seconds(&model, &high, &low)));
+        let mut config = niix::config::Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            metrics_listen: None,
+            data_dir: tmp.path().join("data"),
+            models_dir: workspace().join("fixtures/models"),
+            ..Default::default()
+        };
+        config.analysis.model = Some(MODEL.into());
+        let server = niix::server::start(config).await.expect("server");
+        let url = format!("http://{}", server.addr);
+        let e2e = best({
+            let mut v = Vec::new();
+            for _ in 0..REPEAT {
+                v.push(end_to_end_seconds(&url, &high, &low).await);
+            }
+            v
+        });
+        server.shutdown().await.expect("shutdown");
+        figures.push(("end_to_end_seconds", format!("{e2e:.3}")));
+        figures.push(("raw_ort_seconds", format!("{raw:.3}")));
+        figures.push(("overhead_vs_raw_ort", format!("{:.2}", e2e / raw)));
 
-    let demo = Model::load(
-        &workspace().join("fixtures/models/demo-local-contrast/1"),
-        "demo-local-contrast",
-        1,
-        Threads::default(),
-    )
-    .expect("the demo model");
-    let niix_demo = best((0..5).map(|_| {
-        let t0 = Instant::now();
-        analyze(&demo, planes(&high, &low)).expect("analysis");
-        t0.elapsed().as_secs_f64()
-    }));
-    figures.push(("niix_analysis_seconds", format!("{niix_demo:.3}")));
-    match python_seconds(&high, &low) {
-        Some(py) => {
-            figures.push(("python_analysis_seconds", format!("{py:.3}")));
-            figures.push(("speedup_vs_python", format!("{:.2}", py / niix_demo)));
+        let demo = Model::load(
+            &workspace().join("fixtures/models/demo-local-contrast/1"),
+            "demo-local-contrast",
+            1,
+            Threads::default(),
+        )
+        .expect("the demo model");
+        let niix_demo = best((0..5).map(|_| {
+            let t0 = Instant::now();
+            analyze(&demo, planes(&high, &low)).expect("analysis");
+            t0.elapsed().as_secs_f64()
+        }));
+        figures.push(("niix_analysis_seconds", format!("{niix_demo:.3}")));
+        match python_seconds(&high, &low) {
+            Some(py) => {
+                figures.push(("python_analysis_seconds", format!("{py:.3}")));
+                figures.push(("speedup_vs_python", format!("{:.2}", py / niix_demo)));
+            }
+            None => figures.push(("speedup_vs_python", "n/a (run make bench to set up the Python baseline)".into())),
         }
-        None => figures.push(("speedup_vs_python", "n/a (run make bench to set up the Python baseline)".into())),
+        drop(model);
+        drop(demo);
     }
-    drop(model);
-    drop(demo);
-
     // --- Ingest: 1 GiB over loopback vs a plain socket-to-file copy.
-    let (width, height) = (16_384u32, 32_768u32);
-    let big = tmp.path().join("big.raw");
-    raw_file(&big, u64::from(width) * u64::from(height) * 2);
-    let gib = 1024.0;
-    let copy = best((0..2).map(|_| {
-        let s = raw_copy_seconds(&big, &tmp.path().join("copy.raw"));
-        let _ = std::fs::remove_file(tmp.path().join("copy.raw"));
-        s
-    }));
-    let serve = Serve::start(&tmp.path().join("ingest"));
-    let push = push_raw(&serve.url, &big, width, height).await;
-    figures.push(("ingest_mib_s", format!("{:.0}", gib / push)));
-    figures.push(("raw_copy_mib_s", format!("{:.0}", gib / copy)));
-    figures.push(("ingest_vs_raw_copy", format!("{:.2}", copy / push)));
-    figures.push(("ingest_peak_rss_mib", format!("{:.0}", serve.peak_rss_mib())));
-    drop(serve);
-    let _ = std::fs::remove_dir_all(tmp.path().join("ingest"));
-
+    if section("ingest") {
+        let (width, height) = (16_384u32, 32_768u32);
+        let big = tmp.path().join("big.raw");
+        raw_file(&big, u64::from(width) * u64::from(height) * 2);
+        let gib = 1024.0;
+        let copy = best((0..2).map(|_| {
+            let s = raw_copy_seconds(&big, &tmp.path().join("copy.raw"));
+            let _ = std::fs::remove_file(tmp.path().join("copy.raw"));
+            s
+        }));
+        let serve = ingest_server(&tmp.path().join("ingest"));
+        let push = push_raw(&serve.url, &big, width, height).await;
+        figures.push(("ingest_mib_s", format!("{:.0}", gib / push)));
+        figures.push(("raw_copy_mib_s", format!("{:.0}", gib / copy)));
+        figures.push(("ingest_vs_raw_copy", format!("{:.2}", copy / push)));
+        figures.push(("ingest_peak_rss_mib", format!("{:.0}", serve.memory_mib("VmHWM"))));
+        drop(serve);
+        let _ = std::fs::remove_dir_all(tmp.path().join("ingest"));
+    }
     // --- 8 concurrent pushers vs one, 128 MiB each.
-    let (w8, h8) = (8_192u32, 8_192u32);
-    let small = tmp.path().join("small.raw");
-    raw_file(&small, u64::from(w8) * u64::from(h8) * 2);
-    let serve = Serve::start(&tmp.path().join("concurrent"));
-    let one = push_raw(&serve.url, &small, w8, h8).await;
-    let t0 = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..8 {
-        let (url, file) = (serve.url.clone(), small.clone());
-        tasks.push(tokio::spawn(async move { push_raw(&url, &file, w8, h8).await }));
+    if section("concurrent") {
+        let (w8, h8) = (8_192u32, 8_192u32);
+        let small = tmp.path().join("small.raw");
+        raw_file(&small, u64::from(w8) * u64::from(h8) * 2);
+        let serve = ingest_server(&tmp.path().join("concurrent"));
+        let one = push_raw(&serve.url, &small, w8, h8).await;
+        let t0 = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let (url, file) = (serve.url.clone(), small.clone());
+            tasks.push(tokio::spawn(async move { push_raw(&url, &file, w8, h8).await }));
+        }
+        for t in tasks {
+            t.await.expect("a pusher failed");
+        }
+        let eight = t0.elapsed().as_secs_f64();
+        figures.push(("concurrent_ingest_efficiency", format!("{:.2}", (8.0 / eight) / (1.0 / one))));
+        drop(serve);
     }
-    for t in tasks {
-        t.await.expect("a pusher failed");
-    }
-    let eight = t0.elapsed().as_secs_f64();
-    figures.push(("concurrent_ingest_efficiency", format!("{:.2}", (8.0 / eight) / (1.0 / one))));
-    drop(serve);
 
     println!();
     for (name, value) in figures {

@@ -1,14 +1,26 @@
-//! Shared inputs of the niix benchmarks.
+//! Shared inputs of the niix benchmarks: scans, a `niix serve` child, and
+//! latency percentiles.
 
+use std::ffi::OsString;
 use std::io::Cursor;
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
+use niix::client::{PlaneHints, describe_plane};
 use niix_inference::decode::Encoding;
 use niix_inference::pipeline::PlaneInput;
+use niix_proto::v1::{PlaneKind, ScanHeader, ScanMetadata};
+
+/// The repository's root directory.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
 
 /// The repository's fixtures/ directory.
 pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
+    workspace().join("fixtures")
 }
 
 /// Width and height of the reference scan (a 20-foot container at ~3 mm).
@@ -51,4 +63,124 @@ pub fn dual_energy(high: &[u8], low: &[u8]) -> Vec<PlaneInput> {
             reader: Box::new(Cursor::new(bytes.to_vec())),
         })
         .collect()
+}
+
+/// A synthetic dual-energy scan (`niix_synth`, series `seed`, number `index`)
+/// written as TIFFs into `dir`; returns the high- and low-energy files.
+pub fn synth_planes(dir: &Path, seed: u64, index: u64, options: &niix_synth::Options) -> (PathBuf, PathBuf) {
+    let scan = niix_synth::generate(seed, index, options);
+    niix_synth::write(dir, &scan).expect("writing the scan");
+    let name = &scan.info.name;
+    (dir.join(format!("{name}.high.tif")), dir.join(format!("{name}.low.tif")))
+}
+
+/// A header with a fresh random scan id for plane `files`, site `BENCH`.
+/// The plane hashes are left out: the server computes them.
+pub fn scan_header(files: &[(&Path, PlaneKind)], hints: &PlaneHints) -> ScanHeader {
+    let planes = files
+        .iter()
+        .map(|(p, k)| {
+            let mut d = describe_plane(p, *k, hints).expect("describing a plane");
+            d.sha256.clear(); // the server hashes; the client does not pre-hash here
+            d
+        })
+        .collect();
+    ScanHeader {
+        scan_id: uuid::Uuid::new_v4().to_string(),
+        metadata: Some(ScanMetadata { site_id: "BENCH".into(), ..Default::default() }),
+        planes,
+    }
+}
+
+/// The `q` quantile (0..=1) of sorted latencies, in milliseconds (0 when empty).
+pub fn percentile(sorted: &[Duration], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+/// The release `niix` binary: `NIIX_BIN`, else `target/release/niix`.
+pub fn niix_bin() -> PathBuf {
+    std::env::var_os("NIIX_BIN").map(PathBuf::from).unwrap_or_else(|| workspace().join("target/release/niix"))
+}
+
+/// `niix serve` as a child process on a free loopback port (for its
+/// resident memory, apart from the benchmark's own). Killed when dropped.
+pub struct Serve {
+    child: Child,
+    /// Its gRPC URL.
+    pub url: String,
+}
+
+impl Serve {
+    /// `niix serve --config DATA/niix.toml --data DATA <args>` with `config` as
+    /// the file's text, once its port accepts connections. Its log (warnings
+    /// and errors) goes to `DATA/serve.log`. ONNX Runtime is the checkout's
+    /// (`.niix/onnxruntime/`) unless `ORT_DYLIB_PATH` says otherwise.
+    pub fn start(data: &Path, config: &str, args: &[OsString]) -> Serve {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        std::fs::create_dir_all(data).unwrap();
+        let config_file = data.join("niix.toml");
+        std::fs::write(&config_file, config).unwrap();
+        let log = std::fs::File::create(data.join("serve.log")).unwrap();
+        let ort = std::env::var_os("ORT_DYLIB_PATH")
+            .unwrap_or_else(|| workspace().join(".niix/onnxruntime").join(niix_inference::runtime::ORT_LIBRARY).into());
+        let mut child = Command::new(niix_bin())
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--metrics-listen", "127.0.0.1:0"])
+            .arg("--config")
+            .arg(&config_file)
+            .arg("--data")
+            .arg(data)
+            .args(args)
+            .env("NIIX_LOG", "warn")
+            .env("ORT_DYLIB_PATH", ort)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: {e} (build it: make release)", niix_bin().display()));
+        for _ in 0..400 {
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Serve { child, url: format!("http://127.0.0.1:{port}") };
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("niix serve exited ({status}); see {}", data.join("serve.log").display());
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("niix serve did not come up; see {}", data.join("serve.log").display());
+    }
+
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the child has exited (it should not have).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// A memory figure of `/proc/PID/status` in MiB, e.g. `VmRSS` (resident
+    /// now) or `VmHWM` (peak resident); 0 when unreadable.
+    pub fn memory_mib(&self, field: &str) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let kib: f64 = status
+            .lines()
+            .find(|l| l.strip_prefix(field).is_some_and(|rest| rest.starts_with(':')))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        kib / 1024.0
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -3,10 +3,11 @@
 //! 2048x6144 scan. Prints `name: value` lines. Run with `make bench`.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use niix::config::Config;
 use niix::store::{MetadataStore, PlaneDigest, ScanRecord, SqliteMetadata};
+use niix_benches::percentile;
 use niix_proto::v1::findings_client::FindingsClient;
 use niix_proto::v1::{
     AlarmDecision, ListScansRequest, PlaneDescriptor, ScanHeader, ScanMetadata, ScanStatus, ThreatReport,
@@ -16,11 +17,6 @@ const SCANS: usize = 10_000;
 const CLIENTS: usize = 50;
 const REQUESTS_PER_CLIENT: usize = 40;
 const SITES: [&str; 5] = ["NLRTM", "DEHAM", "BEANR", "FRLEH", "ESVLC"];
-
-fn percentile(sorted: &[Duration], q: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
-    sorted[i].as_secs_f64() * 1000.0
-}
 
 fn fill(dir: &std::path::Path) {
     let db = SqliteMetadata::open(&dir.join("niix.db")).expect("database");

@@ -123,7 +123,8 @@ async fn random_sigkills_during_uploads_and_analyses_lose_nothing() {
     for round in 0..rounds {
         let server = Server::spawn(&data).await;
         let ch = niix::client::connect(&server.url).await.unwrap();
-        check_store(&ch, &acked, &sent.lock().unwrap().clone(), round).await;
+        let sent_so_far = sent.lock().unwrap().clone();
+        check_store(&ch, &acked, &sent_so_far, round).await;
 
         let pushers: Vec<_> = (0..3u64)
             .map(|p| {
