@@ -24,6 +24,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Requests that do not parse are the sender's fault: see src/codec.rs.
         .codec_path("crate::codec::NiixCodec")
+        // Plane bytes arrive as slices of tonic's receive buffer, not copies.
+        .bytes(".niix.v1.PlaneChunk.data")
         .file_descriptor_set_path(out.join("niix_v1_descriptor.bin"))
         .compile_protos(&protos.map(PathBuf::from), &[PathBuf::from("."), include])?;
     Ok(())

@@ -334,7 +334,7 @@ fn spawn_reader(
                 if (&mut file).take(want as u64).read_to_end(&mut data).is_err() || data.len() < want {
                     return; // the server reports the truncated plane
                 }
-                let chunk = PlaneChunk { plane_index: i as u32, offset, data };
+                let chunk = PlaneChunk { plane_index: i as u32, offset, data: data.into() };
                 offset += want as u64;
                 if tx.blocking_send(PushScanRequest { part: Some(Part::Chunk(chunk)) }).is_err() {
                     return;

@@ -379,11 +379,12 @@ async fn receive_checks_every_delivery_and_foreign_scans_stay_put() {
     full.planes = vec![PlaneDescriptor { sha256: sha256(&bytes), ..plane(PlaneEncoding::RawU16le, 16, 8, &bytes) }];
     let mut wrong = bytes.clone();
     wrong[0] ^= 1;
-    let chunk = ReceiveRequest { part: Some(Part::Chunk(PlaneChunk { plane_index: 0, offset: 0, data: wrong })) };
+    let chunk =
+        ReceiveRequest { part: Some(Part::Chunk(PlaneChunk { plane_index: 0, offset: 0, data: wrong.into() })) };
     let err = deliver("t-nl", vec![pkg(keys::sign(&nl_key, &full)), chunk]).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::DataLoss, "{}", err.message());
     let truncated = ReceiveRequest {
-        part: Some(Part::Chunk(PlaneChunk { plane_index: 0, offset: 0, data: bytes[..100].to_vec() })),
+        part: Some(Part::Chunk(PlaneChunk { plane_index: 0, offset: 0, data: bytes[..100].to_vec().into() })),
     };
     let err = deliver("t-nl", vec![pkg(keys::sign(&nl_key, &full)), truncated]).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::DataLoss, "{}", err.message());

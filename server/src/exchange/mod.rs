@@ -307,7 +307,7 @@ pub fn stream_plane(
                 return;
             }
             data.truncate(n);
-            let chunk = PlaneChunk { plane_index, offset, data };
+            let chunk = PlaneChunk { plane_index, offset, data: data.into() };
             offset += n as u64;
             if tx.blocking_send(Ok(chunk)).is_err() {
                 return;

@@ -18,8 +18,9 @@ use crate::store::{BlobStore, StagedWriter};
 /// writer, per upload (the two queues share the chunks).
 const CHUNKS_IN_FLIGHT: usize = 8;
 
-/// A chunk shared by the hasher and the writer (no copy).
-type Chunk = Arc<Vec<u8>>;
+/// A chunk shared by the hasher and the writer: a slice of the receive
+/// buffer, reference-counted (no copy).
+type Chunk = prost::bytes::Bytes;
 
 /// One blocking thread fed through a bounded channel.
 struct Stage<T> {
@@ -110,8 +111,7 @@ impl PlaneSink {
     }
 
     /// Hands a chunk to the writer and the hasher (waits while either is behind).
-    pub async fn send(&self, chunk: Vec<u8>) -> Result<()> {
-        let chunk = Arc::new(chunk);
+    pub async fn send(&self, chunk: Chunk) -> Result<()> {
         if let Some(writer) = &self.writer {
             writer.send(chunk.clone(), "writer").await?;
         }
@@ -202,12 +202,12 @@ mod tests {
     async fn a_resumed_plane_hashes_the_staged_bytes_before_the_new_ones() {
         let (_dir, blobs) = store();
         let first = PlaneSink::staged(blobs.clone(), ID, 0, false);
-        first.send(b"hello ".to_vec()).await.unwrap();
+        first.send(b"hello ".to_vec().into()).await.unwrap();
         assert_eq!(first.finish().await.unwrap(), sha256(b"hello "));
 
         let resumed = PlaneSink::staged(blobs.clone(), ID, 0, true);
         for piece in [&b"wor"[..], b"ld"] {
-            resumed.send(piece.to_vec()).await.unwrap();
+            resumed.send(piece.to_vec().into()).await.unwrap();
         }
         assert_eq!(resumed.finish().await.unwrap(), sha256(b"hello world"));
         let mut staged = String::new();
@@ -219,7 +219,7 @@ mod tests {
     async fn a_hash_only_sink_stages_nothing() {
         let (_dir, blobs) = store();
         let sink = PlaneSink::hash_only();
-        sink.send(b"hello".to_vec()).await.unwrap();
+        sink.send(b"hello".to_vec().into()).await.unwrap();
         assert_eq!(sink.finish().await.unwrap(), sha256(b"hello"));
         assert!(blobs.staged_uploads().unwrap().is_empty());
     }
@@ -231,7 +231,7 @@ mod tests {
         std::fs::write(dir.path().join("staging").join(ID), b"in the way").unwrap();
         let sink = PlaneSink::staged(blobs, ID, 0, false);
         let mut sent = 0;
-        while sent < 64 && sink.send(vec![7u8; 1024]).await.is_ok() {
+        while sent < 64 && sink.send(vec![7u8; 1024].into()).await.is_ok() {
             sent += 1;
         }
         let err = sink.finish().await.unwrap_err();

@@ -140,7 +140,7 @@ pub fn messages(header: &ScanHeader, planes: &[&[u8]], chunk: usize) -> Vec<Push
 
 /// One chunk message.
 pub fn chunk_msg(plane: u32, offset: u64, data: &[u8]) -> PushScanRequest {
-    PushScanRequest { part: Some(Part::Chunk(PlaneChunk { plane_index: plane, offset, data: data.to_vec() })) }
+    PushScanRequest { part: Some(Part::Chunk(PlaneChunk { plane_index: plane, offset, data: data.to_vec().into() })) }
 }
 
 /// Pushes hand-made messages.
