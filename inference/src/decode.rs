@@ -24,7 +24,8 @@ pub enum Encoding {
 /// Limits that protect the decoder from hostile files.
 #[derive(Debug, Clone, Copy)]
 pub struct DecodeLimits {
-    /// Largest decoded TIFF strip or band of tiles, in bytes.
+    /// Largest decoded TIFF strip or band of tiles, or PNG row (with its
+    /// ancillary chunks), in bytes.
     pub max_chunk_bytes: usize,
 }
 
@@ -108,7 +109,7 @@ where
     match encoding {
         Encoding::RawU16Le => decode_raw(reader, width, height, &mut emit),
         Encoding::Tiff => decode_tiff(reader, width, height, limits, &mut emit),
-        Encoding::Png => decode_png(reader, width, height, &mut emit),
+        Encoding::Png => decode_png(reader, width, height, limits, &mut emit),
         Encoding::Dicos => {
             let (info, samples) = crate::dicos::decode(reader)?;
             check_dims((info.width, info.height), width, height, "DICOS image")?;
@@ -292,17 +293,21 @@ fn decode_png<R: Read + Seek>(
     reader: R,
     width: u32,
     height: u32,
+    limits: &DecodeLimits,
     emit: &mut Emit<'_>,
 ) -> Result<PlaneInfo, DecodeError> {
     let malformed = |e: png::DecodingError| match e {
         png::DecodingError::IoError(io) if io.kind() != std::io::ErrorKind::UnexpectedEof => DecodeError::Io(io),
-        png::DecodingError::LimitsExceeded => {
-            DecodeError::TooLarge("the PNG needs more memory to decode than allowed".into())
-        }
+        png::DecodingError::LimitsExceeded => DecodeError::TooLarge(format!(
+            "a PNG row or chunk needs more than {} MiB to decode",
+            limits.max_chunk_bytes >> 20
+        )),
         other => DecodeError::Malformed { encoding: "PNG", detail: other.to_string() },
     };
-    let mut decoder =
-        png::Decoder::new_with_limits(BufReader::with_capacity(1 << 20, reader), png::Limits { bytes: 64 << 20 });
+    let mut decoder = png::Decoder::new_with_limits(
+        BufReader::with_capacity(1 << 20, reader),
+        png::Limits { bytes: limits.max_chunk_bytes },
+    );
     decoder.set_transformations(png::Transformations::IDENTITY);
     let mut reader = decoder.read_info().map_err(malformed)?;
     let info = reader.info();
@@ -440,6 +445,29 @@ mod tests {
         let limits = DecodeLimits { max_chunk_bytes: 1024 };
         let err = decode_rows(Cursor::new(t), Encoding::Tiff, 64, 64, &limits, |_, _| Ok(())).unwrap_err();
         assert!(matches!(err, DecodeError::TooLarge(_)), "{err}");
+    }
+
+    #[test]
+    fn a_png_row_beyond_the_limit_is_too_large() {
+        let px = pattern(1024, 2);
+        let limits = DecodeLimits { max_chunk_bytes: 1024 };
+        let p = png_bytes(1024, 2, &px);
+        let err = decode_rows(Cursor::new(p), Encoding::Png, 1024, 2, &limits, |_, _| Ok(())).unwrap_err();
+        assert!(matches!(err, DecodeError::TooLarge(_)), "{err}");
+    }
+
+    /// Found by the `tiff_plane` fuzz target: a SampleFormat tag with no
+    /// values made tiff 0.10 index an empty list and panic.
+    #[test]
+    fn an_empty_sample_format_tag_is_malformed() {
+        let mut t = tiff_bytes(8, 4, &pattern(8, 4), None);
+        // SampleFormat (339), SHORT, count 1 -> count 0.
+        let at = t.windows(8).position(|w| w == [0x53, 0x01, 3, 0, 1, 0, 0, 0]).expect("a SampleFormat entry");
+        t[at + 4] = 0;
+        let err = probe(Cursor::new(t.clone()), Encoding::Tiff).unwrap_err();
+        assert!(matches!(err, DecodeError::Malformed { .. }), "{err}");
+        let err = collect(&t, Encoding::Tiff, 8, 4).unwrap_err();
+        assert!(matches!(err, DecodeError::Malformed { .. }), "{err}");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use niix_proto::v1::{
 use prost::Message;
 use tonic::Streaming;
 
-use super::{ExchangeService, keys, package_id};
+use super::{ExchangeConfig, ExchangeService, keys, package_id};
 use crate::audit::Caller;
 use crate::error::{Error, Result, blocking};
 use crate::header::{canonical_scan_id, fingerprint, is_sha256_hex};
@@ -34,9 +34,9 @@ pub async fn receive(
     let package = match stream.message().await {
         Ok(Some(ReceiveRequest { part: Some(Part::Package(p)) })) => p,
         Ok(_) => return (Err(Error::InvalidArgument("the first message must be the package".into())), String::new()),
-        Err(s) => return (Err(Error::DataLoss(format!("receiving the package: {}", s.message()))), String::new()),
+        Err(s) => return (Err(Error::broken_stream(s, "receiving the package")), String::new()),
     };
-    let content = match verify(svc, caller, &package) {
+    let content = match verify_package(svc.config(), &caller.identity, &package) {
         Ok(c) => c,
         Err(e) => return (Err(e), String::new()),
     };
@@ -44,21 +44,28 @@ pub async fn receive(
     (store(svc, package, content, stream).await, id)
 }
 
-/// Checks who sent it, who signed it and whom it is for.
-fn verify(svc: &ExchangeService, caller: &Caller, package: &ResultPackage) -> Result<PackageContent> {
+/// Checks who sent a pushed package (`caller_identity`, the authenticated
+/// caller), who signed it (an issuer in `config.issuers`, with its public
+/// key) and whom it is for (`config.administration`); returns its verified
+/// content. Needs no server or store: `Exchange.Receive` calls it on the
+/// first message of the stream, before anything is stored.
+pub fn verify_package(
+    config: &ExchangeConfig,
+    caller_identity: &str,
+    package: &ResultPackage,
+) -> Result<PackageContent> {
     let claimed = PackageContent::decode(package.content.as_slice())
         .map_err(|e| Error::InvalidArgument(format!("not a niix result package: {e}")))?;
-    let config = svc.config();
     let issuer = config.issuers.iter().find(|i| i.administration == claimed.issuer).ok_or_else(|| {
         Error::PermissionDenied(format!(
             "packages issued by {:?} are not accepted here: add it to [[exchange.issuers]] with its public key",
             claimed.issuer
         ))
     })?;
-    if caller.identity != issuer.administration {
+    if caller_identity != issuer.administration {
         return Err(Error::PermissionDenied(format!(
-            "{} may not deliver packages issued by {}",
-            caller.identity, issuer.administration
+            "{caller_identity} may not deliver packages issued by {}",
+            issuer.administration
         )));
     }
     let content = keys::verify(package, &issuer.public_key).map_err(|e| match e {
@@ -187,7 +194,7 @@ async fn stage_planes(
                         d.byte_length
                     )));
                 }
-                Err(s) => return Err(Error::DataLoss(format!("receiving plane {i}: {}", s.message()))),
+                Err(s) => return Err(Error::broken_stream(s, &format!("receiving plane {i}"))),
             };
             if chunk.plane_index as usize != i || chunk.offset != have {
                 return Err(Error::InvalidArgument(format!(
@@ -237,8 +244,9 @@ async fn store_images(blobs: Arc<dyn crate::store::BlobStore>, content: &Package
     .await
 }
 
-/// A downsampled plane must be a 16-bit PNG of the plane's size divided by its factor.
-fn check_image(im: &PlaneImage, width: u32, height: u32) -> Result<()> {
+/// Checks a received downsampled plane: it must be a 16-bit PNG of the
+/// plane's size (`width` x `height`) divided by its factor, rounded up.
+pub fn check_image(im: &PlaneImage, width: u32, height: u32) -> Result<()> {
     let bad = |why: String| Error::InvalidArgument(format!("plane image {}: {why}", im.plane_index));
     if im.factor < 2 {
         return Err(bad(format!("factor {} is not a reduction; send full planes instead", im.factor)));
