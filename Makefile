@@ -88,6 +88,10 @@ eval: onnxruntime release
 ## Reliability (docs/reliability.md): the bad-input catalogue, 50 SIGKILLs
 ## during uploads and analyses, a short run of every fuzz target and a soak.
 CRASH_ROUNDS ?= 50
-reliability: onnxruntime pyenv
+FUZZ_SECONDS ?= 30
+SOAK_SECONDS ?= 600
+reliability: onnxruntime pyenv release
 	NIIX_CRASH_ROUNDS=$(CRASH_ROUNDS) ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" \
 		$(CARGO) test -p niix-server --test reliability --test crash -- --nocapture
+	./scripts/fuzz.sh $(FUZZ_SECONDS)
+	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" $(CARGO) run --release -p niix-benches --bin soak -- --duration $(SOAK_SECONDS)
