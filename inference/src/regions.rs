@@ -44,11 +44,16 @@ pub fn find_regions(
     let (rows, cols) = map.dim();
     let mut labels = vec![0u32; rows * cols];
     let mut parent: Vec<u32> = vec![0];
-    for y in 0..rows {
-        for x in 0..cols {
-            if map[[y, x]] < threshold {
+    // The cells at or over the threshold, in row order: usually a few out of
+    // millions, so the second pass visits only them.
+    let mut marked: Vec<(usize, usize, f32)> = Vec::new();
+    for (y, row) in map.rows().into_iter().enumerate() {
+        let row = row.as_slice().map_or_else(|| std::borrow::Cow::Owned(row.to_vec()), std::borrow::Cow::Borrowed);
+        for (x, &v) in row.iter().enumerate() {
+            if v < threshold {
                 continue;
             }
+            marked.push((y, x, v));
             let mut neighbours = [0u32; 4];
             let mut n = 0;
             let mut see = |yy: usize, xx: usize| {
@@ -94,23 +99,16 @@ pub fn find_regions(
         sum: f64,
     }
     let mut acc: std::collections::HashMap<u32, Acc> = std::collections::HashMap::new();
-    for y in 0..rows {
-        for x in 0..cols {
-            let l = labels[y * cols + x];
-            if l == 0 {
-                continue;
-            }
-            let root = find(&mut parent, l);
-            let v = map[[y, x]];
-            let a = acc.entry(root).or_insert(Acc { y0: y, x0: x, y1: y, x1: x, cells: 0, max: v, sum: 0.0 });
-            a.y0 = a.y0.min(y);
-            a.x0 = a.x0.min(x);
-            a.y1 = a.y1.max(y);
-            a.x1 = a.x1.max(x);
-            a.cells += 1;
-            a.max = a.max.max(v);
-            a.sum += f64::from(v);
-        }
+    for (y, x, v) in marked {
+        let root = find(&mut parent, labels[y * cols + x]);
+        let a = acc.entry(root).or_insert(Acc { y0: y, x0: x, y1: y, x1: x, cells: 0, max: v, sum: 0.0 });
+        a.y0 = a.y0.min(y);
+        a.x0 = a.x0.min(x);
+        a.y1 = a.y1.max(y);
+        a.x1 = a.x1.max(x);
+        a.cells += 1;
+        a.max = a.max.max(v);
+        a.sum += f64::from(v);
     }
     let s = stride as u64;
     let mut out: Vec<Region> = acc
