@@ -324,10 +324,15 @@ mod tests {
         obj.put(DataElement::new(tags::HIGH_BIT, VR::US, dicom_value!(U16, [15])));
         obj.put(DataElement::new(tags::PIXEL_REPRESENTATION, VR::US, dicom_value!(U16, [0])));
         obj.put(DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U16(samples.iter().copied().collect())));
+        file_bytes(obj, "1.2.840.10008.1.2.1")
+    }
+
+    /// A DX dataset written as a DICOS file in `transfer_syntax`.
+    fn file_bytes(obj: InMemDicomObject, transfer_syntax: &str) -> Vec<u8> {
         let file = obj
             .with_meta(
                 FileMetaTableBuilder::new()
-                    .transfer_syntax("1.2.840.10008.1.2.1")
+                    .transfer_syntax(transfer_syntax)
                     .media_storage_sop_class_uid(DX_PROCESSING)
                     .media_storage_sop_instance_uid("1.2.3.4"),
             )
@@ -403,17 +408,7 @@ mod tests {
         let mut obj = OpenFileOptions::new().from_reader(Cursor::new(&plain[128..])).unwrap().into_inner();
         let sequence = PixelFragmentSequence::new(Vec::<u32>::new(), vec![fragment]);
         obj.put(DataElement::new(tags::PIXEL_DATA, VR::OB, Value::PixelSequence(sequence)));
-        let file = obj
-            .with_meta(
-                FileMetaTableBuilder::new()
-                    .transfer_syntax(uids::RLE_LOSSLESS)
-                    .media_storage_sop_class_uid(DX_PROCESSING)
-                    .media_storage_sop_instance_uid("1.2.3.4"),
-            )
-            .unwrap();
-        let mut out = Vec::new();
-        file.write_all(&mut out).unwrap();
-        out
+        file_bytes(obj, uids::RLE_LOSSLESS)
     }
 
     #[test]
