@@ -89,16 +89,6 @@ async fn all_scans(ch: &tonic::transport::Channel) -> Vec<Scan> {
     }
 }
 
-/// SplitMix64: the kill moments come from a seed that the test prints, so
-/// a failing run can be replayed with NIIX_CRASH_SEED.
-fn next(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
@@ -112,7 +102,8 @@ async fn random_sigkills_during_uploads_and_analyses_lose_nothing() {
     let rounds = env_or("NIIX_CRASH_ROUNDS", 4);
     let seed = env_or("NIIX_CRASH_SEED", 0x6e69_6978);
     println!("crash test: {rounds} rounds, NIIX_CRASH_SEED={seed}");
-    let mut rng = seed;
+    // The kill moments come from a seed, so a failing run can be replayed.
+    let mut rng = niix_synth::rng::Rng::new(seed, 0);
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     // Every scan ever sent, acknowledged or not, with its plane digest.
@@ -129,7 +120,7 @@ async fn random_sigkills_during_uploads_and_analyses_lose_nothing() {
         let pushers: Vec<_> = (0..3u64)
             .map(|p| {
                 let (ch, sent) = (ch.clone(), sent.clone());
-                let seed = next(&mut rng);
+                let seed = rng.next_u64();
                 tokio::spawn(async move {
                     let mut done = Vec::new();
                     for k in 0u32.. {
@@ -147,7 +138,7 @@ async fn random_sigkills_during_uploads_and_analyses_lose_nothing() {
             })
             .collect();
 
-        let delay = Duration::from_millis(100 + next(&mut rng) % 1500);
+        let delay = Duration::from_millis(100 + rng.next_u64() % 1500);
         tokio::time::sleep(delay).await;
         let analysing = FindingsClient::new(ch.clone())
             .list_scans(ListScansRequest { status: ScanStatus::Analyzing as i32, ..Default::default() })

@@ -44,21 +44,43 @@ async fn drain(conn: &Authed, cursor: u64) -> Vec<ResultPackage> {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_partner_receives_exactly_its_redacted_signed_packages() {
-    let dir = tempfile::tempdir().unwrap();
-    let (key_file, public) = keys::init(&dir.path().join("keys")).unwrap();
-    let mut config = config(&dir.path().join("data"), Limits::default());
+/// NL's server, signing with a fresh key, sharing under `agreements`, with
+/// its four callers connected.
+struct Nl {
+    server: niix::server::RunningServer,
+    url: String,
+    /// NL's public key.
+    public: String,
+    scanner: Authed,
+    officer: Authed,
+    de: Authed,
+    fr: Authed,
+}
+
+async fn nl(dir: &std::path::Path, agreements: Vec<Agreement>) -> Nl {
+    let (key_file, public) = keys::init(&dir.join("keys")).unwrap();
+    let mut config = config(&dir.join("data"), Limits::default());
     config.auth = tokens(&[
         ("scanner", Role::Scanner, "t-scan"),
         ("officer", Role::Officer, "t-officer"),
         ("DE", Role::Partner, "t-de"),
         ("FR", Role::Partner, "t-fr"),
     ]);
-    config.exchange = ExchangeConfig {
-        administration: "NL".into(),
-        signing_key: Some(key_file),
-        agreements: vec![Agreement {
+    config.exchange =
+        ExchangeConfig { administration: "NL".into(), signing_key: Some(key_file), agreements, ..Default::default() };
+    let server = niix::server::start(config).await.unwrap();
+    let url = format!("http://{}", server.addr);
+    let ch = niix::client::connect(&url).await.unwrap();
+    let conn = |token| authed(ch.clone(), Some(token)).unwrap();
+    Nl { scanner: conn("t-scan"), officer: conn("t-officer"), de: conn("t-de"), fr: conn("t-fr"), server, url, public }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partner_receives_exactly_its_redacted_signed_packages() {
+    let dir = tempfile::tempdir().unwrap();
+    let Nl { server, url, public, scanner, officer, de, fr } = nl(
+        dir.path(),
+        vec![Agreement {
             name: "NL-DE-2026-01".into(),
             partner: "DE".into(),
             sites: vec!["NLRTM".into()],
@@ -69,17 +91,8 @@ async fn a_partner_receives_exactly_its_redacted_signed_packages() {
             operator_reports: false,
             ..Default::default()
         }],
-        ..Default::default()
-    };
-    let server = niix::server::start(config).await.unwrap();
-    let url = format!("http://{}", server.addr);
-    let ch = niix::client::connect(&url).await.unwrap();
-    let (scanner, officer, de, fr) = (
-        authed(ch.clone(), Some("t-scan")).unwrap(),
-        authed(ch.clone(), Some("t-officer")).unwrap(),
-        authed(ch.clone(), Some("t-de")).unwrap(),
-        authed(ch.clone(), Some("t-fr")).unwrap(),
-    );
+    )
+    .await;
 
     let shared = push_container(&scanner, "NLRTM", "AB-123-C", true).await;
     let clear = push_container(&scanner, "NLRTM", "AB-124-C", false).await;
@@ -173,18 +186,9 @@ async fn a_partner_receives_exactly_its_redacted_signed_packages() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_planes_are_pulled_in_chunks_and_checked_against_the_signed_digest() {
     let dir = tempfile::tempdir().unwrap();
-    let (key_file, public) = keys::init(&dir.path().join("keys")).unwrap();
-    let mut config = config(&dir.path().join("data"), Limits::default());
-    config.auth = tokens(&[
-        ("scanner", Role::Scanner, "t-scan"),
-        ("officer", Role::Officer, "t-officer"),
-        ("DE", Role::Partner, "t-de"),
-        ("FR", Role::Partner, "t-fr"),
-    ]);
-    config.exchange = ExchangeConfig {
-        administration: "NL".into(),
-        signing_key: Some(key_file),
-        agreements: vec![
+    let Nl { server, url, public, scanner, officer, de, fr } = nl(
+        dir.path(),
+        vec![
             Agreement {
                 name: "NL-DE".into(),
                 partner: "DE".into(),
@@ -193,17 +197,8 @@ async fn full_planes_are_pulled_in_chunks_and_checked_against_the_signed_digest(
             },
             Agreement { name: "NL-FR".into(), partner: "FR".into(), ..Default::default() },
         ],
-        ..Default::default()
-    };
-    let server = niix::server::start(config).await.unwrap();
-    let url = format!("http://{}", server.addr);
-    let ch = niix::client::connect(&url).await.unwrap();
-    let (scanner, officer, de, fr) = (
-        authed(ch.clone(), Some("t-scan")).unwrap(),
-        authed(ch.clone(), Some("t-officer")).unwrap(),
-        authed(ch.clone(), Some("t-de")).unwrap(),
-        authed(ch.clone(), Some("t-fr")).unwrap(),
-    );
+    )
+    .await;
     let id = push_container(&scanner, "NLRTM", "AB-1", true).await;
     analysed(&officer, &id).await;
     let got = drain(&de, 0).await;
