@@ -170,6 +170,15 @@ pub struct Decision {
     /// (odd; 1 = none), e.g. to keep single noisy cells from alarming.
     #[serde(default = "default_smooth")]
     pub smooth: usize,
+    /// Share of the scan's own background level taken off every cell
+    /// before scoring (0 = none, below 1): a cell then scores by how far
+    /// it stands out of its scan, so cargo that is unusual all over (a hold
+    /// of varied machinery) does not outrank one object that stands out.
+    #[serde(default)]
+    pub background_weight: f32,
+    /// The background level: this quantile of the scan's raw map cells.
+    #[serde(default = "default_background_quantile")]
+    pub background_quantile: f32,
     /// DICOS threat category of the regions.
     #[serde(default = "default_category")]
     pub category: String,
@@ -177,6 +186,10 @@ pub struct Decision {
 
 fn default_smooth() -> usize {
     1
+}
+
+fn default_background_quantile() -> f32 {
+    0.99
 }
 
 fn default_category() -> String {
@@ -263,6 +276,12 @@ impl Manifest {
         if d.smooth == 0 || d.smooth.is_multiple_of(2) || d.smooth > 15 {
             return bad(format!("decision.smooth {} must be odd, 1..15", d.smooth));
         }
+        if !(0.0..1.0).contains(&d.background_weight) {
+            return bad(format!("decision.background_weight {} must be at least 0 and below 1", d.background_weight));
+        }
+        if !(d.background_quantile > 0.0 && d.background_quantile < 1.0) {
+            return bad(format!("decision.background_quantile {} must be between 0 and 1", d.background_quantile));
+        }
         for c in &self.constants {
             if c.file.is_empty() || c.file.contains(['/', '\\']) || c.file.starts_with('.') {
                 return bad(format!("constants {:?}: file {:?} must be a plain file name", c.name, c.file));
@@ -319,6 +338,7 @@ min_region_area = 16
         assert_eq!(m.input.batch, 4);
         assert_eq!(m.transform.i0, 65535.0);
         assert_eq!(m.decision.category, "ANOMALY");
+        assert_eq!((m.decision.background_weight, m.decision.background_quantile), (0.0, 0.99));
         assert_eq!(m.channel_kinds(1), vec!["low_energy", "single_energy"]);
         assert_eq!(m.normalisation(1), (0.0, 1.0));
     }
@@ -334,6 +354,8 @@ min_region_area = 16
             ("score_max = 2.0", "score_max = 0.0", "must exceed"),
             ("clip = [0.0, 10.0]", "clip = [3.0, 1.0]", "is empty"),
             ("min_region_area = 16", "min_region_area = 16\ncategory = \"GUNS\"", "DICOS threat category"),
+            ("min_region_area = 16", "min_region_area = 16\nbackground_weight = 1.0", "background_weight"),
+            ("min_region_area = 16", "min_region_area = 16\nbackground_quantile = 1.0", "background_quantile"),
             ("demo = true", "demo = true\nspeed = 3", "unknown field"),
             ("[output]\nname = \"anomaly_map\"", "", "missing field"),
         ];

@@ -207,6 +207,21 @@ pub fn stitch_tile(map: &mut Array2<f32>, tile: &Tile, side: usize, stride: usiz
     top
 }
 
+/// Takes `weight` times the scan's background level (the `quantile` of its
+/// cells) off every cell of a raw map; returns the level.
+pub fn subtract_background(map: &mut Array2<f32>, quantile: f32, weight: f32) -> f32 {
+    let mut cells: Vec<f32> = map.iter().copied().filter(|v| v.is_finite()).collect();
+    if cells.is_empty() || weight == 0.0 {
+        return 0.0;
+    }
+    let last = cells.len() - 1;
+    let at = ((last as f32 * quantile).round() as usize).min(last);
+    let level = *cells.select_nth_unstable_by(at, f32::total_cmp).1;
+    let cut = weight * level;
+    map.mapv_inplace(|v| v - cut);
+    level
+}
+
 /// Raw map values to 0..1 scores: `clamp((v - lo) / (hi - lo), 0, 1)`, in place.
 pub fn normalise(map: &mut Array2<f32>, lo: f32, hi: f32) {
     let scale = 1.0 / (hi - lo);
@@ -425,6 +440,11 @@ pub fn analyze(model: &Model, mut planes: Vec<PlaneInput>) -> Result<Analysis, A
         map = smooth(&map, m.decision.smooth);
         raw_score = map.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     }
+    if m.decision.background_weight > 0.0 {
+        let d = &m.decision;
+        let level = subtract_background(&mut map, d.background_quantile, d.background_weight);
+        raw_score -= d.background_weight * level;
+    }
     normalise(&mut map, m.decision.score_min, m.decision.score_max);
     timings.stitch += t0.elapsed();
 
@@ -443,4 +463,35 @@ pub fn analyze(model: &Model, mut planes: Vec<PlaneInput>) -> Result<Analysis, A
         planes: chosen,
         timings,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_background_level_is_the_quantile_of_the_cells() {
+        let mut map = Array2::from_shape_fn((10, 10), |(y, x)| (y * 10 + x) as f32);
+        assert_eq!(subtract_background(&mut map, 0.5, 0.5), 50.0);
+        assert_eq!(map[[0, 0]], -25.0);
+        assert_eq!(map[[9, 9]], 74.0);
+        let mut same = map.clone();
+        assert_eq!(subtract_background(&mut same, 0.5, 0.0), 0.0, "weight 0 leaves the map alone");
+        assert_eq!(same, map);
+    }
+
+    #[test]
+    fn one_object_that_stands_out_outranks_cargo_that_is_unusual_all_over() {
+        // A hold of varied machinery: every cell far from the memory bank.
+        let mut busy = Array2::from_elem((10, 10), 10.0f32);
+        busy[[3, 3]] = 14.0;
+        // Plain cargo with one dense block in it.
+        let mut plain = Array2::from_elem((10, 10), 2.0f32);
+        plain[[5, 5]] = 12.0;
+        assert!(busy.iter().copied().fold(0.0, f32::max) > plain.iter().copied().fold(0.0, f32::max));
+        subtract_background(&mut busy, 0.9, 0.5);
+        subtract_background(&mut plain, 0.9, 0.5);
+        let top = |m: &Array2<f32>| m.iter().copied().fold(f32::MIN, f32::max);
+        assert_eq!((top(&busy), top(&plain)), (9.0, 11.0));
+    }
 }
