@@ -23,7 +23,9 @@ post-processing, so its findings equal niix's (see check_equal.py):
                    padded with the transformed value of air (i0)
   infer            `batch` tiles per ONNX Runtime call, row-major order  pipeline.rs (infer_map), model.rs (run)
   stitch           each tile writes only the map cells it owns (overlap  tiling.rs (owned), pipeline.rs (stitch_tile)
-                   split at its midpoint); score = clamp((v - score_min)
+                   split at its midpoint); background_weight x the map's
+                   background_quantile off every cell if the weight is > 0;
+                   score = clamp((v - score_min)
                    / (score_max - score_min), 0, 1)
   post-process     cells >= threshold -> 8-connected regions; drop those  inference/src/regions.rs (find_regions),
                    under min_region_area pixels; boxes in pixels clipped  pipeline.rs (analyze)
@@ -103,6 +105,8 @@ class Manifest:
     threshold: float
     min_region_area: int
     category: str
+    background_weight: float
+    background_quantile: float
 
     @staticmethod
     def load(model_dir: Path) -> "Manifest":
@@ -126,6 +130,8 @@ class Manifest:
             threshold=float(dec["threshold"]),
             min_region_area=int(dec.get("min_region_area", 0)),
             category=dec.get("category", "ANOMALY"),
+            background_weight=float(dec.get("background_weight", 0.0)),
+            background_quantile=float(dec.get("background_quantile", 0.99)),
         )
 
     def channel_kinds(self, c: int) -> list[str]:
@@ -406,6 +412,13 @@ def analyze(model: Model, planes: list[tuple[str, Path]]) -> tuple[dict, np.ndar
     del inp
 
     t0 = time.perf_counter()
+    if m.background_weight > 0:
+        # subtract_background: the quantile of the finite cells, nearest rank.
+        cells = raw[np.isfinite(raw)]
+        last = cells.size - 1
+        at = min(int(np.floor(F32(last) * F32(m.background_quantile) + 0.5)), last)
+        level = np.partition(cells, at)[at]
+        raw -= F32(m.background_weight) * level
     lo, hi = F32(m.score_min), F32(m.score_max)
     score = raw  # stitch_tile's normalisation, in place: clamp((v - lo) * (1 / (hi - lo)), 0, 1)
     score -= lo
