@@ -210,8 +210,11 @@ pub fn stitch_tile(map: &mut Array2<f32>, tile: &Tile, side: usize, stride: usiz
 /// Takes `weight` times the scan's background level (the `quantile` of its
 /// cells) off every cell of a raw map; returns the level.
 pub fn subtract_background(map: &mut Array2<f32>, quantile: f32, weight: f32) -> f32 {
+    if weight == 0.0 {
+        return 0.0;
+    }
     let mut cells: Vec<f32> = map.iter().copied().filter(|v| v.is_finite()).collect();
-    if cells.is_empty() || weight == 0.0 {
+    if cells.is_empty() {
         return 0.0;
     }
     let last = cells.len() - 1;
