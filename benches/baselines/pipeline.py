@@ -74,7 +74,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from PIL import Image
 
 HIGH_THREAT_SCORE = 0.9  # server/src/analysis.rs: HIGH_THREAT at max score >= 0.9
@@ -149,6 +148,8 @@ class Manifest:
 # --------------------------------------------------------------------------
 class Model:
     def __init__(self, model_dir: Path, intra_op: int | None = None):
+        import onnxruntime as ort  # here, so the tiling and manifest code import without it
+
         self.manifest = m = Manifest.load(model_dir)
         so = ort.SessionOptions()
         so.intra_op_num_threads = intra_op or len(os.sched_getaffinity(0))  # niix: available_parallelism
@@ -475,6 +476,7 @@ def main() -> None:
     ap.add_argument("--save-map", type=Path, help="write the score map as .npy (float32), for check_equal.py --python-map")
     a = ap.parse_args()
     planes = parse_planes(a.plane)
+    import onnxruntime as ort  # before the model-load timing, as niix loads its library at start
 
     t0 = time.perf_counter()
     model = Model(a.model, a.threads)
