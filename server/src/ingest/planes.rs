@@ -71,11 +71,7 @@ impl PlaneSink {
                     .map_err(|e| Error::Internal(format!("re-reading staged plane {plane}: {e}")))?;
             }
             drop(reread);
-            consume(rx, |buf| {
-                hasher.update(buf);
-                Ok(())
-            })?;
-            Ok(hex::encode(hasher.finalize()))
+            hash_rest(hasher, rx)
         });
         let writer = Stage::spawn(move |rx| {
             // Returns when the hasher is past the staged bytes (or failed: finish reports why).
@@ -99,15 +95,7 @@ impl PlaneSink {
 
     /// A sink that only hashes (to compare a repeated push with the stored scan).
     pub fn hash_only() -> Self {
-        let hasher = Stage::spawn(|rx| {
-            let mut hasher = Sha256::new();
-            consume(rx, |buf| {
-                hasher.update(buf);
-                Ok(())
-            })?;
-            Ok(hex::encode(hasher.finalize()))
-        });
-        PlaneSink { hasher, writer: None }
+        PlaneSink { hasher: Stage::spawn(|rx| hash_rest(Sha256::new(), rx)), writer: None }
     }
 
     /// Hands a chunk to the writer and the hasher (waits while either is behind).
@@ -134,6 +122,16 @@ impl PlaneSink {
         }
         digest?
     }
+}
+
+/// Feeds every chunk still to come to `hasher` (which may have seen staged
+/// bytes already); the hex digest of it all.
+fn hash_rest(mut hasher: Sha256, rx: mpsc::Receiver<Chunk>) -> Result<String> {
+    consume(rx, |buf| {
+        hasher.update(buf);
+        Ok(())
+    })?;
+    Ok(hex::encode(hasher.finalize()))
 }
 
 fn consume(mut rx: mpsc::Receiver<Chunk>, mut each: impl FnMut(&[u8]) -> Result<()>) -> Result<()> {
