@@ -77,7 +77,7 @@ patchcore: release
 	/usr/bin/python3 fixtures/models/train_head.py --normal $(HEAD_SCANS) --out fixtures/patchcore/head.npz \
 		--wheel $(EFFL0_WHEEL)
 	/usr/bin/python3 fixtures/models/build_patchcore.py --out fixtures/patchcore --wheel $(EFFL0_WHEEL) \
-		--head fixtures/patchcore/head.npz
+		--head fixtures/patchcore/head.npz --distance-weight 0.2
 
 ## The bundled detector: fit the PatchCore graphs to 30 synthetic normal scans.
 model: onnxruntime release

@@ -226,6 +226,29 @@ pub fn threshold_for(scores: &[f32], rate: f64, margin: f32) -> f32 {
     sorted[at] * (1.0 + margin)
 }
 
+/// The threshold `niix model fit` sets from the image scores of held-out
+/// normal scans for a false-alarm `rate`.
+///
+/// With enough scans to see that rate (at least one scan in `1 / rate`),
+/// it is [`threshold_for`] with a 5 % margin. With fewer, the largest score
+/// is only a typical normal scan's extreme, not the tail: normal cargo is
+/// mixed, and a pattern that one scan in ten holds (a stack of small dense
+/// parcels, say) can lift the scans that hold it well above the rest. Then
+/// the threshold is the largest score raised by its own excess over the
+/// median, `max + (max - median)`, so that a pattern seen once among the
+/// held-out scans, and a little more of it, does not alarm.
+pub fn fit_threshold(scores: &[f32], rate: f64) -> f32 {
+    let mut sorted: Vec<f32> = scores.iter().copied().filter(|s| s.is_finite()).collect();
+    sorted.sort_by(f32::total_cmp);
+    if sorted.len() < 2 || rate * sorted.len() as f64 >= 1.0 {
+        return threshold_for(&sorted, rate, 0.05);
+    }
+    let n = sorted.len();
+    let median = if n % 2 == 1 { sorted[n / 2] } else { (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0 };
+    let max = sorted[n - 1];
+    max + (max - median).max(0.05 * max.abs())
+}
+
 /// Writes a memory bank as raw little-endian float32 (the `constants` format).
 pub fn bank_bytes(bank: &Array2<f32>) -> Vec<u8> {
     bank.iter().flat_map(|v| v.to_le_bytes()).collect()
@@ -274,5 +297,24 @@ mod tests {
         assert_eq!(threshold_for(&scores, 0.01, 0.0), 198.0);
         // Ten scans cannot estimate a 1% quantile: the largest, plus the margin.
         assert_eq!(threshold_for(&scores[..10], 0.01, 0.1), 11.0);
+    }
+
+    #[test]
+    fn the_fitted_threshold_reaches_past_a_lone_high_normal_scan() {
+        // Nine typical scans and one with a rarer pattern: the largest is
+        // raised by its excess over the median (10.5), to 16 + 5.5.
+        let mut held = vec![10.0f32, 10.2, 10.4, 10.4, 10.5, 10.5, 10.6, 10.8, 11.0, 16.0];
+        assert_eq!(fit_threshold(&held, 0.01), 21.5);
+        // Order does not matter, nor does a non-finite score.
+        held.reverse();
+        held.push(f32::NAN);
+        assert_eq!(fit_threshold(&held, 0.01), 21.5);
+        // All alike: at least 5 % above the largest.
+        assert!((fit_threshold(&[4.0; 10], 0.01) - 4.2).abs() < 1e-6);
+        // Enough scans to see the rate: the quantile itself, plus 5 %.
+        let many: Vec<f32> = (1..=200).map(|i| i as f32).collect();
+        assert!((fit_threshold(&many, 0.01) - 198.0 * 1.05).abs() < 1e-3);
+        // Five scans see a 20 % rate: one may alarm, so the second highest (11.0).
+        assert!((fit_threshold(&held[..5], 0.2) - 11.0 * 1.05).abs() < 1e-3);
     }
 }

@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::Context;
 use ndarray::{Array2, concatenate};
 use niix_inference::decode::{Encoding, probe};
-use niix_inference::fit::{FeatureGraph, bank_bytes, coreset, cover_rows, threshold_for};
+use niix_inference::fit::{FeatureGraph, bank_bytes, coreset, cover_rows, fit_threshold, threshold_for};
 use niix_inference::manifest::Manifest;
 use niix_inference::model::Model;
 use niix_inference::pipeline::{PlaneInput, analyze};
@@ -193,13 +193,13 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
     let mut cells = Vec::new();
     for (_, s) in &held {
         let a = analyze(&model, s.planes()?).with_context(|| format!("analysing {}", s.name))?;
-        // Back from the placeholder normalisation to raw distances.
+        // Back from the placeholder normalisation to raw map values.
         let (lo, hi) = (manifest.decision.score_min, manifest.decision.score_max);
         cells.extend(a.map.iter().map(|v| lo + v * (hi - lo)));
         scores.push(a.raw_score);
-        eprintln!("  held out {}: highest distance {:.3}", s.name, a.raw_score);
+        eprintln!("  held out {}: highest score {:.3}", s.name, a.raw_score);
     }
-    let threshold = threshold_for(&scores, spec.false_alarm_rate, 0.05);
+    let threshold = fit_threshold(&scores, spec.false_alarm_rate);
     cells.sort_by(f32::total_cmp);
     let typical = cells.get(cells.len() / 2).copied().unwrap_or(0.0).min(threshold * 0.5);
     // Normalised score 0.5 is the threshold; 0 the typical normal cell.
