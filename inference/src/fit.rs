@@ -234,10 +234,10 @@ pub fn threshold_for(scores: &[f32], rate: f64, margin: f32) -> f32 {
 /// is only a typical normal scan's extreme, not the tail: normal scans are
 /// mixed, and something that scores high in one scan in ten (a door's cam
 /// keepers with the wrong cargo behind them, say) lifts those scans well
-/// above the rest. Then
-/// the threshold is the largest score raised by its own excess over the
-/// median, `max + (max - median)`, so that a pattern seen once among the
-/// held-out scans, and a little more of it, does not alarm.
+/// above the rest. Then the threshold is the largest score raised by its
+/// own excess over the median, `max + (max - median)` (at least 5 %), so
+/// that a pattern seen once among the held-out scans, and a little more of
+/// it, does not alarm.
 pub fn fit_threshold(scores: &[f32], rate: f64) -> f32 {
     let mut sorted: Vec<f32> = scores.iter().copied().filter(|s| s.is_finite()).collect();
     sorted.sort_by(f32::total_cmp);
