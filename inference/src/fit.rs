@@ -232,9 +232,9 @@ pub fn threshold_for(scores: &[f32], rate: f64, margin: f32) -> f32 {
 /// With enough scans to see that rate (at least one scan in `1 / rate`),
 /// it is [`threshold_for`] with a 5 % margin. With fewer, the largest score
 /// is only a typical normal scan's extreme, not the tail: normal scans are
-/// mixed, and something that scores high in one scan in ten (a door's cam
-/// keepers with the wrong cargo behind them, say) lifts those scans well
-/// above the rest. Then the threshold is the largest score raised by its
+/// mixed, and something that scores high in one scan in ten (the bare end
+/// of a pallet on a two-tier drum load, say) lifts those scans well above
+/// the rest. Then the threshold is the largest score raised by its
 /// own excess over the median, `max + (max - median)` (at least 5 %), so
 /// that a pattern seen once among the held-out scans, and a little more of
 /// it, does not alarm.
