@@ -272,6 +272,20 @@ def fill_batch(inp: np.ndarray, group, tile: int, pad: np.ndarray) -> np.ndarray
     return batch
 
 
+def air_pad(m: Manifest, tables: list[np.ndarray]) -> np.ndarray:
+    """Each channel's transformed value of air (i0): what pads a tile past the image edge."""
+    air = min(math.floor(m.i0 + 0.5), 65535)  # Rust f32::round: half away from zero
+    return np.array([t[air] for t in tables], F32)
+
+
+def stitch(dest, tile_maps, group, stride: int) -> None:
+    """The stitching rule: each tile writes the map cells it owns into dest
+    [..., rows, cols] (numpy or torch; leading axes, e.g. channels, as they are)."""
+    for tile_map, (y, x, (r0, r1), (c0, c1)) in zip(tile_maps, group):
+        ty, tx = y // stride, x // stride
+        dest[..., r0:r1, c0:c1] = tile_map[..., r0 - ty:r1 - ty, c0 - tx:c1 - tx]
+
+
 # --------------------------------------------------------------------------
 # Regions (regions.rs find_regions): 8-connected components of cells >= threshold
 # --------------------------------------------------------------------------
@@ -386,8 +400,7 @@ def analyze(model: Model, planes: list[tuple[str, Path]]) -> tuple[dict, np.ndar
     t0 = time.perf_counter()
     tables = [lookup_table(m, c) for c in range(len(chosen))]
     inp = transform([decoded[i] for i in chosen], tables)
-    air = min(math.floor(m.i0 + 0.5), 65535)  # Rust f32::round: half away from zero
-    pad = np.array([t[air] for t in tables], F32)
+    pad = air_pad(m, tables)
     del decoded
     timings["transform"] = time.perf_counter() - t0
 
@@ -403,9 +416,7 @@ def analyze(model: Model, planes: list[tuple[str, Path]]) -> tuple[dict, np.ndar
         t1 = time.perf_counter()
         maps = model.run(batch)
         t2 = time.perf_counter()
-        for tile_map, (y, x, (r0, r1), (c0, c1)) in zip(maps, group):
-            ty, tx = y // stride, x // stride
-            raw[r0:r1, c0:c1] = tile_map[r0 - ty:r1 - ty, c0 - tx:c1 - tx]
+        stitch(raw, maps, group, stride)
         t3 = time.perf_counter()
         timings["tile"] += t1 - t0
         timings["infer"] += t2 - t1
