@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::sync::Mutex;
 
-use ndarray::{Array2, Array4, ArrayView2, s};
+use ndarray::{Array1, Array2, Array4, ArrayView2, s};
 use ort::session::Session;
 use ort::value::TensorRef;
 
@@ -250,9 +250,48 @@ pub fn fit_threshold(scores: &[f32], rate: f64) -> f32 {
     max + (max - median).max(0.05 * max.abs())
 }
 
-/// Writes a memory bank as raw little-endian float32 (the `constants` format).
-pub fn bank_bytes(bank: &Array2<f32>) -> Vec<u8> {
-    bank.iter().flat_map(|v| v.to_le_bytes()).collect()
+/// The scale of each memory-bank row's distance, from the bank's own
+/// spacing (local-outlier-factor style): with `r_k` the distance from row `k`
+/// to its `neighbours`-th nearest other row and `m` the median `r_k`,
+/// `scale_k = m / max(r_k, m / 2)`.
+///
+/// The model multiplies a cell's distance to its nearest row by that row's
+/// scale. Where normal patches are rare (a cargo seen in few scans) the bank's
+/// rows lie far apart, so a new patch of that cargo is far from all of them
+/// without being foreign; there the scale is below 1. Where the bank is dense
+/// it is above 1, at most 2 (the floor `m / 2` keeps a tight cluster of
+/// near-identical rows from making every small distance count as huge).
+/// Also returns `m`. A bank of one row gets scale 1.
+pub fn bank_scale(bank: ArrayView2<'_, f32>, neighbours: usize) -> (Array1<f32>, f32) {
+    let k = bank.nrows();
+    if k < 2 {
+        return (Array1::ones(k), 0.0);
+    }
+    let n = neighbours.clamp(1, k - 1);
+    let gram = bank.dot(&bank.t());
+    let norms: Vec<f32> = (0..k).map(|i| gram[[i, i]]).collect();
+    let spacing: Vec<f32> = (0..k)
+        .map(|i| {
+            let row = gram.row(i);
+            let mut d2: Vec<f32> =
+                (0..k).filter(|&j| j != i).map(|j| (norms[i] + norms[j] - 2.0 * row[j]).max(0.0)).collect();
+            let (_, nth, _) = d2.select_nth_unstable_by(n - 1, f32::total_cmp);
+            nth.sqrt()
+        })
+        .collect();
+    let mut sorted = spacing.clone();
+    sorted.sort_by(f32::total_cmp);
+    let median = sorted[k / 2];
+    if median <= 0.0 {
+        return (Array1::ones(k), median);
+    }
+    (spacing.iter().map(|r| median / r.max(median / 2.0)).collect(), median)
+}
+
+/// Writes a constant (a memory bank, its scale) as raw little-endian
+/// float32, the `constants` format.
+pub fn constant_bytes<D: ndarray::Dimension>(values: &ndarray::Array<f32, D>) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
 #[cfg(test)]
@@ -279,6 +318,38 @@ mod tests {
         }
         assert_eq!(hit, [true; 4]);
         assert_eq!(coreset(pool.view(), 1000, 5).nrows(), 400, "a small pool is kept whole");
+    }
+
+    #[test]
+    fn the_bank_scale_follows_the_banks_own_spacing() {
+        // Twelve rows 1 apart and twelve 4 apart, far from each other. The
+        // distance to the second nearest other row: 1 inside the dense run
+        // (2 at its ends), 4 inside the sparse one (8 at its ends); the
+        // median of those 24 is 4.
+        let mut rows = Vec::new();
+        for i in 0..12 {
+            rows.extend([i as f32, 0.0]);
+        }
+        for i in 0..12 {
+            rows.extend([1000.0 + 4.0 * i as f32, 0.0]);
+        }
+        let bank = Array2::from_shape_vec((24, 2), rows).unwrap();
+        let (scale, median) = bank_scale(bank.view(), 2);
+        assert_eq!(median, 4.0);
+        let want: Vec<f32> = [[2.0; 12].as_slice(), &[0.5], &[1.0; 10], &[0.5]].concat();
+        let got: Vec<f32> = scale.iter().map(|v| (v * 1000.0).round() / 1000.0).collect();
+        assert_eq!(got, want, "dense rows capped at 2, the sparse run's ends at 4 / 8");
+        // Tiny banks: one row keeps its distance; neighbours beyond the bank are clamped.
+        assert_eq!(bank_scale(bank.slice(s![..1, ..]), 10).0.to_vec(), vec![1.0]);
+        assert_eq!(bank_scale(bank.slice(s![..3, ..]), 10).0.len(), 3);
+    }
+
+    #[test]
+    fn constants_are_little_endian_float32() {
+        let bank = Array2::from_shape_vec((1, 2), vec![1.0f32, -2.5]).unwrap();
+        let bytes = constant_bytes(&bank);
+        assert_eq!(bytes[..4], 1.0f32.to_le_bytes());
+        assert_eq!(bytes[4..], (-2.5f32).to_le_bytes());
     }
 
     #[test]

@@ -72,6 +72,14 @@ pub struct FitSpec {
     /// Share of held-out normal scans allowed to alarm.
     #[serde(default = "default_far")]
     pub false_alarm_rate: f64,
+    /// The constant, shape `[K]`, that scales the distance to each bank row
+    /// by the bank's own spacing around it ([`crate::fit::bank_scale`]);
+    /// none for a graph that takes the plain distance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bank_scale: Option<String>,
+    /// The spacing around a bank row: the distance to its n-th nearest other row.
+    #[serde(default = "default_scale_neighbours")]
+    pub scale_neighbours: usize,
 }
 
 fn default_coreset() -> usize {
@@ -84,6 +92,10 @@ fn default_samples() -> usize {
 
 fn default_far() -> f64 {
     0.01
+}
+
+fn default_scale_neighbours() -> usize {
+    10
 }
 
 /// The model's input tensor: float32 `[N, channels, tile, tile]`.
@@ -297,6 +309,16 @@ impl Manifest {
             if !(f.false_alarm_rate > 0.0 && f.false_alarm_rate < 1.0) || f.coreset == 0 || f.samples_per_scan == 0 {
                 return bad("fit: false_alarm_rate must be in (0, 1); coreset and samples_per_scan positive".into());
             }
+            if let Some(scale) = &f.bank_scale {
+                if scale == &f.bank || !self.constants.iter().any(|c| &c.name == scale && c.shape.len() == 1) {
+                    return bad(format!(
+                        "fit.bank_scale {scale:?} is not a one-dimensional entry of constants (other than fit.bank)"
+                    ));
+                }
+                if f.scale_neighbours == 0 {
+                    return bad("fit.scale_neighbours must be at least 1".into());
+                }
+            }
         }
         if !THREAT_CATEGORIES.contains(&d.category.as_str()) {
             return bad(format!(
@@ -365,5 +387,47 @@ min_region_area = 16
             let e = Manifest::parse(&text).unwrap_err().to_string();
             assert!(e.contains(needle), "{needle:?} not in {e}");
         }
+    }
+
+    #[test]
+    fn a_fit_section_names_its_constants() {
+        let fittable = format!(
+            "{DEMO}{}",
+            r#"
+[[constants]]
+name = "memory_bank"
+file = "memory_bank.f32"
+shape = [1, 66]
+[[constants]]
+name = "bank_scale"
+file = "bank_scale.f32"
+shape = [1]
+[fit]
+features = "features.onnx"
+output = "features"
+bank = "memory_bank"
+bank_scale = "bank_scale"
+"#
+        );
+        let m = Manifest::parse(&fittable).unwrap();
+        let fit = m.fit.as_ref().unwrap();
+        assert_eq!((fit.bank_scale.as_deref(), fit.scale_neighbours, fit.coreset), (Some("bank_scale"), 10, 4096));
+        // It survives the round trip `niix model fit` makes.
+        assert_eq!(Manifest::parse(&toml::to_string(&m).unwrap()).unwrap(), m);
+        let cases = [
+            ("bank = \"memory_bank\"", "bank = \"bank_scale\"", "fit.bank"),
+            ("bank_scale = \"bank_scale\"", "bank_scale = \"memory_bank\"", "fit.bank_scale"),
+            ("bank_scale = \"bank_scale\"", "bank_scale = \"nowhere\"", "fit.bank_scale"),
+            ("bank_scale = \"bank_scale\"", "bank_scale = \"bank_scale\"\nscale_neighbours = 0", "scale_neighbours"),
+        ];
+        for (from, to, needle) in cases {
+            let text = fittable.replace(from, to);
+            assert_ne!(text, fittable, "{from}");
+            let e = Manifest::parse(&text).unwrap_err().to_string();
+            assert!(e.contains(needle), "{needle:?} not in {e}");
+        }
+        // Without bank_scale the plain distance: nothing else is asked for.
+        let plain = fittable.replace("bank_scale = \"bank_scale\"\n", "");
+        assert_eq!(Manifest::parse(&plain).unwrap().fit.unwrap().bank_scale, None);
     }
 }

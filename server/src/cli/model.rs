@@ -10,7 +10,9 @@ use std::time::Instant;
 use anyhow::Context;
 use ndarray::{Array2, concatenate};
 use niix_inference::decode::{Encoding, probe};
-use niix_inference::fit::{FeatureGraph, bank_bytes, coreset, cover_rows, fit_threshold, threshold_for};
+use niix_inference::fit::{
+    FeatureGraph, bank_scale, constant_bytes, coreset, cover_rows, fit_threshold, threshold_for,
+};
 use niix_inference::manifest::Manifest;
 use niix_inference::model::Model;
 use niix_inference::pipeline::{PlaneInput, analyze};
@@ -180,7 +182,18 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
     manifest.name = name.to_string();
     let bank_constant = manifest.constants.iter_mut().find(|c| c.name == spec.bank).expect("checked by the manifest");
     bank_constant.shape = vec![bank.nrows(), bank.ncols()];
-    std::fs::write(tmp.join(&bank_constant.file), bank_bytes(&bank))?;
+    std::fs::write(tmp.join(&bank_constant.file), constant_bytes(&bank))?;
+    if let Some(name) = &spec.bank_scale {
+        let (scale, spacing) = bank_scale(bank.view(), spec.scale_neighbours);
+        let constant = manifest.constants.iter_mut().find(|c| &c.name == name).expect("checked by the manifest");
+        constant.shape = vec![scale.len()];
+        std::fs::write(tmp.join(&constant.file), constant_bytes(&scale))?;
+        let (lo, hi) = scale.iter().fold((f32::INFINITY, 0f32), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
+        eprintln!(
+            "bank scale: median spacing {spacing:.2} (distance from a row to its {}-th nearest other), scale {lo:.2}..{hi:.2}",
+            spec.scale_neighbours
+        );
+    }
     for file in ["model.onnx", spec.features.as_str()] {
         std::fs::copy(base.join(file), tmp.join(file)).with_context(|| format!("copying {file}"))?;
     }
