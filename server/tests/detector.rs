@@ -61,7 +61,7 @@ fn synth_is_deterministic_fit_learns_normal_cargo_and_eval_separates_anomalies()
         version.to_str().unwrap(),
     ]);
     assert!(out.contains("memory bank"), "{out}");
-    for f in ["model.onnx", "features.onnx", "memory_bank.f32", "model.toml"] {
+    for f in ["model.onnx", "features.onnx", "memory_bank.f32", "bank_scale.f32", "model.toml"] {
         assert!(version.join(f).exists(), "{f} missing");
     }
     let manifest = std::fs::read_to_string(version.join("model.toml")).unwrap();
