@@ -153,6 +153,17 @@ impl Model {
                 )));
             }
         }
+        // Every other graph input must be fed, or each scan would fail at run time.
+        if let Some(unfed) = session
+            .inputs()
+            .iter()
+            .map(|o| o.name())
+            .find(|n| *n != input.name && !constants.iter().any(|(c, _)| c == n))
+        {
+            return Err(mismatch(format!(
+                "model.onnx takes input {unfed:?}, which neither input.name nor a [[constants]] entry feeds"
+            )));
+        }
         let out_name = &manifest.output.name;
         let Some(out) = session.outputs().iter().find(|o| o.name() == *out_name) else {
             return Err(mismatch(format!(

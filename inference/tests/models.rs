@@ -154,6 +154,29 @@ fn manifests_that_do_not_fit_the_model_are_refused() {
 }
 
 #[test]
+fn every_graph_input_of_a_fitted_detector_must_be_fed() {
+    // The bundled detector's graph takes memory_bank and bank_scale beside
+    // the planes. A manifest that forgets one is refused at load, rather
+    // than failing every scan at run time.
+    let dir = tempfile::tempdir().unwrap();
+    let v = dir.path().join("cargo-patchcore/1");
+    std::fs::create_dir_all(&v).unwrap();
+    let src = fixtures().join("models/cargo-patchcore/1");
+    for f in ["model.onnx", "model.toml", "memory_bank.f32", "bank_scale.f32"] {
+        std::fs::copy(src.join(f), v.join(f)).unwrap();
+    }
+    let model = Model::load(&v, "cargo-patchcore", 1, threads()).unwrap();
+    assert_eq!(model.stride, 32);
+    let text = std::fs::read_to_string(v.join("model.toml")).unwrap();
+    let block = "[[constants]]\nname = \"bank_scale\"\nfile = \"bank_scale.f32\"\nshape = [4096]\n";
+    assert!(text.contains(block), "{text}");
+    let forgot = text.replace(block, "").replace("bank_scale = \"bank_scale\"\n", "");
+    std::fs::write(v.join("model.toml"), forgot).unwrap();
+    let e = Model::load(&v, "cargo-patchcore", 1, threads()).unwrap_err().to_string();
+    assert!(e.contains("takes input \"bank_scale\", which neither"), "{e}");
+}
+
+#[test]
 fn the_newest_valid_version_serves_and_hot_reload_follows_the_directory() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
