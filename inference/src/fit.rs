@@ -268,17 +268,29 @@ pub fn bank_scale(bank: ArrayView2<'_, f32>, neighbours: usize) -> (Array1<f32>,
         return (Array1::ones(k), 0.0);
     }
     let n = neighbours.clamp(1, k - 1);
-    let gram = bank.dot(&bank.t());
-    let norms: Vec<f32> = (0..k).map(|i| gram[[i, i]]).collect();
-    let spacing: Vec<f32> = (0..k)
-        .map(|i| {
-            let row = gram.row(i);
-            let mut d2: Vec<f32> =
-                (0..k).filter(|&j| j != i).map(|j| (norms[i] + norms[j] - 2.0 * row[j]).max(0.0)).collect();
+    // Squared distances ||a||^2 + ||b||^2 - 2 a.b from the products of a
+    // block of rows with the whole bank at a time (a K x K matrix would be
+    // 17 GB for K = 65536): a first pass for the squared norms, the
+    // products' diagonal, so that every term comes from the same GEMM.
+    const BLOCK: usize = 512;
+    let blocks = || (0..k).step_by(BLOCK).map(|start| (start, bank.slice(s![start..(start + BLOCK).min(k), ..])));
+    let mut norms = Vec::with_capacity(k);
+    for (start, rows) in blocks() {
+        let products = rows.dot(&bank.t());
+        norms.extend((0..rows.nrows()).map(|offset| products[[offset, start + offset]]));
+    }
+    let mut spacing = Vec::with_capacity(k);
+    let mut d2 = Vec::with_capacity(k);
+    for (start, rows) in blocks() {
+        let products = rows.dot(&bank.t());
+        for (offset, row) in products.rows().into_iter().enumerate() {
+            let i = start + offset;
+            d2.clear();
+            d2.extend((0..k).filter(|&j| j != i).map(|j| (norms[i] + norms[j] - 2.0 * row[j]).max(0.0)));
             let (_, nth, _) = d2.select_nth_unstable_by(n - 1, f32::total_cmp);
-            nth.sqrt()
-        })
-        .collect();
+            spacing.push(nth.sqrt());
+        }
+    }
     let mut sorted = spacing.clone();
     sorted.sort_by(f32::total_cmp);
     let median = sorted[k / 2];
@@ -342,6 +354,25 @@ mod tests {
         // Tiny banks: one row keeps its distance; neighbours beyond the bank are clamped.
         assert_eq!(bank_scale(bank.slice(s![..1, ..]), 10).0.to_vec(), vec![1.0]);
         assert_eq!(bank_scale(bank.slice(s![..3, ..]), 10).0.len(), 3);
+    }
+
+    #[test]
+    fn the_bank_scale_of_a_bank_larger_than_one_block_matches_brute_force() {
+        let mut pick = Picker(3);
+        let bank = Array2::from_shape_fn((1100, 3), |_| pick.next(1000) as f32 / 10.0);
+        let (scale, median) = bank_scale(bank.view(), 4);
+        let spacing = |i: usize| {
+            let mut d: Vec<f32> = (0..bank.nrows())
+                .filter(|&j| j != i)
+                .map(|j| sq_dist(bank.row(i).as_slice().unwrap(), bank.row(j).as_slice().unwrap()).sqrt())
+                .collect();
+            d.sort_by(f32::total_cmp);
+            d[3]
+        };
+        for i in [0, 511, 512, 1023, 1024, 1099] {
+            let want = median / spacing(i).max(median / 2.0);
+            assert!((scale[i] - want).abs() < 1e-3 * want, "row {i}: {} vs {want}", scale[i]);
+        }
     }
 
     #[test]
