@@ -270,15 +270,11 @@ pub fn bank_scale(bank: ArrayView2<'_, f32>, neighbours: usize) -> (Array1<f32>,
     let n = neighbours.clamp(1, k - 1);
     // Squared distances ||a||^2 + ||b||^2 - 2 a.b from the products of a
     // block of rows with the whole bank at a time (a K x K matrix would be
-    // 17 GB for K = 65536): a first pass for the squared norms, the
-    // products' diagonal, so that every term comes from the same GEMM.
+    // 17 GB for K = 65536). The squared norms are the diagonal of each
+    // block's product with itself, computed as the products are.
     const BLOCK: usize = 512;
     let blocks = || (0..k).step_by(BLOCK).map(|start| (start, bank.slice(s![start..(start + BLOCK).min(k), ..])));
-    let mut norms = Vec::with_capacity(k);
-    for (start, rows) in blocks() {
-        let products = rows.dot(&bank.t());
-        norms.extend((0..rows.nrows()).map(|offset| products[[offset, start + offset]]));
-    }
+    let norms: Vec<f32> = blocks().flat_map(|(_, rows)| rows.dot(&rows.t()).into_diag().to_vec()).collect();
     let mut spacing = Vec::with_capacity(k);
     let mut d2 = Vec::with_capacity(k);
     for (start, rows) in blocks() {
