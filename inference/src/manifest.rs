@@ -381,9 +381,15 @@ min_region_area = 16
             ("demo = true", "demo = true\nspeed = 3", "unknown field"),
             ("[output]\nname = \"anomaly_map\"", "", "missing field"),
         ];
+        assert_each_refused(DEMO, &cases);
+    }
+
+    /// Each `(from, to, needle)`: `base` with `from` replaced by `to` is
+    /// refused with an error that contains `needle`.
+    fn assert_each_refused(base: &str, cases: &[(&str, &str, &str)]) {
         for (from, to, needle) in cases {
-            let text = DEMO.replace(from, to);
-            assert_ne!(text, DEMO, "{from}");
+            let text = base.replace(from, to);
+            assert_ne!(text, base, "{from}");
             let e = Manifest::parse(&text).unwrap_err().to_string();
             assert!(e.contains(needle), "{needle:?} not in {e}");
         }
@@ -420,12 +426,7 @@ bank_scale = "bank_scale"
             ("bank_scale = \"bank_scale\"", "bank_scale = \"nowhere\"", "fit.bank_scale"),
             ("bank_scale = \"bank_scale\"", "bank_scale = \"bank_scale\"\nscale_neighbours = 0", "scale_neighbours"),
         ];
-        for (from, to, needle) in cases {
-            let text = fittable.replace(from, to);
-            assert_ne!(text, fittable, "{from}");
-            let e = Manifest::parse(&text).unwrap_err().to_string();
-            assert!(e.contains(needle), "{needle:?} not in {e}");
-        }
+        assert_each_refused(&fittable, &cases);
         // Without bank_scale the plain distance: nothing else is asked for.
         let plain = fittable.replace("bank_scale = \"bank_scale\"\n", "");
         assert_eq!(Manifest::parse(&plain).unwrap().fit.unwrap().bank_scale, None);

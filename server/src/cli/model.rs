@@ -180,14 +180,10 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
     let mut manifest: Manifest = graph.manifest().clone();
     let name = args.out.parent().and_then(|p| p.file_name()).and_then(|n| n.to_str()).unwrap_or(&manifest.name);
     manifest.name = name.to_string();
-    let bank_constant = manifest.constants.iter_mut().find(|c| c.name == spec.bank).expect("checked by the manifest");
-    bank_constant.shape = vec![bank.nrows(), bank.ncols()];
-    std::fs::write(tmp.join(&bank_constant.file), constant_bytes(&bank))?;
+    write_constant(&mut manifest, &tmp, &spec.bank, &bank)?;
     if let Some(name) = &spec.bank_scale {
         let (scale, spacing) = bank_scale(bank.view(), spec.scale_neighbours);
-        let constant = manifest.constants.iter_mut().find(|c| &c.name == name).expect("checked by the manifest");
-        constant.shape = vec![scale.len()];
-        std::fs::write(tmp.join(&constant.file), constant_bytes(&scale))?;
+        write_constant(&mut manifest, &tmp, name, &scale)?;
         let (lo, hi) = scale.iter().fold((f32::INFINITY, 0f32), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
         eprintln!(
             "bank scale: median spacing {spacing:.2} (distance from a row to its {}-th nearest other), scale {lo:.2}..{hi:.2}",
@@ -237,6 +233,19 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
         bank.nrows(),
         bank.ncols()
     );
+    Ok(())
+}
+
+/// Writes constant `name`'s values into `dir` and sets its shape in `manifest` to theirs.
+fn write_constant<D: ndarray::Dimension>(
+    manifest: &mut Manifest,
+    dir: &Path,
+    name: &str,
+    values: &ndarray::Array<f32, D>,
+) -> anyhow::Result<()> {
+    let constant = manifest.constants.iter_mut().find(|c| c.name == name).expect("checked by the manifest");
+    constant.shape = values.shape().to_vec();
+    std::fs::write(dir.join(&constant.file), constant_bytes(values))?;
     Ok(())
 }
 
