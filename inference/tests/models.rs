@@ -168,9 +168,10 @@ fn every_graph_input_of_a_fitted_detector_must_be_fed() {
     let model = Model::load(&v, "cargo-patchcore", 1, threads()).unwrap();
     assert_eq!(model.stride, 32);
     let text = std::fs::read_to_string(v.join("model.toml")).unwrap();
-    let block = "[[constants]]\nname = \"bank_scale\"\nfile = \"bank_scale.f32\"\nshape = [4096]\n";
-    assert!(text.contains(block), "{text}");
-    let forgot = text.replace(block, "").replace("bank_scale = \"bank_scale\"\n", "");
+    let rows = std::fs::metadata(v.join("bank_scale.f32")).unwrap().len() / 4;
+    let block = format!("[[constants]]\nname = \"bank_scale\"\nfile = \"bank_scale.f32\"\nshape = [{rows}]\n");
+    assert!(text.contains(&block), "{text}");
+    let forgot = text.replace(&block, "").replace("bank_scale = \"bank_scale\"\n", "");
     std::fs::write(v.join("model.toml"), forgot).unwrap();
     let e = Model::load(&v, "cargo-patchcore", 1, threads()).unwrap_err().to_string();
     assert!(e.contains("takes input \"bank_scale\", which neither"), "{e}");
