@@ -88,4 +88,43 @@ fn synth_is_deterministic_fit_learns_normal_cargo_and_eval_separates_anomalies()
     let auroc = report["auroc"].as_f64().unwrap();
     assert!(auroc > 0.8, "anomalous scans must score higher than normal ones: {report}");
     assert!(report["seconds_per_scan"].as_f64().unwrap() > 0.0);
+
+    // The per-scan records are the ones the figures were computed from.
+    let per_scan = report["per_scan"].as_array().unwrap();
+    assert_eq!(per_scan.len(), 12);
+    let names: Vec<&str> = per_scan.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert!(names.windows(2).all(|w| w[0] < w[1]), "{names:?}");
+    let score = |r: &serde_json::Value| r["score"].as_f64().unwrap();
+    let (anomalous, normal): (Vec<_>, Vec<_>) =
+        per_scan.iter().partition(|r| !r["anomalies"].as_array().unwrap().is_empty());
+    assert_eq!(report["anomalous"].as_u64().unwrap() as usize, anomalous.len());
+    let wins: f64 = anomalous
+        .iter()
+        .flat_map(|a| normal.iter().map(move |n| (score(a), score(n))))
+        .map(|(a, n)| {
+            if a > n {
+                1.0
+            } else if a == n {
+                0.5
+            } else {
+                0.0
+            }
+        })
+        .sum();
+    let recomputed = wins / (anomalous.len() * normal.len()) as f64;
+    assert!((recomputed - auroc).abs() < 1e-9, "AUROC {auroc} from the figures, {recomputed} from per_scan");
+    let boxes: Vec<&serde_json::Value> = anomalous.iter().flat_map(|r| r["anomalies"].as_array().unwrap()).collect();
+    let hit = boxes.iter().filter(|b| b["hit"].as_bool().unwrap()).count();
+    let localization = report["localization"].as_f64().unwrap();
+    assert!((hit as f64 / boxes.len() as f64 - localization).abs() < 1e-9, "{report}");
+    for b in &boxes {
+        assert!(report["by_kind"][b["kind"].as_str().unwrap()].is_array(), "{b} not in by_kind");
+    }
+    for r in &anomalous {
+        // On the same raw scale as the score, and never above the scan's highest cell.
+        for b in r["anomalies"].as_array().unwrap() {
+            assert!(b["in_box"].as_f64().unwrap() <= score(r) + 1e-3, "{r}");
+        }
+        assert!(r["seconds"].as_f64().unwrap() > 0.0, "{r}");
+    }
 }

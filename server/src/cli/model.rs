@@ -299,6 +299,39 @@ pub struct EvalReport {
     pub seconds_per_scan: f64,
     /// Per anomaly kind: (anomalies, hit by a region).
     pub by_kind: std::collections::BTreeMap<String, (usize, usize)>,
+    /// Every scan's result, in name order: what a site needs to see which
+    /// normal scans score high and which anomalies were missed.
+    pub per_scan: Vec<ScanResult>,
+}
+
+/// One scan's result in `niix eval`.
+#[derive(Debug, serde::Serialize)]
+pub struct ScanResult {
+    /// The scan's file name stem.
+    pub name: String,
+    /// Its image score: the highest raw map value.
+    pub score: f32,
+    /// Whether it alarms at the model's own threshold.
+    pub alarm: bool,
+    /// Image pixel (x, y) of the highest map cell's corner.
+    pub peak: (usize, usize),
+    /// Regions of its findings.
+    pub regions: usize,
+    /// Its ground-truth anomalies (none for a normal scan).
+    pub anomalies: Vec<AnomalyResult>,
+    /// Analysis time, decode to regions, seconds.
+    pub seconds: f64,
+}
+
+/// One ground-truth anomaly's result in `niix eval`.
+#[derive(Debug, serde::Serialize)]
+pub struct AnomalyResult {
+    /// Its kind, as in `by_kind`.
+    pub kind: String,
+    /// The highest raw map value inside its box.
+    pub in_box: f32,
+    /// Whether a region of the findings overlaps it.
+    pub hit: bool,
 }
 
 /// `niix eval`.
@@ -325,6 +358,7 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     let (mut normal_alarms, mut anomalous_alarms) = (0usize, 0usize);
     let mut by_kind: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
     let mut seconds = 0.0;
+    let mut per_scan = Vec::with_capacity(scans.len());
     for s in &scans {
         let truth = &s.info.as_ref().expect("checked above").anomalies;
         let t0 = Instant::now();
@@ -337,39 +371,52 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
             anomalous.push(a.raw_score);
             anomalous_alarms += usize::from(a.alarm);
         }
-        let mut hits = Vec::new();
-        // The highest raw map value inside each ground-truth box (diagnostics).
         let (lo, hi) = (model.manifest.decision.score_min, model.manifest.decision.score_max);
-        let inside: Vec<String> = truth
+        let st = a.stride as u32;
+        let anomalies: Vec<AnomalyResult> = truth
             .iter()
             .map(|t| {
-                let st = a.stride as u32;
+                // The highest raw map value inside the ground-truth box.
                 let rows = (t.y / st) as usize..((t.y + t.height).div_ceil(st) as usize).min(a.map.nrows());
                 let cols = (t.x / st) as usize..((t.x + t.width).div_ceil(st) as usize).min(a.map.ncols());
                 let m = a.map.slice(ndarray::s![rows, cols]).iter().copied().fold(0.0f32, f32::max);
-                format!("{:.1}", lo + m * (hi - lo))
+                let result = AnomalyResult {
+                    kind: format!("{:?}", t.kind).to_lowercase(),
+                    in_box: lo + m * (hi - lo),
+                    hit: a.regions.iter().any(|r| overlaps(r, t)),
+                };
+                let entry = by_kind.entry(result.kind.clone()).or_default();
+                entry.0 += 1;
+                entry.1 += usize::from(result.hit);
+                result
             })
             .collect();
-        for t in truth {
-            let hit = a.regions.iter().any(|r| overlaps(r, t));
-            let entry = by_kind.entry(format!("{:?}", t.kind).to_lowercase()).or_default();
-            entry.0 += 1;
-            entry.1 += usize::from(hit);
-            hits.push(hit);
-        }
+        let peak = a.map.indexed_iter().fold(((0, 0), f32::MIN), |b, (i, v)| if *v > b.1 { (i, *v) } else { b });
+        let result = ScanResult {
+            name: s.name.clone(),
+            score: a.raw_score,
+            alarm: a.alarm,
+            peak: (peak.0.1 * a.stride, peak.0.0 * a.stride),
+            regions: a.regions.len(),
+            anomalies,
+            seconds: t0.elapsed().as_secs_f64(),
+        };
         if !args.json {
-            let peak = a.map.indexed_iter().fold(((0, 0), f32::MIN), |b, (i, v)| if *v > b.1 { (i, *v) } else { b });
-            let (py, px) = (peak.0.0 * a.stride, peak.0.1 * a.stride);
+            let inside: Vec<String> = result.anomalies.iter().map(|r| format!("{:.1}", r.in_box)).collect();
+            let hits: Vec<bool> = result.anomalies.iter().map(|r| r.hit).collect();
+            let kinds: Vec<&str> = result.anomalies.iter().map(|r| r.kind.as_str()).collect();
             eprintln!(
-                "{} {:>8.3} at ({px},{py}) {} regions={} truth={:?} in-box={inside:?} hit={hits:?} {:.2}s",
-                s.name,
-                a.raw_score,
-                if a.alarm { "ALARM" } else { "clear" },
-                a.regions.len(),
-                truth.iter().map(|t| format!("{:?}", t.kind)).collect::<Vec<_>>(),
-                t0.elapsed().as_secs_f64()
+                "{} {:>8.3} at ({},{}) {} regions={} truth={kinds:?} in-box={inside:?} hit={hits:?} {:.2}s",
+                result.name,
+                result.score,
+                result.peak.0,
+                result.peak.1,
+                if result.alarm { "ALARM" } else { "clear" },
+                result.regions,
+                result.seconds
             );
         }
+        per_scan.push(result);
     }
     let at = |rate: f64| {
         let t = threshold_for(&normal, rate, 0.0);
@@ -388,6 +435,7 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
         localization: hit as f64 / total.max(1) as f64,
         seconds_per_scan: seconds / scans.len() as f64,
         by_kind,
+        per_scan,
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
