@@ -354,41 +354,27 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     let scans = scan_files(&args.data)?;
     anyhow::ensure!(scans.iter().all(|s| s.info.is_some()), "every scan in --data needs its NAME.json ground truth");
     anyhow::ensure!(!scans.is_empty(), "{} holds no scans", args.data.display());
-    let (mut normal, mut anomalous) = (Vec::new(), Vec::new());
-    let (mut normal_alarms, mut anomalous_alarms) = (0usize, 0usize);
-    let mut by_kind: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
-    let mut seconds = 0.0;
+    // From the map's normalised values back to raw ones.
+    let (lo, hi) = (model.manifest.decision.score_min, model.manifest.decision.score_max);
     let mut per_scan = Vec::with_capacity(scans.len());
     for s in &scans {
         let truth = &s.info.as_ref().expect("checked above").anomalies;
         let t0 = Instant::now();
         let a = analyze(&model, s.planes()?).with_context(|| format!("analysing {}", s.name))?;
-        seconds += t0.elapsed().as_secs_f64();
-        if truth.is_empty() {
-            normal.push(a.raw_score);
-            normal_alarms += usize::from(a.alarm);
-        } else {
-            anomalous.push(a.raw_score);
-            anomalous_alarms += usize::from(a.alarm);
-        }
-        let (lo, hi) = (model.manifest.decision.score_min, model.manifest.decision.score_max);
+        let seconds = t0.elapsed().as_secs_f64();
         let st = a.stride as u32;
-        let anomalies: Vec<AnomalyResult> = truth
+        let anomalies = truth
             .iter()
             .map(|t| {
                 // The highest raw map value inside the ground-truth box.
                 let rows = (t.y / st) as usize..((t.y + t.height).div_ceil(st) as usize).min(a.map.nrows());
                 let cols = (t.x / st) as usize..((t.x + t.width).div_ceil(st) as usize).min(a.map.ncols());
                 let m = a.map.slice(ndarray::s![rows, cols]).iter().copied().fold(0.0f32, f32::max);
-                let result = AnomalyResult {
+                AnomalyResult {
                     kind: format!("{:?}", t.kind).to_lowercase(),
                     in_box: lo + m * (hi - lo),
                     hit: a.regions.iter().any(|r| overlaps(r, t)),
-                };
-                let entry = by_kind.entry(result.kind.clone()).or_default();
-                entry.0 += 1;
-                entry.1 += usize::from(result.hit);
-                result
+                }
             })
             .collect();
         let peak = a.map.indexed_iter().fold(((0, 0), f32::MIN), |b, (i, v)| if *v > b.1 { (i, *v) } else { b });
@@ -399,7 +385,7 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
             peak: (peak.0.1 * a.stride, peak.0.0 * a.stride),
             regions: a.regions.len(),
             anomalies,
-            seconds: t0.elapsed().as_secs_f64(),
+            seconds,
         };
         if !args.json {
             let inside: Vec<String> = result.anomalies.iter().map(|r| format!("{:.1}", r.in_box)).collect();
@@ -418,6 +404,19 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
         }
         per_scan.push(result);
     }
+
+    // The figures, from the per-scan records.
+    let (anomalous_scans, normal_scans): (Vec<&ScanResult>, Vec<&ScanResult>) =
+        per_scan.iter().partition(|r| !r.anomalies.is_empty());
+    let scores = |set: &[&ScanResult]| set.iter().map(|r| r.score).collect::<Vec<f32>>();
+    let (normal, anomalous) = (scores(&normal_scans), scores(&anomalous_scans));
+    let alarm_rate = |set: &[&ScanResult]| set.iter().filter(|r| r.alarm).count() as f64 / set.len().max(1) as f64;
+    let mut by_kind: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+    for b in per_scan.iter().flat_map(|r| &r.anomalies) {
+        let entry = by_kind.entry(b.kind.clone()).or_default();
+        entry.0 += 1;
+        entry.1 += usize::from(b.hit);
+    }
     let at = |rate: f64| {
         let t = threshold_for(&normal, rate, 0.0);
         anomalous.iter().filter(|s| **s > t).count() as f64 / anomalous.len().max(1) as f64
@@ -430,10 +429,10 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
         auroc: auroc(&normal, &anomalous),
         detection_at_1pct_fa: at(0.01),
         detection_at_5pct_fa: at(0.05),
-        false_alarm_rate: normal_alarms as f64 / normal.len().max(1) as f64,
-        detection_rate: anomalous_alarms as f64 / anomalous.len().max(1) as f64,
+        false_alarm_rate: alarm_rate(&normal_scans),
+        detection_rate: alarm_rate(&anomalous_scans),
         localization: hit as f64 / total.max(1) as f64,
-        seconds_per_scan: seconds / scans.len() as f64,
+        seconds_per_scan: per_scan.iter().map(|r| r.seconds).sum::<f64>() / per_scan.len() as f64,
         by_kind,
         per_scan,
     };
