@@ -24,4 +24,5 @@ pub mod pipeline;
 pub mod regions;
 pub mod repository;
 pub mod runtime;
+pub mod structure;
 pub mod tiling;

@@ -39,6 +39,75 @@ pub struct Manifest {
     /// How `niix model fit` makes a new version from a site's normal scans.
     #[serde(default)]
     pub fit: Option<FitSpec>,
+    /// A per-position model of the conveyance's own structure, which raises
+    /// the anomaly map where a scan exceeds it ([`crate::structure`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub structure: Option<StructureSpec>,
+}
+
+/// The structure model: how `niix model fit` builds it and how it scores.
+/// Values are in model-input units (after the transform).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StructureSpec {
+    /// The fitted model in the version directory (written by `niix model
+    /// fit`); none in a base model that has not been fitted yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// Height of the scans it was fitted on, pixels.
+    #[serde(default)]
+    pub height: usize,
+    /// Width of the scans it was fitted on, pixels.
+    #[serde(default)]
+    pub width: usize,
+    /// Block side, pixels.
+    #[serde(default = "default_block")]
+    pub block: usize,
+    /// Largest registration shift searched, pixels.
+    #[serde(default = "default_max_shift")]
+    pub max_shift: usize,
+    /// Fit: fewer normal scans than this (fitted and library together)
+    /// give no structure model: with few scans, a place that cargo merely
+    /// did not reach in any of them would pass for structure.
+    #[serde(default = "default_min_scans")]
+    pub min_scans: usize,
+    /// Fit: a block is structure only if every normal scan is at least this dense there.
+    pub min_density: f32,
+    /// Fit: ... and if its standard deviation across the normal scans is below this.
+    pub max_spread: f32,
+    /// Excess over the normal limit that is still ignored.
+    pub margin: f32,
+    /// Map units added per unit of excess beyond the margin.
+    pub weight: f32,
+}
+
+impl Default for StructureSpec {
+    fn default() -> StructureSpec {
+        StructureSpec {
+            file: None,
+            height: 0,
+            width: 0,
+            block: default_block(),
+            max_shift: default_max_shift(),
+            min_scans: default_min_scans(),
+            min_density: 0.12,
+            max_spread: 0.04,
+            margin: 0.6,
+            weight: 16.0,
+        }
+    }
+}
+
+fn default_block() -> usize {
+    8
+}
+
+fn default_max_shift() -> usize {
+    48
+}
+
+fn default_min_scans() -> usize {
+    100
 }
 
 /// A constant input: raw little-endian float32 values in a file.
@@ -294,6 +363,31 @@ impl Manifest {
         if !(d.background_quantile > 0.0 && d.background_quantile < 1.0) {
             return bad(format!("decision.background_quantile {} must be between 0 and 1", d.background_quantile));
         }
+        if let Some(st) = &self.structure {
+            if !(2..=64).contains(&st.block) {
+                return bad(format!("structure.block {} is outside 2..64", st.block));
+            }
+            if st.min_scans < 2 {
+                return bad(format!("structure.min_scans {} must be at least 2", st.min_scans));
+            }
+            let values = [st.min_density, st.max_spread, st.margin, st.weight];
+            if values.iter().any(|v| !(v.is_finite() && *v >= 0.0)) {
+                return bad(
+                    "structure: min_density, max_spread, margin and weight must be finite and not negative".into()
+                );
+            }
+            if let Some(file) = &st.file {
+                if file.is_empty() || file.contains(['/', '\\']) || file.starts_with('.') {
+                    return bad(format!("structure.file {file:?} must be a plain file name"));
+                }
+                if st.height < 2 * st.block || st.width < 2 * st.block {
+                    return bad(format!(
+                        "structure: {}x{} scans are too small for {}-pixel blocks",
+                        st.height, st.width, st.block
+                    ));
+                }
+            }
+        }
         for c in &self.constants {
             if c.file.is_empty() || c.file.contains(['/', '\\']) || c.file.starts_with('.') {
                 return bad(format!("constants {:?}: file {:?} must be a plain file name", c.name, c.file));
@@ -430,5 +524,25 @@ bank_scale = "bank_scale"
         // Without bank_scale the plain distance: nothing else is asked for.
         let plain = fittable.replace("bank_scale = \"bank_scale\"\n", "");
         assert_eq!(Manifest::parse(&plain).unwrap().fit.unwrap().bank_scale, None);
+    }
+
+    #[test]
+    fn a_structure_section_takes_defaults_and_refuses_nonsense() {
+        let base = format!("{DEMO}\n[structure]\nmin_density = 0.12\nmax_spread = 0.04\nmargin = 0.6\nweight = 16.0\n");
+        let m = Manifest::parse(&base).unwrap();
+        let st = m.structure.as_ref().unwrap();
+        assert_eq!((st.block, st.max_shift, st.min_scans, st.file.as_deref()), (8, 48, 100, None));
+        assert_eq!(Manifest::parse(&toml::to_string(&m).unwrap()).unwrap(), m, "round trip through the fit");
+        let fitted = base.replace("min_density", "file = \"structure.f32\"\nheight = 6144\nwidth = 2048\nmin_density");
+        assert_eq!(Manifest::parse(&fitted).unwrap().structure.unwrap().width, 2048);
+        let cases = [
+            ("margin = 0.6", "margin = -1.0", "not negative"),
+            ("weight = 16.0", "weight = nan", "finite"),
+            ("min_density", "block = 1\nmin_density", "structure.block"),
+            ("min_density", "min_scans = 1\nmin_density", "structure.min_scans"),
+            ("min_density", "file = \"../s.f32\"\nheight = 64\nwidth = 64\nmin_density", "plain file name"),
+            ("min_density", "file = \"s.f32\"\nmin_density", "too small"),
+        ];
+        assert_each_refused(&base, &cases);
     }
 }

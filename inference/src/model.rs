@@ -10,6 +10,7 @@ use sha2::{Digest, Sha256};
 
 use crate::manifest::{Manifest, ManifestError};
 use crate::runtime::{RuntimeError, Threads, environment};
+use crate::structure::Structure;
 
 /// Why a model version was refused.
 #[derive(Debug, thiserror::Error)]
@@ -47,8 +48,8 @@ pub struct Model {
     /// Version (its numeric sub-directory).
     pub version: u64,
     /// Lowercase hex SHA-256 of `model.onnx` followed by the manifest's
-    /// constant files in order (of `model.onnx` alone when there are none),
-    /// so a refitted memory bank is a different model.
+    /// constant files in order and the structure file (of `model.onnx` alone
+    /// when there are none), so a refitted memory bank is a different model.
     pub sha256: String,
     /// The manifest.
     pub manifest: Manifest,
@@ -56,6 +57,8 @@ pub struct Model {
     pub stride: usize,
     /// The version directory.
     pub dir: PathBuf,
+    /// The fitted structure model, when the manifest has one.
+    pub structure: Option<Structure>,
     constants: Vec<(String, ArrayD<f32>)>,
     session: Mutex<Session>,
 }
@@ -112,6 +115,17 @@ impl Model {
             let values: Vec<f32> = raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
             let array = ArrayD::from_shape_vec(IxDyn(&c.shape), values).expect("length checked above");
             constants.push((c.name.clone(), array));
+        }
+        let mut structure = None;
+        if let Some(spec) = &manifest.structure
+            && let Some(file) = &spec.file
+        {
+            let path = dir.join(file);
+            let raw = read(&path)?;
+            digest.update(&raw);
+            let fitted = Structure::from_bytes(spec, &raw)
+                .map_err(|e| ModelError::File { path: path.clone(), reason: e.to_string() })?;
+            structure = Some(fitted);
         }
         let sha256 = hex::encode(digest.finalize());
         let env = environment()?;
@@ -187,6 +201,7 @@ impl Model {
             manifest,
             stride: 1,
             dir: dir.to_path_buf(),
+            structure,
             constants,
             session: Mutex::new(session),
         };

@@ -437,8 +437,14 @@ pub fn analyze(model: &Model, mut planes: Vec<PlaneInput>) -> Result<Analysis, A
     let ModelInput { data: input, pad, planes: chosen, size: (h, w) } = model_input(m, &mut planes, &mut timings)?;
     drop(planes);
     let (mut map, mut raw_score) = infer_map(model, input.view(), &pad, &mut timings)?;
-    drop(input);
     let t0 = Instant::now();
+    if let (Some(structure), Some(spec)) = (&model.structure, &m.structure)
+        && structure.size() == (h, w)
+    {
+        structure.raise(&mut map, model.stride, input.index_axis(ndarray::Axis(0), 0), spec.margin, spec.weight);
+        raw_score = map.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    }
+    drop(input);
     if m.decision.smooth > 1 {
         map = smooth(&map, m.decision.smooth);
         raw_score = map.iter().copied().fold(f32::NEG_INFINITY, f32::max);

@@ -1,0 +1,375 @@
+//! The conveyance's own structure (end walls, corner posts, floor, chassis),
+//! learned position by position from registered normal scans.
+//!
+//! A memory bank compares patches wherever they are, which suits cargo (it
+//! can stand anywhere) but not the conveyance: a steel block inside a corner
+//! post or the floor adds little that a patch model can tell from the post
+//! itself. The structure, though, sits at the same place in every scan of a
+//! kind once the scans are registered. This model keeps, for each block of
+//! `block x block` pixels of the model's first channel, the highest value
+//! any normal scan showed there, but only where the position never varied
+//! (dense in every scan, its spread across scans below `max_spread`):
+//! where cargo can stand, it says nothing. A scan's excess over that limit,
+//! the smallest over each 2x2 group of blocks (so one noisy block does not
+//! count), raises the anomaly map (`[structure]` in `docs/models.md`).
+//!
+//! Registration shifts a scan along both axes so that its row and column
+//! profiles (mean attenuation per image row and column) line up with the
+//! reference profiles kept from the fit: trailers differ in deck height,
+//! scanners in where the conveyance enters the frame.
+
+use ndarray::{Array2, ArrayView2};
+
+use crate::manifest::StructureSpec;
+
+/// A fitted structure model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Structure {
+    /// Block side in pixels.
+    pub block: usize,
+    /// Largest shift searched when registering, pixels.
+    pub max_shift: usize,
+    /// Mean of each image row of the reference scan.
+    pub row_profile: Vec<f32>,
+    /// Mean of each image column of the reference scan.
+    pub col_profile: Vec<f32>,
+    /// Per block, the highest normal value; infinite where the position is
+    /// not fixed structure.
+    pub limit: Array2<f32>,
+}
+
+/// Why a structure file does not fit its manifest.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("structure file: {0}")]
+pub struct StructureError(pub String);
+
+/// Mean of each row and of each column of `plane`.
+pub fn profiles(plane: ArrayView2<'_, f32>) -> (Vec<f32>, Vec<f32>) {
+    let (h, w) = plane.dim();
+    let mut rows = vec![0f32; h];
+    let mut cols = vec![0f64; w];
+    for (y, row) in plane.outer_iter().enumerate() {
+        let mut sum = 0f64;
+        for (x, v) in row.iter().enumerate() {
+            sum += f64::from(*v);
+            cols[x] += f64::from(*v);
+        }
+        rows[y] = (sum / w.max(1) as f64) as f32;
+    }
+    (rows, cols.into_iter().map(|c| (c / h.max(1) as f64) as f32).collect())
+}
+
+/// The shift `s` (|s| <= `max`) for which `profile[i + s]` best matches
+/// `reference[i]`: the largest correlation of their first differences, so
+/// edges (an end wall, the deck) count and overall density does not.
+pub fn best_shift(profile: &[f32], reference: &[f32], max: usize) -> isize {
+    let n = profile.len().min(reference.len());
+    if n < 3 {
+        return 0;
+    }
+    let diff = |p: &[f32]| p[..n].windows(2).map(|w| w[1] - w[0]).collect::<Vec<f32>>();
+    let (g, r) = (diff(profile), diff(reference));
+    let max = max.min(g.len() - 1) as isize;
+    let mut best = (f64::NEG_INFINITY, 0isize);
+    for s in -max..=max {
+        let c: f64 = (0..g.len() as isize)
+            .filter_map(|i| {
+                let j = i + s;
+                (j >= 0 && (j as usize) < g.len()).then(|| f64::from(g[j as usize]) * f64::from(r[i as usize]))
+            })
+            .sum();
+        // Ties go to the smaller shift.
+        if c > best.0 || (c == best.0 && s.abs() < best.1.abs()) {
+            best = (c, s);
+        }
+    }
+    best.1
+}
+
+/// Block means of `plane` shifted by `(dy, dx)` (edge pixels repeat):
+/// block `(by, bx)` averages pixels `by * block + dy ..` and `bx * block + dx ..`.
+pub fn blocks(plane: ArrayView2<'_, f32>, block: usize, (dy, dx): (isize, isize)) -> Array2<f32> {
+    let (h, w) = plane.dim();
+    let (bh, bw) = (h / block, w / block);
+    let clamp = |v: isize, n: usize| v.clamp(0, n as isize - 1) as usize;
+    let xs: Vec<usize> = (0..bw * block).map(|x| clamp(x as isize + dx, w)).collect();
+    let mut out = Array2::<f32>::zeros((bh, bw));
+    let scale = 1.0 / (block * block) as f32;
+    for y in 0..bh * block {
+        let row = plane.row(clamp(y as isize + dy, h));
+        let mut acc = out.row_mut(y / block);
+        for (bx, chunk) in xs.chunks_exact(block).enumerate() {
+            acc[bx] += chunk.iter().map(|&x| row[x]).sum::<f32>() * scale;
+        }
+    }
+    out
+}
+
+/// The registered blocks of a scan's first channel, against reference
+/// profiles: the blocks and the shift `(dy, dx)` found.
+pub fn register(
+    plane: ArrayView2<'_, f32>,
+    row_profile: &[f32],
+    col_profile: &[f32],
+    block: usize,
+    max_shift: usize,
+) -> (Array2<f32>, (isize, isize)) {
+    let (rows, cols) = profiles(plane);
+    let shift = (best_shift(&rows, row_profile, max_shift), best_shift(&cols, col_profile, max_shift));
+    (blocks(plane, block, shift), shift)
+}
+
+impl Structure {
+    /// Reads a fitted model: `row_profile`, `col_profile` and `limit`
+    /// concatenated, float32 little-endian, for `spec.height x spec.width` scans.
+    pub fn from_bytes(spec: &StructureSpec, raw: &[u8]) -> Result<Structure, StructureError> {
+        let (h, w, b) = (spec.height, spec.width, spec.block);
+        let (bh, bw) = (h / b, w / b);
+        let want = (h + w + bh * bw) * 4;
+        if raw.len() != want {
+            return Err(StructureError(format!(
+                "holds {} bytes; {h}x{w} scans in {b}-pixel blocks need {want}",
+                raw.len()
+            )));
+        }
+        let values: Vec<f32> = raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let limit = Array2::from_shape_vec((bh, bw), values[h + w..].to_vec()).expect("length checked");
+        Ok(Structure {
+            block: b,
+            max_shift: spec.max_shift,
+            row_profile: values[..h].to_vec(),
+            col_profile: values[h..h + w].to_vec(),
+            limit,
+        })
+    }
+
+    /// The file `from_bytes` reads.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.row_profile
+            .iter()
+            .chain(&self.col_profile)
+            .chain(self.limit.iter())
+            .flat_map(|v| v.to_le_bytes())
+            .collect()
+    }
+
+    /// Scan height and width this model was fitted for.
+    pub fn size(&self) -> (usize, usize) {
+        (self.row_profile.len(), self.col_profile.len())
+    }
+
+    /// Per block, how far the registered scan exceeds the normal limit (0
+    /// where it does not, or where the position is not fixed structure),
+    /// the smallest over each 2x2 group; and the shift used.
+    pub fn excess(&self, plane: ArrayView2<'_, f32>) -> (Array2<f32>, (isize, isize)) {
+        let (v, shift) = register(plane, &self.row_profile, &self.col_profile, self.block, self.max_shift);
+        let e = Array2::from_shape_fn(v.dim(), |(y, x)| (v[[y, x]] - self.limit[[y, x]]).max(0.0));
+        let (bh, bw) = e.dim();
+        let out = Array2::from_shape_fn((bh, bw), |(y, x)| {
+            let (y1, x1) = ((y + 1).min(bh - 1), (x + 1).min(bw - 1));
+            e[[y, x]].min(e[[y1, x]]).min(e[[y, x1]]).min(e[[y1, x1]])
+        });
+        (out, shift)
+    }
+
+    /// Adds `weight x max(0, excess - margin)` to each cell of `map` (one
+    /// cell per `stride` pixels), the largest over the blocks the cell
+    /// holds, back in the scan's own frame. Returns the largest excess.
+    pub fn raise(
+        &self,
+        map: &mut Array2<f32>,
+        stride: usize,
+        plane: ArrayView2<'_, f32>,
+        margin: f32,
+        weight: f32,
+    ) -> f32 {
+        let (excess, (dy, dx)) = self.excess(plane);
+        let (mh, mw) = map.dim();
+        let mut add = Array2::<f32>::zeros((mh, mw));
+        let mut top = 0f32;
+        let half = (self.block / 2) as isize;
+        for ((by, bx), e) in excess.indexed_iter() {
+            top = top.max(*e);
+            let lift = weight * (e - margin).max(0.0);
+            if lift <= 0.0 {
+                continue;
+            }
+            let y = (by * self.block) as isize + dy + half;
+            let x = (bx * self.block) as isize + dx + half;
+            let cy = (y.max(0) as usize / stride).min(mh - 1);
+            let cx = (x.max(0) as usize / stride).min(mw - 1);
+            add[[cy, cx]] = add[[cy, cx]].max(lift);
+        }
+        *map += &add;
+        top
+    }
+}
+
+/// Gathers registered normal scans into a structure model.
+#[derive(Debug)]
+pub struct StructureFit {
+    block: usize,
+    max_shift: usize,
+    row_profile: Vec<f32>,
+    col_profile: Vec<f32>,
+    count: usize,
+    sum: Array2<f64>,
+    sum_sq: Array2<f64>,
+    min: Array2<f32>,
+    max: Array2<f32>,
+}
+
+impl StructureFit {
+    /// Starts from the first normal scan's first channel, whose profiles
+    /// become the reference every later scan is registered against.
+    pub fn new(first: ArrayView2<'_, f32>, block: usize, max_shift: usize) -> StructureFit {
+        let (row_profile, col_profile) = profiles(first);
+        let (h, w) = first.dim();
+        let dim = (h / block, w / block);
+        let mut fit = StructureFit {
+            block,
+            max_shift,
+            row_profile,
+            col_profile,
+            count: 0,
+            sum: Array2::zeros(dim),
+            sum_sq: Array2::zeros(dim),
+            min: Array2::from_elem(dim, f32::INFINITY),
+            max: Array2::from_elem(dim, f32::NEG_INFINITY),
+        };
+        fit.add(first).expect("the first scan has the reference size");
+        fit
+    }
+
+    /// Adds one normal scan; refuses a scan of another size, whose
+    /// positions cannot be compared. Returns the shift found.
+    pub fn add(&mut self, plane: ArrayView2<'_, f32>) -> Result<(isize, isize), StructureError> {
+        let want = (self.row_profile.len(), self.col_profile.len());
+        if plane.dim() != want {
+            return Err(StructureError(format!(
+                "a {}x{} scan among {}x{} ones: the structure model compares positions, so fit it on scans of one size",
+                plane.dim().0,
+                plane.dim().1,
+                want.0,
+                want.1
+            )));
+        }
+        let (v, shift) = register(plane, &self.row_profile, &self.col_profile, self.block, self.max_shift);
+        self.count += 1;
+        ndarray::Zip::from(&mut self.sum).and(&mut self.sum_sq).and(&mut self.min).and(&mut self.max).and(&v).for_each(
+            |s, q, lo, hi, &x| {
+                *s += f64::from(x);
+                *q += f64::from(x) * f64::from(x);
+                *lo = lo.min(x);
+                *hi = hi.max(x);
+            },
+        );
+        Ok(shift)
+    }
+
+    /// Scans added so far.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// The model: the normal maximum at blocks dense in every scan (minimum
+    /// at least `min_density`) whose spread (standard deviation) stays below
+    /// `max_spread`; no limit elsewhere.
+    pub fn finish(self, min_density: f32, max_spread: f32) -> Structure {
+        let n = self.count.max(1) as f64;
+        let limit = Array2::from_shape_fn(self.sum.dim(), |i| {
+            let mean = self.sum[i] / n;
+            let spread = (self.sum_sq[i] / n - mean * mean).max(0.0).sqrt();
+            if self.min[i] >= min_density && spread < f64::from(max_spread) { self.max[i] } else { f32::INFINITY }
+        });
+        Structure {
+            block: self.block,
+            max_shift: self.max_shift,
+            row_profile: self.row_profile,
+            col_profile: self.col_profile,
+            limit,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 64x48 "conveyance" whose contents sit `deck` rows down: a dense
+    /// post at columns 8..16 (rows 0..40 of the conveyance) and cargo of
+    /// varying density beside it.
+    fn scan(deck: usize, cargo: f32) -> Array2<f32> {
+        Array2::from_shape_fn((64, 48), |(y, x)| {
+            let Some(y) = y.checked_sub(deck) else { return 0.1 };
+            let post = if (8..16).contains(&x) && y < 40 { 2.0 } else { 0.0 };
+            let load = if (24..40).contains(&x) && (10..30).contains(&y) { cargo } else { 0.0 };
+            0.1 + post + load
+        })
+    }
+
+    #[test]
+    fn the_shift_that_lines_profiles_up_is_found() {
+        let reference: Vec<f32> = (0..40).map(|i| if (10..20).contains(&i) { 1.0 } else { 0.0 }).collect();
+        let moved: Vec<f32> = (0..40).map(|i| if (13..23).contains(&i) { 1.0 } else { 0.0 }).collect();
+        assert_eq!(best_shift(&moved, &reference, 8), 3);
+        assert_eq!(best_shift(&reference, &moved, 8), -3);
+        assert_eq!(best_shift(&reference, &reference, 8), 0);
+    }
+
+    #[test]
+    fn blocks_average_the_shifted_pixels() {
+        let plane = Array2::from_shape_fn((8, 8), |(y, x)| (y * 8 + x) as f32);
+        let b = blocks(plane.view(), 4, (0, 0));
+        assert_eq!(b[[0, 0]], (0..4).flat_map(|y| (0..4).map(move |x| (y * 8 + x) as f32)).sum::<f32>() / 16.0);
+        let shifted = blocks(plane.view(), 4, (4, 4));
+        assert_eq!(shifted[[0, 0]], b[[1, 1]]);
+        // Past the edge the last pixel repeats.
+        assert_eq!(blocks(plane.view(), 4, (8, 0))[[0, 0]], 7.0 * 8.0 + 1.5);
+    }
+
+    #[test]
+    fn an_object_in_the_wall_stands_out_and_cargo_does_not() {
+        let mut fit = StructureFit::new(scan(4, 0.5).view(), 4, 8);
+        for (deck, cargo) in [(2, 1.0), (6, 0.2), (4, 2.0), (3, 0.0)] {
+            fit.add(scan(deck, cargo).view()).unwrap();
+        }
+        assert_eq!(fit.count(), 5);
+        let model = fit.finish(1.0, 0.05);
+        assert!(model.limit.iter().any(|v| v.is_finite()), "the post is structure");
+        assert!(model.limit.slice(ndarray::s![.., 5..10]).iter().all(|v| v.is_infinite()), "the hold is not");
+
+        // Unusual cargo (denser than any normal scan's) adds nothing.
+        let (e, _) = model.excess(scan(5, 4.0).view());
+        assert_eq!(e.iter().copied().fold(0.0, f32::max), 0.0);
+        // A block of steel inside the post, 12x8 pixels, on a shifted deck.
+        let mut hidden = scan(1, 0.5);
+        hidden.slice_mut(ndarray::s![29..41, 8..16]).map_inplace(|v| *v += 1.5);
+        let (e, (dy, _)) = model.excess(hidden.view());
+        assert_eq!(dy, -3, "registered on the deck");
+        let top = e.iter().copied().fold(0.0, f32::max);
+        assert!((top - 1.5).abs() < 1e-4, "excess {top}");
+
+        let mut map = Array2::<f32>::zeros((8, 6));
+        let raised = model.raise(&mut map, 8, hidden.view(), 0.5, 2.0);
+        assert!((raised - 1.5).abs() < 1e-4);
+        let (cell, value) = map.indexed_iter().fold(((0, 0), 0.0), |a, (i, v)| if *v > a.1 { (i, *v) } else { a });
+        assert!((value - 2.0).abs() < 1e-4, "weight x (excess - margin), got {value}");
+        assert_eq!(cell.1, 1, "the post's column of cells");
+        assert!((3..=4).contains(&cell.0), "rows 29..41 are cells 3 to 5, got {}", cell.0);
+    }
+
+    #[test]
+    fn the_file_round_trips_and_a_wrong_size_is_refused() {
+        let model = StructureFit::new(scan(4, 0.5).view(), 4, 8).finish(1.0, 0.05);
+        let spec = StructureSpec { file: Some("s.f32".into()), height: 64, width: 48, ..StructureSpec::default() };
+        let spec = StructureSpec { block: 4, ..spec };
+        let bytes = model.to_bytes();
+        let back = Structure::from_bytes(&spec, &bytes).unwrap();
+        assert_eq!(back.limit.dim(), model.limit.dim());
+        assert_eq!(back.to_bytes(), bytes);
+        assert!(Structure::from_bytes(&spec, &bytes[4..]).is_err());
+        let mut fit = StructureFit::new(scan(4, 0.5).view(), 4, 8);
+        assert!(fit.add(Array2::zeros((32, 48)).view()).is_err());
+    }
+}
