@@ -66,6 +66,9 @@ fn synth_is_deterministic_fit_learns_normal_cargo_and_eval_separates_anomalies()
     }
     let manifest = std::fs::read_to_string(version.join("model.toml")).unwrap();
     assert!(manifest.contains("Fitted by `niix model fit` on 6 normal scans"), "{manifest}");
+    // 6 scans are far below the structure model's 100: the version has none.
+    assert!(!version.join("structure.f32").exists());
+    assert!(!manifest.contains("structure.f32"), "{manifest}");
     // Versions are never overwritten.
     let again = Command::new(env!("CARGO_BIN_EXE_niix"))
         .args(["model", "fit", "--normal", normal.to_str().unwrap(), "--base", "cargo-patchcore"])
@@ -127,4 +130,116 @@ fn synth_is_deterministic_fit_learns_normal_cargo_and_eval_separates_anomalies()
         }
         assert!(r["seconds"].as_f64().unwrap() > 0.0, "{r}");
     }
+}
+
+/// A fitted model without its structure model: the same version with the
+/// `[structure]` section's fitted file dropped from `model.toml`.
+fn without_structure(version: &Path, out: &Path) {
+    std::fs::create_dir_all(out).unwrap();
+    for entry in std::fs::read_dir(version).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, out.join(path.file_name().unwrap())).unwrap();
+    }
+    let manifest = std::fs::read_to_string(out.join("model.toml")).unwrap();
+    let kept: Vec<&str> = manifest.lines().filter(|l| !l.starts_with("file = \"structure.f32\"")).collect();
+    assert_eq!(kept.len() + 1, manifest.lines().count(), "{manifest}");
+    std::fs::write(out.join("model.toml"), kept.join("\n")).unwrap();
+}
+
+#[test]
+fn the_structure_model_finds_steel_hidden_in_the_front_wall() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The base model, asking for fewer scans than the shipped 100 so the test stays small.
+    let base = tmp.path().join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    for f in ["model.onnx", "features.onnx", "model.toml"] {
+        std::fs::copy(fixtures().join("patchcore").join(f), base.join(f)).unwrap();
+    }
+    let manifest = std::fs::read_to_string(base.join("model.toml")).unwrap();
+    assert!(manifest.contains("\n[structure]\n"), "the shipped base has a structure model");
+    std::fs::write(base.join("model.toml"), manifest.replace("\n[structure]\n", "\n[structure]\nmin_scans = 12\n"))
+        .unwrap();
+
+    let (normal, library) = (tmp.path().join("normal"), tmp.path().join("library"));
+    synth(&normal, "7", "6", "0", None);
+    synth(&library, "8", "9", "0", None);
+    let models = tmp.path().join("models");
+    let version = models.join("cargo-patchcore/1");
+    let fit = |out: &Path, library: Option<&Path>| {
+        let mut args = vec!["model", "fit", "--normal", normal.to_str().unwrap(), "--base", base.to_str().unwrap()];
+        args.extend(["--out", out.to_str().unwrap()]);
+        if let Some(l) = library {
+            args.extend(["--library", l.to_str().unwrap()]);
+        }
+        Command::new(env!("CARGO_BIN_EXE_niix")).args(&args).env("NIIX_LOG", "warn").output().unwrap()
+    };
+    // 4 fitted scans are too few on their own: no structure model, and the fit says why.
+    let few = fit(&tmp.path().join("few/cargo-patchcore/1"), None);
+    assert!(few.status.success());
+    assert!(String::from_utf8_lossy(&few.stderr).contains("structure model skipped: 4 normal scans"));
+    assert!(!tmp.path().join("few/cargo-patchcore/1/structure.f32").exists());
+    // With the library: 4 + 9 scans.
+    let out = fit(&version, Some(&library));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("structure model: 13 scans"));
+    let manifest = std::fs::read_to_string(version.join("model.toml")).unwrap();
+    assert!(manifest.contains("file = \"structure.f32\""), "{manifest}");
+    assert!(manifest.contains("Structure model from 13 normal scans (4 and 9 library scans)"), "{manifest}");
+    assert!(version.join("structure.f32").exists());
+
+    // A normal scan, and the same scan with 8-13 cm of steel hidden in the
+    // front end wall (image rows 30..90 run along the container from its
+    // front; columns 600..680 are about 1.3 m below its roof).
+    let scan = niix_synth::generate(9, 0, &niix_synth::Options { anomaly_rate: 0.0, ..Default::default() });
+    assert!(scan.info.anomalies.is_empty());
+    let (plain, hidden) = (tmp.path().join("plain"), tmp.path().join("hidden"));
+    niix_synth::write(&plain, &scan).unwrap();
+    let mut steel = scan.clone();
+    let width = steel.info.width as usize;
+    for y in 30..90 {
+        for x in 600..680 {
+            // 100 g/cm^2 of steel: its mass attenuation for the high and low spectra.
+            let i = y * width + x;
+            steel.high[i] = (f64::from(steel.high[i]) * (-0.0412f64 * 100.0).exp()).round() as u16;
+            steel.low[i] = (f64::from(steel.low[i]) * (-0.0492f64 * 100.0).exp()).round() as u16;
+        }
+    }
+    steel.info.anomalies = vec![niix_synth::Anomaly {
+        x: 600,
+        y: 30,
+        width: 80,
+        height: 60,
+        kind: niix_synth::AnomalyKind::StructureObject,
+    }];
+    niix_synth::write(&hidden, &steel).unwrap();
+
+    let eval = |data: &Path, models: &Path| -> serde_json::Value {
+        let report: serde_json::Value = serde_json::from_str(&niix(&[
+            "eval",
+            "--data",
+            data.to_str().unwrap(),
+            "--models",
+            models.to_str().unwrap(),
+            "--json",
+        ]))
+        .unwrap();
+        report["per_scan"][0].clone()
+    };
+    let normal_score = eval(&plain, &models)["score"].as_f64().unwrap();
+    let with = eval(&hidden, &models);
+    let in_box = with["anomalies"][0]["in_box"].as_f64().unwrap();
+    assert!(
+        in_box > normal_score + 5.0,
+        "the hidden steel ({in_box}) must stand out of the normal scan ({normal_score})"
+    );
+    // The scan peaks on the steel: a 32-px map cell that holds part of it.
+    let (px, py) = (with["peak"][0].as_f64().unwrap(), with["peak"][1].as_f64().unwrap());
+    assert!((568.0..712.0).contains(&px) && (0.0..122.0).contains(&py), "peak ({px}, {py}): {with}");
+    assert_eq!(with["anomalies"][0]["hit"], true, "{with}");
+
+    // The same version without its structure model sees far less of it.
+    let bare = tmp.path().join("bare");
+    without_structure(&version, &bare.join("cargo-patchcore/1"));
+    let without = eval(&hidden, &bare)["anomalies"][0]["in_box"].as_f64().unwrap();
+    assert!(in_box > without + 5.0, "structure model {in_box}, without {without}");
 }

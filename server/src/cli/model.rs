@@ -15,9 +15,10 @@ use niix_inference::fit::{
 };
 use niix_inference::manifest::Manifest;
 use niix_inference::model::Model;
-use niix_inference::pipeline::{PlaneInput, analyze};
+use niix_inference::pipeline::{PlaneInput, Timings, analyze, model_input};
 use niix_inference::regions::Region;
 use niix_inference::runtime::Threads;
+use niix_inference::structure::StructureFit;
 use niix_synth::{Anomaly, ScanInfo};
 
 /// `niix model` subcommands.
@@ -49,6 +50,12 @@ pub struct FitArgs {
     /// Share of the normal scans held out to set the threshold.
     #[arg(long, default_value_t = 0.3)]
     pub holdout: f64,
+    /// More directories of normal scans from the same kind of scanner (a
+    /// scan library) for the structure model only, which needs many scans
+    /// to learn where cargo never stands; the memory bank and the threshold
+    /// come from `--normal` alone.
+    #[arg(long)]
+    pub library: Vec<PathBuf>,
 }
 
 /// Arguments of `niix eval`.
@@ -153,6 +160,15 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
     let (held, fitted): (Vec<_>, Vec<_>) = scans.into_iter().enumerate().partition(|(i, _)| i % every == every - 1);
     eprintln!("fitting on {} normal scans, {} held out for the threshold", fitted.len(), held.len());
 
+    let mut library = Vec::new();
+    for dir in &args.library {
+        let found = scan_files(dir)?;
+        let normal: Vec<_> =
+            found.into_iter().filter(|s| s.info.as_ref().is_none_or(|i| i.anomalies.is_empty())).collect();
+        eprintln!("library {}: {} normal scans for the structure model", dir.display(), normal.len());
+        library.extend(normal);
+    }
+
     let started = Instant::now();
     let mut pool: Vec<Array2<f32>> = Vec::new();
     for (i, s) in &fitted {
@@ -169,6 +185,40 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
         pool.nrows(),
         started.elapsed().as_secs_f64()
     );
+
+    // The structure model, from the same scans as the bank and the library.
+    let mut structure = None;
+    if let Some(spec) = &graph.manifest().structure {
+        let count = fitted.len() + library.len();
+        if count < spec.min_scans {
+            eprintln!(
+                "structure model skipped: {count} normal scans, it needs at least {} (add a scan library with --library)",
+                spec.min_scans
+            );
+        } else {
+            let started = Instant::now();
+            let mut acc: Option<StructureFit> = None;
+            for s in fitted.iter().map(|(_, s)| s).chain(&library) {
+                let input = model_input(graph.manifest(), &mut s.planes()?, &mut Timings::default())
+                    .with_context(|| format!("decoding {}", s.name))?;
+                let plane = input.data.index_axis(ndarray::Axis(0), 0);
+                match &mut acc {
+                    None => acc = Some(StructureFit::new(plane, spec.block, spec.max_shift)),
+                    Some(fit) => {
+                        fit.add(plane).with_context(|| format!("structure model: {}", s.name))?;
+                    }
+                }
+            }
+            let model = acc.expect("at least min_scans scans").finish(spec.min_density, spec.max_spread);
+            let fixed = model.limit.iter().filter(|v| v.is_finite()).count() as f64 / model.limit.len().max(1) as f64;
+            eprintln!(
+                "structure model: {count} scans, {:.1} % of the blocks are fixed structure ({:.1} s)",
+                fixed * 100.0,
+                started.elapsed().as_secs_f64()
+            );
+            structure = Some((model, count));
+        }
+    }
 
     // Write the version under a temporary name.
     let parent = args.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -189,6 +239,12 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
             "bank scale: median spacing {spacing:.2} (distance from a row to its {}-th nearest other), scale {lo:.2}..{hi:.2}",
             spec.scale_neighbours
         );
+    }
+    if let (Some((model, _)), Some(st)) = (&structure, manifest.structure.as_mut()) {
+        let file = "structure.f32".to_string();
+        std::fs::write(tmp.join(&file), model.to_bytes())?;
+        (st.height, st.width) = model.size();
+        st.file = Some(file);
     }
     for file in ["model.onnx", spec.features.as_str()] {
         std::fs::copy(base.join(file), tmp.join(file)).with_context(|| format!("copying {file}"))?;
@@ -224,6 +280,14 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
         held.len(),
         spec.false_alarm_rate * 100.0
     );
+    if let Some((_, count)) = &structure {
+        let library = count - fitted.len();
+        manifest.description = format!(
+            "{} Structure model from {count} normal scans ({} and {library} library scans).",
+            manifest.description,
+            fitted.len()
+        );
+    }
     drop(model);
     std::fs::write(tmp.join("model.toml"), toml::to_string(&manifest)?)?;
     std::fs::rename(&tmp, &args.out).with_context(|| format!("moving the new version to {}", args.out.display()))?;
