@@ -16,6 +16,12 @@ fn niix(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// `niix eval --json` of the labelled scans in `data` with the models in `models`.
+fn eval(data: &Path, models: &Path) -> serde_json::Value {
+    let args = ["eval", "--data", data.to_str().unwrap(), "--models", models.to_str().unwrap(), "--json"];
+    serde_json::from_str(&niix(&args)).unwrap()
+}
+
 /// `count` scans of `seed` into `out`; `size` = Some((width, height)), or the default 2048x6144.
 fn synth(out: &Path, seed: &str, count: &str, rate: &str, size: Option<(&str, &str)>) {
     let mut args = vec!["synth", "--out", out.to_str().unwrap(), "--seed", seed, "--count", count];
@@ -78,15 +84,7 @@ fn synth_is_deterministic_fit_learns_normal_cargo_and_eval_separates_anomalies()
     assert!(!again.status.success());
 
     // Anomalous scans rank above normal ones.
-    let report: serde_json::Value = serde_json::from_str(&niix(&[
-        "eval",
-        "--data",
-        test.to_str().unwrap(),
-        "--models",
-        models.to_str().unwrap(),
-        "--json",
-    ]))
-    .unwrap();
+    let report = eval(&test, &models);
     assert_eq!(report["scans"], 12);
     let auroc = report["auroc"].as_f64().unwrap();
     assert!(auroc > 0.8, "anomalous scans must score higher than normal ones: {report}");
@@ -213,20 +211,9 @@ fn the_structure_model_finds_steel_hidden_in_the_front_wall() {
     }];
     niix_synth::write(&hidden, &steel).unwrap();
 
-    let eval = |data: &Path, models: &Path| -> serde_json::Value {
-        let report: serde_json::Value = serde_json::from_str(&niix(&[
-            "eval",
-            "--data",
-            data.to_str().unwrap(),
-            "--models",
-            models.to_str().unwrap(),
-            "--json",
-        ]))
-        .unwrap();
-        report["per_scan"][0].clone()
-    };
-    let normal_score = eval(&plain, &models)["score"].as_f64().unwrap();
-    let with = eval(&hidden, &models);
+    let first = |data: &Path, models: &Path| eval(data, models)["per_scan"][0].clone();
+    let normal_score = first(&plain, &models)["score"].as_f64().unwrap();
+    let with = first(&hidden, &models);
     let in_box = with["anomalies"][0]["in_box"].as_f64().unwrap();
     assert!(
         in_box > normal_score + 5.0,
@@ -240,6 +227,6 @@ fn the_structure_model_finds_steel_hidden_in_the_front_wall() {
     // The same version without its structure model sees far less of it.
     let bare = tmp.path().join("bare");
     without_structure(&version, &bare.join("cargo-patchcore/1"));
-    let without = eval(&hidden, &bare)["anomalies"][0]["in_box"].as_f64().unwrap();
+    let without = first(&hidden, &bare)["anomalies"][0]["in_box"].as_f64().unwrap();
     assert!(in_box > without + 5.0, "structure model {in_box}, without {without}");
 }
