@@ -162,7 +162,7 @@ fn every_graph_input_of_a_fitted_detector_must_be_fed() {
     let v = dir.path().join("cargo-patchcore/1");
     std::fs::create_dir_all(&v).unwrap();
     let src = fixtures().join("models/cargo-patchcore/1");
-    for f in ["model.onnx", "model.toml", "memory_bank.f32", "bank_scale.f32"] {
+    for f in ["model.onnx", "model.toml", "memory_bank.f32", "bank_scale.f32", "structure.f32"] {
         std::fs::copy(src.join(f), v.join(f)).unwrap();
     }
     let model = Model::load(&v, "cargo-patchcore", 1, threads()).unwrap();
