@@ -13,7 +13,7 @@ use ort::value::TensorRef;
 
 use crate::manifest::{FitSpec, Manifest};
 use crate::model::ModelError;
-use crate::pipeline::{AnalysisError, ModelInput, PlaneInput, Timings, fill_tile, model_input};
+use crate::pipeline::{AnalysisError, ModelInput, fill_tile};
 use crate::runtime::{Threads, environment};
 use crate::tiling::Grid;
 
@@ -79,12 +79,13 @@ impl FeatureGraph {
         &self.manifest
     }
 
-    /// The feature vector of every map cell of a scan, each taken from the
-    /// tile that owns it under the stitching rule: `[cells, D]`.
-    pub fn scan_features(&self, mut planes: Vec<PlaneInput>) -> Result<Array2<f32>, AnalysisError> {
+    /// The feature vector of every map cell of a scan (decoded by
+    /// [`crate::pipeline::model_input`] with this graph's manifest), each taken from the tile
+    /// that owns it under the stitching rule: `[cells, D]`.
+    pub fn scan_features(&self, input: &ModelInput) -> Result<Array2<f32>, AnalysisError> {
         let m = &self.manifest;
-        let ModelInput { data, pad, size: (h, w), .. } = model_input(m, &mut planes, &mut Timings::default())?;
-        drop(planes);
+        let ModelInput { data, pad, size: (h, w), .. } = input;
+        let (h, w) = (*h, *w);
         let side = m.input.tile;
         let channels = data.shape()[0];
         let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());

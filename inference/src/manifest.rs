@@ -81,23 +81,6 @@ pub struct StructureSpec {
     pub weight: f32,
 }
 
-impl Default for StructureSpec {
-    fn default() -> StructureSpec {
-        StructureSpec {
-            file: None,
-            height: 0,
-            width: 0,
-            block: default_block(),
-            max_shift: default_max_shift(),
-            min_scans: default_min_scans(),
-            min_density: 0.12,
-            max_spread: 0.04,
-            margin: 0.6,
-            weight: 16.0,
-        }
-    }
-}
-
 fn default_block() -> usize {
     8
 }
@@ -277,6 +260,11 @@ fn default_category() -> String {
     "ANOMALY".into()
 }
 
+/// A file name inside the version directory: no path, not hidden.
+fn plain_file_name(name: &str) -> bool {
+    !(name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.'))
+}
+
 /// A manifest that makes no sense on its own.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("model.toml: {0}")]
@@ -377,7 +365,7 @@ impl Manifest {
                 );
             }
             if let Some(file) = &st.file {
-                if file.is_empty() || file.contains(['/', '\\']) || file.starts_with('.') {
+                if !plain_file_name(file) {
                     return bad(format!("structure.file {file:?} must be a plain file name"));
                 }
                 if st.height < 2 * st.block || st.width < 2 * st.block {
@@ -389,7 +377,7 @@ impl Manifest {
             }
         }
         for c in &self.constants {
-            if c.file.is_empty() || c.file.contains(['/', '\\']) || c.file.starts_with('.') {
+            if !plain_file_name(&c.file) {
                 return bad(format!("constants {:?}: file {:?} must be a plain file name", c.name, c.file));
             }
             if c.shape.is_empty() || c.shape.contains(&0) {

@@ -362,8 +362,18 @@ mod tests {
     #[test]
     fn the_file_round_trips_and_a_wrong_size_is_refused() {
         let model = StructureFit::new(scan(4, 0.5).view(), 4, 8).finish(1.0, 0.05);
-        let spec = StructureSpec { file: Some("s.f32".into()), height: 64, width: 48, ..StructureSpec::default() };
-        let spec = StructureSpec { block: 4, ..spec };
+        let spec = StructureSpec {
+            file: Some("s.f32".into()),
+            height: 64,
+            width: 48,
+            block: 4,
+            max_shift: 8,
+            min_scans: 2,
+            min_density: 1.0,
+            max_spread: 0.05,
+            margin: 0.5,
+            weight: 2.0,
+        };
         let bytes = model.to_bytes();
         let back = Structure::from_bytes(&spec, &bytes).unwrap();
         assert_eq!(back.limit.dim(), model.limit.dim());

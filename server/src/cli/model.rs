@@ -15,7 +15,7 @@ use niix_inference::fit::{
 };
 use niix_inference::manifest::Manifest;
 use niix_inference::model::Model;
-use niix_inference::pipeline::{PlaneInput, Timings, analyze, model_input};
+use niix_inference::pipeline::{ModelInput, PlaneInput, Timings, analyze, model_input};
 use niix_inference::regions::Region;
 use niix_inference::runtime::Threads;
 use niix_inference::structure::StructureFit;
@@ -101,6 +101,18 @@ fn scan_files(dir: &Path) -> anyhow::Result<Vec<ScanFiles>> {
     Ok(out)
 }
 
+/// The scans of a directory that are normal: those whose `NAME.json`, if
+/// any, lists no anomaly; says how many it skipped.
+fn normal_scans(dir: &Path) -> anyhow::Result<Vec<ScanFiles>> {
+    let mut scans = scan_files(dir)?;
+    let before = scans.len();
+    scans.retain(|s| s.info.as_ref().is_none_or(|i| i.anomalies.is_empty()));
+    if scans.len() < before {
+        eprintln!("{}: skipping {} scans whose NAME.json lists anomalies", dir.display(), before - scans.len());
+    }
+    Ok(scans)
+}
+
 fn plane(path: &Path, kind: &str) -> anyhow::Result<PlaneInput> {
     let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let header = probe(&mut file, Encoding::Tiff).with_context(|| format!("reading {}", path.display()))?;
@@ -117,6 +129,11 @@ fn plane(path: &Path, kind: &str) -> anyhow::Result<PlaneInput> {
 impl ScanFiles {
     fn planes(&self) -> anyhow::Result<Vec<PlaneInput>> {
         Ok(vec![plane(&self.high, "high_energy")?, plane(&self.low, "low_energy")?])
+    }
+
+    /// The scan decoded and transformed into the model input `m` describes.
+    fn input(&self, m: &Manifest) -> anyhow::Result<ModelInput> {
+        model_input(m, &mut self.planes()?, &mut Timings::default()).with_context(|| format!("decoding {}", self.name))
     }
 }
 
@@ -143,12 +160,7 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
     let base = base_dir(&args.base, &args.models)?;
     let graph = FeatureGraph::load(&base, Threads::default())?;
     let spec = graph.manifest().fit.clone().expect("FeatureGraph::load checks [fit]");
-    let mut scans = scan_files(&args.normal)?;
-    let before = scans.len();
-    scans.retain(|s| s.info.as_ref().is_none_or(|i| i.anomalies.is_empty()));
-    if scans.len() < before {
-        eprintln!("skipping {} scans whose NAME.json lists anomalies", before - scans.len());
-    }
+    let scans = normal_scans(&args.normal)?;
     anyhow::ensure!(
         scans.len() >= 4,
         "{} holds {} normal scans; fit needs at least 4",
@@ -162,19 +174,44 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
 
     let mut library = Vec::new();
     for dir in &args.library {
-        let found = scan_files(dir)?;
-        let normal: Vec<_> =
-            found.into_iter().filter(|s| s.info.as_ref().is_none_or(|i| i.anomalies.is_empty())).collect();
+        let normal = normal_scans(dir)?;
         eprintln!("library {}: {} normal scans for the structure model", dir.display(), normal.len());
         library.extend(normal);
     }
+    // The structure model reads the fitted scans and the library, if they are enough.
+    let structure_scans = fitted.len() + library.len();
+    let structure_spec = graph.manifest().structure.as_ref().filter(|st| {
+        let enough = structure_scans >= st.min_scans;
+        if !enough {
+            eprintln!(
+                "structure model skipped: {structure_scans} normal scans, it needs at least {} (add a scan library with --library)",
+                st.min_scans
+            );
+        }
+        enough
+    });
+    let mut structure_fit: Option<StructureFit> = None;
+    let mut add_to_structure = |input: &ModelInput, name: &str| -> anyhow::Result<()> {
+        let Some(st) = structure_spec else { return Ok(()) };
+        let plane = input.data.index_axis(ndarray::Axis(0), 0);
+        match &mut structure_fit {
+            None => structure_fit = Some(StructureFit::new(plane, st.block, st.max_shift)),
+            Some(fit) => {
+                fit.add(plane).with_context(|| format!("structure model: {name}"))?;
+            }
+        }
+        Ok(())
+    };
 
+    // Each fitted scan is decoded once, for its features and the structure model.
     let started = Instant::now();
     let mut pool: Vec<Array2<f32>> = Vec::new();
     for (i, s) in &fitted {
-        let features = graph.scan_features(s.planes()?).with_context(|| format!("features of {}", s.name))?;
+        let input = s.input(graph.manifest())?;
+        let features = graph.scan_features(&input).with_context(|| format!("features of {}", s.name))?;
         pool.push(cover_rows(features.view(), spec.samples_per_scan, *i as u64 + 1));
         eprintln!("  {} ({} cells)", s.name, features.nrows());
+        add_to_structure(&input, &s.name)?;
     }
     let views: Vec<_> = pool.iter().map(|p| p.view()).collect();
     let pool = concatenate(ndarray::Axis(0), &views)?;
@@ -185,40 +222,17 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
         pool.nrows(),
         started.elapsed().as_secs_f64()
     );
-
-    // The structure model, from the same scans as the bank and the library.
-    let mut structure = None;
-    if let Some(spec) = &graph.manifest().structure {
-        let count = fitted.len() + library.len();
-        if count < spec.min_scans {
-            eprintln!(
-                "structure model skipped: {count} normal scans, it needs at least {} (add a scan library with --library)",
-                spec.min_scans
-            );
-        } else {
-            let started = Instant::now();
-            let mut acc: Option<StructureFit> = None;
-            for s in fitted.iter().map(|(_, s)| s).chain(&library) {
-                let input = model_input(graph.manifest(), &mut s.planes()?, &mut Timings::default())
-                    .with_context(|| format!("decoding {}", s.name))?;
-                let plane = input.data.index_axis(ndarray::Axis(0), 0);
-                match &mut acc {
-                    None => acc = Some(StructureFit::new(plane, spec.block, spec.max_shift)),
-                    Some(fit) => {
-                        fit.add(plane).with_context(|| format!("structure model: {}", s.name))?;
-                    }
-                }
-            }
-            let model = acc.expect("at least min_scans scans").finish(spec.min_density, spec.max_spread);
-            let fixed = model.limit.iter().filter(|v| v.is_finite()).count() as f64 / model.limit.len().max(1) as f64;
-            eprintln!(
-                "structure model: {count} scans, {:.1} % of the blocks are fixed structure ({:.1} s)",
-                fixed * 100.0,
-                started.elapsed().as_secs_f64()
-            );
-            structure = Some((model, count));
+    if structure_spec.is_some() {
+        for s in &library {
+            add_to_structure(&s.input(graph.manifest())?, &s.name)?;
         }
     }
+    let structure = structure_spec.zip(structure_fit).map(|(st, fit)| {
+        let model = fit.finish(st.min_density, st.max_spread);
+        let fixed = model.limit.iter().filter(|v| v.is_finite()).count() as f64 / model.limit.len().max(1) as f64;
+        eprintln!("structure model: {structure_scans} scans, {:.1} % of the blocks are fixed structure", fixed * 100.0);
+        model
+    });
 
     // Write the version under a temporary name.
     let parent = args.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -240,7 +254,7 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
             spec.scale_neighbours
         );
     }
-    if let (Some((model, _)), Some(st)) = (&structure, manifest.structure.as_mut()) {
+    if let (Some(model), Some(st)) = (&structure, manifest.structure.as_mut()) {
         let file = "structure.f32".to_string();
         std::fs::write(tmp.join(&file), model.to_bytes())?;
         (st.height, st.width) = model.size();
@@ -280,12 +294,12 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
         held.len(),
         spec.false_alarm_rate * 100.0
     );
-    if let Some((_, count)) = &structure {
-        let library = count - fitted.len();
+    if structure.is_some() {
         manifest.description = format!(
-            "{} Structure model from {count} normal scans ({} and {library} library scans).",
+            "{} Structure model from {structure_scans} normal scans ({} and {} library scans).",
             manifest.description,
-            fitted.len()
+            fitted.len(),
+            library.len()
         );
     }
     drop(model);
