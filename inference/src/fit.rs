@@ -96,7 +96,7 @@ impl FeatureGraph {
         let mut batch = Array4::<f32>::zeros((m.input.batch, channels, side, side));
         for group in grid.tiles().chunks(m.input.batch) {
             for (slot, tile) in group.iter().enumerate() {
-                fill_tile(&mut batch, slot, data.view(), tile, &pad);
+                fill_tile(&mut batch, slot, data.view(), tile, pad);
             }
             let view = batch.slice(s![..group.len(), .., .., ..]);
             let out = session.run(ort::inputs![m.input.name.as_str() => TensorRef::from_array_view(view)?])?;
