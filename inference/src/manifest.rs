@@ -79,6 +79,19 @@ pub struct StructureSpec {
     pub margin: f32,
     /// Map units added per unit of excess beyond the margin.
     pub weight: f32,
+    /// Cargo that runs on into the structure (a pallet against the doors
+    /// overlaps the corner posts in the image) is not an excess. From a
+    /// structure block, the first non-structure block within this many
+    /// blocks along the conveyance's length (the scan's longer side) is
+    /// found; if cargo then runs on for this many blocks, its smallest
+    /// density there (above the lightest normal scan) is discounted.
+    /// 0 turns the discount off.
+    #[serde(default = "default_reach")]
+    pub reach: usize,
+}
+
+fn default_reach() -> usize {
+    12
 }
 
 fn default_block() -> usize {
@@ -358,6 +371,9 @@ impl Manifest {
             if st.min_scans < 2 {
                 return bad(format!("structure.min_scans {} must be at least 2", st.min_scans));
             }
+            if st.reach > 256 {
+                return bad(format!("structure.reach {} is above 256 blocks", st.reach));
+            }
             let values = [st.min_density, st.max_spread, st.margin, st.weight];
             if values.iter().any(|v| !(v.is_finite() && *v >= 0.0)) {
                 return bad(
@@ -519,7 +535,7 @@ bank_scale = "bank_scale"
         let base = format!("{DEMO}\n[structure]\nmin_density = 0.12\nmax_spread = 0.04\nmargin = 0.6\nweight = 16.0\n");
         let m = Manifest::parse(&base).unwrap();
         let st = m.structure.as_ref().unwrap();
-        assert_eq!((st.block, st.max_shift, st.min_scans, st.file.as_deref()), (8, 48, 100, None));
+        assert_eq!((st.block, st.max_shift, st.min_scans, st.reach, st.file.as_deref()), (8, 48, 100, 12, None));
         assert_eq!(Manifest::parse(&toml::to_string(&m).unwrap()).unwrap(), m, "round trip through the fit");
         let fitted = base.replace("min_density", "file = \"structure.f32\"\nheight = 6144\nwidth = 2048\nmin_density");
         assert_eq!(Manifest::parse(&fitted).unwrap().structure.unwrap().width, 2048);
@@ -528,6 +544,7 @@ bank_scale = "bank_scale"
             ("weight = 16.0", "weight = nan", "finite"),
             ("min_density", "block = 1\nmin_density", "structure.block"),
             ("min_density", "min_scans = 1\nmin_density", "structure.min_scans"),
+            ("min_density", "reach = 1000\nmin_density", "structure.reach"),
             ("min_density", "file = \"../s.f32\"\nheight = 64\nwidth = 64\nmin_density", "plain file name"),
             ("min_density", "file = \"s.f32\"\nmin_density", "too small"),
         ];

@@ -13,6 +13,13 @@
 //! the smallest over each 2x2 group of blocks (so one noisy block does not
 //! count), raises the anomaly map (`[structure]` in `docs/models.md`).
 //!
+//! Cargo stowed against an end wall overlaps the corner posts in the image
+//! and so exceeds the limit there although nothing is hidden. Such cargo
+//! runs on into the hold for its whole length, where its density can be
+//! read against the lightest normal scan; that density is discounted from
+//! the excess of the structure it runs into (`reach`). A steel block
+//! inside a post reaches the hold by a few centimetres at most.
+//!
 //! Registration shifts a scan along both axes so that its row and column
 //! profiles (mean attenuation per image row and column) line up with the
 //! reference profiles kept from the fit: trailers differ in deck height,
@@ -36,6 +43,12 @@ pub struct Structure {
     /// Per block, the highest normal value; infinite where the position is
     /// not fixed structure.
     pub limit: Array2<f32>,
+    /// Per block, the lowest normal value: the empty conveyance, against
+    /// which the density of cargo in the hold is read.
+    pub floor: Array2<f32>,
+    /// Blocks searched along the length for the cargo that runs on into
+    /// a structure block (`StructureSpec::reach`).
+    pub reach: usize,
 }
 
 /// Why a structure file does not fit its manifest.
@@ -120,26 +133,30 @@ pub fn register(
 }
 
 impl Structure {
-    /// Reads a fitted model: `row_profile`, `col_profile` and `limit`
-    /// concatenated, float32 little-endian, for `spec.height x spec.width` scans.
+    /// Reads a fitted model: `row_profile`, `col_profile`, `limit` and
+    /// `floor` concatenated, float32 little-endian, for `spec.height x
+    /// spec.width` scans.
     pub fn from_bytes(spec: &StructureSpec, raw: &[u8]) -> Result<Structure, StructureError> {
         let (h, w, b) = (spec.height, spec.width, spec.block);
         let (bh, bw) = (h / b, w / b);
-        let want = (h + w + bh * bw) * 4;
+        let want = (h + w + 2 * bh * bw) * 4;
         if raw.len() != want {
             return Err(StructureError(format!(
-                "holds {} bytes; {h}x{w} scans in {b}-pixel blocks need {want}",
+                "holds {} bytes; {h}x{w} scans in {b}-pixel blocks need {want} (a file from before the floor was kept needs a refit with `niix model fit`)",
                 raw.len()
             )));
         }
         let values: Vec<f32> = raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-        let limit = Array2::from_shape_vec((bh, bw), values[h + w..].to_vec()).expect("length checked");
+        let (profiles, blocks) = values.split_at(h + w);
+        let (limit, floor) = blocks.split_at(bh * bw);
         Ok(Structure {
             block: b,
             max_shift: spec.max_shift,
-            row_profile: values[..h].to_vec(),
-            col_profile: values[h..h + w].to_vec(),
-            limit,
+            row_profile: profiles[..h].to_vec(),
+            col_profile: profiles[h..].to_vec(),
+            limit: Array2::from_shape_vec((bh, bw), limit.to_vec()).expect("length checked"),
+            floor: Array2::from_shape_vec((bh, bw), floor.to_vec()).expect("length checked"),
+            reach: spec.reach,
         })
     }
 
@@ -149,8 +166,46 @@ impl Structure {
             .iter()
             .chain(&self.col_profile)
             .chain(self.limit.iter())
+            .chain(self.floor.iter())
             .flat_map(|v| v.to_le_bytes())
             .collect()
+    }
+
+    /// Per block of registered values `v`, the density of the cargo that
+    /// runs on into it from the hold. From a structure block, the first
+    /// non-structure block within `reach` blocks along the length is
+    /// found on either side; the cargo must then run on for `reach`
+    /// blocks, and its density is the smallest over them (value above the
+    /// floor). The larger side counts; 0 where no hold is that close. The
+    /// smallest, because a steel block hidden in a post may itself reach a
+    /// little into the hold, while cargo stowed against the wall runs on
+    /// for its whole length.
+    fn cargo_running_on(&self, v: &Array2<f32>) -> Array2<f32> {
+        let (bh, bw) = v.dim();
+        // The conveyance's length runs along the scan's longer side.
+        let along_rows = bh >= bw;
+        let n = if along_rows { bh } else { bw } as isize;
+        let at = |(y, x): (usize, usize), k: isize| -> Option<(usize, usize)> {
+            let (i, fixed) = if along_rows { (y as isize + k, x) } else { (x as isize + k, y) };
+            (0..n).contains(&i).then_some(if along_rows { (i as usize, fixed) } else { (fixed, i as usize) })
+        };
+        let hold = |j: &(usize, usize)| !self.limit[*j].is_finite();
+        let reach = self.reach as isize;
+        Array2::from_shape_fn((bh, bw), |i| {
+            if hold(&i) || reach == 0 {
+                return 0.0;
+            }
+            let mut most = 0f32;
+            for dir in [-1isize, 1] {
+                let Some(first) = (1..=reach).find(|&k| at(i, dir * k).is_some_and(|j| hold(&j))) else { continue };
+                let run = (first..first + reach).map(|k| match at(i, dir * k) {
+                    Some(j) if hold(&j) => (v[j] - self.floor[j]).max(0.0),
+                    _ => 0.0,
+                });
+                most = most.max(run.fold(f32::INFINITY, f32::min));
+            }
+            most
+        })
     }
 
     /// Scan height and width this model was fitted for.
@@ -158,12 +213,14 @@ impl Structure {
         (self.row_profile.len(), self.col_profile.len())
     }
 
-    /// Per block, how far the registered scan exceeds the normal limit (0
-    /// where it does not, or where the position is not fixed structure),
-    /// the smallest over each 2x2 group; and the shift used.
+    /// Per block, how far the registered scan exceeds the normal limit
+    /// beyond the density of cargo running on into it (0 where it does
+    /// not, or where the position is not fixed structure), the smallest
+    /// over each 2x2 group; and the shift used.
     pub fn excess(&self, plane: ArrayView2<'_, f32>) -> (Array2<f32>, (isize, isize)) {
         let (v, shift) = register(plane, &self.row_profile, &self.col_profile, self.block, self.max_shift);
-        let e = Array2::from_shape_fn(v.dim(), |(y, x)| (v[[y, x]] - self.limit[[y, x]]).max(0.0));
+        let cargo = self.cargo_running_on(&v);
+        let e = Array2::from_shape_fn(v.dim(), |i| (v[i] - self.limit[i] - cargo[i]).max(0.0));
         let (bh, bw) = e.dim();
         let out = Array2::from_shape_fn((bh, bw), |(y, x)| {
             let (y1, x1) = ((y + 1).min(bh - 1), (x + 1).min(bw - 1));
@@ -274,8 +331,9 @@ impl StructureFit {
 
     /// The model: the normal maximum at blocks dense in every scan (minimum
     /// at least `min_density`) whose spread (standard deviation) stays below
-    /// `max_spread`; no limit elsewhere.
-    pub fn finish(self, min_density: f32, max_spread: f32) -> Structure {
+    /// `max_spread`; no limit elsewhere. Cargo running on into the
+    /// structure is searched for `reach` blocks along the length.
+    pub fn finish(self, min_density: f32, max_spread: f32, reach: usize) -> Structure {
         let n = self.count.max(1) as f64;
         let limit = Array2::from_shape_fn(self.sum.dim(), |i| {
             let mean = self.sum[i] / n;
@@ -288,6 +346,8 @@ impl StructureFit {
             row_profile: self.row_profile,
             col_profile: self.col_profile,
             limit,
+            floor: self.min,
+            reach,
         }
     }
 }
@@ -335,7 +395,7 @@ mod tests {
             fit.add(scan(deck, cargo).view()).unwrap();
         }
         assert_eq!(fit.count(), 5);
-        let model = fit.finish(1.0, 0.05);
+        let model = fit.finish(1.0, 0.05, 4);
         assert!(model.limit.iter().any(|v| v.is_finite()), "the post is structure");
         assert!(model.limit.slice(ndarray::s![.., 5..10]).iter().all(|v| v.is_infinite()), "the hold is not");
 
@@ -361,7 +421,7 @@ mod tests {
 
     #[test]
     fn the_file_round_trips_and_a_wrong_size_is_refused() {
-        let model = StructureFit::new(scan(4, 0.5).view(), 4, 8).finish(1.0, 0.05);
+        let model = StructureFit::new(scan(4, 0.5).view(), 4, 8).finish(1.0, 0.05, 4);
         let spec = StructureSpec {
             file: Some("s.f32".into()),
             height: 64,
@@ -373,13 +433,60 @@ mod tests {
             max_spread: 0.05,
             margin: 0.5,
             weight: 2.0,
+            reach: 4,
         };
         let bytes = model.to_bytes();
         let back = Structure::from_bytes(&spec, &bytes).unwrap();
-        assert_eq!(back.limit.dim(), model.limit.dim());
+        assert_eq!(back, model);
         assert_eq!(back.to_bytes(), bytes);
         assert!(Structure::from_bytes(&spec, &bytes[4..]).is_err());
         let mut fit = StructureFit::new(scan(4, 0.5).view(), 4, 8);
         assert!(fit.add(Array2::zeros((32, 48)).view()).is_err());
+    }
+
+    /// A 96x32 conveyance seen along its length (rows): hold in rows
+    /// 0..80, a dense end wall in rows 80..96. Cargo of `density` fills
+    /// rows `from..to`, columns 8..24.
+    fn end_wall(from: usize, to: usize, density: f32) -> Array2<f32> {
+        Array2::from_shape_fn((96, 32), |(y, x)| {
+            let wall = if y >= 80 { 2.0 } else { 0.0 };
+            let load = if (from..to).contains(&y) && (8..24).contains(&x) { density } else { 0.0 };
+            0.1 + wall + load
+        })
+    }
+
+    #[test]
+    fn cargo_stowed_against_the_wall_is_not_an_excess_but_steel_inside_it_is() {
+        // Normal loads stop short of the wall.
+        let mut fit = StructureFit::new(end_wall(10, 60, 0.5).view(), 4, 0);
+        for (to, density) in [(70, 1.0), (40, 0.3), (76, 0.8), (0, 0.0)] {
+            fit.add(end_wall(10, to, density).view()).unwrap();
+        }
+        let model = fit.finish(1.0, 0.05, 4);
+        assert!(model.limit.slice(ndarray::s![20.., ..]).iter().all(|v| v.is_finite()), "the wall is structure");
+        let top = |scan: &Array2<f32>| model.excess(scan.view()).0.iter().copied().fold(0.0, f32::max);
+
+        // A pallet 1.5 dense that runs 8 rows into the wall: the wall
+        // blocks it overlaps exceed the limit by 1.5, the hold beside
+        // them carries the same 1.5.
+        assert_eq!(top(&end_wall(50, 88, 1.5)), 0.0);
+
+        // Steel inside the wall with the hold beside it empty...
+        let mut hidden = end_wall(10, 60, 0.5);
+        hidden.slice_mut(ndarray::s![84..92, 8..24]).map_inplace(|v| *v += 1.5);
+        assert!((top(&hidden) - 1.5).abs() < 1e-4, "excess {}", top(&hidden));
+        // ... reaching a little into the hold (it does not run on) ...
+        let mut reaching = end_wall(10, 60, 0.5);
+        reaching.slice_mut(ndarray::s![72..92, 8..24]).map_inplace(|v| *v += 1.5);
+        assert!((top(&reaching) - 1.5).abs() < 1e-4, "excess {}", top(&reaching));
+        // ... and beside cargo that stops short of it.
+        let mut near = end_wall(30, 68, 0.5);
+        near.slice_mut(ndarray::s![84..92, 8..24]).map_inplace(|v| *v += 1.5);
+        assert!((top(&near) - 1.5).abs() < 1e-4, "excess {}", top(&near));
+
+        // Without the discount, the pallet would have counted.
+        let strict = Structure { reach: 0, ..model.clone() };
+        let (e, _) = strict.excess(end_wall(50, 88, 1.5).view());
+        assert!((e.iter().copied().fold(0.0, f32::max) - 1.5).abs() < 1e-4);
     }
 }
