@@ -438,10 +438,10 @@ pub fn analyze(model: &Model, mut planes: Vec<PlaneInput>) -> Result<Analysis, A
     drop(planes);
     let (mut map, mut raw_score) = infer_map(model, input.view(), &pad, &mut timings)?;
     let t0 = Instant::now();
-    if let (Some(structure), Some(spec)) = (&model.structure, &m.structure)
+    if let Some(structure) = &model.structure
         && structure.size() == (h, w)
     {
-        structure.raise(&mut map, model.stride, input.index_axis(ndarray::Axis(0), 0), spec.margin, spec.weight);
+        structure.raise(&mut map, model.stride, input.index_axis(ndarray::Axis(0), 0));
         raw_score = map.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     }
     drop(input);

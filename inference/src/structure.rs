@@ -49,6 +49,10 @@ pub struct Structure {
     /// Blocks searched along the length for the cargo that runs on into
     /// a structure block (`StructureSpec::reach`).
     pub reach: usize,
+    /// Excess that is still ignored (`StructureSpec::margin`).
+    pub margin: f32,
+    /// Map units added per unit of excess beyond the margin (`StructureSpec::weight`).
+    pub weight: f32,
 }
 
 /// Why a structure file does not fit its manifest.
@@ -157,6 +161,8 @@ impl Structure {
             limit: Array2::from_shape_vec((bh, bw), limit.to_vec()).expect("length checked"),
             floor: Array2::from_shape_vec((bh, bw), floor.to_vec()).expect("length checked"),
             reach: spec.reach,
+            margin: spec.margin,
+            weight: spec.weight,
         })
     }
 
@@ -181,31 +187,31 @@ impl Structure {
     /// little into the hold, while cargo stowed against the wall runs on
     /// for its whole length.
     fn cargo_running_on(&self, v: &Array2<f32>) -> Array2<f32> {
-        let (bh, bw) = v.dim();
-        // The conveyance's length runs along the scan's longer side.
-        let along_rows = bh >= bw;
-        let n = if along_rows { bh } else { bw } as isize;
-        let at = |(y, x): (usize, usize), k: isize| -> Option<(usize, usize)> {
-            let (i, fixed) = if along_rows { (y as isize + k, x) } else { (x as isize + k, y) };
-            (0..n).contains(&i).then_some(if along_rows { (i as usize, fixed) } else { (fixed, i as usize) })
-        };
-        let hold = |j: &(usize, usize)| !self.limit[*j].is_finite();
-        let reach = self.reach as isize;
-        Array2::from_shape_fn((bh, bw), |i| {
-            if hold(&i) || reach == 0 {
+        // The conveyance's length runs along the scan's longer side: make it axis 0.
+        let along_rows = v.nrows() >= v.ncols();
+        fn orient(a: &Array2<f32>, along_rows: bool) -> ArrayView2<'_, f32> {
+            if along_rows { a.view() } else { a.t() }
+        }
+        let (v, limit, floor) =
+            (orient(v, along_rows), orient(&self.limit, along_rows), orient(&self.floor, along_rows));
+        let (n, reach) = (v.nrows() as isize, self.reach as isize);
+        let hold = |y: isize, x: usize| (0..n).contains(&y) && !limit[[y as usize, x]].is_finite();
+        let cargo =
+            |y: isize, x: usize| if hold(y, x) { (v[[y as usize, x]] - floor[[y as usize, x]]).max(0.0) } else { 0.0 };
+        let out = Array2::from_shape_fn(v.dim(), |(y, x)| {
+            if reach == 0 || !limit[[y, x]].is_finite() {
                 return 0.0;
             }
-            let mut most = 0f32;
-            for dir in [-1isize, 1] {
-                let Some(first) = (1..=reach).find(|&k| at(i, dir * k).is_some_and(|j| hold(&j))) else { continue };
-                let run = (first..first + reach).map(|k| match at(i, dir * k) {
-                    Some(j) if hold(&j) => (v[j] - self.floor[j]).max(0.0),
-                    _ => 0.0,
-                });
-                most = most.max(run.fold(f32::INFINITY, f32::min));
-            }
-            most
-        })
+            let y = y as isize;
+            [-1isize, 1]
+                .into_iter()
+                .filter_map(|dir| {
+                    let first = (1..=reach).find(|k| hold(y + dir * k, x))?;
+                    Some((first..first + reach).map(|k| cargo(y + dir * k, x)).fold(f32::INFINITY, f32::min))
+                })
+                .fold(0.0, f32::max)
+        });
+        if along_rows { out } else { out.reversed_axes() }
     }
 
     /// Scan height and width this model was fitted for.
@@ -232,14 +238,7 @@ impl Structure {
     /// Adds `weight x max(0, excess - margin)` to each cell of `map` (one
     /// cell per `stride` pixels), the largest over the blocks the cell
     /// holds, back in the scan's own frame. Returns the largest excess.
-    pub fn raise(
-        &self,
-        map: &mut Array2<f32>,
-        stride: usize,
-        plane: ArrayView2<'_, f32>,
-        margin: f32,
-        weight: f32,
-    ) -> f32 {
+    pub fn raise(&self, map: &mut Array2<f32>, stride: usize, plane: ArrayView2<'_, f32>) -> f32 {
         let (excess, (dy, dx)) = self.excess(plane);
         let (mh, mw) = map.dim();
         let mut add = Array2::<f32>::zeros((mh, mw));
@@ -247,7 +246,7 @@ impl Structure {
         let half = (self.block / 2) as isize;
         for ((by, bx), e) in excess.indexed_iter() {
             top = top.max(*e);
-            let lift = weight * (e - margin).max(0.0);
+            let lift = self.weight * (e - self.margin).max(0.0);
             if lift <= 0.0 {
                 continue;
             }
@@ -330,10 +329,11 @@ impl StructureFit {
     }
 
     /// The model: the normal maximum at blocks dense in every scan (minimum
-    /// at least `min_density`) whose spread (standard deviation) stays below
-    /// `max_spread`; no limit elsewhere. Cargo running on into the
-    /// structure is searched for `reach` blocks along the length.
-    pub fn finish(self, min_density: f32, max_spread: f32, reach: usize) -> Structure {
+    /// at least `spec.min_density`) whose spread (standard deviation) stays
+    /// below `spec.max_spread`; no limit elsewhere. It scores with the
+    /// spec's `reach`, `margin` and `weight`.
+    pub fn finish(self, spec: &StructureSpec) -> Structure {
+        let (min_density, max_spread) = (spec.min_density, spec.max_spread);
         let n = self.count.max(1) as f64;
         let limit = Array2::from_shape_fn(self.sum.dim(), |i| {
             let mean = self.sum[i] / n;
@@ -347,7 +347,9 @@ impl StructureFit {
             col_profile: self.col_profile,
             limit,
             floor: self.min,
-            reach,
+            reach: spec.reach,
+            margin: spec.margin,
+            weight: spec.weight,
         }
     }
 }
@@ -355,6 +357,24 @@ impl StructureFit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The spec the tests fit and score with: structure at least 1.0
+    /// dense with spread below 0.05; margin 0.5, weight 2, reach 4 blocks.
+    fn spec() -> StructureSpec {
+        StructureSpec {
+            file: Some("s.f32".into()),
+            height: 64,
+            width: 48,
+            block: 4,
+            max_shift: 8,
+            min_scans: 2,
+            min_density: 1.0,
+            max_spread: 0.05,
+            margin: 0.5,
+            weight: 2.0,
+            reach: 4,
+        }
+    }
 
     /// A 64x48 "conveyance" whose contents sit `deck` rows down: a dense
     /// post at columns 8..16 (rows 0..40 of the conveyance) and cargo of
@@ -395,7 +415,7 @@ mod tests {
             fit.add(scan(deck, cargo).view()).unwrap();
         }
         assert_eq!(fit.count(), 5);
-        let model = fit.finish(1.0, 0.05, 4);
+        let model = fit.finish(&spec());
         assert!(model.limit.iter().any(|v| v.is_finite()), "the post is structure");
         assert!(model.limit.slice(ndarray::s![.., 5..10]).iter().all(|v| v.is_infinite()), "the hold is not");
 
@@ -411,7 +431,7 @@ mod tests {
         assert!((top - 1.5).abs() < 1e-4, "excess {top}");
 
         let mut map = Array2::<f32>::zeros((8, 6));
-        let raised = model.raise(&mut map, 8, hidden.view(), 0.5, 2.0);
+        let raised = model.raise(&mut map, 8, hidden.view());
         assert!((raised - 1.5).abs() < 1e-4);
         let (cell, value) = map.indexed_iter().fold(((0, 0), 0.0), |a, (i, v)| if *v > a.1 { (i, *v) } else { a });
         assert!((value - 2.0).abs() < 1e-4, "weight x (excess - margin), got {value}");
@@ -421,20 +441,8 @@ mod tests {
 
     #[test]
     fn the_file_round_trips_and_a_wrong_size_is_refused() {
-        let model = StructureFit::new(scan(4, 0.5).view(), 4, 8).finish(1.0, 0.05, 4);
-        let spec = StructureSpec {
-            file: Some("s.f32".into()),
-            height: 64,
-            width: 48,
-            block: 4,
-            max_shift: 8,
-            min_scans: 2,
-            min_density: 1.0,
-            max_spread: 0.05,
-            margin: 0.5,
-            weight: 2.0,
-            reach: 4,
-        };
+        let spec = spec();
+        let model = StructureFit::new(scan(4, 0.5).view(), 4, 8).finish(&spec);
         let bytes = model.to_bytes();
         let back = Structure::from_bytes(&spec, &bytes).unwrap();
         assert_eq!(back, model);
@@ -462,7 +470,7 @@ mod tests {
         for (to, density) in [(70, 1.0), (40, 0.3), (76, 0.8), (0, 0.0)] {
             fit.add(end_wall(10, to, density).view()).unwrap();
         }
-        let model = fit.finish(1.0, 0.05, 4);
+        let model = fit.finish(&spec());
         assert!(model.limit.slice(ndarray::s![20.., ..]).iter().all(|v| v.is_finite()), "the wall is structure");
         let top = |scan: &Array2<f32>| model.excess(scan.view()).0.iter().copied().fold(0.0, f32::max);
 
@@ -488,5 +496,16 @@ mod tests {
         let strict = Structure { reach: 0, ..model.clone() };
         let (e, _) = strict.excess(end_wall(50, 88, 1.5).view());
         assert!((e.iter().copied().fold(0.0, f32::max) - 1.5).abs() < 1e-4);
+
+        // A scan whose length runs along its columns reads the hold along them.
+        let wide = |a: Array2<f32>| a.reversed_axes().as_standard_layout().to_owned();
+        let mut fit = StructureFit::new(wide(end_wall(10, 60, 0.5)).view(), 4, 0);
+        for (to, density) in [(70, 1.0), (40, 0.3), (76, 0.8), (0, 0.0)] {
+            fit.add(wide(end_wall(10, to, density)).view()).unwrap();
+        }
+        let model = fit.finish(&spec());
+        let top = |scan: Array2<f32>| model.excess(wide(scan).view()).0.iter().copied().fold(0.0, f32::max);
+        assert_eq!(top(end_wall(50, 88, 1.5)), 0.0);
+        assert!((top(reaching.clone()) - 1.5).abs() < 1e-4);
     }
 }

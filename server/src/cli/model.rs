@@ -228,7 +228,7 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
         }
     }
     let structure = structure_spec.zip(structure_fit).map(|(st, fit)| {
-        let model = fit.finish(st.min_density, st.max_spread, st.reach);
+        let model = fit.finish(st);
         let fixed = model.limit.iter().filter(|v| v.is_finite()).count() as f64 / model.limit.len().max(1) as f64;
         eprintln!("structure model: {structure_scans} scans, {:.1} % of the blocks are fixed structure", fixed * 100.0);
         model
