@@ -185,22 +185,30 @@ fn the_structure_model_finds_steel_hidden_in_the_front_wall_but_not_cargo_agains
         let mut args = vec!["model", "fit", "--normal", normal.to_str().unwrap(), "--base", base.to_str().unwrap()];
         args.extend(["--out", out.to_str().unwrap()]);
         if let Some(l) = library {
-            args.extend(["--library", l.to_str().unwrap()]);
+            // The library feeds the memory bank too (as `make model` fits).
+            args.extend(["--library", l.to_str().unwrap(), "--bank-library"]);
         }
         Command::new(env!("CARGO_BIN_EXE_niix")).args(&args).env("NIIX_LOG", "warn").output().unwrap()
     };
     // 4 fitted scans are too few on their own: no structure model, and the fit says why.
     let few = fit(&tmp.path().join("few/cargo-patchcore/1"), None);
     assert!(few.status.success());
-    assert!(String::from_utf8_lossy(&few.stderr).contains("structure model skipped: 4 normal scans"));
+    let few_log = String::from_utf8_lossy(&few.stderr);
+    assert!(few_log.contains("structure model skipped: 4 normal scans"), "{few_log}");
+    // 3000 sampled patches from each of the 4 fitted scans.
+    assert!(few_log.contains("memory bank: 4096 of 12000 patch features"), "{few_log}");
     assert!(!tmp.path().join("few/cargo-patchcore/1/structure.f32").exists());
     // With the library: 4 + 9 scans.
     let out = fit(&version, Some(&library));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("structure model: 13 scans"));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("structure model: 13 scans"), "{log}");
+    // With --bank-library the 9 library scans add their patches to the pool.
+    assert!(log.contains("memory bank: 4096 of 39000 patch features"), "{log}");
     let manifest = std::fs::read_to_string(version.join("model.toml")).unwrap();
     assert!(manifest.contains("file = \"structure.f32\""), "{manifest}");
     assert!(manifest.contains("Structure model from 13 normal scans (4 and 9 library scans)"), "{manifest}");
+    assert!(manifest.contains("Memory bank from 4 fitted and 9 library scans."), "{manifest}");
     assert!(version.join("structure.f32").exists());
 
     // A normal scan, and the same scan with 8-13 cm of steel hidden in the

@@ -51,11 +51,17 @@ pub struct FitArgs {
     #[arg(long, default_value_t = 0.3)]
     pub holdout: f64,
     /// More directories of normal scans from the same kind of scanner (a
-    /// scan library) for the structure model only, which needs many scans
-    /// to learn where cargo never stands; the memory bank and the threshold
-    /// come from `--normal` alone.
+    /// scan library) for the structure model, which needs many scans to
+    /// learn where cargo never stands, and with `--bank-library` for the
+    /// memory bank too; the threshold comes from `--normal` alone.
     #[arg(long)]
     pub library: Vec<PathBuf>,
+    /// Let the library scans feed the memory bank too (each gives as many
+    /// sampled patches as a fitted scan), so that rare normal cargo the
+    /// site's own scans do not show still has neighbours in the bank. The
+    /// threshold still comes from the held-out `--normal` scans alone.
+    #[arg(long)]
+    pub bank_library: bool,
 }
 
 /// Arguments of `niix eval`.
@@ -175,7 +181,8 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
     let mut library = Vec::new();
     for dir in &args.library {
         let normal = normal_scans(dir)?;
-        eprintln!("library {}: {} normal scans for the structure model", dir.display(), normal.len());
+        let uses = if args.bank_library { "the structure model and the memory bank" } else { "the structure model" };
+        eprintln!("library {}: {} normal scans for {uses}", dir.display(), normal.len());
         library.extend(normal);
     }
     // The structure model reads the fitted scans and the library, if they are enough.
@@ -213,6 +220,18 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
         eprintln!("  {} ({} cells)", s.name, features.nrows());
         add_to_structure(&input, &s.name)?;
     }
+    // Library scans: decoded once, for the structure model and, with
+    // --bank-library, for the memory bank.
+    if structure_spec.is_some() || args.bank_library {
+        for (j, s) in library.iter().enumerate() {
+            let input = s.input(graph.manifest())?;
+            if args.bank_library {
+                let features = graph.scan_features(&input).with_context(|| format!("features of {}", s.name))?;
+                pool.push(cover_rows(features.view(), spec.samples_per_scan, (10_000 + j) as u64));
+            }
+            add_to_structure(&input, &s.name)?;
+        }
+    }
     let views: Vec<_> = pool.iter().map(|p| p.view()).collect();
     let pool = concatenate(ndarray::Axis(0), &views)?;
     let bank = coreset(pool.view(), spec.coreset, 7);
@@ -222,11 +241,6 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
         pool.nrows(),
         started.elapsed().as_secs_f64()
     );
-    if structure_spec.is_some() {
-        for s in &library {
-            add_to_structure(&s.input(graph.manifest())?, &s.name)?;
-        }
-    }
     let structure = structure_spec.zip(structure_fit).map(|(st, fit)| {
         let model = fit.finish(st);
         let fixed = model.limit.iter().filter(|v| v.is_finite()).count() as f64 / model.limit.len().max(1) as f64;
@@ -297,6 +311,14 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
     if structure.is_some() {
         manifest.description = format!(
             "{} Structure model from {structure_scans} normal scans ({} and {} library scans).",
+            manifest.description,
+            fitted.len(),
+            library.len()
+        );
+    }
+    if args.bank_library && !library.is_empty() {
+        manifest.description = format!(
+            "{} Memory bank from {} fitted and {} library scans.",
             manifest.description,
             fitted.len(),
             library.len()
