@@ -87,8 +87,8 @@ patchcore: release
 		--head fixtures/patchcore/head.npz fixtures/patchcore/head-120.npz --distance-weight 0.28 --bank-scale
 
 ## The bundled detector: fit the PatchCore graphs to 30 synthetic normal scans
-## (memory bank, threshold); the structure model also reads the heads' 120
-## training scans as a library (--library).
+## (memory bank, threshold); the structure model and the memory bank also read
+## the heads' 120 training scans as a library (--library, --bank-library).
 model: onnxruntime release
 	rm -rf .niix/synth/normal fixtures/models/cargo-patchcore/1
 	./target/release/niix synth --out .niix/synth/normal --count 30 --seed 100 --anomaly-rate 0
@@ -96,7 +96,7 @@ model: onnxruntime release
 	test -d $(HEAD_MORE) || ./target/release/niix synth --out $(HEAD_MORE) --count 80 --seed 510 --anomaly-rate 0
 	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" ./target/release/niix model fit --normal .niix/synth/normal \
 		--base fixtures/patchcore --out fixtures/models/cargo-patchcore/1 \
-		--library $(HEAD_SCANS) --library $(HEAD_MORE)
+		--library $(HEAD_SCANS) --library $(HEAD_MORE) --bank-library
 
 ## The README's detector figures: 100 fresh scans (seed 300) and 40 (seed 200).
 eval: onnxruntime release
