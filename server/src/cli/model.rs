@@ -210,27 +210,24 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
         Ok(())
     };
 
-    // Each fitted scan is decoded once, for its features and the structure model.
+    // Every scan is decoded once, for the structure model and, with the seed
+    // of its patch sample, for the memory bank: each fitted scan, and with
+    // --bank-library each library scan too.
     let started = Instant::now();
     let mut pool: Vec<Array2<f32>> = Vec::new();
-    for (i, s) in &fitted {
-        let input = s.input(graph.manifest())?;
-        let features = graph.scan_features(&input).with_context(|| format!("features of {}", s.name))?;
-        pool.push(cover_rows(features.view(), spec.samples_per_scan, *i as u64 + 1));
-        eprintln!("  {} ({} cells)", s.name, features.nrows());
-        add_to_structure(&input, &s.name)?;
-    }
-    // Library scans: decoded once, for the structure model and, with
-    // --bank-library, for the memory bank.
-    if structure_spec.is_some() || args.bank_library {
-        for (j, s) in library.iter().enumerate() {
-            let input = s.input(graph.manifest())?;
-            if args.bank_library {
-                let features = graph.scan_features(&input).with_context(|| format!("features of {}", s.name))?;
-                pool.push(cover_rows(features.view(), spec.samples_per_scan, (10_000 + j) as u64));
-            }
-            add_to_structure(&input, &s.name)?;
+    let fitted_scans = fitted.iter().map(|(i, s)| (s, Some(*i as u64 + 1)));
+    let library_scans = library.iter().enumerate().map(|(j, s)| (s, args.bank_library.then_some(10_000 + j as u64)));
+    for (s, bank_seed) in fitted_scans.chain(library_scans) {
+        if bank_seed.is_none() && structure_spec.is_none() {
+            continue;
         }
+        let input = s.input(graph.manifest())?;
+        if let Some(seed) = bank_seed {
+            let features = graph.scan_features(&input).with_context(|| format!("features of {}", s.name))?;
+            pool.push(cover_rows(features.view(), spec.samples_per_scan, seed));
+            eprintln!("  {} ({} cells)", s.name, features.nrows());
+        }
+        add_to_structure(&input, &s.name)?;
     }
     let views: Vec<_> = pool.iter().map(|p| p.view()).collect();
     let pool = concatenate(ndarray::Axis(0), &views)?;
