@@ -16,10 +16,35 @@ fn niix(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// `niix eval --json` of the labelled scans in `data` with the models in
+/// `models`, with `--maps DIR` if `maps` is given.
+fn eval_with_maps(data: &Path, models: &Path, maps: Option<&Path>) -> serde_json::Value {
+    let mut args = vec!["eval", "--data", data.to_str().unwrap(), "--models", models.to_str().unwrap(), "--json"];
+    if let Some(dir) = maps {
+        args.extend(["--maps", dir.to_str().unwrap()]);
+    }
+    serde_json::from_str(&niix(&args)).unwrap()
+}
+
 /// `niix eval --json` of the labelled scans in `data` with the models in `models`.
 fn eval(data: &Path, models: &Path) -> serde_json::Value {
-    let args = ["eval", "--data", data.to_str().unwrap(), "--models", models.to_str().unwrap(), "--json"];
-    serde_json::from_str(&niix(&args)).unwrap()
+    eval_with_maps(data, models, None)
+}
+
+/// A `.npy` file's shape and float32 values (NumPy format 1.0, C order).
+fn read_npy(path: &Path) -> ((usize, usize), Vec<f32>) {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(&bytes[..8], b"\x93NUMPY\x01\x00", "{}", path.display());
+    let len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    assert_eq!((10 + len) % 64, 0, "header padded to 64 bytes");
+    let header = std::str::from_utf8(&bytes[10..10 + len]).unwrap();
+    assert!(header.contains("'descr': '<f4'") && header.contains("'fortran_order': False"), "{header}");
+    let shape = header.split("'shape': (").nth(1).unwrap().split(')').next().unwrap();
+    let dims: Vec<usize> = shape.split(',').map(|d| d.trim().parse().unwrap()).collect();
+    let values: Vec<f32> =
+        bytes[10 + len..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    assert_eq!(values.len(), dims[0] * dims[1], "{header}");
+    ((dims[0], dims[1]), values)
 }
 
 /// `count` scans of `seed` into `out`; `size` = Some((width, height)), or the default 2048x6144.
@@ -84,7 +109,8 @@ fn synth_is_deterministic_fit_learns_normal_cargo_and_eval_separates_anomalies()
     assert!(!again.status.success());
 
     // Anomalous scans rank above normal ones.
-    let report = eval(&test, &models);
+    let maps = tmp.path().join("maps");
+    let report = eval_with_maps(&test, &models, Some(&maps));
     assert_eq!(report["scans"], 12);
     let auroc = report["auroc"].as_f64().unwrap();
     assert!(auroc > 0.8, "anomalous scans must score higher than normal ones: {report}");
@@ -127,6 +153,17 @@ fn synth_is_deterministic_fit_learns_normal_cargo_and_eval_separates_anomalies()
             assert!(b["in_box"].as_f64().unwrap() <= score(r) + 1e-3, "{r}");
         }
         assert!(r["seconds"].as_f64().unwrap() > 0.0, "{r}");
+    }
+
+    // --maps: each scan's map, one cell per 32 px, in the score's raw units
+    // (the map saturates at the version's score_max; the score does not).
+    let manifest: toml::Table = std::fs::read_to_string(version.join("model.toml")).unwrap().parse().unwrap();
+    let score_max = manifest["decision"]["score_max"].as_float().unwrap();
+    for r in per_scan {
+        let ((rows, cols), values) = read_npy(&maps.join(format!("{}.map.npy", r["name"].as_str().unwrap())));
+        assert_eq!((rows, cols), (6144 / 32, 2048 / 32));
+        let highest = values.iter().copied().fold(f32::MIN, f32::max) as f64;
+        assert!((highest - score(r).min(score_max)).abs() < 1e-3, "map peak {highest} for {r}");
     }
 }
 

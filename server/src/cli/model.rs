@@ -79,6 +79,12 @@ pub struct EvalArgs {
     /// Print the figures as one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Also write each scan's anomaly map, in raw score units, as
+    /// `DIR/NAME.map.npy` (float32, one cell per stride pixels): for
+    /// looking at why a normal scan scored high, or trying another decision
+    /// on the maps without re-running the model.
+    #[arg(long, value_name = "DIR")]
+    pub maps: Option<PathBuf>,
 }
 
 /// One scan on disk.
@@ -431,6 +437,24 @@ pub struct AnomalyResult {
     pub hit: bool,
 }
 
+/// A 2-D float32 array in NumPy's `.npy` format (version 1.0, C order).
+fn npy(a: &Array2<f32>) -> Vec<u8> {
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({}, {}), }}", a.nrows(), a.ncols());
+    // Magic (6) + version (2) + length (2) + header + newline: a multiple of 64.
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len() + 4 * a.len());
+    out.extend_from_slice(b"\x93NUMPY\x01\x00");
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    for v in a.iter() {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
 /// `niix eval`.
 pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     let repo = niix_inference::repository::Repository::new(&args.models, Threads::default());
@@ -453,6 +477,9 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     anyhow::ensure!(!scans.is_empty(), "{} holds no scans", args.data.display());
     // From the map's normalised values back to raw ones.
     let (lo, hi) = (model.manifest.decision.score_min, model.manifest.decision.score_max);
+    if let Some(dir) = &args.maps {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     let mut per_scan = Vec::with_capacity(scans.len());
     for s in &scans {
         let truth = &s.info.as_ref().expect("checked above").anomalies;
@@ -474,6 +501,11 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
                 }
             })
             .collect();
+        if let Some(dir) = &args.maps {
+            let raw = a.map.mapv(|v| lo + v * (hi - lo));
+            let path = dir.join(format!("{}.map.npy", s.name));
+            std::fs::write(&path, npy(&raw)).with_context(|| format!("writing {}", path.display()))?;
+        }
         let peak = a.map.indexed_iter().fold(((0, 0), f32::MIN), |b, (i, v)| if *v > b.1 { (i, *v) } else { b });
         let result = ScanResult {
             name: s.name.clone(),
