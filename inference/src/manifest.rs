@@ -261,6 +261,15 @@ pub struct Decision {
     pub category: String,
 }
 
+impl Decision {
+    /// The raw map value a normalised score stands for: the inverse of the
+    /// pipeline's normalisation (`score_min` at 0, `score_max` at 1), so a
+    /// value clamped at 1 comes back as `score_max`.
+    pub fn raw(&self, normalised: f32) -> f32 {
+        self.score_min + normalised * (self.score_max - self.score_min)
+    }
+}
+
 fn default_smooth() -> usize {
     1
 }

@@ -479,6 +479,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn raw_undoes_normalise_up_to_the_clamp() {
+        let m = crate::manifest::Manifest::parse(crate::manifest::tests::DEMO).unwrap();
+        let d = &m.decision;
+        let mut map = Array2::from_shape_vec((1, 5), vec![-1.0, 0.0, 0.7, 2.0, 3.5]).unwrap();
+        normalise(&mut map, d.score_min, d.score_max);
+        let back: Vec<f32> = map.iter().map(|v| d.raw(*v)).collect();
+        // Within score_min..score_max exactly back; outside it, at the bound.
+        assert_eq!(back, vec![0.0, 0.0, 0.7, 2.0, 2.0]);
+    }
+
+    #[test]
     fn the_background_level_is_the_quantile_of_the_cells() {
         let mut map = Array2::from_shape_fn((10, 10), |(y, x)| (y * 10 + x) as f32);
         assert_eq!(subtract_background(&mut map, 0.5, 0.5), 50.0);

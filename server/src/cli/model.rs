@@ -290,8 +290,7 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
     for (_, s) in &held {
         let a = analyze(&model, s.planes()?).with_context(|| format!("analysing {}", s.name))?;
         // Back from the placeholder normalisation to raw map values.
-        let (lo, hi) = (manifest.decision.score_min, manifest.decision.score_max);
-        cells.extend(a.map.iter().map(|v| lo + v * (hi - lo)));
+        cells.extend(a.map.iter().map(|v| manifest.decision.raw(*v)));
         scores.push(a.raw_score);
         eprintln!("  held out {}: highest score {:.3}", s.name, a.raw_score);
     }
@@ -476,7 +475,7 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     anyhow::ensure!(scans.iter().all(|s| s.info.is_some()), "every scan in --data needs its NAME.json ground truth");
     anyhow::ensure!(!scans.is_empty(), "{} holds no scans", args.data.display());
     // From the map's normalised values back to raw ones.
-    let (lo, hi) = (model.manifest.decision.score_min, model.manifest.decision.score_max);
+    let decision = &model.manifest.decision;
     if let Some(dir) = &args.maps {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -496,13 +495,13 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
                 let m = a.map.slice(ndarray::s![rows, cols]).iter().copied().fold(0.0f32, f32::max);
                 AnomalyResult {
                     kind: format!("{:?}", t.kind).to_lowercase(),
-                    in_box: lo + m * (hi - lo),
+                    in_box: decision.raw(m),
                     hit: a.regions.iter().any(|r| overlaps(r, t)),
                 }
             })
             .collect();
         if let Some(dir) = &args.maps {
-            let raw = a.map.mapv(|v| lo + v * (hi - lo));
+            let raw = a.map.mapv(|v| decision.raw(v));
             let path = dir.join(format!("{}.map.npy", s.name));
             std::fs::write(&path, npy(&raw)).with_context(|| format!("writing {}", path.display()))?;
         }
