@@ -227,28 +227,69 @@ pub fn threshold_for(scores: &[f32], rate: f64, margin: f32) -> f32 {
     sorted[at] * (1.0 + margin)
 }
 
+/// How [`fit_threshold`] set a threshold.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ThresholdRule {
+    /// Enough held-out scans to see the rate (at least `1 / rate`): the
+    /// `1 - rate` quantile of their scores, read off. `tail` is how far it
+    /// lies above their median; the fit records it for later fits.
+    Quantile {
+        /// The quantile minus the median held-out score.
+        tail: f32,
+    },
+    /// Too few to see the rate, but a tail measured before (on enough
+    /// normal scans, by a fit of the version fitted from): the median
+    /// held-out score plus that tail, or 1 % above the largest held-out
+    /// score if that is higher (`raised`).
+    MedianPlusTail {
+        /// True when the largest held-out score, not the tail, set it.
+        raised: bool,
+    },
+    /// Too few and no tail known: the largest held-out score raised by its
+    /// excess over the median.
+    PastTheLargest,
+}
+
 /// The threshold `niix model fit` sets from the image scores of held-out
-/// normal scans for a false-alarm `rate`.
+/// normal scans for a false-alarm `rate`, and the rule that set it.
 ///
-/// With enough scans to see that rate (at least one scan in `1 / rate`),
-/// it is [`threshold_for`] with a 5 % margin. With fewer, the largest score
-/// is only a typical normal scan's extreme, not the tail: normal scans are
-/// mixed, and something that scores high in one scan in ten (the bare end
-/// of a pallet on a two-tier drum load, say) lifts those scans well above
-/// the rest. Then the threshold is the largest score raised by its
-/// own excess over the median, `max + (max - median)` (at least 5 %), so
-/// that a pattern seen once among the held-out scans, and a little more of
-/// it, does not alarm.
-pub fn fit_threshold(scores: &[f32], rate: f64) -> f32 {
+/// Normal image scores are a tight bulk with a sparse tail: most scans
+/// score within a few tenths of the median, and a few in a hundred (rare
+/// cargo, such as the bare end of a pallet on a two-tier drum load) well
+/// above it. Ten held-out scans show that tail or not by chance, so the
+/// largest of them says little about the `1 - rate` quantile. Hence:
+/// - with at least `1 / rate` scans the quantile is read off
+///   ([`ThresholdRule::Quantile`]): the midpoint between the highest score
+///   that may not alarm and the lowest that may, so that `rate` of them
+///   alarm;
+/// - with fewer, and a `tail` measured on enough scans before, the
+///   threshold is their median (the bulk, which ten scans do estimate)
+///   plus that tail ([`ThresholdRule::MedianPlusTail`]), and at least 1 %
+///   above the largest held-out score, so that none of them alarms;
+/// - with fewer and no tail, the largest score raised by its excess over
+///   the median, at least 5 % ([`ThresholdRule::PastTheLargest`]), so that
+///   a pattern seen once, and a little more of it, does not alarm.
+pub fn fit_threshold(scores: &[f32], rate: f64, tail: Option<f32>) -> (f32, ThresholdRule) {
     let mut sorted: Vec<f32> = scores.iter().copied().filter(|s| s.is_finite()).collect();
     sorted.sort_by(f32::total_cmp);
-    if sorted.len() < 2 || rate * sorted.len() as f64 >= 1.0 {
-        return threshold_for(&sorted, rate, 0.05);
-    }
     let n = sorted.len();
+    if n == 0 {
+        return (f32::INFINITY, ThresholdRule::PastTheLargest);
+    }
     let median = if n % 2 == 1 { sorted[n / 2] } else { (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0 };
     let max = sorted[n - 1];
-    max + (max - median).max(0.05 * max.abs())
+    let allowed = (rate * n as f64).floor() as usize;
+    if allowed >= 1 && allowed < n {
+        let quantile = (sorted[n - 1 - allowed] + sorted[n - allowed]) / 2.0;
+        return (quantile, ThresholdRule::Quantile { tail: (quantile - median).max(0.0) });
+    }
+    match tail {
+        Some(tail) => {
+            let clear = max + 0.01 * max.abs();
+            ((median + tail).max(clear), ThresholdRule::MedianPlusTail { raised: clear > median + tail })
+        }
+        None => (max + (max - median).max(0.05 * max.abs()), ThresholdRule::PastTheLargest),
+    }
 }
 
 /// The scale of each memory-bank row's distance, from the bank's own
@@ -401,20 +442,49 @@ mod tests {
 
     #[test]
     fn the_fitted_threshold_reaches_past_a_lone_high_normal_scan() {
-        // Nine typical scans and one with a rarer pattern: the largest is
-        // raised by its excess over the median (10.5), to 16 + 5.5.
+        // Nine typical scans and one with a rarer pattern, no tail known:
+        // the largest is raised by its excess over the median (10.5), to 16 + 5.5.
         let mut held = vec![10.0f32, 10.2, 10.4, 10.4, 10.5, 10.5, 10.6, 10.8, 11.0, 16.0];
-        assert_eq!(fit_threshold(&held, 0.01), 21.5);
+        assert_eq!(fit_threshold(&held, 0.01, None), (21.5, ThresholdRule::PastTheLargest));
         // Order does not matter, nor does a non-finite score.
         held.reverse();
         held.push(f32::NAN);
-        assert_eq!(fit_threshold(&held, 0.01), 21.5);
+        assert_eq!(fit_threshold(&held, 0.01, None).0, 21.5);
         // All alike: at least 5 % above the largest.
-        assert!((fit_threshold(&[4.0; 10], 0.01) - 4.2).abs() < 1e-6);
-        // Enough scans to see the rate: the quantile itself, plus 5 %.
+        assert!((fit_threshold(&[4.0; 10], 0.01, None).0 - 4.2).abs() < 1e-6);
+        assert_eq!(fit_threshold(&[], 0.01, None).0, f32::INFINITY);
+    }
+
+    #[test]
+    fn enough_held_out_scans_give_the_quantile_and_measure_the_tail() {
+        // 1 % of 200: two may alarm, so the threshold lies between the third
+        // highest (198) and the second (199); the median is 100.5.
         let many: Vec<f32> = (1..=200).map(|i| i as f32).collect();
-        assert!((fit_threshold(&many, 0.01) - 198.0 * 1.05).abs() < 1e-3);
-        // Five scans see a 20 % rate: one may alarm, so the second highest (11.0).
-        assert!((fit_threshold(&held[..5], 0.2) - 11.0 * 1.05).abs() < 1e-3);
+        let (t, rule) = fit_threshold(&many, 0.01, Some(50.0));
+        assert_eq!(t, 198.5);
+        assert_eq!(rule, ThresholdRule::Quantile { tail: 98.0 });
+        assert_eq!(many.iter().filter(|s| **s >= t).count(), 2);
+        // Five scans see a 20 % rate: one may alarm.
+        let few = [10.0f32, 10.2, 10.4, 10.6, 11.0];
+        assert!((fit_threshold(&few, 0.2, None).0 - 10.8).abs() < 1e-5);
+    }
+
+    #[test]
+    fn few_held_out_scans_borrow_a_measured_tail() {
+        // Ten typical scans (median 10.5): the median plus the tail, whether
+        // or not a rare scan happened to be among them, as long as the
+        // threshold clears every held-out scan.
+        let typical = [10.0f32, 10.2, 10.4, 10.4, 10.5, 10.5, 10.6, 10.8, 11.0, 11.1];
+        let (t, rule) = fit_threshold(&typical, 0.01, Some(1.8));
+        assert_eq!(rule, ThresholdRule::MedianPlusTail { raised: false });
+        assert!((t - 12.3).abs() < 1e-5);
+        let mut rare = typical;
+        rare[9] = 11.9;
+        assert!((fit_threshold(&rare, 0.01, Some(1.8)).0 - 12.3).abs() < 1e-5);
+        // A held-out scan above the median plus the tail does not alarm.
+        rare[9] = 16.0;
+        let (t, rule) = fit_threshold(&rare, 0.01, Some(1.8));
+        assert!((t - 16.16).abs() < 1e-4);
+        assert_eq!(rule, ThresholdRule::MedianPlusTail { raised: true });
     }
 }

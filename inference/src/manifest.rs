@@ -145,6 +145,16 @@ pub struct FitSpec {
     /// The spacing around a bank row: the distance to its n-th nearest other row.
     #[serde(default = "default_scale_neighbours")]
     pub scale_neighbours: usize,
+    /// How far above the median normal scan the `false_alarm_rate` quantile
+    /// of normal image scores lies, measured by a fit that held out enough
+    /// normal scans to read that quantile off (see
+    /// [`crate::fit::fit_threshold`]). A later fit from this version with
+    /// fewer held-out scans sets its threshold at their median plus this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tail: Option<f32>,
+    /// How many held-out normal scans `tail` was measured on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tail_scans: Option<usize>,
 }
 
 fn default_coreset() -> usize {
@@ -426,6 +436,9 @@ impl Manifest {
                     return bad("fit.scale_neighbours must be at least 1".into());
                 }
             }
+            if f.tail.is_some_and(|t| !(t.is_finite() && t >= 0.0)) {
+                return bad("fit.tail must be a finite score excess of at least 0".into());
+            }
         }
         if !THREAT_CATEGORIES.contains(&d.category.as_str()) {
             return bad(format!(
@@ -532,11 +545,19 @@ bank_scale = "bank_scale"
             ("bank_scale = \"bank_scale\"", "bank_scale = \"memory_bank\"", "fit.bank_scale"),
             ("bank_scale = \"bank_scale\"", "bank_scale = \"nowhere\"", "fit.bank_scale"),
             ("bank_scale = \"bank_scale\"", "bank_scale = \"bank_scale\"\nscale_neighbours = 0", "scale_neighbours"),
+            ("bank_scale = \"bank_scale\"", "bank_scale = \"bank_scale\"\ntail = -1.0", "fit.tail"),
+            ("bank_scale = \"bank_scale\"", "bank_scale = \"bank_scale\"\ntail = nan", "fit.tail"),
         ];
         assert_each_refused(&fittable, &cases);
         // Without bank_scale the plain distance: nothing else is asked for.
         let plain = fittable.replace("bank_scale = \"bank_scale\"\n", "");
         assert_eq!(Manifest::parse(&plain).unwrap().fit.unwrap().bank_scale, None);
+        // A measured tail is kept, with the number of scans it came from.
+        let tailed =
+            fittable.replace("bank = \"memory_bank\"\n", "bank = \"memory_bank\"\ntail = 1.75\ntail_scans = 230\n");
+        let fit = Manifest::parse(&tailed).unwrap().fit.unwrap();
+        assert_eq!((fit.tail, fit.tail_scans), (Some(1.75), Some(230)));
+        assert_eq!(m.fit.as_ref().unwrap().tail, None);
     }
 
     #[test]

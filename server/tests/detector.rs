@@ -11,9 +11,35 @@ use std::process::Command;
 use common::fixtures;
 
 fn niix(args: &[&str]) -> String {
+    niix_logged(args).0
+}
+
+/// Runs `niix` with `args`, which must succeed; its stdout and stderr.
+fn niix_logged(args: &[&str]) -> (String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_niix")).args(args).env("NIIX_LOG", "warn").output().unwrap();
     assert!(out.status.success(), "niix {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
+    (String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+}
+
+/// The held-out scores a `niix model fit` log lists, and the threshold it
+/// prints, as the fit saw them (to 3 decimals).
+fn held_out_and_threshold(stdout: &str, stderr: &str) -> (Vec<f64>, f64) {
+    let number = |text: &str| text.trim_end_matches(|c: char| !c.is_ascii_digit()).parse::<f64>().unwrap();
+    let held = stderr
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("held out "))
+        .map(|l| number(l.rsplit(' ').next().unwrap()))
+        .collect();
+    let threshold = stdout.split("threshold ").nth(1).and_then(|t| t.split(' ').next()).map(number).unwrap();
+    (held, threshold)
+}
+
+/// The median of `values`.
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    if n % 2 == 1 { sorted[n / 2] } else { (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0 }
 }
 
 /// `niix eval --json` of the labelled scans in `data` with the models in
@@ -165,6 +191,74 @@ fn synth_is_deterministic_fit_learns_normal_cargo_and_eval_separates_anomalies()
         let highest = values.iter().copied().fold(f32::MIN, f32::max) as f64;
         assert!((highest - score(r).min(score_max)).abs() < 1e-3, "map peak {highest} for {r}");
     }
+
+    // The threshold's tail. At a 20 % false-alarm rate, 5 held-out scans
+    // see the rate: the 2 held out of the 8 normal scans and the normal
+    // scans of the test set (--held-out, never fitted) give the quantile,
+    // and the fit records how far it lies above their median.
+    let normal = tmp.path().join("normal");
+    let base = tmp.path().join("base-20pct");
+    edited_copy(&version, &base, "false_alarm_rate = 0.01", "false_alarm_rate = 0.2");
+    let measured = models.join("cargo-patchcore/2");
+    let (out, log) = niix_logged(&[
+        "model",
+        "fit",
+        "--normal",
+        normal.to_str().unwrap(),
+        "--base",
+        base.to_str().unwrap(),
+        "--out",
+        measured.to_str().unwrap(),
+        "--held-out",
+        test.to_str().unwrap(),
+    ]);
+    let (mut held, threshold) = held_out_and_threshold(&out, &log);
+    assert_eq!(held.len(), 2 + normal_scans(&test), "{log}");
+    held.sort_by(f64::total_cmp);
+    let n = held.len();
+    let allowed = n / 5;
+    let quantile = (held[n - 1 - allowed] + held[n - allowed]) / 2.0;
+    assert!((threshold - quantile).abs() < 2e-3, "threshold {threshold}, quantile {quantile} of {held:?}");
+    let fit: toml::Table = std::fs::read_to_string(measured.join("model.toml")).unwrap().parse().unwrap();
+    let tail = fit["fit"]["tail"].as_float().unwrap();
+    assert_eq!(fit["fit"]["tail_scans"].as_integer(), Some(n as i64));
+    assert!((tail - (quantile - median(&held))).abs() < 2e-3, "tail {tail} for {held:?}");
+    assert!(log.contains("quantile of"), "{log}");
+
+    // A later fit from that version with too few held-out scans (2) sets
+    // its threshold at their median plus that tail, above each of them.
+    let later = models.join("cargo-patchcore/3");
+    let (out, log) = niix_logged(&[
+        "model",
+        "fit",
+        "--normal",
+        normal.to_str().unwrap(),
+        "--base",
+        measured.to_str().unwrap(),
+        "--out",
+        later.to_str().unwrap(),
+    ]);
+    let (held, threshold) = held_out_and_threshold(&out, &log);
+    assert_eq!(held.len(), 2, "{log}");
+    let highest = held.iter().copied().fold(f64::MIN, f64::max);
+    let expected = (median(&held) + tail).max(highest * 1.01);
+    assert!(
+        (threshold - expected).abs() < 2e-3,
+        "threshold {threshold}, expected {expected} from {held:?} and tail {tail}"
+    );
+    assert!(log.contains("plus the tail"), "{log}");
+    let manifest = std::fs::read_to_string(later.join("model.toml")).unwrap();
+    assert!(manifest.contains("plus the tail"), "{manifest}");
+}
+
+/// How many scans of a `niix synth` directory are normal.
+fn normal_scans(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.ends_with(".json")))
+        .filter(|e| niix_synth::read_info(&e.path()).unwrap().anomalies.is_empty())
+        .count()
 }
 
 /// A copy of a fitted version at `out` whose `model.toml` has `from`

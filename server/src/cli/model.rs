@@ -11,7 +11,7 @@ use anyhow::Context;
 use ndarray::{Array2, concatenate};
 use niix_inference::decode::{Encoding, probe};
 use niix_inference::fit::{
-    FeatureGraph, bank_scale, constant_bytes, coreset, cover_rows, fit_threshold, threshold_for,
+    FeatureGraph, ThresholdRule, bank_scale, constant_bytes, coreset, cover_rows, fit_threshold, threshold_for,
 };
 use niix_inference::manifest::Manifest;
 use niix_inference::model::Model;
@@ -53,15 +53,23 @@ pub struct FitArgs {
     /// More directories of normal scans from the same kind of scanner (a
     /// scan library) for the structure model, which needs many scans to
     /// learn where cargo never stands, and with `--bank-library` for the
-    /// memory bank too; the threshold comes from `--normal` alone.
+    /// memory bank too; the threshold comes from held-out scans only.
     #[arg(long)]
     pub library: Vec<PathBuf>,
     /// Let the library scans feed the memory bank too (each gives as many
     /// sampled patches as a fitted scan), so that rare normal cargo the
     /// site's own scans do not show still has neighbours in the bank. The
-    /// threshold still comes from the held-out `--normal` scans alone.
+    /// threshold still comes from held-out scans only.
     #[arg(long)]
     pub bank_library: bool,
+    /// More directories of normal scans that are only held out: scored by
+    /// the new version to set its threshold, never fitted. With at least
+    /// `1 / false_alarm_rate` held-out scans in all (100 for 1 %), the
+    /// threshold is their quantile and the fit records how far it lies
+    /// above their median (`[fit] tail`), which later fits from this version
+    /// with fewer held-out scans build on.
+    #[arg(long, value_name = "DIR")]
+    pub held_out: Vec<PathBuf>,
 }
 
 /// Arguments of `niix eval`.
@@ -182,7 +190,18 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
     // Every k-th scan is held out (deterministic, spread over the set).
     let every = (1.0 / args.holdout).round().max(2.0) as usize;
     let (held, fitted): (Vec<_>, Vec<_>) = scans.into_iter().enumerate().partition(|(i, _)| i % every == every - 1);
-    eprintln!("fitting on {} normal scans, {} held out for the threshold", fitted.len(), held.len());
+    let mut held: Vec<ScanFiles> = held.into_iter().map(|(_, s)| s).collect();
+    let from_normal = held.len();
+    for dir in &args.held_out {
+        held.extend(normal_scans(dir)?);
+    }
+    eprintln!(
+        "fitting on {} normal scans, {} held out for the threshold ({from_normal} of {} and {} from --held-out)",
+        fitted.len(),
+        held.len(),
+        args.normal.display(),
+        held.len() - from_normal
+    );
 
     let mut library = Vec::new();
     for dir in &args.library {
@@ -287,14 +306,43 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
     let model = Model::load(&tmp, &manifest.name, version, Threads::default())?;
     let mut scores = Vec::new();
     let mut cells = Vec::new();
-    for (_, s) in &held {
+    for s in &held {
         let a = analyze(&model, s.planes()?).with_context(|| format!("analysing {}", s.name))?;
         // Back from the placeholder normalisation to raw map values.
         cells.extend(a.map.iter().map(|v| manifest.decision.raw(*v)));
         scores.push(a.raw_score);
         eprintln!("  held out {}: highest score {:.3}", s.name, a.raw_score);
     }
-    let threshold = fit_threshold(&scores, spec.false_alarm_rate);
+    let (threshold, rule) = fit_threshold(&scores, spec.false_alarm_rate, spec.tail);
+    let how = match rule {
+        ThresholdRule::Quantile { tail } => {
+            let fit = manifest.fit.as_mut().expect("FeatureGraph::load checks [fit]");
+            (fit.tail, fit.tail_scans) = (Some(tail), Some(scores.len()));
+            format!(
+                "the {}% quantile of {} held-out scans, {tail:.3} above their median",
+                100.0 - spec.false_alarm_rate * 100.0,
+                scores.len()
+            )
+        }
+        ThresholdRule::MedianPlusTail { raised } => {
+            let (tail, tail_scans) = (spec.tail.unwrap_or_default(), spec.tail_scans.unwrap_or_default());
+            let median_plus_tail = format!(
+                "the median of {} held-out scans plus the tail {tail:.3} measured on {tail_scans} scans",
+                scores.len()
+            );
+            if raised {
+                format!("1% above the highest held-out scan, which lies above {median_plus_tail}")
+            } else {
+                median_plus_tail
+            }
+        }
+        ThresholdRule::PastTheLargest => format!(
+            "the highest of {} held-out scans plus its excess over their median (fewer than {:.0} held out and no measured tail)",
+            scores.len(),
+            1.0 / spec.false_alarm_rate
+        ),
+    };
+    eprintln!("threshold {threshold:.3}: {how}");
     cells.sort_by(f32::total_cmp);
     let typical = cells.get(cells.len() / 2).copied().unwrap_or(0.0).min(threshold * 0.5);
     // Normalised score 0.5 is the threshold; 0 the typical normal cell.
@@ -302,12 +350,11 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
     manifest.decision.score_max = typical + 2.0 * (threshold - typical);
     manifest.decision.threshold = 0.5;
     manifest.description = format!(
-        "{}. Fitted by `niix model fit` on {} normal scans of {}; threshold {:.3} from {} held-out scans at a {}% false-alarm rate.",
+        "{}. Fitted by `niix model fit` on {} normal scans of {}; threshold {:.3} for a {}% false-alarm rate: {how}.",
         manifest.description.split(". Fitted by").next().unwrap_or_default().trim_end_matches('.'),
         fitted.len(),
         args.normal.display(),
         threshold,
-        held.len(),
         spec.false_alarm_rate * 100.0
     );
     if structure.is_some() {
