@@ -103,13 +103,24 @@ patchcore: release
 ## The bundled detector: fit the PatchCore graphs to 30 synthetic normal scans
 ## (memory bank, threshold); the structure model and the memory bank also read
 ## the heads' 120 training scans as a library (--library, --bank-library).
+## First a fit that also holds out 200 more normal scans (--held-out) reads the
+## 1 % quantile of normal scores off and records how far it lies above their
+## median ([fit] tail, in .niix/tail); the shipped version is then fitted from
+## it like any site fit, its threshold the median of its 10 held-out scans
+## plus that tail.
+TAIL_SCANS := .niix/synth/tail3000 .niix/synth/tail3100
 model: onnxruntime release
-	rm -rf .niix/synth/normal fixtures/models/cargo-patchcore/1
+	rm -rf .niix/synth/normal .niix/tail/cargo-patchcore fixtures/models/cargo-patchcore/1
 	./target/release/niix synth --out .niix/synth/normal --count 30 --seed 100 --anomaly-rate 0
 	test -d $(HEAD_SCANS) || ./target/release/niix synth --out $(HEAD_SCANS) --count 40 --seed 500 --anomaly-rate 0
 	test -d $(HEAD_MORE) || ./target/release/niix synth --out $(HEAD_MORE) --count 80 --seed 510 --anomaly-rate 0
+	test -d .niix/synth/tail3000 || ./target/release/niix synth --out .niix/synth/tail3000 --count 100 --seed 3000 --anomaly-rate 0
+	test -d .niix/synth/tail3100 || ./target/release/niix synth --out .niix/synth/tail3100 --count 100 --seed 3100 --anomaly-rate 0
 	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" ./target/release/niix model fit --normal .niix/synth/normal \
-		--base fixtures/patchcore --out fixtures/models/cargo-patchcore/1 \
+		--base fixtures/patchcore --out .niix/tail/cargo-patchcore/1 \
+		--library $(HEAD_SCANS) --library $(HEAD_MORE) --bank-library $(addprefix --held-out ,$(TAIL_SCANS))
+	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" ./target/release/niix model fit --normal .niix/synth/normal \
+		--base .niix/tail/cargo-patchcore/1 --out fixtures/models/cargo-patchcore/1 \
 		--library $(HEAD_SCANS) --library $(HEAD_MORE) --bank-library
 
 ## The README's detector figures: 100 fresh scans (seed 300) and 40 (seed 200).
