@@ -225,6 +225,16 @@ fn synth_is_deterministic_fit_learns_normal_cargo_and_eval_separates_anomalies()
     assert!((tail - (quantile - median(&held))).abs() < 2e-3, "tail {tail} for {held:?}");
     assert!(log.contains("quantile of"), "{log}");
 
+    // A held-out scan must be one the fit has not seen.
+    let twice = Command::new(env!("CARGO_BIN_EXE_niix"))
+        .args(["model", "fit", "--normal", normal.to_str().unwrap(), "--base", base.to_str().unwrap()])
+        .args(["--out", models.join("cargo-patchcore/9").to_str().unwrap(), "--held-out", normal.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&twice.stderr);
+    assert!(!twice.status.success() && said.contains("already among the scans of this fit"), "{said}");
+    assert!(!models.join("cargo-patchcore/9").exists());
+
     // A later fit from that version with too few held-out scans (2) sets
     // its threshold at their median plus that tail, above each of them.
     let later = models.join("cargo-patchcore/3");

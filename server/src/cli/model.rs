@@ -192,8 +192,22 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
     let (held, fitted): (Vec<_>, Vec<_>) = scans.into_iter().enumerate().partition(|(i, _)| i % every == every - 1);
     let mut held: Vec<ScanFiles> = held.into_iter().map(|(_, s)| s).collect();
     let from_normal = held.len();
+    // A scan counted twice, or both fitted and held out, would pull the
+    // threshold towards what the bank has already seen.
+    let mut seen: std::collections::HashSet<PathBuf> =
+        held.iter().chain(fitted.iter().map(|(_, s)| s)).filter_map(|s| s.high.canonicalize().ok()).collect();
     for dir in &args.held_out {
-        held.extend(normal_scans(dir)?);
+        for scan in normal_scans(dir)? {
+            let path = scan.high.canonicalize().with_context(|| format!("reading {}", scan.high.display()))?;
+            anyhow::ensure!(
+                seen.insert(path),
+                "--held-out {}: {} is already among the scans of this fit (from --normal or another --held-out); \
+                 held-out scans must be scans the fit has not seen",
+                dir.display(),
+                scan.name
+            );
+            held.push(scan);
+        }
     }
     eprintln!(
         "fitting on {} normal scans, {} held out for the threshold ({from_normal} of {} and {} from --held-out)",
