@@ -217,14 +217,21 @@ pub fn coreset(pool: ArrayView2<'_, f32>, k: usize, seed: u64) -> Array2<f32> {
 /// largest when there are too few scans to estimate it, raised by `margin`
 /// (relative) so the scan that set it does not itself alarm.
 pub fn threshold_for(scores: &[f32], rate: f64, margin: f32) -> f32 {
-    let mut sorted: Vec<f32> = scores.iter().copied().filter(|s| s.is_finite()).collect();
-    sorted.sort_by(f32::total_cmp);
+    let (sorted, allowed) = ranked(scores, rate);
     if sorted.is_empty() {
         return f32::INFINITY;
     }
-    let allowed = (rate * sorted.len() as f64).floor() as usize;
     let at = sorted.len() - 1 - allowed.min(sorted.len() - 1);
     sorted[at] * (1.0 + margin)
+}
+
+/// The finite `scores` in ascending order, and how many of them a
+/// false-alarm `rate` lets alarm (`rate` of them, rounded down).
+fn ranked(scores: &[f32], rate: f64) -> (Vec<f32>, usize) {
+    let mut sorted: Vec<f32> = scores.iter().copied().filter(|s| s.is_finite()).collect();
+    sorted.sort_by(f32::total_cmp);
+    let allowed = (rate * sorted.len() as f64).floor() as usize;
+    (sorted, allowed)
 }
 
 /// How [`fit_threshold`] set a threshold.
@@ -270,15 +277,13 @@ pub enum ThresholdRule {
 ///   the median, at least 5 % ([`ThresholdRule::PastTheLargest`]), so that
 ///   a pattern seen once, and a little more of it, does not alarm.
 pub fn fit_threshold(scores: &[f32], rate: f64, tail: Option<f32>) -> (f32, ThresholdRule) {
-    let mut sorted: Vec<f32> = scores.iter().copied().filter(|s| s.is_finite()).collect();
-    sorted.sort_by(f32::total_cmp);
+    let (sorted, allowed) = ranked(scores, rate);
     let n = sorted.len();
     if n == 0 {
         return (f32::INFINITY, ThresholdRule::PastTheLargest);
     }
     let median = if n % 2 == 1 { sorted[n / 2] } else { (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0 };
     let max = sorted[n - 1];
-    let allowed = (rate * n as f64).floor() as usize;
     if allowed >= 1 && allowed < n {
         let quantile = (sorted[n - 1 - allowed] + sorted[n - allowed]) / 2.0;
         return (quantile, ThresholdRule::Quantile { tail: (quantile - median).max(0.0) });

@@ -11,14 +11,28 @@ use std::process::Command;
 use common::fixtures;
 
 fn niix(args: &[&str]) -> String {
-    niix_logged(args).0
+    succeed(command(args)).0
 }
 
-/// Runs `niix` with `args`, which must succeed; its stdout and stderr.
-fn niix_logged(args: &[&str]) -> (String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_niix")).args(args).env("NIIX_LOG", "warn").output().unwrap();
-    assert!(out.status.success(), "niix {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+/// The `niix` binary with `args`, logging warnings only.
+fn command(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_niix"));
+    command.args(args).env("NIIX_LOG", "warn");
+    command
+}
+
+/// Runs `command`, which must succeed; its stdout and stderr.
+fn succeed(mut command: Command) -> (String, String) {
+    let out = command.output().unwrap();
+    assert!(out.status.success(), "{command:?}: {}", String::from_utf8_lossy(&out.stderr));
     (String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+}
+
+/// `niix model fit` of the normal scans in `normal` from `base` (a model
+/// directory, or a name in `--models`) into the version directory `out`.
+fn model_fit(normal: &Path, base: &Path, out: &Path) -> Command {
+    let [normal, base, out] = [normal, base, out].map(|p| p.to_str().unwrap());
+    command(&["model", "fit", "--normal", normal, "--base", base, "--out", out])
 }
 
 /// The held-out scores a `niix model fit` log lists, and the threshold it
@@ -107,16 +121,7 @@ fn synth_is_deterministic_fit_learns_normal_cargo_and_eval_separates_anomalies()
     synth(&normal, "6", "8", "0", None);
     let models = tmp.path().join("models");
     let version = models.join("cargo-patchcore/1");
-    let out = niix(&[
-        "model",
-        "fit",
-        "--normal",
-        normal.to_str().unwrap(),
-        "--base",
-        fixtures().join("patchcore").to_str().unwrap(),
-        "--out",
-        version.to_str().unwrap(),
-    ]);
+    let (out, _) = succeed(model_fit(&normal, &fixtures().join("patchcore"), &version));
     assert!(out.contains("memory bank"), "{out}");
     for f in ["model.onnx", "features.onnx", "memory_bank.f32", "bank_scale.f32", "model.toml"] {
         assert!(version.join(f).exists(), "{f} missing");
@@ -127,9 +132,8 @@ fn synth_is_deterministic_fit_learns_normal_cargo_and_eval_separates_anomalies()
     assert!(!version.join("structure.f32").exists());
     assert!(!manifest.contains("structure.f32"), "{manifest}");
     // Versions are never overwritten.
-    let again = Command::new(env!("CARGO_BIN_EXE_niix"))
-        .args(["model", "fit", "--normal", normal.to_str().unwrap(), "--base", "cargo-patchcore"])
-        .args(["--models", models.to_str().unwrap(), "--out", version.to_str().unwrap()])
+    let again = model_fit(&normal, Path::new("cargo-patchcore"), &version)
+        .args(["--models", models.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(!again.status.success());
@@ -200,18 +204,9 @@ fn synth_is_deterministic_fit_learns_normal_cargo_and_eval_separates_anomalies()
     let base = tmp.path().join("base-20pct");
     edited_copy(&version, &base, "false_alarm_rate = 0.01", "false_alarm_rate = 0.2");
     let measured = models.join("cargo-patchcore/2");
-    let (out, log) = niix_logged(&[
-        "model",
-        "fit",
-        "--normal",
-        normal.to_str().unwrap(),
-        "--base",
-        base.to_str().unwrap(),
-        "--out",
-        measured.to_str().unwrap(),
-        "--held-out",
-        test.to_str().unwrap(),
-    ]);
+    let mut fit = model_fit(&normal, &base, &measured);
+    fit.args(["--held-out", test.to_str().unwrap()]);
+    let (out, log) = succeed(fit);
     let (mut held, threshold) = held_out_and_threshold(&out, &log);
     assert_eq!(held.len(), 2 + normal_scans(&test), "{log}");
     held.sort_by(f64::total_cmp);
@@ -226,9 +221,8 @@ fn synth_is_deterministic_fit_learns_normal_cargo_and_eval_separates_anomalies()
     assert!(log.contains("quantile of"), "{log}");
 
     // A held-out scan must be one the fit has not seen.
-    let twice = Command::new(env!("CARGO_BIN_EXE_niix"))
-        .args(["model", "fit", "--normal", normal.to_str().unwrap(), "--base", base.to_str().unwrap()])
-        .args(["--out", models.join("cargo-patchcore/9").to_str().unwrap(), "--held-out", normal.to_str().unwrap()])
+    let twice = model_fit(&normal, &base, &models.join("cargo-patchcore/9"))
+        .args(["--held-out", normal.to_str().unwrap()])
         .output()
         .unwrap();
     let said = String::from_utf8_lossy(&twice.stderr);
@@ -238,16 +232,7 @@ fn synth_is_deterministic_fit_learns_normal_cargo_and_eval_separates_anomalies()
     // A later fit from that version with too few held-out scans (2) sets
     // its threshold at their median plus that tail, above each of them.
     let later = models.join("cargo-patchcore/3");
-    let (out, log) = niix_logged(&[
-        "model",
-        "fit",
-        "--normal",
-        normal.to_str().unwrap(),
-        "--base",
-        measured.to_str().unwrap(),
-        "--out",
-        later.to_str().unwrap(),
-    ]);
+    let (out, log) = succeed(model_fit(&normal, &measured, &later));
     let (held, threshold) = held_out_and_threshold(&out, &log);
     assert_eq!(held.len(), 2, "{log}");
     let highest = held.iter().copied().fold(f64::MIN, f64::max);
@@ -323,13 +308,12 @@ fn the_structure_model_finds_steel_hidden_in_the_front_wall_but_not_cargo_agains
     let models = tmp.path().join("models");
     let version = models.join("cargo-patchcore/1");
     let fit = |out: &Path, library: Option<&Path>| {
-        let mut args = vec!["model", "fit", "--normal", normal.to_str().unwrap(), "--base", base.to_str().unwrap()];
-        args.extend(["--out", out.to_str().unwrap()]);
+        let mut fit = model_fit(&normal, &base, out);
         if let Some(l) = library {
             // The library feeds the memory bank too (as `make model` fits).
-            args.extend(["--library", l.to_str().unwrap(), "--bank-library"]);
+            fit.args(["--library", l.to_str().unwrap(), "--bank-library"]);
         }
-        Command::new(env!("CARGO_BIN_EXE_niix")).args(&args).env("NIIX_LOG", "warn").output().unwrap()
+        fit.output().unwrap()
     };
     // 4 fitted scans are too few on their own: no structure model, and the fit says why.
     let few = fit(&tmp.path().join("few/cargo-patchcore/1"), None);
