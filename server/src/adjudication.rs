@@ -1,5 +1,11 @@
 //! An officer's verdict as an OPERATOR report. The MACHINE report it judges
 //! is never changed: reports are only ever appended.
+//!
+//! The officer of record (`operator_id`) is the caller's authenticated
+//! identity; the `officer_id` the client sends is only a display name
+//! (`operator_name`). Without authentication (one workstation on loopback)
+//! there is no identity to trust, and the `officer_id` sent is the officer
+//! of record.
 
 use std::time::SystemTime;
 
@@ -10,21 +16,38 @@ use crate::findings::timestamp;
 
 /// Longest comment kept.
 pub const MAX_COMMENT: usize = 4096;
+/// Longest officer display name kept.
+pub const MAX_OFFICER_NAME: usize = 256;
 
 fn verdict_of(v: i32, what: &str) -> Result<Verdict> {
     Verdict::try_from(v).map_err(|_| Error::InvalidArgument(format!("{what}: unknown verdict value {v}")))
 }
 
 /// Builds the OPERATOR report for `req`, judging `machine` (the latest
-/// MACHINE report, if any).
-pub fn operator_report(machine: Option<&ThreatReport>, req: &AdjudicateRequest) -> Result<ThreatReport> {
+/// MACHINE report, if any). `officer` is the caller's authenticated
+/// identity, `None` on a server without authentication.
+pub fn operator_report(
+    machine: Option<&ThreatReport>,
+    req: &AdjudicateRequest,
+    officer: Option<&str>,
+) -> Result<ThreatReport> {
     let verdict = verdict_of(req.verdict, "verdict")?;
     if verdict == Verdict::Unspecified {
         return Err(Error::InvalidArgument("verdict is required: CONFIRMED, DISMISSED or INCONCLUSIVE".into()));
     }
-    if req.officer_id.trim().is_empty() {
-        return Err(Error::InvalidArgument("officer_id is required: say who adjudicates".into()));
+    let name = req.officer_id.trim();
+    if name.len() > MAX_OFFICER_NAME {
+        return Err(Error::InvalidArgument(format!("officer_id is limited to {MAX_OFFICER_NAME} bytes")));
     }
+    let (operator_id, operator_name) = match officer {
+        Some(identity) => (identity.to_string(), name.to_string()),
+        None if name.is_empty() => {
+            return Err(Error::InvalidArgument(
+                "officer_id is required on a server without authentication: say who adjudicates".into(),
+            ));
+        }
+        None => (name.to_string(), String::new()),
+    };
     if req.comment.len() > MAX_COMMENT || req.regions.iter().any(|r| r.comment.len() > MAX_COMMENT) {
         return Err(Error::InvalidArgument(format!("comments are limited to {MAX_COMMENT} bytes")));
     }
@@ -57,7 +80,8 @@ pub fn operator_report(machine: Option<&ThreatReport>, req: &AdjudicateRequest) 
         decision_time: Some(timestamp(SystemTime::now())),
         score: machine.map(|m| m.score).unwrap_or(0.0),
         plane_index: machine.map(|m| m.plane_index).unwrap_or(0),
-        operator_id: req.officer_id.trim().to_string(),
+        operator_id,
+        operator_name,
         verdict: verdict as i32,
         comment: req.comment.clone(),
         regions,
@@ -101,6 +125,7 @@ mod tests {
         let r = operator_report(
             Some(&m),
             &req(Verdict::Confirmed, vec![rv(1, Verdict::Confirmed), rv(2, Verdict::Dismissed)]),
+            None,
         )
         .unwrap();
         assert_eq!(r.r#type, ReportType::Operator as i32);
@@ -109,24 +134,40 @@ mod tests {
         assert_eq!(r.regions[1].assessment_flag, AssessmentFlag::NoThreat as i32);
         assert_eq!(r.regions[1].verdict, Verdict::Dismissed as i32);
         assert_eq!((r.operator_id.as_str(), r.comment.as_str()), ("NL-4711", "seal intact"));
-        let r = operator_report(Some(&m), &req(Verdict::Dismissed, vec![])).unwrap();
+        let r = operator_report(Some(&m), &req(Verdict::Dismissed, vec![]), None).unwrap();
         assert_eq!(r.decision, AlarmDecision::Clear as i32);
-        let r = operator_report(None, &req(Verdict::Inconclusive, vec![])).unwrap();
+        let r = operator_report(None, &req(Verdict::Inconclusive, vec![]), None).unwrap();
         assert_eq!(r.decision, AlarmDecision::Unknown as i32);
     }
 
     #[test]
     fn bad_requests_are_named() {
         let m = machine();
-        let e = operator_report(Some(&m), &req(Verdict::Unspecified, vec![])).unwrap_err();
+        let e = operator_report(Some(&m), &req(Verdict::Unspecified, vec![]), None).unwrap_err();
         assert!(e.to_string().contains("verdict is required"));
         let mut r = req(Verdict::Confirmed, vec![]);
         r.officer_id = " ".into();
-        assert!(operator_report(Some(&m), &r).unwrap_err().to_string().contains("officer_id"));
+        assert!(operator_report(Some(&m), &r, None).unwrap_err().to_string().contains("officer_id"));
         let r = req(Verdict::Confirmed, vec![RegionVerdict { region_id: 9, verdict: 1, comment: String::new() }]);
-        assert!(operator_report(Some(&m), &r).unwrap_err().to_string().contains("region 9 is not in"));
+        assert!(operator_report(Some(&m), &r, None).unwrap_err().to_string().contains("region 9 is not in"));
         let mut r = req(Verdict::Confirmed, vec![]);
         r.verdict = 42;
-        assert!(operator_report(Some(&m), &r).unwrap_err().to_string().contains("unknown verdict"));
+        assert!(operator_report(Some(&m), &r, None).unwrap_err().to_string().contains("unknown verdict"));
+        let mut r = req(Verdict::Confirmed, vec![]);
+        r.officer_id = "n".repeat(MAX_OFFICER_NAME + 1);
+        assert!(operator_report(Some(&m), &r, Some("officer-1")).unwrap_err().to_string().contains("256 bytes"));
+    }
+
+    #[test]
+    fn the_authenticated_officer_is_of_record_and_officer_id_a_display_name() {
+        let m = machine();
+        let mut r = req(Verdict::Dismissed, vec![]);
+        r.officer_id = "officer-b".into();
+        let report = operator_report(Some(&m), &r, Some("officer-a")).unwrap();
+        assert_eq!((report.operator_id.as_str(), report.operator_name.as_str()), ("officer-a", "officer-b"));
+        // With authentication the display name is optional.
+        r.officer_id = " ".into();
+        let report = operator_report(Some(&m), &r, Some("officer-a")).unwrap();
+        assert_eq!((report.operator_id.as_str(), report.operator_name.as_str()), ("officer-a", ""));
     }
 }

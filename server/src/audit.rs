@@ -70,6 +70,25 @@ pub fn verify(store: &dyn MetadataStore) -> StoreResult<std::result::Result<u64,
     }
 }
 
+/// Longest field of an audit record, in bytes; longer values (a path or an
+/// id an attacker chose) are cut to this and end in [`TRUNCATED`].
+pub const MAX_FIELD_BYTES: usize = 256;
+/// The end of a field that was cut to [`MAX_FIELD_BYTES`].
+pub const TRUNCATED: &str = "...[truncated]";
+
+/// `value` cut to at most [`MAX_FIELD_BYTES`] bytes at a character
+/// boundary, marked with [`TRUNCATED`] when it was cut.
+pub fn bounded(value: &str) -> String {
+    if value.len() <= MAX_FIELD_BYTES {
+        return value.to_string();
+    }
+    let mut end = MAX_FIELD_BYTES - TRUNCATED.len();
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{TRUNCATED}", &value[..end])
+}
+
 /// Who is calling, as far as the server knows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
@@ -113,11 +132,11 @@ impl Gate {
     pub async fn audit(&self, caller: &Caller, action: &str, object: &str, outcome: &str) {
         let entry = AuditEntry {
             at: SystemTime::now(),
-            identity: caller.identity.clone(),
-            role: caller.role.clone(),
-            action: action.into(),
-            object: object.into(),
-            outcome: outcome.into(),
+            identity: bounded(&caller.identity),
+            role: bounded(&caller.role),
+            action: bounded(action),
+            object: bounded(object),
+            outcome: bounded(outcome),
         };
         let store = self.store.clone();
         if let Err(e) = blocking(move || Ok(store.append_audit(&entry)?)).await {
@@ -173,6 +192,16 @@ mod tests {
 
     fn tamper(dir: &std::path::Path, sql: &str) {
         rusqlite::Connection::open(dir.join("niix.db")).unwrap().execute_batch(sql).unwrap();
+    }
+
+    #[test]
+    fn long_fields_are_cut_and_marked() {
+        assert_eq!(bounded("GetScan"), "GetScan");
+        let exact = "a".repeat(MAX_FIELD_BYTES);
+        assert_eq!(bounded(&exact), exact);
+        let cut = bounded(&"\u{e9}".repeat(6000));
+        assert!(cut.len() <= MAX_FIELD_BYTES && cut.ends_with(TRUNCATED), "{cut}");
+        assert!(cut.trim_end_matches(TRUNCATED).chars().all(|c| c == '\u{e9}'));
     }
 
     #[test]

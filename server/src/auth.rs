@@ -4,17 +4,30 @@
 //!
 //! With no tokens configured, the server only listens on loopback (unless
 //! `--insecure`), and everyone on that workstation is the local admin.
+//!
+//! A request for a path the server has no method for is refused with
+//! UNIMPLEMENTED before anything else: it is only counted
+//! (`niix_unknown_rpc_requests_total`) and logged at most every
+//! [`UNKNOWN_LOG_EVERY`], never audited, so a flood of made-up paths
+//! cannot grow the audit log or the metric labels.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::audit::{Caller, Gate};
+use crate::metrics::known_rpc;
+use crate::scope::SiteScope;
+
+/// How often at most a request for an unknown path is logged.
+pub const UNKNOWN_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// What a caller is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -52,6 +65,10 @@ pub struct TokenConfig {
     pub role: Role,
     /// Lowercase hex SHA-256 of the token (`niix token new` prints it).
     pub sha256: String,
+    /// Sites a scanner may push for and an officer may see (see
+    /// [`crate::scope`]); empty: every site.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sites: Vec<String>,
 }
 
 /// One accepted client certificate (mutual TLS).
@@ -64,6 +81,9 @@ pub struct CertificateConfig {
     pub role: Role,
     /// Lowercase hex SHA-256 of the certificate (DER), its fingerprint.
     pub sha256: String,
+    /// Sites its holder may act for, as on a token; empty: every site.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sites: Vec<String>,
 }
 
 /// The `[auth]` section of the configuration.
@@ -109,19 +129,33 @@ pub fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
+/// What one identity may do: its role and sites, and the configuration
+/// entry that first named it (for error messages).
+#[derive(Debug)]
+struct Grant {
+    role: Role,
+    sites: Vec<String>,
+    scope: SiteScope,
+    entry: String,
+}
+
 /// Checks credentials against the configuration.
 #[derive(Debug, Default)]
 pub struct Authenticator {
     by_hash: HashMap<String, Caller>,
     by_certificate: HashMap<String, Caller>,
-    roles: HashMap<String, Role>,
+    grants: HashMap<String, Grant>,
 }
 
 impl Authenticator {
-    /// Builds the checker; refuses malformed or duplicate token hashes.
+    /// Builds the checker; refuses malformed or duplicate token hashes, and
+    /// an identity named by two entries with different roles or sites. The
+    /// same identity with the same role and sites on several tokens is
+    /// allowed: that is how a token is rotated (add the new one, hand it
+    /// out, remove the old one).
     pub fn new(config: &AuthConfig) -> anyhow::Result<Self> {
         let mut a = Authenticator::default();
-        for t in &config.tokens {
+        for (i, t) in config.tokens.iter().enumerate() {
             anyhow::ensure!(
                 crate::header::is_sha256_hex(&t.sha256),
                 "auth token of {:?}: sha256 must be 64 lowercase hex digits (`niix token new` prints it)",
@@ -133,9 +167,9 @@ impl Authenticator {
                 "auth token listed twice ({:?})",
                 t.identity
             );
-            a.roles.insert(t.identity.clone(), t.role);
+            a.grant(&t.identity, t.role, &t.sites, format!("[[auth.tokens]] entry {}", i + 1))?;
         }
-        for c in &config.certificates {
+        for (i, c) in config.certificates.iter().enumerate() {
             anyhow::ensure!(
                 crate::header::is_sha256_hex(&c.sha256),
                 "auth certificate of {:?}: sha256 must be the certificate's 64 lowercase hex digit fingerprint",
@@ -143,11 +177,47 @@ impl Authenticator {
             );
             let caller = Caller { identity: c.identity.clone(), role: c.role.name().into() };
             anyhow::ensure!(a.by_certificate.insert(c.sha256.clone(), caller).is_none(), "certificate listed twice");
-            if let Some(r) = a.roles.insert(c.identity.clone(), c.role) {
-                anyhow::ensure!(r == c.role, "identity {:?} has two roles", c.identity);
-            }
+            a.grant(&c.identity, c.role, &c.sites, format!("[[auth.certificates]] entry {}", i + 1))?;
         }
         Ok(a)
+    }
+
+    /// Records what `identity` may do; refuses a second entry that says otherwise.
+    fn grant(&mut self, identity: &str, role: Role, sites: &[String], entry: String) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            sites.iter().all(|s| !s.trim().is_empty() && s.trim() == s),
+            "{entry} ({identity:?}): a site in `sites` is blank or has spaces around it"
+        );
+        let mut sorted = sites.to_vec();
+        sorted.sort();
+        sorted.dedup();
+        if let Some(g) = self.grants.get(identity) {
+            anyhow::ensure!(
+                g.role == role,
+                "identity {identity:?} has two roles: {} says {} and {entry} says {}; one identity has one role \
+                 (give the other credential its own identity)",
+                g.entry,
+                g.role.name(),
+                role.name()
+            );
+            anyhow::ensure!(
+                g.sites == sorted,
+                "identity {identity:?} has two site scopes: {} says {:?} and {entry} says {:?}; \
+                 every credential of one identity must list the same sites",
+                g.entry,
+                g.sites,
+                sorted
+            );
+            return Ok(());
+        }
+        let scope = SiteScope::only(&sorted);
+        self.grants.insert(identity.to_string(), Grant { role, sites: sorted, scope, entry });
+        Ok(())
+    }
+
+    /// The sites `identity` may act for (every site when it is not scoped).
+    pub fn scope(&self, identity: &str) -> SiteScope {
+        self.grants.get(identity).map(|g| g.scope.clone()).unwrap_or_default()
     }
 
     /// True when callers must authenticate.
@@ -196,7 +266,7 @@ impl Authenticator {
         allowed: &[Role],
         path: &str,
     ) -> Result<Option<Caller>, (Option<Caller>, tonic::Status)> {
-        let role = self.roles[&caller.identity];
+        let role = self.grants[&caller.identity].role;
         if !allowed.contains(&role) {
             let names: Vec<&str> = allowed.iter().map(|r| r.name()).collect();
             return Err((
@@ -260,6 +330,14 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        let Some(rpc) = known_rpc(req.uri().path()) else {
+            self.gate.metrics().unknown_rpcs.inc();
+            log_unknown(req.uri().path());
+            let status = tonic::Status::unimplemented(
+                "this server has no such method; the methods it serves are in docs/protocol.md",
+            );
+            return Box::pin(async move { Ok(status.into_http()) });
+        };
         let path = req.uri().path().to_string();
         let certificate = req
             .extensions()
@@ -269,6 +347,7 @@ where
         match self.auth.check(&path, req.headers(), certificate.as_deref()) {
             Ok(caller) => {
                 if let Some(c) = caller {
+                    req.extensions_mut().insert(self.auth.scope(&c.identity));
                     req.extensions_mut().insert(c);
                 }
                 // The service that was made ready is the one to call.
@@ -280,14 +359,37 @@ where
                 let gate = self.gate.clone();
                 Box::pin(async move {
                     let who = caller.unwrap_or(Caller { identity: "unauthenticated".into(), role: "none".into() });
-                    let action = path.rsplit('/').next().unwrap_or(&path).to_string();
-                    gate.audit(&who, &action, "", &format!("{:?}", status.code())).await;
-                    gate.metrics().error(&action, status.code());
+                    gate.audit(&who, rpc, "", &format!("{:?}", status.code())).await;
+                    gate.metrics().error(rpc, status.code());
                     Ok(status.into_http())
                 })
             }
         }
     }
+}
+
+/// Logs a request for an unknown path, at most once per
+/// [`UNKNOWN_LOG_EVERY`] (with how many came since), and never more than
+/// the first 64 bytes of the path.
+fn log_unknown(path: &str) {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
+    let now = START.get_or_init(Instant::now).elapsed().as_secs() + UNKNOWN_LOG_EVERY.as_secs();
+    let last = LAST.load(Ordering::Relaxed);
+    if now < last + UNKNOWN_LOG_EVERY.as_secs()
+        || LAST.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_err()
+    {
+        SUPPRESSED.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let mut end = path.len().min(64);
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    let since = SUPPRESSED.swap(0, Ordering::Relaxed);
+    tracing::warn!(path = %path[..end].escape_debug(), path_bytes = path.len(), not_logged_since = since,
+        "refused a request for a path the server has no method for");
 }
 
 #[cfg(test)]
@@ -297,16 +399,21 @@ mod tests {
     fn auth() -> Authenticator {
         Authenticator::new(&AuthConfig {
             tokens: vec![
-                TokenConfig { identity: "scanner-1".into(), role: Role::Scanner, sha256: token_hash("s3cret-scanner") },
-                TokenConfig { identity: "officer-1".into(), role: Role::Officer, sha256: token_hash("s3cret-officer") },
+                token("scanner-1", Role::Scanner, "s3cret-scanner"),
+                token("officer-1", Role::Officer, "s3cret-officer"),
             ],
             certificates: vec![CertificateConfig {
                 identity: "DE".into(),
                 role: Role::Partner,
                 sha256: "ab".repeat(32),
+                sites: vec![],
             }],
         })
         .unwrap()
+    }
+
+    fn token(identity: &str, role: Role, secret: &str) -> TokenConfig {
+        TokenConfig { identity: identity.into(), role, sha256: token_hash(secret), sites: vec![] }
     }
 
     fn headers(token: Option<&str>) -> http::HeaderMap {
@@ -350,9 +457,58 @@ mod tests {
     #[test]
     fn malformed_hashes_are_refused() {
         let bad = AuthConfig {
-            tokens: vec![TokenConfig { identity: "x".into(), role: Role::Admin, sha256: "abc".into() }],
+            tokens: vec![TokenConfig { identity: "x".into(), role: Role::Admin, sha256: "abc".into(), sites: vec![] }],
             ..Default::default()
         };
         assert!(Authenticator::new(&bad).unwrap_err().to_string().contains("64 lowercase hex"));
+    }
+
+    #[test]
+    fn one_identity_with_two_roles_is_refused_naming_both_entries() {
+        let two = AuthConfig {
+            tokens: vec![
+                token("ops", Role::Scanner, "a"),
+                token("x", Role::Officer, "b"),
+                token("ops", Role::Admin, "c"),
+            ],
+            ..Default::default()
+        };
+        let e = Authenticator::new(&two).unwrap_err().to_string();
+        assert!(
+            e.contains("\"ops\" has two roles")
+                && e.contains("[[auth.tokens]] entry 1 says scanner")
+                && e.contains("[[auth.tokens]] entry 3 says admin"),
+            "{e}"
+        );
+        let cert = AuthConfig {
+            tokens: vec![token("DE", Role::Admin, "a")],
+            certificates: vec![CertificateConfig {
+                identity: "DE".into(),
+                role: Role::Partner,
+                sha256: "ab".repeat(32),
+                sites: vec![],
+            }],
+        };
+        let e = Authenticator::new(&cert).unwrap_err().to_string();
+        assert!(e.contains("[[auth.tokens]] entry 1 says admin and [[auth.certificates]] entry 1 says partner"), "{e}");
+        let mut scoped = token("ops", Role::Scanner, "c");
+        scoped.sites = vec!["NLRTM".into()];
+        let sites = AuthConfig { tokens: vec![token("ops", Role::Scanner, "a"), scoped], ..Default::default() };
+        let e = Authenticator::new(&sites).unwrap_err().to_string();
+        assert!(e.contains("two site scopes") && e.contains("entry 2 says [\"NLRTM\"]"), "{e}");
+    }
+
+    #[test]
+    fn one_identity_on_two_tokens_with_one_role_is_a_rotation() {
+        let rotation = AuthConfig {
+            tokens: vec![token("ops", Role::Scanner, "old"), token("ops", Role::Scanner, "new")],
+            ..Default::default()
+        };
+        let a = Authenticator::new(&rotation).unwrap();
+        let push = "/niix.v1.ScanIngest/PushScan";
+        for t in ["old", "new"] {
+            let c = a.check(push, &headers(Some(t)), None).unwrap().unwrap();
+            assert_eq!((c.identity.as_str(), c.role.as_str()), ("ops", "scanner"));
+        }
     }
 }

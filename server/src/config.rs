@@ -123,6 +123,29 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Most uploads streaming at once; more get RESOURCE_EXHAUSTED.
     pub max_concurrent_uploads: usize,
+    /// Most uploads one identity (one scanner's token) streams at once, so
+    /// that one client cannot take every upload slot; more get
+    /// RESOURCE_EXHAUSTED.
+    pub max_uploads_per_identity: usize,
+    /// An upload that sends nothing (no header, no chunk) for this long is
+    /// cut with DEADLINE_EXCEEDED; the bytes received stay resumable.
+    #[serde(with = "humantime_serde_compat")]
+    pub upload_stall_timeout: Duration,
+    /// A connection (gRPC or metrics) that sends no byte within this long of
+    /// being accepted is closed (a silent TCP or unfinished TLS handshake).
+    #[serde(with = "humantime_serde_compat")]
+    pub handshake_timeout: Duration,
+    /// A connection that sends no byte for this long is closed. Live gRPC
+    /// clients answer the server's HTTP/2 keepalive pings, which count, so
+    /// this must be longer than `keepalive_interval` + `keepalive_timeout`.
+    #[serde(with = "humantime_serde_compat")]
+    pub idle_timeout: Duration,
+    /// How often the server pings a gRPC connection that sent nothing.
+    #[serde(with = "humantime_serde_compat")]
+    pub keepalive_interval: Duration,
+    /// How long a ping may go unanswered before the connection is closed.
+    #[serde(with = "humantime_serde_compat")]
+    pub keepalive_timeout: Duration,
     /// Unfinished uploads untouched for this long are deleted.
     #[serde(with = "humantime_serde_compat")]
     pub staging_ttl: Duration,
@@ -138,8 +161,41 @@ impl Default for Limits {
             max_dimension: 1 << 17,
             max_header_bytes: 64 << 10,
             max_concurrent_uploads: 64,
+            max_uploads_per_identity: 8,
+            upload_stall_timeout: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            keepalive_interval: Duration::from_secs(60),
+            keepalive_timeout: Duration::from_secs(20),
             staging_ttl: Duration::from_secs(24 * 3600),
         }
+    }
+}
+
+impl Limits {
+    /// Refuses limits that contradict each other or switch a protection off.
+    pub fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.max_concurrent_uploads > 0 && self.max_uploads_per_identity > 0,
+            "limits.max_concurrent_uploads and limits.max_uploads_per_identity must be at least 1"
+        );
+        for (name, d) in [
+            ("upload_stall_timeout", self.upload_stall_timeout),
+            ("handshake_timeout", self.handshake_timeout),
+            ("idle_timeout", self.idle_timeout),
+            ("keepalive_interval", self.keepalive_interval),
+            ("keepalive_timeout", self.keepalive_timeout),
+        ] {
+            anyhow::ensure!(!d.is_zero(), "limits.{name} must be longer than 0s");
+        }
+        anyhow::ensure!(
+            self.idle_timeout > self.keepalive_interval + self.keepalive_timeout,
+            "limits.idle_timeout ({}) must be longer than keepalive_interval + keepalive_timeout ({}), \
+             or live clients waiting for events would be cut",
+            humantime::format_duration(self.idle_timeout),
+            humantime::format_duration(self.keepalive_interval + self.keepalive_timeout)
+        );
+        Ok(())
     }
 }
 
@@ -198,6 +254,15 @@ mod tests {
         assert_eq!(c.analysis.model.as_deref(), Some("m"));
         assert_eq!(c.analysis.threads.intra_op, 2);
         assert!(c.analysis.enabled);
+    }
+
+    #[test]
+    fn contradicting_timeouts_are_refused() {
+        assert!(Limits::default().check().is_ok());
+        let l = Limits { idle_timeout: Duration::from_secs(30), ..Limits::default() };
+        assert!(l.check().unwrap_err().to_string().contains("idle_timeout (30s) must be longer"));
+        let l = Limits { max_uploads_per_identity: 0, ..Limits::default() };
+        assert!(l.check().unwrap_err().to_string().contains("max_uploads_per_identity"));
     }
 
     #[test]

@@ -35,6 +35,9 @@ pub enum Error {
     /// The server is shutting down.
     #[error("{0}")]
     Unavailable(String),
+    /// The client went silent for longer than the server waits.
+    #[error("{0}")]
+    DeadlineExceeded(String),
     /// The storage layer failed.
     #[error("storage failure: {0}")]
     Store(#[from] StoreError),
@@ -56,6 +59,7 @@ impl Error {
             Error::NotFound(_) => tonic::Code::NotFound,
             Error::PermissionDenied(_) => tonic::Code::PermissionDenied,
             Error::Unavailable(_) => tonic::Code::Unavailable,
+            Error::DeadlineExceeded(_) => tonic::Code::DeadlineExceeded,
             Error::Store(_) | Error::Internal(_) => tonic::Code::Internal,
         }
     }

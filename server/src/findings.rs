@@ -1,5 +1,10 @@
 //! The `Findings` service: what officers use. Query scans, read findings,
 //! see overlays, adjudicate, watch new results live, export DICOS TDRs.
+//!
+//! An officer scoped to sites (see [`crate::scope`]) sees only their scans:
+//! listings and watch streams leave the others out, and asking for one by
+//! id answers NOT_FOUND, exactly as for a scan that does not exist, so the
+//! scope does not reveal which scan ids exist elsewhere.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -24,6 +29,7 @@ use crate::audit::{Caller, Gate};
 use crate::error::{Error, Result, blocking};
 use crate::header::canonical_scan_id;
 use crate::overlay::{OverlayOptions, decode_map_png, render};
+use crate::scope::SiteScope;
 use crate::store::{BlobStore, MetadataStore, ScanQuery, ScanRecord, StoredEvent};
 
 /// Default page of `ListScans`.
@@ -158,12 +164,16 @@ impl FindingsService {
         FindingsService { meta, blobs, gate, events, stop }
     }
 
-    async fn record(&self, scan_id: &str) -> Result<(ScanRecord, Vec<ThreatReport>)> {
+    async fn record(&self, scan_id: &str, scope: &SiteScope) -> Result<(ScanRecord, Vec<ThreatReport>)> {
         let id = canonical_scan_id(scan_id)?;
         let meta = self.meta.clone();
         let lookup = id.clone();
+        let scope = scope.clone();
         let found = blocking(move || {
             let Some(scan) = meta.get_scan(&lookup)? else { return Ok(None) };
+            if !scope.allows(scan.header.metadata.as_ref().map_or("", |m| m.site_id.as_str())) {
+                return Ok(None);
+            }
             let reports = meta.reports(&lookup)?;
             Ok(Some((scan, reports)))
         })
@@ -172,7 +182,16 @@ impl FindingsService {
     }
 
     /// Lists scans (used by the gRPC method).
-    pub async fn list(&self, req: ListScansRequest) -> Result<ListScansResponse> {
+    pub async fn list(&self, req: ListScansRequest, scope: &SiteScope) -> Result<ListScansResponse> {
+        let site_id = non_empty(req.site_id);
+        if let Some(site) = &site_id
+            && !scope.allows(site)
+        {
+            return Err(Error::PermissionDenied(format!(
+                "you may see scans of the sites {:?} only, and site_id {site} is not among them",
+                scope.sites().unwrap_or_default()
+            )));
+        }
         let limit = match req.page_size as usize {
             0 => DEFAULT_PAGE,
             n => n.min(MAX_PAGE),
@@ -195,7 +214,8 @@ impl FindingsService {
         let query = ScanQuery {
             limit: limit + 1,
             before: if req.page_token.is_empty() { None } else { Some(decode_token(&req.page_token)?) },
-            site_id: non_empty(req.site_id),
+            site_id,
+            sites: scope.sites().map(<[String]>::to_vec),
             lane_id: non_empty(req.lane_id),
             status,
             received_after: req.received_after.as_ref().map(system_time),
@@ -218,21 +238,21 @@ impl FindingsService {
     }
 
     /// A scan with its findings.
-    pub async fn get(&self, scan_id: &str) -> Result<ScanDetail> {
-        let (record, reports) = self.record(scan_id).await?;
+    pub async fn get(&self, scan_id: &str, scope: &SiteScope) -> Result<ScanDetail> {
+        let (record, reports) = self.record(scan_id, scope).await?;
         let findings = ScanFindings { scan_id: record.scan_id.clone(), status: record.status as i32, reports };
         Ok(ScanDetail { scan: Some(scan_message(&record)), findings: Some(findings) })
     }
 
     /// A scan's status and reports.
-    pub async fn findings(&self, scan_id: &str) -> Result<ScanFindings> {
-        let (record, reports) = self.record(scan_id).await?;
+    pub async fn findings(&self, scan_id: &str, scope: &SiteScope) -> Result<ScanFindings> {
+        let (record, reports) = self.record(scan_id, scope).await?;
         Ok(ScanFindings { scan_id: record.scan_id, status: record.status as i32, reports })
     }
 
     /// Renders a plane with its findings.
-    pub async fn overlay(&self, req: RenderOverlayRequest) -> Result<RenderOverlayResponse> {
-        let (record, reports) = self.record(&req.scan_id).await?;
+    pub async fn overlay(&self, req: RenderOverlayRequest, scope: &SiteScope) -> Result<RenderOverlayResponse> {
+        let (record, reports) = self.record(&req.scan_id, scope).await?;
         let (meta, blobs) = (self.meta.clone(), self.blobs.clone());
         blocking(move || {
             if !record.origin.is_empty()
@@ -247,14 +267,22 @@ impl FindingsService {
     }
 
     /// Stores an officer's verdict and returns the OPERATOR report.
-    pub async fn adjudicate(&self, req: AdjudicateRequest) -> Result<ThreatReport> {
-        let (record, reports) = self.record(&req.scan_id).await?;
-        let report = operator_report(latest(&reports, ReportType::Machine).map(|(_, r)| r), &req)?;
+    /// `officer` is the caller's authenticated identity (`None` without
+    /// authentication), the officer of record.
+    pub async fn adjudicate(
+        &self,
+        req: AdjudicateRequest,
+        officer: Option<&str>,
+        scope: &SiteScope,
+    ) -> Result<ThreatReport> {
+        let (record, reports) = self.record(&req.scan_id, scope).await?;
+        let report = operator_report(latest(&reports, ReportType::Machine).map(|(_, r)| r), &req, officer)?;
         let meta = self.meta.clone();
         let stored = report.clone();
         let seq = blocking(move || Ok(meta.add_report(&record.scan_id, &stored, None)?)).await?;
         self.events.send_replace(seq);
-        tracing::info!(scan_id = %req.scan_id, officer = %report.operator_id, verdict = report.verdict, "scan adjudicated");
+        tracing::info!(scan_id = %req.scan_id, officer = %report.operator_id, name = %report.operator_name,
+            verdict = report.verdict, "scan adjudicated");
         Ok(report)
     }
 
@@ -262,7 +290,9 @@ impl FindingsService {
     pub async fn watch(
         &self,
         req: WatchFindingsRequest,
+        scope: &SiteScope,
     ) -> Result<ReceiverStream<std::result::Result<FindingsEvent, Status>>> {
+        let scope = scope.clone();
         let meta = self.meta.clone();
         let mut cursor = if req.live_only { blocking(move || Ok(meta.last_event()?)).await? } else { req.cursor };
         let site = non_empty(req.site_id);
@@ -283,6 +313,9 @@ impl FindingsService {
                 let caught_up = batch.len() < WATCH_BATCH;
                 for e in batch {
                     cursor = e.seq;
+                    if !scope.allows(&e.site_id) {
+                        continue;
+                    }
                     if tx.send(Ok(event_message(e))).await.is_err() {
                         return; // the watcher went away
                     }
@@ -296,8 +329,8 @@ impl FindingsService {
     }
 
     /// A report as a DICOS TDR.
-    pub async fn export_tdr(&self, req: ExportTdrRequest) -> Result<ExportTdrResponse> {
-        let (record, reports) = self.record(&req.scan_id).await?;
+    pub async fn export_tdr(&self, req: ExportTdrRequest, scope: &SiteScope) -> Result<ExportTdrResponse> {
+        let (record, reports) = self.record(&req.scan_id, scope).await?;
         let kind = match ReportType::try_from(req.report) {
             Ok(ReportType::Unspecified) => ReportType::Machine,
             Ok(k) => k,
@@ -440,16 +473,18 @@ impl Findings for FindingsService {
         request: Request<ListScansRequest>,
     ) -> std::result::Result<Response<ListScansResponse>, Status> {
         let caller = Caller::of(&request);
+        let scope = SiteScope::of(&request);
         let req = request.into_inner();
         let object = format!("site={}", req.site_id);
-        let result = self.list(req).await;
+        let result = self.list(req, &scope).await;
         self.gate.reply(&caller, "ListScans", &object, result).await
     }
 
     async fn get_scan(&self, request: Request<GetScanRequest>) -> std::result::Result<Response<ScanDetail>, Status> {
         let caller = Caller::of(&request);
+        let scope = SiteScope::of(&request);
         let id = request.into_inner().scan_id;
-        let result = self.get(&id).await;
+        let result = self.get(&id, &scope).await;
         self.gate.reply(&caller, "GetScan", &id, result).await
     }
 
@@ -458,8 +493,9 @@ impl Findings for FindingsService {
         request: Request<GetFindingsRequest>,
     ) -> std::result::Result<Response<ScanFindings>, Status> {
         let caller = Caller::of(&request);
+        let scope = SiteScope::of(&request);
         let id = request.into_inner().scan_id;
-        let result = self.findings(&id).await;
+        let result = self.findings(&id, &scope).await;
         self.gate.reply(&caller, "GetFindings", &id, result).await
     }
 
@@ -468,9 +504,10 @@ impl Findings for FindingsService {
         request: Request<RenderOverlayRequest>,
     ) -> std::result::Result<Response<RenderOverlayResponse>, Status> {
         let caller = Caller::of(&request);
+        let scope = SiteScope::of(&request);
         let req = request.into_inner();
         let id = req.scan_id.clone();
-        let result = self.overlay(req).await;
+        let result = self.overlay(req, &scope).await;
         self.gate.reply(&caller, "RenderOverlay", &id, result).await
     }
 
@@ -479,9 +516,12 @@ impl Findings for FindingsService {
         request: Request<AdjudicateRequest>,
     ) -> std::result::Result<Response<ThreatReport>, Status> {
         let caller = Caller::of(&request);
+        let scope = SiteScope::of(&request);
+        // The officer of record is who authenticated, never a name the client sends.
+        let officer = request.extensions().get::<Caller>().map(|c| c.identity.clone());
         let req = request.into_inner();
         let id = req.scan_id.clone();
-        let result = self.adjudicate(req).await;
+        let result = self.adjudicate(req, officer.as_deref(), &scope).await;
         self.gate.reply(&caller, "Adjudicate", &id, result).await
     }
 
@@ -492,9 +532,10 @@ impl Findings for FindingsService {
         request: Request<WatchFindingsRequest>,
     ) -> std::result::Result<Response<Self::WatchFindingsStream>, Status> {
         let caller = Caller::of(&request);
+        let scope = SiteScope::of(&request);
         let req = request.into_inner();
         let object = format!("cursor={}", req.cursor);
-        let result = self.watch(req).await.map(|s| Box::pin(s) as EventStream);
+        let result = self.watch(req, &scope).await.map(|s| Box::pin(s) as EventStream);
         self.gate.reply(&caller, "WatchFindings", &object, result).await
     }
 
@@ -503,9 +544,10 @@ impl Findings for FindingsService {
         request: Request<ExportTdrRequest>,
     ) -> std::result::Result<Response<ExportTdrResponse>, Status> {
         let caller = Caller::of(&request);
+        let scope = SiteScope::of(&request);
         let req = request.into_inner();
         let id = req.scan_id.clone();
-        let result = self.export_tdr(req).await;
+        let result = self.export_tdr(req, &scope).await;
         self.gate.reply(&caller, "ExportTdr", &id, result).await
     }
 }

@@ -16,10 +16,37 @@ pub struct ReceivedLabels {
     pub duplicate: String,
 }
 
+/// The gRPC services the server answers, with their methods: the closed
+/// set of `rpc` label values (anything else is counted as `unknown`).
+pub const SERVICES: &[(&str, &[&str])] = &[
+    ("niix.v1.ScanIngest", &["PushScan", "GetUploadStatus", "AbortUpload"]),
+    (
+        "niix.v1.Findings",
+        &["ListScans", "GetScan", "GetFindings", "RenderOverlay", "Adjudicate", "WatchFindings", "ExportTdr"],
+    ),
+    ("niix.v1.Exchange", &["Subscribe", "GetPackage", "GetPlane", "Receive"]),
+    ("grpc.health.v1.Health", &["Check", "Watch"]),
+    ("grpc.reflection.v1.ServerReflection", &["ServerReflectionInfo"]),
+];
+
+/// The `rpc` label of a method name: the name itself when the server has
+/// such a method, else `unknown`.
+pub fn rpc_label(name: &str) -> &'static str {
+    SERVICES.iter().flat_map(|(_, methods)| methods.iter()).find(|m| **m == name).copied().unwrap_or("unknown")
+}
+
+/// The method name of a request path `/<service>/<method>`, if the server
+/// has that method.
+pub fn known_rpc(path: &str) -> Option<&'static str> {
+    let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+    let (_, methods) = SERVICES.iter().find(|(s, _)| *s == service)?;
+    methods.iter().find(|m| **m == method).copied()
+}
+
 /// Label of a failed request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
-    /// RPC name, e.g. "PushScan".
+    /// RPC name from [`SERVICES`], e.g. "PushScan", or "unknown".
     pub rpc: String,
     /// gRPC status code name, e.g. "InvalidArgument".
     pub code: String,
@@ -56,6 +83,10 @@ pub struct Metrics {
     pub packages_pushed: Counter,
     /// Failed push attempts to partners (each is retried).
     pub outbox_failures: Counter,
+    /// Requests for a path the server has no method for (refused UNIMPLEMENTED).
+    pub unknown_rpcs: Counter,
+    /// Connections closed because the peer sent nothing for too long.
+    pub connections_timed_out: Counter,
 }
 
 impl Default for Metrics {
@@ -95,6 +126,18 @@ impl Metrics {
         let outbox_failures = Counter::default();
         registry.register("packages_pushed", "Packages pushed to partners and acknowledged", packages_pushed.clone());
         registry.register("outbox_failures", "Failed push attempts to partners", outbox_failures.clone());
+        let unknown_rpcs = Counter::default();
+        let connections_timed_out = Counter::default();
+        registry.register(
+            "unknown_rpc_requests",
+            "Requests for a path the server has no method for",
+            unknown_rpcs.clone(),
+        );
+        registry.register(
+            "connections_timed_out",
+            "Connections closed because the peer sent nothing within the handshake or idle timeout",
+            connections_timed_out.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
             scans_received,
@@ -107,12 +150,14 @@ impl Metrics {
             analysis_queue_depth,
             packages_pushed,
             outbox_failures,
+            unknown_rpcs,
+            connections_timed_out,
         }
     }
 
-    /// Counts a failed request.
+    /// Counts a failed request; `rpc` outside [`SERVICES`] counts as `unknown`.
     pub fn error(&self, rpc: &str, code: tonic::Code) {
-        self.errors.get_or_create(&ErrorLabels { rpc: rpc.into(), code: format!("{code:?}") }).inc();
+        self.errors.get_or_create(&ErrorLabels { rpc: rpc_label(rpc).into(), code: format!("{code:?}") }).inc();
     }
 
     /// The OpenMetrics text exposition.
@@ -145,5 +190,41 @@ mod tests {
         ] {
             assert!(text.contains(needle), "{needle} missing from\n{text}");
         }
+    }
+
+    #[test]
+    fn rpc_labels_come_from_the_closed_set() {
+        let m = Metrics::new();
+        m.error("inj\"}{", tonic::Code::Unauthenticated);
+        m.error(&"x".repeat(12_000), tonic::Code::Unauthenticated);
+        let text = m.encode();
+        assert!(text.contains("niix_request_errors_total{rpc=\"unknown\",code=\"Unauthenticated\"} 2"), "{text}");
+        assert!(!text.contains("inj") && text.len() < 4096, "{text}");
+        assert_eq!(known_rpc("/niix.v1.Findings/Adjudicate"), Some("Adjudicate"));
+        assert_eq!(known_rpc("/grpc.health.v1.Health/Check"), Some("Check"));
+        for bad in ["/x/inj\"}{", "/niix.v1.Findings/Nope", "/niix.v1.Findings", "niix.v1.Findings/GetScan", ""] {
+            assert_eq!(known_rpc(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_closed_set_lists_every_method_of_the_niix_services() {
+        use prost::Message;
+        let set = prost_types::FileDescriptorSet::decode(niix_proto::v1::FILE_DESCRIPTOR_SET).unwrap();
+        let mut described = Vec::new();
+        for file in &set.file {
+            for service in &file.service {
+                let name = format!("{}.{}", file.package(), service.name());
+                for m in &service.method {
+                    described.push(format!("/{name}/{}", m.name()));
+                }
+            }
+        }
+        assert!(described.len() >= 14, "{described:?}");
+        for path in &described {
+            assert!(known_rpc(path).is_some(), "{path} is missing from SERVICES");
+        }
+        let niix: usize = SERVICES.iter().filter(|(s, _)| s.starts_with("niix.")).map(|(_, m)| m.len()).sum();
+        assert_eq!(niix, described.len(), "SERVICES lists a method the protocol does not have");
     }
 }

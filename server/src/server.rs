@@ -15,12 +15,14 @@ use niix_proto::v1::scan_ingest_server::ScanIngestServer;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::analysis::Analyzer;
 use crate::audit::{Caller, Gate};
 use crate::auth::{AuthLayer, Authenticator};
 use crate::config::Config;
+use crate::conn::{Guarded, GuardedListener, Timeouts};
 use crate::exchange::ExchangeService;
 use crate::findings::{EventSignal, FindingsService};
 use crate::ingest::{Ingest, IngestService};
@@ -54,6 +56,34 @@ pub fn check_bind_policy(addr: SocketAddr, insecure: bool, authenticated: bool) 
     )
 }
 
+/// Refuses listen addresses that would expose the server: the gRPC bind as
+/// in [`check_bind_policy`]; bearer tokens on a non-loopback address
+/// without TLS (they would cross the network in clear text); and a
+/// non-loopback `/metrics` address, which has no authentication of its
+/// own. `insecure` accepts all three on a network the operator trusts.
+pub fn check_listen_policy(config: &Config) -> anyhow::Result<()> {
+    check_bind_policy(config.listen, config.insecure, config.auth.enabled())?;
+    if !config.listen.ip().is_loopback() && !config.auth.tokens.is_empty() && config.tls.is_none() && !config.insecure {
+        anyhow::bail!(
+            "refusing bearer tokens on {} without TLS: they would cross the network in clear text; \
+             configure [tls] (see docs/operations.md), bind to 127.0.0.1, or pass --insecure (insecure = true) \
+             on a network you trust",
+            config.listen
+        );
+    }
+    if let Some(at) = config.metrics_listen
+        && !at.ip().is_loopback()
+        && !config.insecure
+    {
+        anyhow::bail!(
+            "refusing to serve /metrics on {at}: the metrics endpoint has no authentication; bind it to \
+             127.0.0.1 (--metrics-listen 127.0.0.1:9464) and let the scraper reach it through a proxy or tunnel, \
+             or pass --insecure (insecure = true) on a network you trust"
+        );
+    }
+    Ok(())
+}
+
 /// A server that is accepting requests.
 pub struct RunningServer {
     /// The gRPC address actually bound (useful with port 0).
@@ -78,7 +108,8 @@ pub fn open_store(data_dir: &Path) -> anyhow::Result<(Arc<dyn MetadataStore>, Ar
 
 /// Binds and starts every service in the background.
 pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
-    check_bind_policy(config.listen, config.insecure, config.auth.enabled())?;
+    check_listen_policy(&config)?;
+    config.limits.check().context("invalid [limits] configuration")?;
     let authenticator = Arc::new(Authenticator::new(&config.auth).context("invalid [auth] configuration")?);
     let (meta, blobs) = open_store(&config.data_dir)?;
     let metrics = Metrics::new();
@@ -119,6 +150,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     background.extend(crate::exchange::outbox::start(&exchange, stop_rx.clone()));
     let findings = FindingsService::new(meta.clone(), blobs.clone(), gate.clone(), events, stop_rx.clone());
     let ingest = Arc::new(Ingest::new(meta.clone(), blobs, config.limits.clone(), metrics.clone(), abandon_rx, wake));
+    let timeouts = Timeouts { handshake: config.limits.handshake_timeout, idle: config.limits.idle_timeout };
     let swept = ingest.sweep_staging().await.context("sweeping unfinished uploads")?;
     if swept > 0 {
         tracing::info!(uploads = swept, "removed unfinished uploads past their TTL");
@@ -158,6 +190,10 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
+        // Pings find dead peers; answered pings keep live idle clients
+        // (watchers) from the idle timeout of `conn`.
+        .http2_keepalive_interval(Some(config.limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(config.limits.keepalive_timeout))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(ScanIngestServer::new(IngestService::new(ingest, gate)))
@@ -168,12 +204,15 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
                 .max_encoding_message_size(crate::exchange::MAX_MESSAGE_BYTES),
         );
     let mut grpc_stop = stop_rx.clone();
-    let grpc = tokio::spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+    let timed_out = metrics.connections_timed_out.clone();
+    let incoming = TcpListenerStream::new(listener)
+        .map(move |accepted| accepted.map(|s| Guarded::new(s, timeouts, timed_out.clone())));
+    let grpc = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
         let _ = grpc_stop.wait_for(|s| *s).await;
     }));
 
     let metrics_addr = match config.metrics_listen {
-        Some(at) => Some(serve_metrics(at, metrics, stop_rx, &mut background).await?),
+        Some(at) => Some(serve_metrics(at, metrics, timeouts, stop_rx, &mut background).await?),
         None => None,
     };
     tracing::info!(%addr, ?metrics_addr, data = %config.data_dir.display(), "niix serving");
@@ -248,10 +287,12 @@ async fn start_analysis(
 async fn serve_metrics(
     at: SocketAddr,
     metrics: Metrics,
+    timeouts: Timeouts,
     mut stop: watch::Receiver<bool>,
     background: &mut Vec<JoinHandle<()>>,
 ) -> anyhow::Result<SocketAddr> {
     use axum::http::header::CONTENT_TYPE;
+    let timed_out = metrics.connections_timed_out.clone();
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
@@ -261,6 +302,7 @@ async fn serve_metrics(
     );
     let listener = TcpListener::bind(at).await.with_context(|| format!("binding metrics address {at}"))?;
     let bound = listener.local_addr()?;
+    let listener = GuardedListener::new(listener, timeouts, timed_out);
     background.push(tokio::spawn(async move {
         let served = axum::serve(listener, app).with_graceful_shutdown(async move {
             let _ = stop.wait_for(|s| *s).await;
@@ -326,5 +368,32 @@ mod tests {
         assert!(e.contains("--insecure") && e.contains("auth.tokens"), "{e}");
         assert!(check_bind_policy("0.0.0.0:1".parse().unwrap(), true, false).is_ok());
         assert!(check_bind_policy("0.0.0.0:1".parse().unwrap(), false, true).is_ok());
+    }
+
+    #[test]
+    fn tokens_off_loopback_need_tls_and_metrics_off_loopback_need_insecure() {
+        use crate::auth::{AuthConfig, Role, TokenConfig};
+        let tokens = AuthConfig {
+            tokens: vec![TokenConfig {
+                identity: "s".into(),
+                role: Role::Scanner,
+                sha256: "ab".repeat(32),
+                sites: vec![],
+            }],
+            ..Default::default()
+        };
+        let open = Config { listen: "0.0.0.0:1".parse().unwrap(), auth: tokens.clone(), ..Config::default() };
+        let e = check_listen_policy(&open).unwrap_err().to_string();
+        assert!(e.contains("bearer tokens on 0.0.0.0:1 without TLS") && e.contains("--insecure"), "{e}");
+        let tls = crate::config::TlsConfig { cert: "c".into(), key: "k".into(), client_ca: None };
+        assert!(check_listen_policy(&Config { tls: Some(tls), ..open.clone() }).is_ok());
+        assert!(check_listen_policy(&Config { insecure: true, ..open.clone() }).is_ok());
+        let local = Config { auth: tokens, ..Config::default() };
+        assert!(check_listen_policy(&local).is_ok());
+
+        let metrics = Config { metrics_listen: Some("0.0.0.0:9464".parse().unwrap()), ..Config::default() };
+        let e = check_listen_policy(&metrics).unwrap_err().to_string();
+        assert!(e.contains("/metrics on 0.0.0.0:9464") && e.contains("no authentication"), "{e}");
+        assert!(check_listen_policy(&Config { insecure: true, ..metrics }).is_ok());
     }
 }

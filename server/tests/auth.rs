@@ -93,6 +93,7 @@ async fn every_rpc_checks_the_callers_role() {
                 identity: format!("{}-1", role.name()),
                 role: *role,
                 sha256: token_hash(tok),
+                sites: vec![],
             })
             .collect(),
         ..Default::default()
@@ -136,4 +137,157 @@ async fn every_rpc_checks_the_callers_role() {
             .any(|r| r.entry.identity == "officer-1" && r.entry.action == "GetScan" && r.entry.outcome == "NotFound")
     );
     assert_eq!(niix::audit::verify(&db).unwrap(), Ok(log.len() as u64));
+}
+
+/// A server with analysis off and these bearer tokens.
+async fn server_with(
+    dir: &std::path::Path,
+    auth: AuthConfig,
+) -> (niix::server::RunningServer, tonic::transport::Channel) {
+    let mut config = config(dir, Limits::default());
+    config.analysis.enabled = false;
+    config.auth = auth;
+    let server = niix::server::start(config).await.unwrap();
+    let ch = channel(&server).await;
+    (server, ch)
+}
+
+fn authed_as(ch: &tonic::transport::Channel, token: &str) -> niix::client::Authed {
+    niix::client::authed(ch.clone(), Some(token)).unwrap()
+}
+
+#[tokio::test]
+async fn the_officer_of_record_is_the_authenticated_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let auth = tokens(&[("scanner-1", Role::Scanner, "tok-s"), ("officer-a", Role::Officer, "tok-a")]);
+    let (server, ch) = server_with(dir.path(), auth).await;
+    let id = push_container(&authed_as(&ch, "tok-s"), "NLRTM-01", "XX-1", false).await;
+    let mut officer = FindingsClient::new(authed_as(&ch, "tok-a"));
+    let report = officer
+        .adjudicate(AdjudicateRequest {
+            scan_id: id.clone(),
+            verdict: Verdict::Dismissed as i32,
+            officer_id: "officer-b".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((report.operator_id.as_str(), report.operator_name.as_str()), ("officer-a", "officer-b"));
+    server.shutdown().await.unwrap();
+
+    // As stored: read back after a restart.
+    let (server, ch) = server_with(
+        dir.path(),
+        tokens(&[("scanner-1", Role::Scanner, "tok-s"), ("officer-a", Role::Officer, "tok-a")]),
+    )
+    .await;
+    let detail = FindingsClient::new(authed_as(&ch, "tok-a"))
+        .get_scan(GetScanRequest { scan_id: id })
+        .await
+        .unwrap()
+        .into_inner();
+    let stored = detail.findings.unwrap().reports;
+    let op: Vec<_> = stored.iter().filter(|r| r.r#type == ReportType::Operator as i32).collect();
+    assert_eq!(op.len(), 1);
+    assert_eq!((op[0].operator_id.as_str(), op[0].operator_name.as_str()), ("officer-a", "officer-b"));
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn site_scopes_bound_what_scanners_push_and_officers_see() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut auth = tokens(&[
+        ("scanner-nl", Role::Scanner, "tok-snl"),
+        ("scanner-any", Role::Scanner, "tok-sany"),
+        ("officer-nl", Role::Officer, "tok-onl"),
+        ("officer-any", Role::Officer, "tok-oany"),
+    ]);
+    auth.tokens[0].sites = vec!["NLRTM".into()];
+    auth.tokens[2].sites = vec!["NLRTM".into()];
+    let (server, ch) = server_with(dir.path(), auth).await;
+
+    // A scanner pushes for its sites only.
+    let nl = push_container(&authed_as(&ch, "tok-snl"), "NLRTM-01", "NL-1", false).await;
+    let raw = raw_bytes(32, 16, 3);
+    let mut h = header(&new_id(), plane(PlaneEncoding::RawU16le, 32, 16, &raw));
+    h.metadata.as_mut().unwrap().site_id = "BEANR-01".into();
+    let e = ScanIngestClient::new(authed_as(&ch, "tok-snl"))
+        .push_scan(tokio_stream::iter(messages(&h, &[&raw], 256)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+    assert!(
+        e.message().contains("scanner-nl may push scans of the sites [\"NLRTM\"] only")
+            && e.message().contains("site BEANR-01"),
+        "{}",
+        e.message()
+    );
+    let status = ScanIngestClient::new(authed_as(&ch, "tok-sany"))
+        .get_upload_status(GetUploadStatusRequest { scan_id: h.scan_id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.state, upload_status::State::Unknown as i32, "nothing of the refused push is kept");
+    let be = push_container(&authed_as(&ch, "tok-sany"), "BEANR-01", "BE-1", false).await;
+
+    // The unscoped officer sees both and adjudicates the Belgian scan first.
+    let mut any = FindingsClient::new(authed_as(&ch, "tok-oany"));
+    let all = any.list_scans(ListScansRequest::default()).await.unwrap().into_inner().scans;
+    assert_eq!(all.len(), 2);
+    let verdict = |id: &str| AdjudicateRequest { scan_id: id.into(), verdict: 2, ..Default::default() };
+    any.adjudicate(verdict(&be)).await.unwrap();
+
+    // The scoped officer: the listing leaves BE out, BE reads as not found.
+    let mut o = FindingsClient::new(authed_as(&ch, "tok-onl"));
+    let listed = o.list_scans(ListScansRequest::default()).await.unwrap().into_inner().scans;
+    assert_eq!(listed.iter().map(|s| s.scan_id.as_str()).collect::<Vec<_>>(), [nl.as_str()]);
+    let e = o.list_scans(ListScansRequest { site_id: "BEANR-01".into(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("site_id BEANR-01 is not among them"), "{}", e.message());
+    let missing = new_id();
+    for id in [&be, &missing] {
+        let get = o.get_scan(GetScanRequest { scan_id: id.clone() }).await.unwrap_err();
+        assert_eq!(get.code(), Code::NotFound);
+        assert_eq!(get.message(), format!("no scan {id} is stored"), "out of scope reads like missing");
+        let f = o.get_findings(GetFindingsRequest { scan_id: id.clone() }).await.unwrap_err();
+        assert_eq!(f.code(), Code::NotFound);
+        let r = o.render_overlay(RenderOverlayRequest { scan_id: id.clone(), ..Default::default() }).await;
+        assert_eq!(r.unwrap_err().code(), Code::NotFound);
+        let t = o.export_tdr(ExportTdrRequest { scan_id: id.clone(), report: 0 }).await.unwrap_err();
+        assert_eq!(t.code(), Code::NotFound);
+        assert_eq!(o.adjudicate(verdict(id)).await.unwrap_err().code(), Code::NotFound);
+    }
+    o.get_scan(GetScanRequest { scan_id: nl.clone() }).await.unwrap();
+    o.adjudicate(verdict(&nl)).await.unwrap();
+
+    // Watching from the first event: BE's adjudication (the earlier event) is
+    // left out, NL's is the first the scoped officer gets.
+    let mut watch = o.watch_findings(WatchFindingsRequest::default()).await.unwrap().into_inner();
+    let first = tokio::time::timeout(std::time::Duration::from_secs(10), watch.message()).await.unwrap().unwrap();
+    let first = first.unwrap();
+    assert_eq!((first.scan_id.as_str(), first.site_id.as_str()), (nl.as_str(), "NLRTM-01"));
+    assert!(first.cursor > 1, "an earlier event (BE's) was skipped");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn configurations_that_expose_the_server_do_not_start() {
+    let dir = tempfile::tempdir().unwrap();
+    // One identity, two roles.
+    let mut c = config(dir.path(), Limits::default());
+    c.auth = tokens(&[("ops", Role::Scanner, "a"), ("ops", Role::Admin, "b")]);
+    let e = format!("{:#}", niix::server::start(c).await.err().unwrap());
+    assert!(e.contains("[[auth.tokens]] entry 1 says scanner and [[auth.tokens]] entry 2 says admin"), "{e}");
+    // Bearer tokens on a non-loopback address without TLS.
+    let mut c = config(dir.path(), Limits::default());
+    c.listen = "0.0.0.0:0".parse().unwrap();
+    c.auth = tokens(&[("s", Role::Scanner, "a")]);
+    let e = format!("{:#}", niix::server::start(c).await.err().unwrap());
+    assert!(e.contains("without TLS") && e.contains("--insecure"), "{e}");
+    // /metrics on a non-loopback address.
+    let mut c = config(dir.path(), Limits::default());
+    c.metrics_listen = Some("0.0.0.0:0".parse().unwrap());
+    let e = format!("{:#}", niix::server::start(c).await.err().unwrap());
+    assert!(e.contains("/metrics on 0.0.0.0:0") && e.contains("no authentication"), "{e}");
 }

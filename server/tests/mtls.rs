@@ -37,11 +37,17 @@ async fn partners_authenticate_with_their_certificates() {
         client_ca: Some(ca_pem.clone()),
     });
     config.auth = AuthConfig {
-        tokens: vec![TokenConfig { identity: "scanner".into(), role: Role::Scanner, sha256: token_hash("t-scan") }],
+        tokens: vec![TokenConfig {
+            identity: "scanner".into(),
+            role: Role::Scanner,
+            sha256: token_hash("t-scan"),
+            sites: vec![],
+        }],
         certificates: vec![CertificateConfig {
             identity: "DE".into(),
             role: Role::Partner,
             sha256: sha256(de_cert.der()),
+            sites: vec![],
         }],
     };
     config.exchange = ExchangeConfig {

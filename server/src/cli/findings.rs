@@ -51,6 +51,7 @@ pub fn report_json(r: &ThreatReport) -> Value {
         "plane_index": r.plane_index,
         "model": { "name": algo.name, "version": algo.version, "sha256": algo.sha256, "demo": algo.demo },
         "operator_id": r.operator_id,
+        "operator_name": r.operator_name,
         "verdict": word::<niix_proto::v1::Verdict>(r.verdict, |t| t.as_str_name(), "VERDICT_"),
         "comment": r.comment,
         "regions": r.regions.iter().map(|g| json!({
@@ -113,7 +114,8 @@ pub fn print_findings(f: &ScanFindings) {
     for o in f.reports.iter().filter(|o| o.r#type == ReportType::Operator as i32) {
         let verdict = word::<niix_proto::v1::Verdict>(o.verdict, |t| t.as_str_name(), "VERDICT_");
         let decision = word::<AlarmDecision>(o.decision, |t| t.as_str_name(), "ALARM_DECISION_");
-        println!("  officer {}: {verdict} ({}) {}", o.operator_id, decision.to_uppercase(), o.comment);
+        let name = if o.operator_name.is_empty() { String::new() } else { format!(" ({})", o.operator_name) };
+        println!("  officer {}{name}: {verdict} ({}) {}", o.operator_id, decision.to_uppercase(), o.comment);
     }
 }
 

@@ -32,7 +32,7 @@ pub enum Redact {
     VehiclePlate,
     /// `metadata.declarations` (UCR/MRN).
     Declarations,
-    /// `operator_id` of OPERATOR reports.
+    /// `operator_id` and `operator_name` of OPERATOR reports.
     OfficerIds,
     /// Free text: `metadata.remarks`, report and region comments.
     FreeText,
@@ -162,7 +162,10 @@ impl Agreement {
                 Redact::Declarations => meta.declarations.clear(),
                 Redact::ContainerNumbers => meta.container_numbers.clear(),
                 Redact::Scanner => meta.scanner = None,
-                Redact::OfficerIds => reports.iter_mut().for_each(|rep| rep.operator_id.clear()),
+                Redact::OfficerIds => reports.iter_mut().for_each(|rep| {
+                    rep.operator_id.clear();
+                    rep.operator_name.clear();
+                }),
                 Redact::FreeText => {
                     meta.remarks.clear();
                     for rep in reports.iter_mut() {
@@ -272,6 +275,7 @@ mod tests {
         };
         let report = ThreatReport {
             operator_id: "NL-4711".into(),
+            operator_name: "J. Jansen".into(),
             comment: "looks like a weapon".into(),
             regions: vec![Region { comment: "barrel".into(), ..Default::default() }],
             ..Default::default()
@@ -282,7 +286,7 @@ mod tests {
             (Redact::Declarations, |m, _| m.declarations.is_empty()),
             (Redact::ContainerNumbers, |m, _| m.container_numbers.is_empty()),
             (Redact::Scanner, |m, _| m.scanner.is_none()),
-            (Redact::OfficerIds, |_, r| r.operator_id.is_empty()),
+            (Redact::OfficerIds, |_, r| r.operator_id.is_empty() && r.operator_name.is_empty()),
             (Redact::FreeText, |m, r| m.remarks.is_empty() && r.comment.is_empty() && r.regions[0].comment.is_empty()),
         ];
         for (field, removed) in cases {

@@ -13,9 +13,9 @@
 pub mod planes;
 mod service;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::{Stream, StreamExt};
 use niix_proto::v1::push_scan_request::Part;
@@ -27,6 +27,7 @@ use crate::config::Limits;
 use crate::error::{Error, Result, blocking};
 use crate::header;
 use crate::metrics::{Metrics, ReceivedLabels};
+use crate::scope::SiteScope;
 use crate::store::{BlobStore, CommitOutcome, MetadataStore, PendingUpload, PlaneDigest, ScanRecord};
 use planes::{PlaneSink, check_plane_bytes};
 pub use service::IngestService;
@@ -38,6 +39,8 @@ pub struct Ingest {
     limits: Limits,
     metrics: Metrics,
     active: Mutex<HashSet<String>>,
+    /// Uploads streaming per uploader identity.
+    per_identity: Mutex<HashMap<String, usize>>,
     slots: Semaphore,
     abandon: watch::Receiver<bool>,
     analysis: Option<Arc<Notify>>,
@@ -53,6 +56,34 @@ impl Drop for Claim<'_> {
     fn drop(&mut self) {
         self.ingest.active.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
     }
+}
+
+/// One of an identity's upload slots; released on drop.
+struct IdentitySlot<'a> {
+    ingest: &'a Ingest,
+    identity: String,
+}
+
+impl Drop for IdentitySlot<'_> {
+    fn drop(&mut self) {
+        let mut counts = self.ingest.per_identity.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&self.identity) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.identity);
+            }
+        }
+    }
+}
+
+/// Who pushes: the identity whose uploads are counted against
+/// `limits.max_uploads_per_identity`, and the sites it may push for.
+#[derive(Debug, Clone)]
+pub struct Uploader {
+    /// The caller's identity.
+    pub identity: String,
+    /// The sites it may push scans of.
+    pub scope: SiteScope,
 }
 
 /// Builds the receipt of a stored scan.
@@ -84,7 +115,53 @@ impl Ingest {
         analysis: Option<Arc<Notify>>,
     ) -> Self {
         let slots = Semaphore::new(limits.max_concurrent_uploads);
-        Ingest { meta, blobs, limits, metrics, active: Mutex::new(HashSet::new()), slots, abandon, analysis }
+        Ingest {
+            meta,
+            blobs,
+            limits,
+            metrics,
+            active: Mutex::new(HashSet::new()),
+            per_identity: Mutex::new(HashMap::new()),
+            slots,
+            abandon,
+            analysis,
+        }
+    }
+
+    /// Takes one of `identity`'s upload slots, or refuses when it streams
+    /// `max_uploads_per_identity` already.
+    fn identity_slot(&self, identity: &str) -> Result<IdentitySlot<'_>> {
+        let mut counts = self.per_identity.lock().unwrap_or_else(|p| p.into_inner());
+        let n = counts.entry(identity.to_string()).or_insert(0);
+        if *n >= self.limits.max_uploads_per_identity {
+            return Err(Error::ResourceExhausted(format!(
+                "{identity} is streaming {n} uploads already, its limit (limits.max_uploads_per_identity); \
+                 finish or cancel one, or retry shortly"
+            )));
+        }
+        *n += 1;
+        Ok(IdentitySlot { ingest: self, identity: identity.to_string() })
+    }
+
+    /// The next message of a push, or DEADLINE_EXCEEDED when the client
+    /// sends nothing for `limits.upload_stall_timeout`.
+    /// `kept` says what the server keeps of it.
+    async fn next_or_stall<S>(
+        &self,
+        stream: &mut S,
+        kept: impl FnOnce() -> String,
+    ) -> Result<Option<Result<PushScanRequest, tonic::Status>>>
+    where
+        S: Stream<Item = Result<PushScanRequest, tonic::Status>> + Unpin + Send,
+    {
+        let stall = self.limits.upload_stall_timeout;
+        tokio::time::timeout(stall, stream.next()).await.map_err(|_| {
+            Error::DeadlineExceeded(format!(
+                "the push sent nothing for {}; the server cut it{}",
+                humanize(stall),
+                kept()
+            ))
+        })
     }
 
     fn claim(&self, id: &str) -> Result<Claim<'_>> {
@@ -102,13 +179,13 @@ impl Ingest {
     }
 
     /// Receives one push stream and returns the receipt.
-    pub async fn push<S>(&self, stream: S) -> Result<ScanReceipt>
+    pub async fn push<S>(&self, uploader: &Uploader, stream: S) -> Result<ScanReceipt>
     where
         S: Stream<Item = Result<PushScanRequest, tonic::Status>> + Unpin + Send,
     {
         let started = Instant::now();
         self.metrics.uploads_active.inc();
-        let result = self.push_inner(stream).await;
+        let result = self.push_inner(uploader, stream).await;
         self.metrics.uploads_active.dec();
         if let Ok(receipt) = &result {
             self.metrics.upload_seconds.observe(started.elapsed().as_secs_f64());
@@ -120,11 +197,11 @@ impl Ingest {
         result
     }
 
-    async fn push_inner<S>(&self, mut stream: S) -> Result<ScanReceipt>
+    async fn push_inner<S>(&self, uploader: &Uploader, mut stream: S) -> Result<ScanReceipt>
     where
         S: Stream<Item = Result<PushScanRequest, tonic::Status>> + Unpin + Send,
     {
-        let header = match stream.next().await {
+        let header = match self.next_or_stall(&mut stream, || " before its ScanHeader arrived".into()).await? {
             None => {
                 return Err(Error::InvalidArgument("empty push stream: the first message must be a ScanHeader".into()));
             }
@@ -137,6 +214,15 @@ impl Ingest {
             }
         };
         let id = header::validate(&header, &self.limits)?;
+        let site = header.metadata.as_ref().map_or("", |m| m.site_id.as_str());
+        if !uploader.scope.allows(site) {
+            return Err(Error::PermissionDenied(format!(
+                "{} may push scans of the sites {:?} only, and this scan is from site {site}",
+                uploader.identity,
+                uploader.scope.sites().unwrap_or_default()
+            )));
+        }
+        let _identity_slot = self.identity_slot(&uploader.identity)?;
         let fingerprint = header::fingerprint(&header, &id);
 
         let meta = self.meta.clone();
@@ -231,7 +317,10 @@ impl Ingest {
         let outcome: Result<()> = async {
             loop {
                 let next = tokio::select! {
-                    m = stream.next() => m,
+                    m = self.next_or_stall(stream, || format!(
+                        " and keeps the {} bytes received: call GetUploadStatus and resume",
+                        received.iter().sum::<u64>()
+                    )) => m?,
                     _ = abandon.wait_for(|a| *a) => {
                         return Err(Error::Unavailable(
                             "the server is shutting down; the bytes received are kept: resume this upload later".into(),
@@ -482,6 +571,11 @@ impl Ingest {
         })
         .await
     }
+}
+
+/// A duration as an operator writes it in the configuration ("400ms", "1m").
+fn humanize(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
 }
 
 /// Compares a push with the stored scan of the same id.

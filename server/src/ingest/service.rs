@@ -8,8 +8,9 @@ use niix_proto::v1::{
 };
 use tonic::{Request, Response, Status, Streaming};
 
-use super::Ingest;
+use super::{Ingest, Uploader};
 use crate::audit::{Caller, Gate};
+use crate::scope::SiteScope;
 
 /// `niix.v1.ScanIngest` backed by an [`Ingest`] engine.
 #[derive(Clone)]
@@ -29,7 +30,8 @@ impl IngestService {
 impl ScanIngest for IngestService {
     async fn push_scan(&self, request: Request<Streaming<PushScanRequest>>) -> Result<Response<ScanReceipt>, Status> {
         let caller = Caller::of(&request);
-        let result = self.ingest.push(request.into_inner()).await;
+        let uploader = Uploader { identity: caller.identity.clone(), scope: SiteScope::of(&request) };
+        let result = self.ingest.push(&uploader, request.into_inner()).await;
         let object = result.as_ref().map(|r| r.scan_id.clone()).unwrap_or_default();
         self.gate.reply(&caller, "PushScan", &object, result).await
     }

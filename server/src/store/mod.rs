@@ -135,6 +135,8 @@ pub struct ScanQuery {
     pub before: Option<(SystemTime, String)>,
     /// Only this site.
     pub site_id: Option<String>,
+    /// Only sites these scope entries cover (see [`crate::scope::covers`]).
+    pub sites: Option<Vec<String>>,
     /// Only this lane.
     pub lane_id: Option<String>,
     /// Only this status.

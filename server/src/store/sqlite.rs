@@ -679,6 +679,18 @@ impl MetadataStore for SqliteMetadata {
         if let Some(site) = &q.site_id {
             filter("site_id = ?", vec![site.clone().into()]);
         }
+        if let Some(sites) = &q.sites {
+            // The same rule as `scope::covers`: the site itself or `<site>-...`.
+            let mut clause = Vec::new();
+            let mut values: Vec<Value> = Vec::new();
+            for s in sites {
+                clause.push("site_id = ? OR substr(site_id, 1, ?) = ?");
+                let prefix = format!("{s}-");
+                values.extend([s.clone().into(), (prefix.chars().count() as i64).into(), prefix.into()]);
+            }
+            let clause = if clause.is_empty() { "0".to_string() } else { format!("({})", clause.join(" OR ")) };
+            filter(&clause, values);
+        }
         if let Some(lane) = &q.lane_id {
             filter("lane_id = ?", vec![lane.clone().into()]);
         }
@@ -848,6 +860,27 @@ mod tests {
             .unwrap();
         let ids: Vec<_> = odd.iter().map(|r| r.scan_id.as_str()).collect();
         assert_eq!(ids, ["s9", "s7", "s5"]);
+    }
+
+    #[test]
+    fn listing_by_site_scope_takes_each_site_and_the_sites_under_it() {
+        let db = SqliteMetadata::in_memory().unwrap();
+        for (i, site) in ["NLRTM", "NLRTM-01", "NLRTMX", "BEANR-02", "BEANR-01"].iter().enumerate() {
+            db.commit_scan(&record(&format!("s{i}"), site, i as i64)).unwrap();
+        }
+        let listed = |sites: Vec<&str>| {
+            let q = ScanQuery {
+                limit: 100,
+                sites: Some(sites.into_iter().map(String::from).collect()),
+                ..Default::default()
+            };
+            let mut ids: Vec<String> = db.list_scans(&q).unwrap().into_iter().map(|r| r.scan_id).collect();
+            ids.sort();
+            ids
+        };
+        assert_eq!(listed(vec!["NLRTM"]), ["s0", "s1"]);
+        assert_eq!(listed(vec!["NLRTM", "BEANR-02"]), ["s0", "s1", "s3"]);
+        assert!(listed(vec![]).is_empty());
     }
 
     #[test]

@@ -319,6 +319,7 @@ pub fn tokens(entries: &[(&str, niix::auth::Role, &str)]) -> niix::auth::AuthCon
                 identity: id.to_string(),
                 role: *role,
                 sha256: niix::auth::token_hash(tok),
+                sites: vec![],
             })
             .collect(),
         ..Default::default()
