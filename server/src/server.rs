@@ -41,6 +41,10 @@ const CONNECTION_WINDOW: u32 = 32 << 20;
 /// when the HTTP/2 read buffer grows to hold them.
 const MAX_FRAME: u32 = 256 << 10;
 
+/// How long the gRPC listener waits after a failed accept (e.g. out of file
+/// handles) before accepting again.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
+
 /// How often unfinished uploads past their TTL are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
@@ -205,8 +209,19 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         );
     let mut grpc_stop = stop_rx.clone();
     let timed_out = metrics.connections_timed_out.clone();
-    let incoming = TcpListenerStream::new(listener)
-        .map(move |accepted| accepted.map(|s| Guarded::new(s, timeouts, timed_out.clone())));
+    let incoming = TcpListenerStream::new(listener).then(move |accepted| {
+        let timed_out = timed_out.clone();
+        async move {
+            if let Err(e) = &accepted {
+                // Out of file handles (EMFILE) and the like: tonic skips the
+                // error and accepts again at once; pause so that does not spin
+                // while the timeouts of `conn` free handles.
+                tracing::warn!(error = %e, "accepting a connection failed; pausing {ACCEPT_PAUSE:?}");
+                tokio::time::sleep(ACCEPT_PAUSE).await;
+            }
+            accepted.map(|s| Guarded::new(s, timeouts, timed_out))
+        }
+    });
     let grpc = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
         let _ = grpc_stop.wait_for(|s| *s).await;
     }));
