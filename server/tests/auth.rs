@@ -231,6 +231,25 @@ async fn site_scopes_bound_what_scanners_push_and_officers_see() {
     assert_eq!(status.state, upload_status::State::Unknown as i32, "nothing of the refused push is kept");
     let be = push_container(&authed_as(&ch, "tok-sany"), "BEANR-01", "BE-1", false).await;
 
+    // To the scoped scanner, BE's scan and unfinished upload are unknown and
+    // cannot be aborted.
+    let mut snl = ScanIngestClient::new(authed_as(&ch, "tok-snl"));
+    let mut sany = ScanIngestClient::new(authed_as(&ch, "tok-sany"));
+    let status = |id: &str| GetUploadStatusRequest { scan_id: id.into() };
+    let state = snl.get_upload_status(status(&be)).await.unwrap().into_inner().state;
+    assert_eq!(state, upload_status::State::Unknown as i32);
+    let state = sany.get_upload_status(status(&be)).await.unwrap().into_inner().state;
+    assert_eq!(state, upload_status::State::Complete as i32);
+    let half = sany.push_scan(tokio_stream::iter(messages(&h, &[&raw[..512]], 256))).await.unwrap_err();
+    assert_eq!(half.code(), Code::DataLoss, "{}", half.message());
+    let aborted = snl.abort_upload(AbortUploadRequest { scan_id: h.scan_id.clone() }).await.unwrap().into_inner();
+    assert!(!aborted.aborted);
+    let state = snl.get_upload_status(status(&h.scan_id)).await.unwrap().into_inner().state;
+    assert_eq!(state, upload_status::State::Unknown as i32);
+    let held = sany.get_upload_status(status(&h.scan_id)).await.unwrap().into_inner();
+    assert_eq!((held.state, held.planes[0].received_bytes), (upload_status::State::InProgress as i32, 512));
+    assert!(sany.abort_upload(AbortUploadRequest { scan_id: h.scan_id.clone() }).await.unwrap().into_inner().aborted);
+
     // The unscoped officer sees both and adjudicates the Belgian scan first.
     let mut any = FindingsClient::new(authed_as(&ch, "tok-oany"));
     let all = any.list_scans(ListScansRequest::default()).await.unwrap().into_inner().scans;

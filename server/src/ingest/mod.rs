@@ -534,6 +534,21 @@ impl Ingest {
         .await
     }
 
+    /// The site of the stored scan or unfinished upload `scan_id`; `None`
+    /// when the server holds neither.
+    pub async fn site_of(&self, scan_id: &str) -> Result<Option<String>> {
+        let id = header::canonical_scan_id(scan_id)?;
+        let meta = self.meta.clone();
+        blocking(move || {
+            let header = match meta.get_scan(&id)? {
+                Some(scan) => Some(scan.header),
+                None => meta.get_upload(&id)?.map(|u| u.header),
+            };
+            Ok(header.map(|h| h.metadata.map(|m| m.site_id).unwrap_or_default()))
+        })
+        .await
+    }
+
     /// Throws away an unfinished upload; false if there was none.
     pub async fn abort_upload(&self, scan_id: &str) -> Result<bool> {
         let id = header::canonical_scan_id(scan_id)?;

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use niix_proto::v1::scan_ingest_server::ScanIngest;
+use niix_proto::v1::upload_status::State;
 use niix_proto::v1::{
     AbortUploadRequest, AbortUploadResponse, GetUploadStatusRequest, PushScanRequest, ScanReceipt, UploadStatus,
 };
@@ -24,6 +25,15 @@ impl IngestService {
     pub fn new(ingest: Arc<Ingest>, gate: Gate) -> Self {
         IngestService { ingest, gate }
     }
+
+    /// True when a site-scoped caller asks about a scan or upload of a site
+    /// outside its scope: to it, such an id is unknown.
+    async fn hidden(&self, scope: &SiteScope, scan_id: &str) -> crate::error::Result<bool> {
+        if scope.sites().is_none() {
+            return Ok(false);
+        }
+        Ok(self.ingest.site_of(scan_id).await?.is_some_and(|site| !scope.allows(&site)))
+    }
 }
 
 #[tonic::async_trait]
@@ -41,8 +51,13 @@ impl ScanIngest for IngestService {
         request: Request<GetUploadStatusRequest>,
     ) -> Result<Response<UploadStatus>, Status> {
         let caller = Caller::of(&request);
+        let scope = SiteScope::of(&request);
         let id = request.into_inner().scan_id;
-        let result = self.ingest.upload_status(&id).await;
+        let result = match self.hidden(&scope, &id).await {
+            Ok(true) => Ok(UploadStatus { scan_id: id.clone(), state: State::Unknown as i32, ..Default::default() }),
+            Ok(false) => self.ingest.upload_status(&id).await,
+            Err(e) => Err(e),
+        };
         self.gate.reply(&caller, "GetUploadStatus", &id, result).await
     }
 
@@ -51,8 +66,13 @@ impl ScanIngest for IngestService {
         request: Request<AbortUploadRequest>,
     ) -> Result<Response<AbortUploadResponse>, Status> {
         let caller = Caller::of(&request);
+        let scope = SiteScope::of(&request);
         let id = request.into_inner().scan_id;
-        let result = self.ingest.abort_upload(&id).await;
+        let result = match self.hidden(&scope, &id).await {
+            Ok(true) => Ok(false),
+            Ok(false) => self.ingest.abort_upload(&id).await,
+            Err(e) => Err(e),
+        };
         self.gate.reply(&caller, "AbortUpload", &id, result.map(|aborted| AbortUploadResponse { aborted })).await
     }
 }
