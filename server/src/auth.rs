@@ -375,6 +375,8 @@ fn log_unknown(path: &str) {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     static LAST: AtomicU64 = AtomicU64::new(0);
     static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
+    // Seconds since the first refusal (process-wide), shifted by one period
+    // so that the very first one, with `LAST` still 0, is logged.
     let now = START.get_or_init(Instant::now).elapsed().as_secs() + UNKNOWN_LOG_EVERY.as_secs();
     let last = LAST.load(Ordering::Relaxed);
     if now < last + UNKNOWN_LOG_EVERY.as_secs()
