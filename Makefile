@@ -7,7 +7,7 @@ MODELS ?= fixtures/models
 LISTEN ?= 127.0.0.1:50051
 ORT_LIB := .niix/onnxruntime/libonnxruntime.so.1.31.1
 
-.PHONY: run test build release lint fmt sample onnxruntime pyenv clean-data bench models patchcore model eval reliability
+.PHONY: run test build release lint fmt sample onnxruntime pyenv clean-data bench models patchcore model eval reliability attack
 
 ## Fetch what is missing, build, and serve on the embedded store.
 run: onnxruntime release
@@ -52,6 +52,13 @@ fixtures/samples/demo.high.png: fixtures/samples/make_samples.py
 
 clean-data:
 	rm -rf $(DATA)
+
+## The edge attacks of docs/reliability.md ("Attacks"), with /metrics also
+## parsed by Prometheus' own parser (prometheus_client).
+attack: onnxruntime pyenv
+	.niix/venv/bin/pip install --quiet "prometheus_client==0.26.0"
+	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" NIIX_PROM_PYTHON="$(CURDIR)/.niix/venv/bin/python" \
+		$(CARGO) test -p niix-server --test attack --test auth
 
 ## Benchmarks (see benches/README.md); prints each stage's time.
 bench: onnxruntime pyenv release

@@ -193,6 +193,27 @@ fn check_rpc_labels(samples: &[Sample]) {
     }
 }
 
+/// With `NIIX_PROM_PYTHON` naming a Python that has `prometheus_client`
+/// (`make attack` sets it), also parses the page with Prometheus' own
+/// OpenMetrics parser and returns how many samples it read.
+fn python_parse(page: &str) -> Option<usize> {
+    let python = std::env::var_os("NIIX_PROM_PYTHON")?;
+    let script = "import sys\n\
+from prometheus_client.openmetrics.parser import text_string_to_metric_families\n\
+print(sum(len(f.samples) for f in text_string_to_metric_families(sys.stdin.read())))\n";
+    let mut child = std::process::Command::new(python)
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("NIIX_PROM_PYTHON runs");
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), page.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "prometheus_client refused the page: {}", String::from_utf8_lossy(&out.stderr));
+    Some(String::from_utf8(out.stdout).unwrap().trim().parse().unwrap())
+}
+
 fn value(samples: &[Sample], name: &str) -> f64 {
     samples.iter().filter(|s| s.name == name).map(|s| s.value).sum()
 }
@@ -249,6 +270,9 @@ async fn made_up_paths_are_refused_without_touching_labels_or_the_audit_log() {
     let after = fetch_metrics(metrics_at).await;
     let samples = parse_openmetrics(&after);
     check_rpc_labels(&samples);
+    if let Some(n) = python_parse(&after) {
+        assert_eq!(n, samples.len(), "prometheus_client and the strict parser read the same samples");
+    }
     assert_eq!(value(&samples, "niix_unknown_rpc_requests_total"), paths.len() as f64);
     assert!(!after.contains("inj"), "a made-up path reached the page");
     assert!(
