@@ -56,6 +56,9 @@ pub struct Metrics {
     pub packages_pushed: Counter,
     /// Failed push attempts to partners (each is retried).
     pub outbox_failures: Counter,
+    /// Image content rendered for packages (downsampled planes, overlays,
+    /// pixel-only planes); a package served from the cache adds nothing.
+    pub package_renders: Counter,
 }
 
 impl Default for Metrics {
@@ -95,6 +98,8 @@ impl Metrics {
         let outbox_failures = Counter::default();
         registry.register("packages_pushed", "Packages pushed to partners and acknowledged", packages_pushed.clone());
         registry.register("outbox_failures", "Failed push attempts to partners", outbox_failures.clone());
+        let package_renders = Counter::default();
+        registry.register("package_renders", "Image content rendered for packages", package_renders.clone());
         Metrics {
             registry: Arc::new(registry),
             scans_received,
@@ -107,6 +112,7 @@ impl Metrics {
             analysis_queue_depth,
             packages_pushed,
             outbox_failures,
+            package_renders,
         }
     }
 
