@@ -87,6 +87,9 @@ pub struct Metrics {
     pub unknown_rpcs: Counter,
     /// Connections closed because the peer sent nothing for too long.
     pub connections_timed_out: Counter,
+    /// Image content rendered for packages (downsampled planes, overlays,
+    /// pixel-only planes); a package served from the cache adds nothing.
+    pub package_renders: Counter,
 }
 
 impl Default for Metrics {
@@ -138,6 +141,8 @@ impl Metrics {
             "Connections closed because the peer sent nothing within the handshake or idle timeout",
             connections_timed_out.clone(),
         );
+        let package_renders = Counter::default();
+        registry.register("package_renders", "Image content rendered for packages", package_renders.clone());
         Metrics {
             registry: Arc::new(registry),
             scans_received,
@@ -152,6 +157,7 @@ impl Metrics {
             outbox_failures,
             unknown_rpcs,
             connections_timed_out,
+            package_renders,
         }
     }
 

@@ -147,6 +147,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         meta.clone(),
         blobs.clone(),
         config.exchange.clone(),
+        config.limits.clone(),
         gate.clone(),
         events.clone(),
         stop_rx.clone(),
@@ -204,7 +205,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         .add_service(FindingsServer::new(findings))
         .add_service(
             ExchangeServer::new(exchange)
-                .max_decoding_message_size(crate::exchange::MAX_MESSAGE_BYTES)
+                .max_decoding_message_size(config.exchange.max_receive_message_bytes)
                 .max_encoding_message_size(crate::exchange::MAX_MESSAGE_BYTES),
         );
     let mut grpc_stop = stop_rx.clone();

@@ -98,6 +98,14 @@ async fn every_rpc_checks_the_callers_role() {
             .collect(),
         ..Default::default()
     };
+    // The partner is an issuer here: its Receive passes the issuer check
+    // (which refuses other partners before reading) and fails on the content.
+    let (_, public) = niix::exchange::keys::init(&dir.path().join("keys")).unwrap();
+    config.exchange = niix::exchange::ExchangeConfig {
+        administration: "NL".into(),
+        issuers: vec![niix::exchange::Issuer { administration: "partner-1".into(), public_key: public }],
+        ..Default::default()
+    };
     let server = niix::server::start(config).await.unwrap();
     let url = format!("http://{}", server.addr);
     let ch = niix::client::connect(&url).await.unwrap();

@@ -34,14 +34,26 @@ fn cli(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_niix")).args(args).env("NIIX_LOG", "warn").output().unwrap()
 }
 
-/// Packages from a subscription until it is quiet for a while.
-async fn drain(conn: &Authed, cursor: u64) -> Vec<ResultPackage> {
+/// The packages of a subscription from `cursor` up to and including the one
+/// about scan `last`. The feed is in event order, so every event before
+/// `last`'s has been decided on: what is not here was not shared.
+async fn until(conn: &Authed, cursor: u64, last: &str) -> Vec<ResultPackage> {
     let mut s = ExchangeClient::new(conn.clone()).subscribe(SubscribeRequest { cursor }).await.unwrap().into_inner();
     let mut out = Vec::new();
-    while let Ok(Some(p)) = tokio::time::timeout(Duration::from_millis(700), s.next()).await {
-        out.push(p.unwrap());
+    loop {
+        let p = tokio::time::timeout(Duration::from_secs(60), s.next()).await;
+        let p = p.unwrap_or_else(|_| panic!("no package about {last} after {} others", out.len())).unwrap().unwrap();
+        let scan = PackageContent::decode(p.content.as_slice()).unwrap().scan_id;
+        out.push(p);
+        if scan == last {
+            return out;
+        }
     }
-    out
+}
+
+/// Scan ids of packages, in order.
+fn scans_of(packages: &[ResultPackage]) -> Vec<String> {
+    packages.iter().map(|p| PackageContent::decode(p.content.as_slice()).unwrap().scan_id).collect()
 }
 
 /// NL's server, signing with a fresh key, sharing under `agreements`, with
@@ -111,8 +123,11 @@ async fn a_partner_receives_exactly_its_redacted_signed_packages() {
         .await
         .unwrap();
 
-    let got = drain(&de, 0).await;
-    assert_eq!(got.len(), 1, "only the NLRTM alarm is shared");
+    // A later entitled scan marks the end of what to look at.
+    let marker = push_container(&scanner, "NLRTM", "MM-1", true).await;
+    analysed(&officer, &marker).await;
+    let got = until(&de, 0, &marker).await;
+    assert_eq!(scans_of(&got), [shared.clone(), marker.clone()], "only the NLRTM alarms are shared, each once");
     let content = keys::verify(&got[0], &public).unwrap();
     assert_eq!((content.issuer.as_str(), content.recipient.as_str()), ("NL", "DE"));
     assert_eq!(content.scan_id, shared);
@@ -127,11 +142,13 @@ async fn a_partner_receives_exactly_its_redacted_signed_packages() {
     // Resume from the cursor: nothing repeated, the next entitled package arrives.
     let next = push_container(&scanner, "NLRTM", "ZZ-9", true).await;
     analysed(&officer, &next).await;
-    let more = drain(&de, content.sequence).await;
+    let marked = keys::verify(&got[1], &public).unwrap().sequence;
+    assert_eq!(scans_of(&until(&de, content.sequence, &next).await), [marker.clone(), next.clone()]);
+    let more = until(&de, marked, &next).await;
     assert_eq!(more.len(), 1);
     let c2 = keys::verify(&more[0], &public).unwrap();
     assert_eq!(c2.scan_id, next);
-    assert!(c2.sequence > content.sequence);
+    assert!(c2.sequence > marked);
 
     // GetPackage returns the same signed bytes.
     let again = ExchangeClient::new(de.clone())
@@ -167,7 +184,7 @@ async fn a_partner_receives_exactly_its_redacted_signed_packages() {
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "niixpkg"))
         .collect();
-    assert_eq!(files.len(), 2);
+    assert_eq!(files.len(), 3);
     server.shutdown().await.unwrap();
 
     let ok = cli(&["verify", files[0].to_str().unwrap(), "--key", &public]);
@@ -201,7 +218,7 @@ async fn full_planes_are_pulled_in_chunks_and_checked_against_the_signed_digest(
     .await;
     let id = push_container(&scanner, "NLRTM", "AB-1", true).await;
     analysed(&officer, &id).await;
-    let got = drain(&de, 0).await;
+    let got = until(&de, 0, &id).await;
     assert_eq!(got.len(), 1);
     let content = keys::verify(&got[0], &public).unwrap();
     assert!(content.full_planes);
@@ -257,4 +274,221 @@ async fn full_planes_are_pulled_in_chunks_and_checked_against_the_signed_digest(
     let tampered = cli(&["verify", pkg_file.to_str().unwrap(), "--key", &public]);
     assert!(!tampered.status.success());
     assert!(String::from_utf8_lossy(&tampered.stderr).contains("is not the signed"));
+}
+
+/// What a scanner put in the scan's metadata and in the plane files: every
+/// value a full redaction withholds.
+const SECRETS: [&str; 8] =
+    ["AB-777-Z", "24NL0000000012345", "CSQU3054383", "ScanCorp", "XR-9000", "SN-889911", "seal-broken", "Jansen"];
+
+/// A 256x128 alarm plane in `encoding`, with the secrets in its file's
+/// own fields wherever the format has them, as (descriptor, bytes).
+fn secret_plane(dir: &std::path::Path, encoding: &str) -> (PlaneDescriptor, Vec<u8>) {
+    let (w, h) = (256, 128);
+    let pixels = cargo_samples(w, h, Some((100, 40, 40, 30)), false);
+    let text = SECRETS.join(" ");
+    let path = dir.join(format!("plane-{encoding}"));
+    match encoding {
+        "raw" => {
+            let raw: Vec<u8> = pixels.iter().flat_map(|v| v.to_le_bytes()).collect();
+            return (plane(PlaneEncoding::RawU16le, w, h, &raw), raw);
+        }
+        "png" => {
+            let mut out = Vec::new();
+            let mut enc = png::Encoder::new(&mut out, w, h);
+            enc.set_color(png::ColorType::Grayscale);
+            enc.set_depth(png::BitDepth::Sixteen);
+            enc.add_text_chunk("Comment".into(), text.clone()).unwrap();
+            let mut wr = enc.write_header().unwrap();
+            wr.write_image_data(&pixels.iter().flat_map(|v| v.to_be_bytes()).collect::<Vec<u8>>()).unwrap();
+            wr.finish().unwrap();
+            std::fs::write(&path, out).unwrap();
+        }
+        "tiff" => {
+            let mut buf = std::io::Cursor::new(Vec::new());
+            let mut enc = tiff::encoder::TiffEncoder::new(&mut buf).unwrap();
+            let mut image = enc.new_image::<tiff::encoder::colortype::Gray16>(w, h).unwrap();
+            image.encoder().write_tag(tiff::tags::Tag::ImageDescription, text.as_str()).unwrap();
+            image.encoder().write_tag(tiff::tags::Tag::Make, "ScanCorp").unwrap();
+            image.encoder().write_tag(tiff::tags::Tag::Artist, "Jansen").unwrap();
+            image.write_data(&pixels).unwrap();
+            std::fs::write(&path, buf.into_inner()).unwrap();
+        }
+        dicos => {
+            let (comments, operator) = (format!("ImageComments={text}"), "OperatorsName=Jansen".to_string());
+            let (make, serial) = ("Manufacturer=ScanCorp".to_string(), "DeviceSerialNumber=SN-889911".to_string());
+            let mut args = vec![path.to_str().unwrap(), "--width", "256", "--height", "128", "--spacing", "4", "4"];
+            args.extend(["--block", "100", "40", "40", "30"]);
+            for t in [&comments, &operator, &make, &serial] {
+                args.extend(["--tag", t.as_str()]);
+            }
+            if dicos == "dicos-rle" {
+                args.push("--rle");
+            }
+            run_python("dicos/make_dx.py", &args);
+        }
+    }
+    let d = niix::client::describe_plane(&path, PlaneKind::HighEnergy, &Default::default()).unwrap();
+    (d, std::fs::read(&path).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_planes_carry_pixels_only_whatever_the_encoding_and_redaction_holds() {
+    use niix_proto::v1::scan_ingest_client::ScanIngestClient;
+    let dir = tempfile::tempdir().unwrap();
+    let all = vec![
+        Redact::VehiclePlate,
+        Redact::Declarations,
+        Redact::OfficerIds,
+        Redact::FreeText,
+        Redact::ContainerNumbers,
+        Redact::Scanner,
+    ];
+    let agreement = Agreement {
+        name: "NL-DE".into(),
+        partner: "DE".into(),
+        content: Content::FullPlanes,
+        redact: all,
+        ..Default::default()
+    };
+    let Nl { server, url, public, scanner, officer, de, .. } = nl(dir.path(), vec![agreement]).await;
+    let pixels: Vec<u8> =
+        cargo_samples(256, 128, Some((100, 40, 40, 30)), false).iter().flat_map(|v| v.to_le_bytes()).collect();
+    let mut ids = Vec::new();
+    for encoding in ["raw", "png", "tiff", "dicos", "dicos-rle"] {
+        let (d, bytes) = secret_plane(dir.path(), encoding);
+        if encoding != "raw" {
+            for s in ["ScanCorp", "Jansen"] {
+                assert!(contains(&bytes, s), "the {encoding} file as pushed carries {s:?}");
+            }
+        }
+        let mut h = header(&new_id(), d);
+        let m = h.metadata.as_mut().unwrap();
+        m.site_id = "NLRTM".into();
+        m.vehicle_plate = SECRETS[0].into();
+        m.declarations = vec![DeclarationReference { kind: 2, value: SECRETS[1].into() }];
+        m.container_numbers = vec![SECRETS[2].into()];
+        m.scanner = Some(Scanner {
+            manufacturer: SECRETS[3].into(),
+            model: SECRETS[4].into(),
+            serial_number: SECRETS[5].into(),
+            ..Default::default()
+        });
+        m.remarks = SECRETS[6].into();
+        let receipt = ScanIngestClient::new(scanner.clone())
+            .push_scan(tokio_stream::iter(messages(&h, &[&bytes], 1 << 16)))
+            .await
+            .unwrap()
+            .into_inner();
+        analysed(&officer, &receipt.scan_id).await;
+        // An officer's verdict with a name and free text, shared with neither.
+        FindingsClient::new(officer.clone())
+            .adjudicate(AdjudicateRequest {
+                scan_id: receipt.scan_id.clone(),
+                verdict: 1,
+                officer_id: SECRETS[7].into(),
+                comment: SECRETS[6].into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        ids.push((encoding, receipt.scan_id));
+    }
+    let packages = until(&de, 0, &ids.last().unwrap().1).await;
+    assert_eq!(scans_of(&packages), ids.iter().map(|(_, id)| id.clone()).collect::<Vec<_>>());
+    for ((encoding, _), package) in ids.iter().zip(&packages) {
+        let content = keys::verify(package, &public).unwrap();
+        for s in SECRETS {
+            assert!(!contains(&package.content, s), "{encoding}: the package carries {s:?}");
+        }
+        assert!(content.full_planes);
+        let d = &content.planes[0];
+        assert_eq!((d.encoding, d.byte_length), (PlaneEncoding::RawU16le as i32, 256 * 128 * 2), "{encoding}");
+        let req = GetPlaneRequest { package_id: content.package_id.clone(), plane_index: 0, offset: 0 };
+        let mut s = ExchangeClient::new(de.clone()).get_plane(req).await.unwrap().into_inner();
+        let mut sent = Vec::new();
+        while let Some(chunk) = s.next().await {
+            sent.extend(chunk.unwrap().data);
+        }
+        assert_eq!(sha256(&sent), d.sha256, "{encoding}: the package signs what is sent");
+        assert!(sent == pixels, "{encoding}: the partner gets the scan's pixels");
+        for s in SECRETS {
+            assert!(!contains(&sent, s), "{encoding}: the plane sent carries {s:?}");
+        }
+    }
+
+    // The partner's CLI checks every plane file against the signed digests.
+    let out = dir.path().join("inbox");
+    let pulled = cli(&[
+        "partner",
+        "pull",
+        "--server",
+        &url,
+        "--token",
+        "t-de",
+        "--out",
+        out.to_str().unwrap(),
+        "--key",
+        &public,
+    ]);
+    assert!(pulled.status.success(), "{}", String::from_utf8_lossy(&pulled.stderr));
+    server.shutdown().await.unwrap();
+    let saved: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "niixpkg"))
+        .collect();
+    assert_eq!(saved.len(), ids.len());
+    for file in saved {
+        let ok = cli(&["verify", file.to_str().unwrap(), "--key", &public]);
+        assert!(String::from_utf8_lossy(&ok.stdout).contains("1 plane file(s) match"), "{ok:?}");
+        let plane = std::fs::read(niix::cli::partner::plane_path(&file, 0)).unwrap();
+        assert!(SECRETS.iter().all(|s| !contains(&plane, s)));
+    }
+}
+
+/// True when `needle` occurs in `bytes`.
+fn contains(bytes: &[u8], needle: &str) -> bool {
+    bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+/// The value of an unlabelled counter on the server's `/metrics` page.
+async fn counter(server: &niix::server::RunningServer, name: &str) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(server.metrics_addr.unwrap()).await.unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").await.unwrap();
+    let mut text = String::new();
+    conn.read_to_string(&mut text).await.unwrap();
+    let line = text.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("no {name}"));
+    line[name.len() + 1..].trim().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_package_is_rendered_once_however_often_and_in_parallel_it_is_fetched() {
+    let dir = tempfile::tempdir().unwrap();
+    let agreement = Agreement {
+        name: "NL-DE".into(),
+        partner: "DE".into(),
+        content: Content::FindingsPlanes,
+        plane_width: 64,
+        ..Default::default()
+    };
+    let Nl { server, scanner, officer, de, .. } = nl(dir.path(), vec![agreement]).await;
+    let id = push_container(&scanner, "NLRTM", "AB-1", true).await;
+    analysed(&officer, &id).await;
+    let first = until(&de, 0, &id).await.remove(0);
+    assert_eq!(counter(&server, "niix_package_renders_total").await, 1);
+    let package_id = PackageContent::decode(first.content.as_slice()).unwrap().package_id;
+    let fetches: Vec<_> = (0..6)
+        .map(|_| {
+            let mut c = ExchangeClient::new(de.clone());
+            let req = GetPackageRequest { package_id: package_id.clone() };
+            tokio::spawn(async move { c.get_package(req).await.unwrap().into_inner() })
+        })
+        .collect();
+    for f in fetches {
+        assert_eq!(f.await.unwrap(), first, "the same signed package every time");
+    }
+    assert_eq!(counter(&server, "niix_package_renders_total").await, 1, "seven fetches, one rendering");
+    server.shutdown().await.unwrap();
 }

@@ -14,6 +14,7 @@ use common::*;
 use niix::auth::{Role, token_hash};
 use niix::client::{Authed, ClientTls, authed, connect_tls};
 use niix::config::Limits;
+use niix::exchange::receive::foreign_scan_id;
 use niix::exchange::{Agreement, Content, ExchangeConfig, Issuer, PushTarget, Redact, keys};
 use niix::store::MetadataStore;
 use niix_proto::v1::exchange_client::ExchangeClient;
@@ -156,14 +157,22 @@ async fn nl_pushes_alarms_to_de_over_mutual_tls_and_a_de_crash_loses_nothing() {
 
     // DE comes back on the same port; NL's outbox catches up.
     let de = Server::spawn_args(de_port, &de_args).await;
-    let scans = wait_for_scans(&de_officer, entitled.len()).await;
-    // Give a duplicate delivery the time to show up, if there were one.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_for_scans(&de_officer, entitled.len()).await;
+    // NL's outbox has decided on every event NL has: nothing more will come.
+    let nl_db = niix::store::SqliteMetadata::open(&tmp.path().join("nl-data/niix.db")).unwrap();
+    let last = nl_db.last_event().unwrap();
+    for _ in 0..600 {
+        if nl_db.outbox("DE").unwrap().delivered == last {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(nl_db.outbox("DE").unwrap().delivered, last, "NL's cursor reached its last event");
     let officer = de_officer().await.unwrap();
     let scans_after = foreign_scans(&officer).await;
-    assert_eq!(scans_after.len(), scans.len());
     let got: BTreeSet<String> = scans_after.iter().map(|s| s.scan_id.clone()).collect();
-    assert_eq!(got, entitled, "exactly the entitled scans arrive, nothing else");
+    let expected: BTreeSet<String> = entitled.iter().map(|id| foreign_scan_id("NL", id)).collect();
+    assert_eq!(got, expected, "exactly the entitled scans arrive, under NL's namespace, nothing else");
     for s in &scans_after {
         assert_eq!(s.origin, "NL");
         let meta = s.metadata.clone().unwrap();
@@ -194,17 +203,16 @@ async fn nl_pushes_alarms_to_de_over_mutual_tls_and_a_de_crash_loses_nothing() {
     let blobs = niix::store::FsBlobs::open(&de_data).unwrap();
     let mut packages = 0;
     for id in &entitled {
-        for p in db.received_packages(id).unwrap() {
+        for p in db.received_packages(&foreign_scan_id("NL", id)).unwrap() {
             let bytes = std::fs::read(blobs.blob_path(&p.package_sha256)).unwrap();
             let content = keys::verify(&ResultPackage::decode(bytes.as_slice()).unwrap(), &nl_public).unwrap();
             assert_eq!((content.scan_id.as_str(), content.recipient.as_str()), (id.as_str(), "DE"));
             packages += 1;
         }
     }
-    assert_eq!(packages, entitled.len());
+    assert_eq!(packages, entitled.len(), "each entitled package stored exactly once, after two DE starts");
     let log = db.audit_tail(10_000).unwrap();
     assert!(log.iter().any(|r| r.entry.identity == "NL" && r.entry.action == "Receive" && r.entry.outcome == "OK"));
-    let nl_db = niix::store::SqliteMetadata::open(&tmp.path().join("nl-data/niix.db")).unwrap();
     let nl_log = nl_db.audit_tail(10_000).unwrap();
     let pushed = nl_log.iter().filter(|r| r.entry.action == "Push" && r.entry.outcome == "OK").count();
     assert!(pushed >= entitled.len(), "every delivery is audited");
@@ -228,15 +236,22 @@ async fn receive_checks_every_delivery_and_foreign_scans_stay_put() {
         ("BE", Role::Partner, "t-be"),
         ("FR", Role::Partner, "t-fr"),
         ("de-officer", Role::Officer, "t-off"),
+        ("de-scanner", Role::Scanner, "t-de-scan"),
     ]);
     de_config.exchange = ExchangeConfig {
         administration: "DE".into(),
         signing_key: Some(de_key_file),
-        agreements: vec![Agreement { name: "DE-FR".into(), partner: "FR".into(), ..Default::default() }],
+        agreements: vec![Agreement {
+            name: "DE-FR".into(),
+            partner: "FR".into(),
+            operator_reports: true,
+            ..Default::default()
+        }],
         issuers: vec![
             Issuer { administration: "NL".into(), public_key: nl_public.clone() },
             Issuer { administration: "BE".into(), public_key: nl_public.clone() },
         ],
+        ..Default::default()
     };
     let de = niix::server::start(de_config).await.unwrap();
     let de_url = format!("http://{}", de.addr);
@@ -279,26 +294,42 @@ async fn receive_checks_every_delivery_and_foreign_scans_stay_put() {
         .into_inner()
         .scan
         .unwrap();
-    assert_eq!(scans[0].scan_id, id);
+    assert_eq!(scans[0].scan_id, foreign_scan_id("NL", &id));
+    assert_eq!(scans[0].origin, "NL");
     assert_eq!(scans[0].planes.len(), 1);
     assert_eq!(scans[0].planes[0].sha256, nl_scan.planes[0].sha256, "full planes arrive byte for byte");
     assert_eq!(scans[0].planes[0].downsampled, 1);
     let overlay = FindingsClient::new(officer.clone())
-        .render_overlay(RenderOverlayRequest { scan_id: id.clone(), ..Default::default() })
+        .render_overlay(RenderOverlayRequest { scan_id: scans[0].scan_id.clone(), ..Default::default() })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(overlay.width, 256);
     nl.shutdown().await.unwrap();
 
-    // FR's feed from DE does not include NL's scan.
+    // FR's feed from DE skips NL's scan: the first package FR gets is about
+    // a scan of DE's own that an officer adjudicated after NL's arrived.
+    let own = push_container(&as_de("t-de-scan"), "DEHAM", "D-1", true).await;
+    FindingsClient::new(officer.clone())
+        .adjudicate(AdjudicateRequest {
+            scan_id: own.clone(),
+            verdict: 1,
+            officer_id: "DE-1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     let mut fr = ExchangeClient::new(as_de("t-fr"));
     let mut feed = fr.subscribe(SubscribeRequest { cursor: 0 }).await.unwrap().into_inner();
-    let next = tokio::time::timeout(Duration::from_millis(800), tokio_stream::StreamExt::next(&mut feed)).await;
-    assert!(next.is_err(), "a foreign scan is not re-shared: {next:?}");
+    let first = tokio::time::timeout(Duration::from_secs(30), tokio_stream::StreamExt::next(&mut feed)).await;
+    let first = PackageContent::decode(first.unwrap().unwrap().unwrap().content.as_slice()).unwrap();
+    assert_eq!(first.scan_id, own, "a foreign scan is not re-shared");
 
     // Hand-made deliveries, each refused with its reason, nothing stored.
     let nl_key = keys::load(&nl_key_file).unwrap();
+    let plane_bytes = raw_bytes(16, 8, 3);
+    let descriptor =
+        PlaneDescriptor { sha256: sha256(&plane_bytes), ..plane(PlaneEncoding::RawU16le, 16, 8, &plane_bytes) };
     let content = |recipient: &str, seq: u64| PackageContent {
         package_id: niix::exchange::package_id("NL", recipient, seq),
         issuer: "NL".into(),
@@ -306,6 +337,7 @@ async fn receive_checks_every_delivery_and_foreign_scans_stay_put() {
         sequence: seq,
         scan_id: new_id(),
         metadata: Some(ScanMetadata { site_id: "NLRTM".into(), ..Default::default() }),
+        planes: vec![descriptor.clone()],
         reports: vec![ThreatReport { r#type: ReportType::Machine as i32, ..Default::default() }],
         ..Default::default()
     };
@@ -325,7 +357,7 @@ async fn receive_checks_every_delivery_and_foreign_scans_stay_put() {
         let mut c = FindingsClient::new(officer.clone());
         async move { c.render_overlay(RenderOverlayRequest { scan_id, ..Default::default() }).await }
     };
-    let err = overlay(good.scan_id.clone()).await.unwrap_err();
+    let err = overlay(foreign_scan_id("NL", &good.scan_id)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{}", err.message());
     let mut png = Vec::new();
     {
@@ -335,7 +367,7 @@ async fn receive_checks_every_delivery_and_foreign_scans_stay_put() {
     }
     let with_overlay = PackageContent { overlay_png: png.clone(), ..content("DE", 1007) };
     deliver("t-nl", vec![pkg(keys::sign(&nl_key, &with_overlay))]).await.unwrap();
-    let shown = overlay(with_overlay.scan_id.clone()).await.unwrap().into_inner();
+    let shown = overlay(foreign_scan_id("NL", &with_overlay.scan_id)).await.unwrap().into_inner();
     assert_eq!((shown.png, shown.width, shown.height), (png, 3, 2));
 
     let mut tampered = keys::sign(&nl_key, &content("DE", 1001));
@@ -363,6 +395,15 @@ async fn receive_checks_every_delivery_and_foreign_scans_stay_put() {
                 &PackageContent { issuer: "FR".into(), ..content("DE", 1005) },
             ))],
             tonic::Code::PermissionDenied,
+            "FR is not an issuer",
+        ),
+        (
+            "t-be",
+            vec![pkg(keys::sign(
+                &keys::load(&tmp.path().join("de-keys").join(keys::PRIVATE_KEY_FILE)).unwrap(),
+                &PackageContent { issuer: "FR".into(), ..content("DE", 1008) },
+            ))],
+            tonic::Code::PermissionDenied,
             "not accepted here",
         ),
         ("t-nl", vec![], tonic::Code::InvalidArgument, "first message must be the package"),
@@ -373,10 +414,9 @@ async fn receive_checks_every_delivery_and_foreign_scans_stay_put() {
         assert!(err.message().contains(text), "{:?} lacks {text:?}", err.message());
     }
     // Full planes whose bytes do not match the signed digest.
-    let bytes = raw_bytes(16, 8, 3);
+    let bytes = plane_bytes.clone();
     let mut full = content("DE", 1006);
     full.full_planes = true;
-    full.planes = vec![PlaneDescriptor { sha256: sha256(&bytes), ..plane(PlaneEncoding::RawU16le, 16, 8, &bytes) }];
     let mut wrong = bytes.clone();
     wrong[0] ^= 1;
     let chunk =
@@ -389,6 +429,228 @@ async fn receive_checks_every_delivery_and_foreign_scans_stay_put() {
     let err = deliver("t-nl", vec![pkg(keys::sign(&nl_key, &full)), truncated]).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::DataLoss, "{}", err.message());
     // Only the two good packages and NL's pushed scan are stored.
-    assert_eq!(foreign_scans(&officer).await.len(), 3);
+    assert_eq!(foreign_scans(&officer).await.iter().filter(|s| !s.origin.is_empty()).count(), 3);
     de.shutdown().await.unwrap();
+}
+
+/// DE accepting NL's and BE's packages (each with its own key), with a
+/// partner XX that is not an issuer and an officer.
+struct De {
+    server: niix::server::RunningServer,
+    channel: tonic::transport::Channel,
+    nl_key: ed25519_dalek::SigningKey,
+    be_key: ed25519_dalek::SigningKey,
+}
+
+async fn de_accepting_nl_and_be(dir: &std::path::Path) -> De {
+    let (nl_file, nl_public) = keys::init(&dir.join("nl-keys")).unwrap();
+    let (be_file, be_public) = keys::init(&dir.join("be-keys")).unwrap();
+    let mut config = config(&dir.join("de"), Limits::default());
+    config.analysis.enabled = false;
+    config.auth = tokens(&[
+        ("NL", Role::Partner, "t-nl"),
+        ("BE", Role::Partner, "t-be"),
+        ("XX", Role::Partner, "t-xx"),
+        ("de-officer", Role::Officer, "t-off"),
+    ]);
+    config.exchange = ExchangeConfig {
+        administration: "DE".into(),
+        issuers: vec![
+            Issuer { administration: "NL".into(), public_key: nl_public },
+            Issuer { administration: "BE".into(), public_key: be_public },
+        ],
+        ..Default::default()
+    };
+    let server = niix::server::start(config).await.unwrap();
+    let channel = niix::client::connect(&format!("http://{}", server.addr)).await.unwrap();
+    De { server, channel, nl_key: keys::load(&nl_file).unwrap(), be_key: keys::load(&be_file).unwrap() }
+}
+
+/// Starts a raw `Exchange.Receive` call as `token` whose body is a gRPC
+/// message prefix declaring `declared` bytes followed by `sent` bytes of it,
+/// and then nothing (the body stays open). Returns the gRPC status the
+/// server answers with, and the body's sender (dropping it ends the body).
+async fn half_sent_receive(
+    channel: &tonic::transport::Channel,
+    token: &str,
+    declared: u32,
+    sent: usize,
+) -> (Option<String>, String, tokio::sync::mpsc::Sender<Result<axum::body::Bytes, std::io::Error>>) {
+    use tower::Service;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let body = axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let request = http::Request::builder()
+        .method("POST")
+        .uri("/niix.v1.Exchange/Receive")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("authorization", format!("Bearer {token}"))
+        .body(tonic::body::Body::new(body))
+        .unwrap();
+    let feeder = tx.clone();
+    tokio::spawn(async move {
+        let mut prefix = vec![0u8];
+        prefix.extend(declared.to_be_bytes());
+        if feeder.send(Ok(prefix.into())).await.is_err() {
+            return;
+        }
+        for _ in 0..sent / (1 << 20) {
+            if feeder.send(Ok(vec![7u8; 1 << 20].into())).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut svc = channel.clone();
+    std::future::poll_fn(|cx| svc.poll_ready(cx)).await.unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(20), svc.call(request))
+        .await
+        .expect("the server answers while the message is still incomplete")
+        .unwrap();
+    let header = |name: &str| response.headers().get(name).map(|v| v.to_str().unwrap().to_string());
+    (header("grpc-status"), header("grpc-message").unwrap_or_default(), tx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receive_refuses_non_issuers_and_oversized_messages_before_reading_them_and_bounds_streams() {
+    let tmp = tempfile::tempdir().unwrap();
+    let de = de_accepting_nl_and_be(tmp.path()).await;
+    // XX is a partner but no issuer: half of a 64 MiB message is refused at
+    // once, while the body is still open.
+    let (status, message, _open) = half_sent_receive(&de.channel, "t-xx", 64 << 20, 32 << 20).await;
+    assert_eq!(status.as_deref(), Some("7"), "PERMISSION_DENIED: {message}");
+    assert!(message.contains("XX%20is%20not%20an%20issuer") || message.contains("XX is not an issuer"), "{message}");
+    // An issuer declaring a message over max_receive_message_bytes is refused
+    // from the length prefix.
+    let (status, message, _open2) = half_sent_receive(&de.channel, "t-nl", 64 << 20, 4 << 20).await;
+    assert_eq!(status.as_deref(), Some("8"), "RESOURCE_EXHAUSTED: {message}");
+    // Two deliveries of NL may be open at once; a third is refused.
+    let pending = |token: &'static str| {
+        let ch = de.channel.clone();
+        tokio::spawn(async move { half_sent_receive(&ch, token, 1 << 20, 0).await })
+    };
+    let open = [pending("t-nl"), pending("t-nl"), pending("t-be")];
+    // Each holds its slot until its body ends; let the server take them.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // (On a slow machine the two may not hold their slots yet: a third that
+    // is not answered at once is dropped and sent again.)
+    let mut attempts = 0;
+    let (status, message, _third) = loop {
+        let third = half_sent_receive(&de.channel, "t-nl", 1 << 20, 0);
+        match tokio::time::timeout(Duration::from_secs(3), third).await {
+            Ok(answer) => break answer,
+            Err(_) => attempts += 1,
+        }
+        assert!(attempts < 10, "a third delivery of NL was never refused");
+    };
+    assert_eq!(status.as_deref(), Some("8"), "RESOURCE_EXHAUSTED: {message}");
+    assert!(message.contains("deliveries%20in%20progress") || message.contains("deliveries in progress"), "{message}");
+    // None of the open ones was answered, BE's included: its slots are its own.
+    assert!(open.iter().all(|t| !t.is_finished()));
+    // Nothing of it was stored.
+    let officer = authed(de.channel.clone(), Some("t-off")).unwrap();
+    assert!(foreign_scans(&officer).await.is_empty());
+    open.iter().for_each(|t| t.abort());
+    de.server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn received_headers_meet_the_ingest_rules_and_issuers_cannot_write_each_others_scans() {
+    let tmp = tempfile::tempdir().unwrap();
+    let de = de_accepting_nl_and_be(tmp.path()).await;
+    let bytes = raw_bytes(16, 8, 3);
+    let good_plane = PlaneDescriptor { sha256: sha256(&bytes), ..plane(PlaneEncoding::RawU16le, 16, 8, &bytes) };
+    let scan_id = new_id();
+    let content = |issuer: &str, seq: u64| PackageContent {
+        package_id: niix::exchange::package_id(issuer, "DE", seq),
+        issuer: issuer.into(),
+        recipient: "DE".into(),
+        sequence: seq,
+        scan_id: scan_id.clone(),
+        metadata: Some(ScanMetadata { site_id: format!("{issuer}SITE"), ..Default::default() }),
+        planes: vec![good_plane.clone()],
+        reports: vec![ThreatReport {
+            r#type: ReportType::Machine as i32,
+            comment: issuer.into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let deliver = |token: &str, package: ResultPackage| {
+        let mut c = ExchangeClient::new(authed(de.channel.clone(), Some(token)).unwrap());
+        async move {
+            let parts = vec![ReceiveRequest { part: Some(Part::Package(package)) }];
+            c.receive(tokio_stream::iter(parts)).await.map(|r| r.into_inner())
+        }
+    };
+    let officer = authed(de.channel.clone(), Some("t-off")).unwrap();
+
+    // Descriptors a scanner could not push are refused from an issuer too.
+    let wide = PlaneDescriptor { kind: 0, encoding: 0, width: 300_000, ..good_plane.clone() };
+    let huge_png = PlaneDescriptor {
+        encoding: PlaneEncoding::Png as i32,
+        width: 65536,
+        height: 65536,
+        byte_length: 555_000,
+        ..good_plane.clone()
+    };
+    let tiny_png = {
+        let mut out = Vec::new();
+        let mut enc = png::Encoder::new(&mut out, 4, 4);
+        enc.set_depth(png::BitDepth::Sixteen);
+        enc.write_header().unwrap().write_image_data(&[0; 32]).unwrap();
+        out
+    };
+    let cases: Vec<(PackageContent, tonic::Code, &str)> = vec![
+        (
+            PackageContent { planes: vec![wide.clone(); 100], ..content("NL", 1) },
+            tonic::Code::ResourceExhausted,
+            "100 planes",
+        ),
+        (PackageContent { planes: vec![wide], ..content("NL", 2) }, tonic::Code::InvalidArgument, "kind is not set"),
+        (
+            PackageContent {
+                planes: vec![huge_png.clone()],
+                plane_images: vec![PlaneImage { plane_index: 0, factor: 2, width: 4, height: 4, png: tiny_png }],
+                ..content("NL", 3)
+            },
+            tonic::Code::ResourceExhausted,
+            "exceeds the server's limit",
+        ),
+        (
+            PackageContent { planes: vec![huge_png], full_planes: true, ..content("NL", 4) },
+            tonic::Code::ResourceExhausted,
+            "exceeds the server's limit",
+        ),
+        (PackageContent { metadata: None, ..content("NL", 5) }, tonic::Code::InvalidArgument, "no metadata"),
+    ];
+    for (c, code, text) in cases {
+        let err = deliver("t-nl", keys::sign(&de.nl_key, &c)).await.unwrap_err();
+        assert_eq!(err.code(), code, "{}", err.message());
+        assert!(err.message().contains(text), "{:?} lacks {text:?}", err.message());
+    }
+    assert!(foreign_scans(&officer).await.is_empty(), "a refused package leaves nothing");
+
+    // NL claims BE scanned it: the scan is NL's, under NL's namespace.
+    let forged = PackageContent { origin: "BE".into(), ..content("NL", 10) };
+    let receipt = deliver("t-nl", keys::sign(&de.nl_key, &forged)).await.unwrap();
+    assert_eq!(receipt.scan_id, foreign_scan_id("NL", &scan_id));
+    // BE's genuine package about the same scan id is a scan of its own.
+    let genuine = deliver("t-be", keys::sign(&de.be_key, &content("BE", 10))).await.unwrap();
+    assert_eq!(genuine.scan_id, foreign_scan_id("BE", &scan_id));
+    assert_ne!(genuine.scan_id, receipt.scan_id);
+    let scans = foreign_scans(&officer).await;
+    let origins: BTreeSet<(String, String)> = scans.iter().map(|s| (s.scan_id.clone(), s.origin.clone())).collect();
+    let expected: BTreeSet<(String, String)> =
+        [(receipt.scan_id.clone(), "NL".to_string()), (genuine.scan_id.clone(), "BE".to_string())].into();
+    assert_eq!(origins, expected);
+    for (id, issuer) in expected {
+        let f = FindingsClient::new(officer.clone())
+            .get_findings(GetFindingsRequest { scan_id: id })
+            .await
+            .unwrap()
+            .into_inner();
+        let comments: Vec<&str> = f.reports.iter().map(|r| r.comment.as_str()).collect();
+        assert_eq!(comments, [issuer.as_str()], "each issuer's report stays on its own scan");
+    }
+    de.server.shutdown().await.unwrap();
 }

@@ -3,7 +3,8 @@
 //! written as a 16-bit grayscale PNG.
 
 use ndarray::Array2;
-use niix_inference::pipeline::decode_plane;
+use niix_inference::decode::{DecodeError, DecodeLimits, decode_rows};
+use niix_inference::pipeline::PlaneInput;
 use niix_proto::v1::PlaneImage;
 
 use crate::analysis::stored_plane;
@@ -56,15 +57,17 @@ pub fn encode_png16(plane: &Array2<u16>) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// Every plane of a stored scan, downsampled to at most `max_width` pixels wide.
+/// Every plane of a stored scan, downsampled to at most `max_width` pixels
+/// wide. Planes are decoded row by row: memory holds one band of `factor`
+/// rows' sums and the small result, not the plane.
 pub fn plane_images(blobs: &dyn BlobStore, record: &ScanRecord, max_width: u32) -> Result<Vec<PlaneImage>> {
     (0..record.planes.len())
         .map(|i| {
-            let mut input = stored_plane(record, i, blobs)?;
-            let plane = decode_plane(&mut input).map_err(|e| Error::Internal(format!("decoding plane {i}: {e}")))?;
+            let input = stored_plane(record, i, blobs)?;
             // Always a reduction: a partner that may see more gets `full_planes`.
             let factor = factor_for(input.width, max_width).max(2);
-            let small = downsample(&plane, factor);
+            let small =
+                downsample_rows(input, factor).map_err(|e| Error::Internal(format!("decoding plane {i}: {e}")))?;
             Ok(PlaneImage {
                 plane_index: i as u32,
                 factor,
@@ -74,6 +77,32 @@ pub fn plane_images(blobs: &dyn BlobStore, record: &ScanRecord, max_width: u32) 
             })
         })
         .collect()
+}
+
+/// [`downsample`] of a plane decoded row by row.
+pub fn downsample_rows(input: PlaneInput, factor: u32) -> std::result::Result<Array2<u16>, DecodeError> {
+    let f = factor.max(1) as usize;
+    let (w, h) = (input.width as usize, input.height as usize);
+    let (oh, ow) = (h.div_ceil(f), w.div_ceil(f));
+    let mut out = Array2::<u16>::zeros((oh, ow));
+    let mut sums = vec![0u64; ow];
+    let mut counts = vec![0u64; ow];
+    decode_rows(input.reader, input.encoding, input.width, input.height, &DecodeLimits::default(), |y, row| {
+        for (x, &v) in row.iter().enumerate() {
+            sums[x / f] += u64::from(v);
+            counts[x / f] += 1;
+        }
+        let y = y as usize;
+        if (y + 1).is_multiple_of(f) || y + 1 == h {
+            for (ox, px) in out.row_mut(y / f).iter_mut().enumerate() {
+                *px = ((sums[ox] + counts[ox] / 2) / counts[ox].max(1)) as u16;
+            }
+            sums.iter_mut().for_each(|s| *s = 0);
+            counts.iter_mut().for_each(|c| *c = 0);
+        }
+        Ok(())
+    })?;
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -92,6 +121,22 @@ mod tests {
         assert_eq!(factor_for(2048, 512), 4);
         assert_eq!(factor_for(2049, 512), 5);
         assert_eq!(factor_for(300, 512), 1);
+    }
+
+    #[test]
+    fn downsampling_row_by_row_gives_the_same_blocks() {
+        let plane = Array2::from_shape_fn((7, 9), |(y, x)| (y * 1000 + x * 37) as u16);
+        let raw: Vec<u8> = plane.iter().flat_map(|v| v.to_le_bytes()).collect();
+        for factor in [2, 3, 4] {
+            let input = PlaneInput {
+                kind: "high_energy".into(),
+                encoding: niix_inference::decode::Encoding::RawU16Le,
+                width: 9,
+                height: 7,
+                reader: Box::new(std::io::Cursor::new(raw.clone())),
+            };
+            assert_eq!(downsample_rows(input, factor).unwrap(), downsample(&plane, factor), "factor {factor}");
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod images;
 pub mod keys;
 pub mod outbox;
 pub mod receive;
+pub mod render;
 
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -23,26 +24,35 @@ use ed25519_dalek::SigningKey;
 use futures_util::Stream;
 use niix_proto::v1::exchange_server::Exchange;
 use niix_proto::v1::{
-    GetPackageRequest, GetPlaneRequest, PackageContent, PlaneChunk, ReceiveReceipt, ReceiveRequest,
+    GetPackageRequest, GetPlaneRequest, PackageContent, PlaneChunk, PlaneImage, ReceiveReceipt, ReceiveRequest,
     RenderOverlayRequest, ResultPackage, SubscribeRequest,
 };
+use prost::Message;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::audit::{Caller, Gate};
+use crate::config::Limits;
 use crate::error::{Error, Result, blocking};
 use crate::findings::{EventSignal, render_scan, timestamp, wait_for_events};
 use crate::store::{BlobStore, MetadataStore, StoredEvent};
 
-/// Largest exchange message (a package with downsampled planes, or a chunk).
+/// Largest exchange message this server sends or a puller accepts (a
+/// package with downsampled planes, or a chunk).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// Default largest `Receive` message: a package (header at most 64 KiB,
+/// reports, an overlay PNG 1024 px wide, up to 8 downsampled planes 512 px
+/// wide) or a 1 MiB plane chunk. See docs/exchange.md.
+pub const DEFAULT_MAX_RECEIVE_MESSAGE_BYTES: usize = 16 << 20;
+/// Default number of `Receive` streams one issuer may have open at once.
+pub const DEFAULT_MAX_RECEIVES_PER_ISSUER: usize = 2;
 /// Plane bytes per `PlaneChunk`.
 pub const CHUNK_BYTES: usize = 1 << 20;
 
 /// The `[exchange]` section of the configuration.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ExchangeConfig {
     /// This administration's id in packages, e.g. "NL".
@@ -53,6 +63,26 @@ pub struct ExchangeConfig {
     pub agreements: Vec<Agreement>,
     /// Partner administrations whose pushed packages are accepted.
     pub issuers: Vec<Issuer>,
+    /// Largest message an issuer may send to `Receive`, in bytes; a larger
+    /// one is refused (RESOURCE_EXHAUSTED) from its length prefix, before
+    /// its bytes are read.
+    pub max_receive_message_bytes: usize,
+    /// `Receive` streams one issuer may have open at once; more get
+    /// RESOURCE_EXHAUSTED (its outbox retries).
+    pub max_receives_per_issuer: usize,
+}
+
+impl Default for ExchangeConfig {
+    fn default() -> Self {
+        ExchangeConfig {
+            administration: String::new(),
+            signing_key: None,
+            agreements: Vec::new(),
+            issuers: Vec::new(),
+            max_receive_message_bytes: DEFAULT_MAX_RECEIVE_MESSAGE_BYTES,
+            max_receives_per_issuer: DEFAULT_MAX_RECEIVES_PER_ISSUER,
+        }
+    }
 }
 
 /// A partner administration allowed to push packages here.
@@ -77,18 +107,24 @@ pub struct ExchangeService {
     meta: Arc<dyn MetadataStore>,
     blobs: Arc<dyn BlobStore>,
     config: Arc<ExchangeConfig>,
+    /// Ingest limits, applied to received scans too.
+    limits: Arc<Limits>,
     key: Option<Arc<SigningKey>>,
     gate: Gate,
     events: EventSignal,
     stop: watch::Receiver<bool>,
+    renderings: Arc<render::Renderings>,
+    receive_slots: receive::ReceiveSlots,
 }
 
 impl ExchangeService {
     /// Creates the service; loads the signing key if one is configured.
+    /// Received scans are held to the ingest `limits`.
     pub fn new(
         meta: Arc<dyn MetadataStore>,
         blobs: Arc<dyn BlobStore>,
         config: ExchangeConfig,
+        limits: Limits,
         gate: Gate,
         events: EventSignal,
         stop: watch::Receiver<bool>,
@@ -110,7 +146,24 @@ impl ExchangeService {
             keys::parse_public(&i.public_key)
                 .map_err(|e| anyhow::anyhow!("[[exchange.issuers]] {}: {e}", i.administration))?;
         }
-        Ok(ExchangeService { meta, blobs, config: Arc::new(config), key, gate, events, stop })
+        anyhow::ensure!(config.max_receives_per_issuer > 0, "[exchange] max_receives_per_issuer must be at least 1");
+        anyhow::ensure!(
+            config.max_receive_message_bytes > crate::exchange::CHUNK_BYTES,
+            "[exchange] max_receive_message_bytes must be more than a 1 MiB plane chunk"
+        );
+        let renderings = Arc::new(render::Renderings::new(gate.metrics().package_renders.clone()));
+        Ok(ExchangeService {
+            meta,
+            blobs,
+            config: Arc::new(config),
+            limits: Arc::new(limits),
+            key,
+            gate,
+            events,
+            stop,
+            renderings,
+            receive_slots: receive::ReceiveSlots::default(),
+        })
     }
 
     /// The configuration it runs with.
@@ -138,21 +191,22 @@ impl ExchangeService {
         let mut reports = vec![event.report.clone()];
         agreement.redact(&mut meta, &mut reports);
         let overlay_png = match agreement.content {
-            Content::FindingsOverlay => {
-                let all = self.meta.reports(&record.scan_id)?;
-                let req = RenderOverlayRequest {
-                    scan_id: record.scan_id.clone(),
-                    plane_index: event.report.plane_index,
-                    max_width: 1024,
-                    ..Default::default()
-                };
-                render_scan(self.blobs.as_ref(), &record, &all, &req)?.png
-            }
+            Content::FindingsOverlay => self.overlay(&record, event.report.plane_index)?,
             _ => Vec::new(),
         };
         let plane_images = match agreement.content {
-            Content::FindingsPlanes => images::plane_images(self.blobs.as_ref(), &record, agreement.plane_width)?,
+            Content::FindingsPlanes => self.plane_images(&record, agreement.plane_width)?,
             _ => Vec::new(),
+        };
+        let full_planes = agreement.content == Content::FullPlanes
+            && record.planes.len() == record.header.planes.len()
+            && record.planes.iter().all(|p| p.downsampled <= 1);
+        // Full planes go out as pixels only, and the package signs what goes out.
+        let planes = match full_planes {
+            true => (0..record.planes.len())
+                .map(|i| Ok(render::pixel_descriptor(&record.header.planes[i], &self.pixel_plane(&record, i)?)))
+                .collect::<Result<Vec<_>>>()?,
+            false => record.header.planes.clone(),
         };
         let issuer = &self.config.administration;
         let content = PackageContent {
@@ -164,14 +218,60 @@ impl ExchangeService {
             agreement: agreement.name.clone(),
             scan_id: record.scan_id.clone(),
             metadata: Some(meta),
-            planes: record.header.planes.clone(),
+            planes,
             reports,
             overlay_png,
             plane_images,
-            full_planes: agreement.content == Content::FullPlanes && record.planes.len() == record.header.planes.len(),
+            full_planes,
             origin: record.origin.clone(),
         };
         Ok(Some(keys::sign(key, &content)))
+    }
+
+    /// The overlay of `plane_index` with the scan's reports, rendered once.
+    fn overlay(&self, record: &crate::store::ScanRecord, plane_index: u32) -> Result<Vec<u8>> {
+        let all = self.meta.reports(&record.scan_id)?;
+        let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+        all.iter().for_each(|r| sha2::Digest::update(&mut hasher, r.encode_length_delimited_to_vec()));
+        let drawn = hex::encode(sha2::Digest::finalize(hasher));
+        let key = render::Key::Overlay { scan_id: record.scan_id.clone(), plane_index, reports: drawn };
+        let rendered = self.renderings.get(key, || {
+            let req = RenderOverlayRequest {
+                scan_id: record.scan_id.clone(),
+                plane_index,
+                max_width: 1024,
+                ..Default::default()
+            };
+            Ok(render::Rendering::Overlay(render_scan(self.blobs.as_ref(), record, &all, &req)?.png))
+        })?;
+        match rendered {
+            render::Rendering::Overlay(png) => Ok(png),
+            other => Err(Error::Internal(format!("overlay cache holds {other:?}"))),
+        }
+    }
+
+    /// Every plane downsampled to at most `max_width`, rendered once.
+    fn plane_images(&self, record: &crate::store::ScanRecord, max_width: u32) -> Result<Vec<PlaneImage>> {
+        let key = render::Key::PlaneImages { scan_id: record.scan_id.clone(), max_width };
+        let rendered = self.renderings.get(key, || {
+            Ok(render::Rendering::PlaneImages(images::plane_images(self.blobs.as_ref(), record, max_width)?))
+        })?;
+        match rendered {
+            render::Rendering::PlaneImages(v) => Ok(v),
+            other => Err(Error::Internal(format!("plane image cache holds {other:?}"))),
+        }
+    }
+
+    /// The pixel-only copy of plane `index`, in the blob store, made once.
+    fn pixel_plane(&self, record: &crate::store::ScanRecord, index: usize) -> Result<crate::store::PlaneDigest> {
+        let sha256 = record.planes.get(index).map(|p| p.sha256.clone()).unwrap_or_default();
+        let rendered = self.renderings.get(render::Key::PixelPlane { sha256 }, || {
+            Ok(render::Rendering::PixelPlane(render::pixel_plane(self.blobs.as_ref(), record, index)?))
+        })?;
+        match rendered {
+            render::Rendering::PixelPlane(d) => Ok(d),
+            other => Err(Error::Internal(format!("pixel plane cache holds {other:?}"))),
+        }
     }
 
     /// The package with this id for `agreement`'s partner, with its scan's
@@ -209,11 +309,16 @@ impl ExchangeService {
         let this = self.clone();
         let id = req.package_id.clone();
         let reader = blocking(move || {
-            let (_, event) = this.find_package(&agreement, &id)?;
-            let record = this.meta.get_scan(&event.scan_id)?.ok_or_else(|| Error::NotFound(id.clone()))?;
+            // The bytes sent are the ones the package signs (pixels only).
+            let (package, _) = this.find_package(&agreement, &id)?;
+            let content = PackageContent::decode(package.content.as_slice())
+                .map_err(|e| Error::Internal(format!("decoding package {id}: {e}")))?;
+            if !content.full_planes {
+                return Err(Error::FailedPrecondition(format!("package {id} does not carry full planes")));
+            }
             let index = req.plane_index as usize;
-            let plane = record.planes.get(index).ok_or_else(|| {
-                Error::InvalidArgument(format!("plane {index} does not exist; the scan has {}", record.planes.len()))
+            let plane = content.planes.get(index).ok_or_else(|| {
+                Error::InvalidArgument(format!("plane {index} does not exist; the scan has {}", content.planes.len()))
             })?;
             if req.offset > plane.byte_length {
                 return Err(Error::InvalidArgument(format!(

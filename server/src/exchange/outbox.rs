@@ -133,12 +133,9 @@ async fn deliver(
     package: ResultPackage,
 ) -> anyhow::Result<()> {
     let content = PackageContent::decode(package.content.as_slice())?;
+    // The planes the package signs (pixel-only copies), never the pushed files.
     let planes = match content.full_planes {
-        true => {
-            let (m, id) = (svc.meta.clone(), content.scan_id.clone());
-            let record = blocking(move || Ok(m.get_scan(&id)?)).await?;
-            record.map(|r| r.planes).unwrap_or_default()
-        }
+        true => content.planes.clone(),
         false => Vec::new(),
     };
     let (tx, rx) = mpsc::channel(4);

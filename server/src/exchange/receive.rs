@@ -1,13 +1,19 @@
 //! `Exchange.Receive`: packages pushed by a partner administration's niix.
 //!
+//! The caller must be an issuer configured in `[[exchange.issuers]]`; any
+//! other identity is refused before a byte of its stream is read, and each
+//! issuer has at most `max_receives_per_issuer` deliveries open at once.
 //! A package is accepted only from the administration that issued it (the
-//! caller's identity), signed with the public key configured for it in
-//! `[[exchange.issuers]]`, and addressed to this administration. It is
-//! stored, with its reports and any image content, as a foreign scan marked
-//! with its origin, in one transaction; a package id seen before changes
-//! nothing, so the sender may retry freely.
+//! caller's identity), signed with the public key configured for it, and
+//! addressed to this administration. Its scan header passes the same checks
+//! and limits as a pushed scan ([`crate::header::validate`]), and full planes
+//! the same decoding checks. It is stored, with its reports and any image
+//! content, as a foreign scan whose origin is the issuer and whose id is
+//! namespaced by the issuer ([`foreign_scan_id`]), in one transaction; a
+//! package id seen before changes nothing, so the sender may retry freely.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use niix_proto::v1::receive_request::Part;
@@ -15,14 +21,75 @@ use niix_proto::v1::{
     PackageContent, PlaneImage, ReceiveReceipt, ReceiveRequest, ResultPackage, ScanHeader, ScanStatus,
 };
 use prost::Message;
+use sha2::{Digest, Sha256};
 use tonic::Streaming;
 
 use super::{ExchangeConfig, ExchangeService, keys, package_id};
 use crate::audit::Caller;
+use crate::config::Limits;
 use crate::error::{Error, Result, blocking};
 use crate::header::{canonical_scan_id, fingerprint, is_sha256_hex};
-use crate::ingest::planes::PlaneSink;
+use crate::ingest::planes::{PlaneSink, check_plane_bytes};
 use crate::store::{PlaneDigest, ReceiveOutcome, ReceivedPackage, ScanRecord};
+
+/// Most pixels of an image a package carries (a downsampled plane or the
+/// overlay): 16 Mi pixels, at most 48 MiB decoded.
+pub const MAX_RECEIVED_IMAGE_PIXELS: u64 = 1 << 24;
+
+/// The id under which a scan `scan_id` of `issuer` is kept here: a UUID
+/// derived from both, so two issuers can never write the same record and an
+/// issuer cannot choose the id of a scan of this administration's. The
+/// issuer's own id stays in its stored package.
+pub fn foreign_scan_id(issuer: &str, scan_id: &str) -> String {
+    let digest = Sha256::new()
+        .chain_update(b"niix foreign scan\0")
+        .chain_update(issuer.as_bytes())
+        .chain_update(b"\0")
+        .chain_update(scan_id.to_ascii_lowercase().as_bytes())
+        .finalize();
+    let bytes: [u8; 16] = digest[..16].try_into().expect("a SHA-256 has 32 bytes");
+    uuid::Builder::from_custom_bytes(bytes).into_uuid().hyphenated().to_string()
+}
+
+/// Deliveries in progress per issuer.
+#[derive(Clone, Default)]
+pub struct ReceiveSlots(Arc<Mutex<HashMap<String, usize>>>);
+
+/// One delivery in progress; frees its slot when dropped.
+pub struct ReceiveSlot {
+    slots: ReceiveSlots,
+    identity: String,
+}
+
+impl ReceiveSlots {
+    /// Takes a slot for `identity` if it has fewer than `max` open.
+    pub fn try_take(&self, identity: &str, max: usize) -> Option<ReceiveSlot> {
+        let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(identity.to_string()).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(ReceiveSlot { slots: self.clone(), identity: identity.to_string() })
+    }
+
+    /// Deliveries `identity` has open now.
+    pub fn open(&self, identity: &str) -> usize {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).get(identity).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for ReceiveSlot {
+    fn drop(&mut self) {
+        let mut open = self.slots.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.identity) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.identity);
+            }
+        }
+    }
+}
 
 /// Handles one `Receive` call; returns the result and the object to audit
 /// (the package id, once known).
@@ -31,17 +98,85 @@ pub async fn receive(
     caller: &Caller,
     mut stream: Streaming<ReceiveRequest>,
 ) -> (Result<ReceiveReceipt>, String) {
+    // Who may send at all is decided before any byte of the stream is read.
+    let config = svc.config();
+    if !config.issuers.iter().any(|i| i.administration == caller.identity) {
+        return (
+            Err(Error::PermissionDenied(format!(
+                "{} is not an issuer whose packages are accepted here: add it to [[exchange.issuers]] with its public key",
+                caller.identity
+            ))),
+            String::new(),
+        );
+    }
+    let Some(_slot) = svc.receive_slots.try_take(&caller.identity, config.max_receives_per_issuer) else {
+        return (
+            Err(Error::ResourceExhausted(format!(
+                "{} already has {} deliveries in progress (exchange.max_receives_per_issuer); retry when one ends",
+                caller.identity, config.max_receives_per_issuer
+            ))),
+            String::new(),
+        );
+    };
     let package = match stream.message().await {
         Ok(Some(ReceiveRequest { part: Some(Part::Package(p)) })) => p,
         Ok(_) => return (Err(Error::InvalidArgument("the first message must be the package".into())), String::new()),
+        Err(s) if matches!(s.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted) => {
+            return (
+                Err(Error::ResourceExhausted(format!(
+                    "receiving the package: {}; this server accepts Receive messages of at most {} bytes \
+                     (exchange.max_receive_message_bytes)",
+                    s.message(),
+                    config.max_receive_message_bytes
+                ))),
+                String::new(),
+            );
+        }
         Err(s) => return (Err(Error::broken_stream(s, "receiving the package")), String::new()),
     };
-    let content = match verify_package(svc.config(), &caller.identity, &package) {
+    let content = match verify_package(config, &caller.identity, &package).and_then(|c| {
+        check_content(&c, &svc.limits)?;
+        Ok(c)
+    }) {
         Ok(c) => c,
         Err(e) => return (Err(e), String::new()),
     };
     let id = content.package_id.clone();
     (store(svc, package, content, stream).await, id)
+}
+
+/// Checks a verified package's scan as a pushed scan is checked: its header
+/// (the scan id, metadata, every plane descriptor) with the ingest rules and
+/// this server's `limits`, and its images' sizes.
+pub fn check_content(content: &PackageContent, limits: &Limits) -> Result<()> {
+    let header = ScanHeader {
+        scan_id: content.scan_id.clone(),
+        metadata: content.metadata.clone(),
+        planes: content.planes.clone(),
+    };
+    crate::header::validate(&header, limits)
+        .map_err(|e| with_message(e, |m| format!("package {}: {m}", content.package_id)))?;
+    if !content.overlay_png.is_empty() {
+        let info = png::Decoder::new(std::io::Cursor::new(&content.overlay_png))
+            .read_info()
+            .map_err(|e| Error::InvalidArgument(format!("the overlay is not a PNG: {e}")))?;
+        let (w, h) = (info.info().width, info.info().height);
+        if u64::from(w) * u64::from(h) > MAX_RECEIVED_IMAGE_PIXELS {
+            return Err(Error::ResourceExhausted(format!(
+                "the overlay is {w}x{h} pixels, over this server's limit of {MAX_RECEIVED_IMAGE_PIXELS} for received images"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The same error with its message rewritten.
+fn with_message(e: Error, f: impl FnOnce(&str) -> String) -> Error {
+    match e {
+        Error::InvalidArgument(m) => Error::InvalidArgument(f(&m)),
+        Error::ResourceExhausted(m) => Error::ResourceExhausted(f(&m)),
+        other => other,
+    }
 }
 
 /// Checks who sent a pushed package (`caller_identity`, the authenticated
@@ -97,12 +232,15 @@ async fn store(
     content: PackageContent,
     mut stream: Streaming<ReceiveRequest>,
 ) -> Result<ReceiveReceipt> {
-    let (pid, sid) = (content.package_id.clone(), content.scan_id.clone());
+    // The issuer is the authenticated caller (checked in `verify_package`):
+    // it is the origin, and it namespaces the scan id.
+    let scan_id = foreign_scan_id(&content.issuer, &canonical_scan_id(&content.scan_id)?);
+    let (pid, sid) = (content.package_id.clone(), scan_id.clone());
     let receipt = move |duplicate| ReceiveReceipt { package_id: pid.clone(), duplicate, scan_id: sid.clone() };
     let (meta, blobs) = (svc.meta.clone(), svc.blobs.clone());
     // A retry of a package stored before: answer before any plane is read.
-    let (m, scan_id, id) = (meta.clone(), content.scan_id.clone(), content.package_id.clone());
-    if blocking(move || Ok(m.received_packages(&scan_id)?.iter().any(|p| p.package_id == id))).await? {
+    let (m, sid, id) = (meta.clone(), scan_id.clone(), content.package_id.clone());
+    if blocking(move || Ok(m.received_packages(&sid)?.iter().any(|p| p.package_id == id))).await? {
         return Ok(receipt(true));
     }
     let planes = if content.full_planes {
@@ -110,26 +248,24 @@ async fn store(
     } else {
         store_images(blobs.clone(), &content).await?
     };
-    let origin = if content.origin.is_empty() { content.issuer.clone() } else { content.origin.clone() };
-    let header =
-        ScanHeader { scan_id: content.scan_id.clone(), metadata: content.metadata.clone(), planes: content.planes };
+    let header = ScanHeader { scan_id: scan_id.clone(), metadata: content.metadata.clone(), planes: content.planes };
     let record = ScanRecord {
-        scan_id: content.scan_id.clone(),
-        header_sha256: fingerprint(&header, &content.scan_id),
+        scan_id: scan_id.clone(),
+        header_sha256: fingerprint(&header, &scan_id),
         header,
         planes,
         status: ScanStatus::Analyzed,
         received_at: SystemTime::now(),
         decision: 0,
         score: None,
-        origin,
+        origin: content.issuer.clone(),
     };
     let reports = content.reports;
     let received = ReceivedPackage {
         package_id: content.package_id.clone(),
         issuer: content.issuer.clone(),
         sequence: content.sequence,
-        scan_id: content.scan_id.clone(),
+        scan_id: scan_id.clone(),
         package_sha256: String::new(),
     };
     let events = svc.events.clone();
@@ -215,6 +351,9 @@ async fn stage_planes(
         if sha256 != d.sha256 {
             return Err(Error::DataLoss(format!("plane {i}: SHA-256 {sha256} is not the signed {}", d.sha256)));
         }
+        // The bytes must be the image the descriptor says, as for a pushed scan.
+        let (b, s, d) = (blobs.clone(), staging.to_string(), d.clone());
+        blocking(move || check_plane_bytes(b.as_ref(), &s, i as u32, &d)).await?;
         digests.push(PlaneDigest::full(sha256, have));
     }
     Ok(digests)
@@ -252,6 +391,12 @@ pub fn check_image(im: &PlaneImage, width: u32, height: u32) -> Result<()> {
         return Err(bad(format!("factor {} is not a reduction; send full planes instead", im.factor)));
     }
     let expected = (width.div_ceil(im.factor), height.div_ceil(im.factor));
+    if u64::from(expected.0) * u64::from(expected.1) > MAX_RECEIVED_IMAGE_PIXELS {
+        return Err(Error::ResourceExhausted(format!(
+            "plane image {}: {}x{} pixels, over this server's limit of {MAX_RECEIVED_IMAGE_PIXELS} for received images",
+            im.plane_index, expected.0, expected.1
+        )));
+    }
     let info =
         png::Decoder::new(std::io::Cursor::new(&im.png)).read_info().map_err(|e| bad(format!("not a PNG: {e}")))?;
     let got = (info.info().width, info.info().height);
