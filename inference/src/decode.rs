@@ -35,30 +35,8 @@ impl Default for DecodeLimits {
     }
 }
 
-/// Why a plane could not be decoded.
-#[derive(Debug, thiserror::Error)]
-pub enum DecodeError {
-    /// The bytes are not a valid file of the declared encoding.
-    #[error("not a decodable {encoding}: {detail}")]
-    Malformed {
-        /// "TIFF", "PNG" or "raw u16 plane".
-        encoding: &'static str,
-        /// What the decoder said.
-        detail: String,
-    },
-    /// The file is valid but does not match what was declared.
-    #[error("{0}")]
-    Mismatch(String),
-    /// The file is valid but would need more memory than allowed.
-    #[error("{0}")]
-    TooLarge(String),
-    /// Reading the bytes failed.
-    #[error("reading plane bytes: {0}")]
-    Io(#[from] std::io::Error),
-    /// The sink refused a row.
-    #[error("{0}")]
-    Sink(String),
-}
+pub use crate::decode_shared::DecodeError;
+use crate::decode_shared::{RowSink, check_dims};
 
 fn tiff_err(e: tiff::TiffError, limits: &DecodeLimits) -> DecodeError {
     match e {
@@ -69,16 +47,6 @@ fn tiff_err(e: tiff::TiffError, limits: &DecodeLimits) -> DecodeError {
         tiff::TiffError::IoError(io) if io.kind() != std::io::ErrorKind::UnexpectedEof => DecodeError::Io(io),
         other => DecodeError::Malformed { encoding: "TIFF", detail: other.to_string() },
     }
-}
-
-fn check_dims(found: (u32, u32), width: u32, height: u32, what: &str) -> Result<(), DecodeError> {
-    if found != (width, height) {
-        return Err(DecodeError::Mismatch(format!(
-            "the {what} is {}x{} pixels but the plane descriptor says {width}x{height}",
-            found.0, found.1
-        )));
-    }
-    Ok(())
 }
 
 /// What the file itself says about its samples.
@@ -111,11 +79,7 @@ where
         Encoding::Tiff => decode_tiff(reader, width, height, limits, &mut emit),
         Encoding::Png => decode_png(reader, width, height, limits, &mut emit),
         Encoding::Dicos => {
-            let (info, samples) = crate::dicos::decode(reader)?;
-            check_dims((info.width, info.height), width, height, "DICOS image")?;
-            for (y, row) in samples.chunks_exact(width as usize).enumerate() {
-                emit(y as u32, row)?;
-            }
+            crate::dicos::decode_rows(reader, width, height, &mut emit)?;
             Ok(PlaneInfo { bits_per_sample: 16 })
         }
     }
@@ -171,9 +135,7 @@ pub fn probe<R: Read + Seek>(reader: R, encoding: Encoding) -> Result<ImageHeade
     }
 }
 
-type Emit<'a> = dyn FnMut(u32, &[u16]) -> Result<(), DecodeError> + 'a;
-
-fn decode_raw<R: Read>(reader: R, width: u32, height: u32, emit: &mut Emit<'_>) -> Result<PlaneInfo, DecodeError> {
+fn decode_raw<R: Read>(reader: R, width: u32, height: u32, emit: &mut RowSink<'_>) -> Result<PlaneInfo, DecodeError> {
     let mut reader = BufReader::with_capacity(1 << 20, reader);
     let mut bytes = vec![0u8; width as usize * 2];
     let mut row = vec![0u16; width as usize];
@@ -207,7 +169,7 @@ fn decode_tiff<R: Read + Seek>(
     width: u32,
     height: u32,
     limits: &DecodeLimits,
-    emit: &mut Emit<'_>,
+    emit: &mut RowSink<'_>,
 ) -> Result<PlaneInfo, DecodeError> {
     use tiff::ColorType;
     use tiff::decoder::{ChunkType, Decoder, Limits};
@@ -294,7 +256,7 @@ fn decode_png<R: Read + Seek>(
     width: u32,
     height: u32,
     limits: &DecodeLimits,
-    emit: &mut Emit<'_>,
+    emit: &mut RowSink<'_>,
 ) -> Result<PlaneInfo, DecodeError> {
     let malformed = |e: png::DecodingError| match e {
         png::DecodingError::IoError(io) if io.kind() != std::io::ErrorKind::UnexpectedEof => DecodeError::Io(io),

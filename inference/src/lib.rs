@@ -16,6 +16,7 @@
 //! and gets an [`pipeline::Analysis`] back.
 
 pub mod decode;
+pub mod decode_shared;
 pub mod dicos;
 pub mod fit;
 pub mod manifest;

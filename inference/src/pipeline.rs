@@ -3,9 +3,13 @@
 //!
 //! The whole scan is analysed at full resolution, tile by tile; it is never
 //! resized to the model's input (that would erase a 50-pixel object in a
-//! 6000-pixel scan). A producer thread fills the next batch while ONNX
-//! Runtime runs the current one; two batch buffers are reused throughout.
-//! Each stage is a public function so benchmarks can time it alone.
+//! 6000-pixel scan). [`analyze`] streams: each plane is decoded on its own
+//! thread into rows, a tiler thread keeps one tile row of each plane (a
+//! band of 16-bit rows, reused) and fills the next batch through the
+//! channels' lookup tables while ONNX Runtime runs the current one, and
+//! each tile's map is stitched into the scan's map as it comes out. Memory
+//! is bounded by a tile row and the map (at map resolution), not by the
+//! scan. Each stage is a public function so benchmarks can time it alone.
 
 use std::io::{Read, Seek};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
@@ -61,6 +65,9 @@ pub enum AnalysisError {
         /// Decoder error.
         source: DecodeError,
     },
+    /// The scan's anomaly map would be larger than the analysis allows.
+    #[error("{0}")]
+    TooLarge(String),
     /// ONNX Runtime failed.
     #[error("ONNX Runtime: {0}")]
     Runtime(#[from] ort::Error),
@@ -69,13 +76,15 @@ pub enum AnalysisError {
 /// Time spent in each stage.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Timings {
-    /// Reading and decoding plane bytes; in [`analyze`] this includes the
-    /// intensity transform, done in the same pass, one thread per plane.
+    /// Reading and decoding plane bytes, one thread per plane; in
+    /// [`analyze`] the slowest plane's wall time, overlapped with inference
+    /// (it includes waiting for the tiler to take rows).
     pub decode: Duration,
     /// Intensity transform into the channel tensor, when timed on its own
-    /// ([`transform`]); zero in [`analyze`], where it is part of `decode`.
+    /// ([`transform`]); zero in [`analyze`], where it is part of `tile`.
     pub transform: Duration,
-    /// Copying tiles into batches (on the producer thread, overlapped).
+    /// Copying tiles into batches through the lookup tables (on the tiler
+    /// thread, overlapped).
     pub tile: Duration,
     /// ONNX Runtime.
     pub infer: Duration,
@@ -272,47 +281,253 @@ struct Batch {
     tiles: Vec<Tile>,
 }
 
-/// Runs the model over every tile of `input` and returns the stitched raw
-/// map and its highest value. Batches are filled on a second thread while the
-/// current one runs.
-pub fn infer_map(
+/// Rows a plane's decoder hands to the tiler at a time.
+const ROWS_PER_CHUNK: usize = 32;
+
+/// Most cells an anomaly map may have (128 MiB of f32). Everything else the
+/// analysis holds is bounded by one tile row; the map, at one cell per
+/// `stride` pixels, is what grows with the scan, so a model whose map is
+/// at full resolution can only analyse scans up to this many pixels.
+pub const MAX_MAP_CELLS: usize = 32 << 20;
+
+/// Consecutive decoded rows of one plane, `first` onwards.
+struct RowChunk {
+    first: usize,
+    samples: Vec<u16>,
+}
+
+/// The rows of one plane the current tile row needs: `[top, top + filled)`,
+/// in a buffer of `tile` rows reused from one tile row to the next.
+struct Band {
+    rx: Receiver<RowChunk>,
+    /// A chunk partly copied into the band, and how many rows of it are.
+    pending: Option<(RowChunk, usize)>,
+    samples: Vec<u16>,
+    top: usize,
+    filled: usize,
+}
+
+impl Band {
+    /// Moves the band down to start at row `top` and fills it to `bottom`
+    /// (exclusive). Rows the band had already read are kept; each new row is
+    /// also handed to `each`. False when the decoder stopped early (its
+    /// error is reported by its thread).
+    fn advance(&mut self, top: usize, bottom: usize, w: usize, mut each: impl FnMut(usize, &[u16])) -> bool {
+        let drop = (top - self.top).min(self.filled);
+        self.samples.copy_within(drop * w..self.filled * w, 0);
+        (self.top, self.filled) = (top, self.filled - drop);
+        while self.top + self.filled < bottom {
+            let (chunk, used) = match self.pending.take() {
+                Some(p) => p,
+                None => match self.rx.recv() {
+                    Ok(chunk) => (chunk, 0),
+                    Err(_) => return false,
+                },
+            };
+            let rows = chunk.samples.len() / w;
+            // Rows of the chunk above the band (skipped by a tile step
+            // larger than a tile: not with the grids manifests allow).
+            let skip = (self.top + self.filled).saturating_sub(chunk.first).max(used);
+            let take = (rows - skip.min(rows)).min(bottom - self.top - self.filled);
+            for r in skip..skip + take {
+                let src = &chunk.samples[r * w..(r + 1) * w];
+                let at = self.filled * w;
+                self.samples[at..at + w].copy_from_slice(src);
+                each(chunk.first + r, src);
+                self.filled += 1;
+            }
+            if skip + take < rows {
+                self.pending = Some((chunk, skip + take));
+            }
+        }
+        true
+    }
+}
+
+/// How each input channel is made from the decoded planes.
+struct Channels<'a> {
+    /// The band (distinct chosen plane) feeding each channel.
+    band_of: &'a [usize],
+    /// Each channel's lookup table.
+    tables: &'a [Vec<f32>],
+    /// Each channel's padding value (the transformed value of air).
+    pad: &'a [f32],
+}
+
+/// Copies `tile` into slot `slot` of `batch` from the bands holding its
+/// rows, through each channel's lookup table; parts outside the image get
+/// the channel's padding. The same values [`fill_tile`] copies from a
+/// transformed scan.
+fn fill_tile_from_bands(
+    batch: &mut Array4<f32>,
+    slot: usize,
+    bands: &[Band],
+    channels: &Channels<'_>,
+    tile: &Tile,
+    (h, w): (usize, usize),
+) {
+    let side = batch.shape()[2];
+    let (rows, cols) = ((tile.y + side).min(h) - tile.y, (tile.x + side).min(w) - tile.x);
+    for (c, (&b, table)) in channels.band_of.iter().zip(channels.tables).enumerate() {
+        let band = &bands[b];
+        let mut dst = batch.slice_mut(s![slot, c, .., ..]);
+        if rows < side || cols < side {
+            dst.fill(channels.pad[c]);
+        }
+        let dst = dst.as_slice_mut().expect("a batch slot is contiguous");
+        for r in 0..rows {
+            let at = (tile.y + r - band.top) * w + tile.x;
+            let src = &band.samples[at..at + cols];
+            for (d, &v) in dst[r * side..r * side + cols].iter_mut().zip(src) {
+                *d = table[v as usize];
+            }
+        }
+    }
+}
+
+/// The stitched raw map of a scan.
+struct Streamed {
+    map: Array2<f32>,
+    /// Its highest value.
+    raw_max: f32,
+    /// The transformed first channel, when it was asked for.
+    first: Option<Array2<f32>>,
+}
+
+/// What the tiler thread gives back.
+struct Tiled {
+    /// Time spent filling batches.
+    spent: Duration,
+    /// The transformed first channel, kept whole only for a structure model.
+    first: Option<Array2<f32>>,
+    /// False when a decoder stopped before its last row.
+    complete: bool,
+}
+
+/// Decodes the chosen planes on one thread each, tiles their rows as they
+/// arrive (one tile row, plus what the next shares with it, held at a time)
+/// on another, and runs the model over the batches as they fill; returns
+/// the stitched raw map and, when `keep_first`, the transformed first
+/// channel.
+fn infer_streaming(
     model: &Model,
-    input: ArrayView3<'_, f32>,
-    pad: &[f32],
+    planes: &mut [PlaneInput],
+    chosen: &[usize],
+    (tables, pad): (&[Vec<f32>], &[f32]),
+    (h, w): (usize, usize),
+    keep_first: bool,
     timings: &mut Timings,
-) -> Result<(Array2<f32>, f32), AnalysisError> {
+) -> Result<Streamed, AnalysisError> {
     let m = &model.manifest;
-    let (channels, h, w) = input.dim();
     let side = m.input.tile;
     let grid = Grid::new(h, w, side, m.input.overlap, model.stride);
     let tiles = grid.tiles();
     let mut map = Array2::<f32>::zeros(grid.map_shape());
     let batch_size = m.input.batch.min(tiles.len());
     let map_side = side / model.stride;
+    let channels = chosen.len();
     let mut raw_max = f32::NEG_INFINITY;
+    // The distinct planes, in channel order, and the band feeding each channel.
+    let mut used: Vec<usize> = Vec::new();
+    let band_of: Vec<usize> = chosen
+        .iter()
+        .map(|&p| {
+            used.iter().position(|&u| u == p).unwrap_or_else(|| {
+                used.push(p);
+                used.len() - 1
+            })
+        })
+        .collect();
 
     std::thread::scope(|scope| {
+        let mut decoders = Vec::new();
+        let mut bands = Vec::new();
+        let mut picked: Vec<Option<&mut PlaneInput>> = planes.iter_mut().map(Some).collect();
+        for &p in &used {
+            let plane = picked[p].take().expect("each plane once");
+            let (tx, rx) = sync_channel::<RowChunk>(2);
+            bands.push(Band { rx, pending: None, samples: vec![0u16; side.min(h) * w], top: 0, filled: 0 });
+            decoders.push(scope.spawn(move || {
+                let t0 = Instant::now();
+                let (pw, ph) = (plane.width, plane.height);
+                let mut chunk = RowChunk { first: 0, samples: Vec::with_capacity(ROWS_PER_CHUNK * w) };
+                let decoded =
+                    decode_rows(&mut plane.reader, plane.encoding, pw, ph, &DecodeLimits::default(), |y, row| {
+                        chunk.samples.extend_from_slice(row);
+                        if chunk.samples.len() == ROWS_PER_CHUNK * w || y as usize + 1 == h {
+                            let next =
+                                RowChunk { first: y as usize + 1, samples: Vec::with_capacity(ROWS_PER_CHUNK * w) };
+                            tx.send(std::mem::replace(&mut chunk, next))
+                                .map_err(|_| "the analysis stopped".to_string())?;
+                        }
+                        Ok(())
+                    });
+                (
+                    decoded.map(|_| ()).map_err(|source| AnalysisError::Decode { kind: plane.kind.clone(), source }),
+                    t0.elapsed(),
+                )
+            }));
+        }
+
         let (full_tx, full_rx): (SyncSender<Batch>, Receiver<Batch>) = sync_channel(1);
         let (empty_tx, empty_rx) = sync_channel::<Array4<f32>>(2);
         for _ in 0..2 {
             empty_tx.send(Array4::<f32>::zeros((batch_size, channels, side, side))).expect("capacity 2");
         }
         let tiles_ref = &tiles;
-        let producer = scope.spawn(move || {
+        let channels = Channels { band_of: &band_of, tables, pad };
+        let tiler = scope.spawn(move || {
             let mut spent = Duration::ZERO;
-            for group in tiles_ref.chunks(batch_size) {
-                let Ok(mut data) = empty_rx.recv() else { break };
+            let mut first = keep_first.then(|| Array2::<f32>::zeros((h, w)));
+            let mut current: Option<(Array4<f32>, Vec<Tile>)> = None;
+            let mut done = 0;
+            // Tiles are row-major and batches take them in that order, so a
+            // batch may span the end of one tile row and the next: each tile
+            // is copied into its slot while its rows are in the bands.
+            for row in tiles_ref.chunk_by(|a, b| a.y == b.y) {
+                let top = row[0].y;
+                let bottom = (top + side).min(h);
+                for (b, band) in bands.iter_mut().enumerate() {
+                    let table = &tables[0];
+                    let ok = match first.as_mut().filter(|_| channels.band_of[0] == b) {
+                        Some(first) => band.advance(top, bottom, w, |y, src| {
+                            for (d, &v) in first.row_mut(y).iter_mut().zip(src) {
+                                *d = table[v as usize];
+                            }
+                        }),
+                        None => band.advance(top, bottom, w, |_, _| {}),
+                    };
+                    if !ok {
+                        return Tiled { spent, first: None, complete: false };
+                    }
+                }
                 let t0 = Instant::now();
-                for (slot, tile) in group.iter().enumerate() {
-                    fill_tile(&mut data, slot, input, tile, pad);
+                for tile in row {
+                    if current.is_none() {
+                        let Ok(data) = empty_rx.recv() else { return Tiled { spent, first: None, complete: true } };
+                        current = Some((data, Vec::with_capacity(batch_size)));
+                    }
+                    let (data, group) = current.as_mut().expect("a batch is being filled");
+                    fill_tile_from_bands(data, group.len(), &bands, &channels, tile, (h, w));
+                    group.push(*tile);
+                    done += 1;
+                    if group.len() == batch_size || done == tiles_ref.len() {
+                        let (data, tiles) = current.take().expect("a batch is being filled");
+                        if full_tx.send(Batch { data, tiles }).is_err() {
+                            return Tiled { spent, first: None, complete: true };
+                        }
+                    }
                 }
                 spent += t0.elapsed();
-                if full_tx.send(Batch { data, tiles: group.to_vec() }).is_err() {
-                    break;
-                }
             }
-            spent
+            // Let the decoders finish the rows no tile needed (a last tile
+            // pulled back by less than a stride) so they end cleanly.
+            for band in &mut bands {
+                while band.rx.recv().is_ok() {}
+            }
+            Tiled { spent, first, complete: true }
         });
+
         let mut result = Ok(());
         for batch in full_rx.iter() {
             let n = batch.tiles.len();
@@ -341,10 +556,28 @@ pub fn infer_map(
         }
         drop(full_rx);
         drop(empty_tx);
-        timings.tile += producer.join().unwrap_or_default();
-        result
-    })?;
-    Ok((map, raw_max))
+        let tiled = tiler.join().expect("the tiler panicked");
+        timings.tile += tiled.spent;
+        // A decoder's own error is the cause of anything else going wrong.
+        for decoder in decoders {
+            let (decoded, spent) = decoder.join().expect("a plane decoder panicked");
+            timings.decode = timings.decode.max(spent);
+            match decoded {
+                Err(AnalysisError::Decode { source: DecodeError::Sink(_), .. }) => {}
+                Err(e) => return Err(e),
+                Ok(()) => {}
+            }
+        }
+        result?;
+        if !tiled.complete {
+            return Err(AnalysisError::Decode {
+                kind: "plane".into(),
+                source: DecodeError::Malformed { encoding: "plane", detail: "its decoder stopped early".into() },
+            });
+        }
+        Ok(tiled.first)
+    })
+    .map(|first| Streamed { map, raw_max, first })
 }
 
 /// A scan turned into model input.
@@ -401,50 +634,72 @@ fn decode_transformed(
     })
 }
 
-/// Picks, decodes and transforms the planes a manifest asks for.
-pub fn model_input(
-    m: &Manifest,
-    planes: &mut [PlaneInput],
-    timings: &mut Timings,
-) -> Result<ModelInput, AnalysisError> {
-    let kinds: Vec<String> = planes.iter().map(|p| p.kind.clone()).collect();
-    let kind_refs: Vec<&str> = kinds.iter().map(String::as_str).collect();
-    let chosen = select_planes(m, &kind_refs)?;
+/// The planes feeding each input channel, checked to be the same size;
+/// returns them and the size (height, width).
+fn chosen_planes(m: &Manifest, planes: &[PlaneInput]) -> Result<(Vec<usize>, (usize, usize)), AnalysisError> {
+    let kinds: Vec<&str> = planes.iter().map(|p| p.kind.as_str()).collect();
+    let chosen = select_planes(m, &kinds)?;
     let sizes: Vec<(u32, u32)> = chosen.iter().map(|&i| (planes[i].width, planes[i].height)).collect();
     if sizes.iter().any(|s| *s != sizes[0]) {
         let text = chosen.iter().zip(&sizes).map(|(&i, (w, h))| format!("{} {w}x{h}", kinds[i])).collect::<Vec<_>>();
         return Err(AnalysisError::SizeMismatch(text.join(", ")));
     }
+    Ok((chosen, (sizes[0].1 as usize, sizes[0].0 as usize)))
+}
 
-    let t0 = Instant::now();
-    let tables: Vec<Vec<f32>> = (0..chosen.len()).map(|c| lookup_table(m, c)).collect();
+/// Each channel's lookup table and padding value (the transformed value of air).
+fn tables_and_pad(m: &Manifest, channels: usize) -> (Vec<Vec<f32>>, Vec<f32>) {
+    let tables: Vec<Vec<f32>> = (0..channels).map(|c| lookup_table(m, c)).collect();
     let air = (m.transform.i0.round() as usize).min(u16::MAX as usize);
-    let pad: Vec<f32> = tables.iter().map(|t| t[air]).collect();
-    let (w, h) = (sizes[0].0 as usize, sizes[0].1 as usize);
+    let pad = tables.iter().map(|t| t[air]).collect();
+    (tables, pad)
+}
+
+/// Picks, decodes and transforms the planes a manifest asks for, whole
+/// (for fitting and benchmarks; [`analyze`] streams instead).
+pub fn model_input(
+    m: &Manifest,
+    planes: &mut [PlaneInput],
+    timings: &mut Timings,
+) -> Result<ModelInput, AnalysisError> {
+    let (chosen, (h, w)) = chosen_planes(m, planes)?;
+    let t0 = Instant::now();
+    let (tables, pad) = tables_and_pad(m, chosen.len());
     let mut data = Array3::<f32>::zeros((chosen.len(), h, w));
     decode_transformed(planes, &chosen, &tables, &mut data)?;
     timings.decode = t0.elapsed();
     timings.transform = Duration::ZERO;
-    let size = (sizes[0].1 as usize, sizes[0].0 as usize);
-    Ok(ModelInput { data, pad, planes: chosen, size })
+    Ok(ModelInput { data, pad, planes: chosen, size: (h, w) })
 }
 
-/// Analyses one scan with one model.
+/// Analyses one scan with one model, streaming: memory is bounded by one
+/// tile row of the chosen planes (as 16-bit samples) and the anomaly map,
+/// not by the scan (a structure model also keeps the transformed first
+/// channel of scans of its fitted size).
 pub fn analyze(model: &Model, mut planes: Vec<PlaneInput>) -> Result<Analysis, AnalysisError> {
     let start = Instant::now();
     let mut timings = Timings::default();
     let m = &model.manifest;
-    let ModelInput { data: input, pad, planes: chosen, size: (h, w) } = model_input(m, &mut planes, &mut timings)?;
+    let (chosen, (h, w)) = chosen_planes(m, &planes)?;
+    let (mh, mw) = Grid::new(h, w, m.input.tile, m.input.overlap, model.stride).map_shape();
+    if mh * mw > MAX_MAP_CELLS {
+        return Err(AnalysisError::TooLarge(format!(
+            "a {w}x{h} scan needs an anomaly map of {mw}x{mh} cells with model {} ({} pixels per cell); \
+             the analysis holds at most {MAX_MAP_CELLS} cells: use a model with a coarser map for scans this large",
+            model.name, model.stride
+        )));
+    }
+    let (tables, pad) = tables_and_pad(m, chosen.len());
+    let keep_first = model.structure.as_ref().is_some_and(|s| s.size() == (h, w));
+    let Streamed { mut map, raw_max: mut raw_score, first } =
+        infer_streaming(model, &mut planes, &chosen, (&tables, &pad), (h, w), keep_first, &mut timings)?;
     drop(planes);
-    let (mut map, mut raw_score) = infer_map(model, input.view(), &pad, &mut timings)?;
     let t0 = Instant::now();
-    if let Some(structure) = &model.structure
-        && structure.size() == (h, w)
-    {
-        structure.raise(&mut map, model.stride, input.index_axis(ndarray::Axis(0), 0));
+    if let (Some(structure), Some(first)) = (&model.structure, &first) {
+        structure.raise(&mut map, model.stride, first.view());
         raw_score = map.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     }
-    drop(input);
+    drop(first);
     if m.decision.smooth > 1 {
         map = smooth(&map, m.decision.smooth);
         raw_score = map.iter().copied().fold(f32::NEG_INFINITY, f32::max);
