@@ -81,14 +81,19 @@ fn main() {
                 let mut client = FindingsClient::new(niix::client::connect(&url).await.expect("connect"));
                 for r in 0..REQUESTS_PER_CLIENT {
                     // A mix of what an analysis centre asks: a site's latest, its alarms,
-                    // high scores, a container, and the next page of a listing.
+                    // high scores, a container, and a page deep in the listing.
                     let mut req = ListScansRequest { page_size: 50, ..Default::default() };
                     match (c + r) % 5 {
                         0 => req.site_id = SITES[r % SITES.len()].into(),
                         1 => req.decision = AlarmDecision::Alarm as i32,
                         2 => req.min_score = Some(0.9),
                         3 => req.container_number = "CSQU3054383".into(),
-                        _ => req.page_token = format!("{}.z", (1_700_000_000u64 + 300_000) * 1_000_000),
+                        // Deep in the listing (page tokens are bound to their filters, so
+                        // the position is asked for as a scan time bound).
+                        _ => {
+                            req.scan_time_to =
+                                Some(prost_types::Timestamp { seconds: 1_700_000_000 + 300_000, nanos: 0 })
+                        }
                     }
                     let t = Instant::now();
                     let page = client.list_scans(req).await.expect("ListScans");

@@ -37,6 +37,8 @@ pub struct DxInfo {
     pub intensity: Option<String>,
     /// SOP Instance UID, for reports that reference the image.
     pub sop_instance_uid: String,
+    /// Study Instance UID (the DICOS scan), so reports join the image's study.
+    pub study_instance_uid: String,
 }
 
 fn malformed(detail: impl std::fmt::Display) -> DecodeError {
@@ -221,6 +223,7 @@ fn info_of(obj: &dicom_object::DefaultDicomObject) -> Result<DxInfo, DecodeError
         pixel_spacing_mm,
         intensity: text(obj, tags::PIXEL_INTENSITY_RELATIONSHIP),
         sop_instance_uid: text(obj, tags::SOP_INSTANCE_UID).unwrap_or_default(),
+        study_instance_uid: text(obj, tags::STUDY_INSTANCE_UID).unwrap_or_default(),
     })
 }
 

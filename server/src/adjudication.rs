@@ -52,8 +52,20 @@ pub fn operator_report(
         return Err(Error::InvalidArgument(format!("comments are limited to {MAX_COMMENT} bytes")));
     }
     let mut regions = machine.map(|m| m.regions.clone()).unwrap_or_default();
-    for rv in &req.regions {
+    for (i, rv) in req.regions.iter().enumerate() {
         let v = verdict_of(rv.verdict, &format!("region {}", rv.region_id))?;
+        if v == Verdict::Unspecified {
+            return Err(Error::InvalidArgument(format!(
+                "region {}: verdict is required: CONFIRMED, DISMISSED or INCONCLUSIVE (leave a region out to not judge it)",
+                rv.region_id
+            )));
+        }
+        if req.regions[..i].iter().any(|earlier| earlier.region_id == rv.region_id) {
+            return Err(Error::InvalidArgument(format!(
+                "region {} is given more than once: send one verdict per region",
+                rv.region_id
+            )));
+        }
         let Some(region) = regions.iter_mut().find(|r| r.id == rv.region_id) else {
             let ids: Vec<u32> = regions.iter().map(|r| r.id).collect();
             return Err(Error::InvalidArgument(format!(
@@ -150,6 +162,11 @@ mod tests {
         assert!(operator_report(Some(&m), &r, None).unwrap_err().to_string().contains("officer_id"));
         let r = req(Verdict::Confirmed, vec![RegionVerdict { region_id: 9, verdict: 1, comment: String::new() }]);
         assert!(operator_report(Some(&m), &r, None).unwrap_err().to_string().contains("region 9 is not in"));
+        let rv = |v: Verdict| RegionVerdict { region_id: 1, verdict: v as i32, comment: String::new() };
+        let r = req(Verdict::Confirmed, vec![rv(Verdict::Unspecified)]);
+        assert!(operator_report(Some(&m), &r, None).unwrap_err().to_string().contains("region 1: verdict is required"));
+        let r = req(Verdict::Confirmed, vec![rv(Verdict::Confirmed), rv(Verdict::Dismissed)]);
+        assert!(operator_report(Some(&m), &r, None).unwrap_err().to_string().contains("region 1 is given more than once"));
         let mut r = req(Verdict::Confirmed, vec![]);
         r.verdict = 42;
         assert!(operator_report(Some(&m), &r, None).unwrap_err().to_string().contains("unknown verdict"));

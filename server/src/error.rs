@@ -74,8 +74,10 @@ impl Error {
         match status.code() {
             tonic::Code::InvalidArgument => Error::InvalidArgument(status.message().to_string()),
             tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => Error::ResourceExhausted(format!(
-                "{what}: {}; send plane bytes in chunks of at most 1 MiB",
-                status.message()
+                "{what}: {}; no message may exceed 4 MiB: a PlaneChunk carries at most {} data bytes \
+                 (niix push sends 1 MiB)",
+                status.message(),
+                niix_proto::MAX_CHUNK_DATA
             )),
             _ => Error::DataLoss(format!("{what}: {}", status.message())),
         }

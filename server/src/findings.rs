@@ -36,6 +36,11 @@ use crate::store::{BlobStore, MetadataStore, ScanQuery, ScanRecord, StoredEvent}
 pub const DEFAULT_PAGE: usize = 100;
 /// Largest page of `ListScans`.
 pub const MAX_PAGE: usize = 1000;
+/// Largest overlay PNG: the 4 MiB message limit stock gRPC clients apply,
+/// less room for the response's other fields.
+pub const MAX_OVERLAY_PNG_BYTES: usize = niix_proto::MAX_MESSAGE_BYTES - 4096;
+/// Narrower renderings tried before an overlay is given up on.
+const OVERLAY_ROUNDS: usize = 6;
 /// Events read from the store per round by a watcher.
 const WATCH_BATCH: usize = 256;
 
@@ -112,17 +117,36 @@ pub fn scan_message(r: &ScanRecord) -> Scan {
     }
 }
 
-/// Page tokens are "<scan time micros>.<scan id>" of the last scan returned.
-fn encode_token(r: &ScanRecord) -> String {
+/// Page tokens are "<scan time micros>.<scan id>.<filters>" of the last scan
+/// returned, `<filters>` a digest of the (normalised) filters it was issued
+/// for: a token only continues the listing it came from.
+fn encode_token(r: &ScanRecord, filters: &str) -> String {
     let us = r.sort_time().duration_since(UNIX_EPOCH).unwrap_or_default().as_micros();
-    format!("{us}.{}", r.scan_id)
+    format!("{us}.{}.{filters}", r.scan_id)
 }
 
-fn decode_token(token: &str) -> Result<(SystemTime, String)> {
+fn decode_token(token: &str, filters: &str) -> Result<(SystemTime, String)> {
     let bad = || Error::InvalidArgument(format!("page_token {token:?} is not one this server issued"));
-    let (us, id) = token.split_once('.').ok_or_else(bad)?;
+    let mut parts = token.splitn(3, '.');
+    let (Some(us), Some(id), Some(issued_for)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(bad());
+    };
     let us: u64 = us.parse().map_err(|_| bad())?;
+    if issued_for != filters {
+        return Err(Error::InvalidArgument(
+            "page_token was issued for different filters: send the same filters with it, \
+             or start again without a page_token"
+                .into(),
+        ));
+    }
     Ok((UNIX_EPOCH + Duration::from_micros(us), id.to_string()))
+}
+
+/// A short digest of a query's filters (not its position or page size).
+fn filters_digest(query: &ScanQuery) -> String {
+    use sha2::Digest;
+    let filters = ScanQuery { limit: 0, before: None, ..query.clone() };
+    hex::encode(&sha2::Sha256::digest(format!("{filters:?}").as_bytes())[..8])
 }
 
 fn non_empty(s: String) -> Option<String> {
@@ -211,9 +235,23 @@ impl FindingsService {
         {
             return Err(Error::InvalidArgument(format!("min_score {s} is outside 0..1")));
         }
-        let query = ScanQuery {
+        let container_number = match non_empty(req.container_number) {
+            Some(n) => Some(crate::header::container_number(&n).map_err(|e| match e {
+                Error::InvalidArgument(m) => Error::InvalidArgument(format!("container_number filter: {m}")),
+                other => other,
+            })?),
+            None => None,
+        };
+        if let (Some(from), Some(to)) = (&req.scan_time_from, &req.scan_time_to)
+            && system_time(to) <= system_time(from)
+        {
+            return Err(Error::InvalidArgument(
+                "scan_time_to must be after scan_time_from (the range is from inclusive, to exclusive)".into(),
+            ));
+        }
+        let mut query = ScanQuery {
             limit: limit + 1,
-            before: if req.page_token.is_empty() { None } else { Some(decode_token(&req.page_token)?) },
+            before: None,
             site_id,
             sites: scope.sites().map(<[String]>::to_vec),
             lane_id: non_empty(req.lane_id),
@@ -223,15 +261,19 @@ impl FindingsService {
             scan_time_to: req.scan_time_to.as_ref().map(system_time),
             decision,
             min_score: req.min_score,
-            container_number: non_empty(req.container_number),
+            container_number,
             declaration_reference: non_empty(req.declaration_reference),
         };
+        let filters = filters_digest(&query);
+        if !req.page_token.is_empty() {
+            query.before = Some(decode_token(&req.page_token, &filters)?);
+        }
         let meta = self.meta.clone();
         let mut rows = blocking(move || Ok(meta.list_scans(&query)?)).await?;
         let more = rows.len() > limit;
         rows.truncate(limit);
         let next_page_token = match (more, rows.last()) {
-            (true, Some(last)) => encode_token(last),
+            (true, Some(last)) => encode_token(last, &filters),
             _ => String::new(),
         };
         Ok(ListScansResponse { scans: rows.iter().map(scan_message).collect(), next_page_token })
@@ -343,17 +385,18 @@ impl FindingsService {
         let blobs = self.blobs.clone();
         blocking(move || {
             let plane = report.plane_index as usize;
-            let dicos_uid = match record.header.planes.get(plane) {
+            let dx = match record.header.planes.get(plane) {
                 Some(d) if d.encoding == PlaneEncoding::Dicos as i32 => {
-                    niix_inference::dicos::probe(blobs.open(&record.planes[plane].sha256)?)
-                        .ok()
-                        .map(|i| i.sop_instance_uid)
-                        .filter(|u| !u.is_empty())
+                    niix_inference::dicos::probe(blobs.open(&record.planes[plane].sha256)?).ok()
                 }
                 _ => None,
             };
-            let image_uid = crate::tdr::plane_instance_uid(&record, plane, dicos_uid);
-            let (dicos, sop_instance_uid) = crate::tdr::export(&record, &report, index, &image_uid)?;
+            let dicos_uid = dx.as_ref().map(|i| i.sop_instance_uid.clone()).filter(|u| !u.is_empty());
+            let image = crate::tdr::ImageRef {
+                sop_instance_uid: crate::tdr::plane_instance_uid(&record, plane, dicos_uid),
+                study_instance_uid: dx.map(|i| i.study_instance_uid).filter(|u| !u.is_empty()),
+            };
+            let (dicos, sop_instance_uid) = crate::tdr::export(&record, &report, index, &image)?;
             Ok(ExportTdrResponse { dicos, sop_instance_uid })
         })
         .await
@@ -423,14 +466,36 @@ pub fn render_scan(
     }
     let map = map.filter(|_| factor == 1);
     let window = (req.window_high != 0).then_some((req.window_low as u16, req.window_high as u16));
-    let options = OverlayOptions { max_width: req.max_width, window, heat: !req.hide_heat, boxes: !req.hide_boxes };
-    let o = render(&plane, map.as_ref().map(|(m, s)| (m, *s)), &regions, &options)?;
+    let mut options = OverlayOptions { max_width: req.max_width, window, heat: !req.hide_heat, boxes: !req.hide_boxes };
+    let map = map.as_ref().map(|(m, s)| (m, *s));
+    let mut o = render(&plane, map, &regions, &options)?;
+    // Over budget: render narrower (same window) until it fits. A PNG's size
+    // grows about with its pixel count, so each round aims at the budget by
+    // the square root of the ratio, with a margin.
+    let mut shrunk = false;
+    for _ in 0..OVERLAY_ROUNDS {
+        if o.png.len() <= MAX_OVERLAY_PNG_BYTES || o.width <= 1 {
+            break;
+        }
+        let ratio = (MAX_OVERLAY_PNG_BYTES as f64 / o.png.len() as f64).sqrt() * 0.92;
+        options.max_width = ((f64::from(o.width) * ratio) as u32).clamp(1, o.width - 1);
+        options.window = Some(o.window);
+        o = render(&plane, map, &regions, &options)?;
+        shrunk = true;
+    }
+    if o.png.len() > MAX_OVERLAY_PNG_BYTES {
+        return Err(Error::Internal(format!("overlay of {} bytes does not fit the response limit", o.png.len())));
+    }
+    if shrunk {
+        tracing::debug!(scan_id = %record.scan_id, width = o.width, bytes = o.png.len(), "overlay narrowed to fit 4 MiB");
+    }
     Ok(RenderOverlayResponse {
         png: o.png,
         width: o.width,
         height: o.height,
         window_low: u32::from(o.window.0),
         window_high: u32::from(o.window.1),
+        shrunk_to_fit: shrunk,
     })
 }
 

@@ -21,6 +21,31 @@ pub fn canonical_scan_id(id: &str) -> Result<String> {
     }
 }
 
+/// A container number in the form niix stores and matches: trimmed,
+/// upper-cased, and valid ISO 6346 (check digit included).
+pub fn container_number(n: &str) -> Result<String> {
+    let n = n.trim().to_ascii_uppercase();
+    iso6346::validate(&n).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    Ok(n)
+}
+
+/// Puts the fields officers search by into the one form niix stores and
+/// matches (the same rules apply to `ListScans` filters): site, lane and
+/// declaration references trimmed, container numbers trimmed and upper-cased
+/// (their ISO 6346 check follows in [`validate`]).
+pub fn normalise(header: &mut ScanHeader) {
+    if let Some(m) = header.metadata.as_mut() {
+        m.site_id = m.site_id.trim().to_string();
+        m.lane_id = m.lane_id.trim().to_string();
+        for n in &mut m.container_numbers {
+            *n = n.trim().to_ascii_uppercase();
+        }
+        for d in &mut m.declarations {
+            d.value = d.value.trim().to_string();
+        }
+    }
+}
+
 /// True for a lowercase hex SHA-256.
 pub fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
@@ -153,7 +178,7 @@ pub fn validate(header: &ScanHeader, limits: &Limits) -> Result<String> {
     }
     check_enum::<ConveyanceType>(meta.conveyance, "conveyance type", None)?;
     for n in &meta.container_numbers {
-        iso6346::validate(n).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        iso6346::validate(n).map_err(|e| Error::InvalidArgument(format!("metadata.container_numbers: {e}")))?;
     }
     if let Some(t) = &meta.scan_time
         && !(0..1_000_000_000).contains(&t.nanos)
@@ -286,6 +311,20 @@ mod tests {
             assert_eq!(e.code(), code, "{e}");
             assert!(e.to_string().contains(needle), "{needle:?} not in {e}");
         }
+    }
+
+    #[test]
+    fn search_fields_are_normalised_and_container_numbers_checked() {
+        let mut h = header();
+        let m = h.metadata.as_mut().unwrap();
+        m.container_numbers = vec![" csqu3054383 ".into()];
+        m.site_id = " NLRTM-01 ".into();
+        normalise(&mut h);
+        let m = h.metadata.as_ref().unwrap();
+        assert_eq!((m.container_numbers[0].as_str(), m.site_id.as_str()), ("CSQU3054383", "NLRTM-01"));
+        assert!(validate(&h, &Limits::default()).is_ok());
+        assert_eq!(container_number("csqu3054383 ").unwrap(), "CSQU3054383");
+        assert!(container_number("csqu3054384").unwrap_err().to_string().contains("check digit"));
     }
 
     #[test]

@@ -92,6 +92,26 @@ pub struct Metrics {
     pub package_renders: Counter,
 }
 
+/// Holds one unit of a gauge (e.g. one open push stream) and gives it back
+/// when dropped: on success, on error, and when the request's future is
+/// dropped because the client cancelled or its deadline passed.
+#[must_use = "the gauge goes back down as soon as the guard is dropped"]
+pub struct GaugeGuard(Gauge);
+
+impl GaugeGuard {
+    /// Increments `gauge` until the guard is dropped.
+    pub fn hold(gauge: &Gauge) -> Self {
+        gauge.inc();
+        GaugeGuard(gauge.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -177,6 +197,22 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_gauge_guard_gives_its_unit_back_on_drop() {
+        let m = Metrics::new();
+        let a = GaugeGuard::hold(&m.uploads_active);
+        let b = GaugeGuard::hold(&m.uploads_active);
+        assert_eq!(m.uploads_active.get(), 2);
+        drop(a);
+        assert_eq!(m.uploads_active.get(), 1);
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let _b = b;
+            panic!("a handler that panics");
+        }));
+        assert!(unwound.is_err());
+        assert_eq!(m.uploads_active.get(), 0);
+    }
 
     #[test]
     fn exposition_names_every_metric() {

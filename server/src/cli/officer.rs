@@ -181,6 +181,12 @@ pub async fn overlay(args: OverlayArgs) -> anyhow::Result<()> {
         .into_inner();
     std::fs::write(&args.output, &r.png)?;
     eprintln!("wrote {} ({}x{}, window {}..{})", args.output.display(), r.width, r.height, r.window_low, r.window_high);
+    if r.shrunk_to_fit {
+        eprintln!(
+            "(narrower than --max-width {}: at that width the PNG would not fit a 4 MiB response)",
+            args.max_width
+        );
+    }
     Ok(())
 }
 

@@ -26,7 +26,7 @@ use tokio::sync::{Notify, Semaphore, watch};
 use crate::config::Limits;
 use crate::error::{Error, Result, blocking};
 use crate::header;
-use crate::metrics::{Metrics, ReceivedLabels};
+use crate::metrics::{GaugeGuard, Metrics, ReceivedLabels};
 use crate::scope::SiteScope;
 use crate::store::{BlobStore, CommitOutcome, MetadataStore, PendingUpload, PlaneDigest, ScanRecord};
 use planes::{PlaneSink, check_plane_bytes};
@@ -184,9 +184,11 @@ impl Ingest {
         S: Stream<Item = Result<PushScanRequest, tonic::Status>> + Unpin + Send,
     {
         let started = Instant::now();
-        self.metrics.uploads_active.inc();
+        // Dropped on every exit, including a cancelled or timed-out call
+        // (tonic then drops this future mid-await).
+        let active = GaugeGuard::hold(&self.metrics.uploads_active);
         let result = self.push_inner(uploader, stream).await;
-        self.metrics.uploads_active.dec();
+        drop(active);
         if let Ok(receipt) = &result {
             self.metrics.upload_seconds.observe(started.elapsed().as_secs_f64());
             let labels = ReceivedLabels { duplicate: receipt.duplicate.to_string() };
@@ -208,7 +210,10 @@ impl Ingest {
             Some(Err(status)) => {
                 return Err(Error::broken_stream(status, "push stream broke before the header"));
             }
-            Some(Ok(PushScanRequest { part: Some(Part::Header(h)) })) => h,
+            Some(Ok(PushScanRequest { part: Some(Part::Header(mut h)) })) => {
+                header::normalise(&mut h);
+                h
+            }
             Some(Ok(_)) => {
                 return Err(Error::InvalidArgument("the first message of a push must be a ScanHeader".into()));
             }
@@ -346,6 +351,9 @@ impl Ingest {
                         "chunk out of order: expected plane {p} at offset {}, got plane {} at offset {}{hint}",
                         received[p], chunk.plane_index, chunk.offset
                     )));
+                }
+                if chunk.data.len() > niix_proto::MAX_CHUNK_DATA {
+                    return Err(Error::ResourceExhausted(chunk_too_large(chunk.data.len())));
                 }
                 let n = chunk.data.len() as u64;
                 if received[p] + n > lengths[p] {
@@ -591,6 +599,15 @@ impl Ingest {
 /// A duration as an operator writes it in the configuration ("400ms", "1m").
 fn humanize(d: Duration) -> String {
     humantime::format_duration(d).to_string()
+}
+
+/// What a client sending an oversized chunk is told.
+pub fn chunk_too_large(bytes: usize) -> String {
+    format!(
+        "a PlaneChunk carries at most {} data bytes (the 4 MiB message limit less framing), this one has {bytes}; \
+         send smaller chunks (niix push sends 1 MiB)",
+        niix_proto::MAX_CHUNK_DATA
+    )
 }
 
 /// Compares a push with the stored scan of the same id.
