@@ -19,7 +19,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Directory for the embedded store (SQLite metadata and plane blobs).
     pub data_dir: PathBuf,
-    /// Model repository directory (`<name>/<version>/model.onnx`).
+    /// Model repository directory (`<name>/<version>/model.onnx`); default
+    /// [`default_models_dir`].
     pub models_dir: PathBuf,
     /// Accept unauthenticated clients on a non-loopback address.
     pub insecure: bool,
@@ -92,7 +93,7 @@ impl Default for Config {
             listen: "127.0.0.1:50051".parse().expect("static address"),
             metrics_listen: Some("127.0.0.1:9464".parse().expect("static address")),
             data_dir: PathBuf::from("data"),
-            models_dir: PathBuf::from("models"),
+            models_dir: default_models_dir(),
             insecure: false,
             shutdown_grace: Duration::from_secs(10),
             limits: Limits::default(),
@@ -103,6 +104,17 @@ impl Default for Config {
             source: None,
         }
     }
+}
+
+/// The model repository used when neither the config file nor `--models`
+/// names one: `models/` when that directory exists (a deployment's own
+/// repository), otherwise the bundled `fixtures/models` when it exists (a
+/// checkout of the niix repository), otherwise `models/` (which then reports
+/// that it holds no model).
+pub fn default_models_dir() -> PathBuf {
+    let own = PathBuf::from("models");
+    let bundled = PathBuf::from("fixtures/models");
+    if !own.is_dir() && bundled.is_dir() { bundled } else { own }
 }
 
 /// Limits on what a client may send. Exceeding one gives RESOURCE_EXHAUSTED.

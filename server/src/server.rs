@@ -17,6 +17,8 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 
 use crate::analysis::Analyzer;
 use crate::audit::{Caller, Gate};
@@ -44,6 +46,12 @@ const MAX_FRAME: u32 = 256 << 10;
 /// How long the gRPC listener waits after a failed accept (e.g. out of file
 /// handles) before accepting again.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
+/// The health-check service name that reports whether scans get analysed:
+/// SERVING while the model that analyses scans (the configured one, or any
+/// when none is configured) is loaded, NOT_SERVING while scans would only
+/// queue (no servable model, or analysis disabled). There is no RPC service
+/// of this name; analyses are read through `niix.v1.Findings`.
+pub const ANALYSIS_HEALTH: &str = "niix.v1.Analysis";
 
 /// How often unfinished uploads past their TTL are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(3600);
@@ -123,12 +131,17 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let mut background = Vec::new();
     let last_event = meta.last_event().context("reading the event log")?;
     let events: EventSignal = Arc::new(watch::channel(last_event).0);
+    let (health, health_service) = tonic_health::server::health_reporter();
     let wake = match config.analysis.enabled {
         true => {
             let (m, b, x) = (meta.clone(), blobs.clone(), metrics.clone());
-            Some(start_analysis(&config, m, b, x, events.clone(), stop_rx.clone(), &mut background).await?)
+            let h = health.clone();
+            Some(start_analysis(&config, m, b, x, events.clone(), h, stop_rx.clone(), &mut background).await?)
         }
-        false => None,
+        false => {
+            health.set_service_status(ANALYSIS_HEALTH, ServingStatus::NotServing).await;
+            None
+        }
     };
     let gate = Gate::new(metrics.clone(), meta.clone());
     let system = Caller { identity: "niix".into(), role: "system".into() };
@@ -172,7 +185,6 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         }
     }));
 
-    let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ScanIngestServer<IngestService>>().await;
     health.set_serving::<FindingsServer<FindingsService>>().await;
     health.set_serving::<ExchangeServer<ExchangeService>>().await;
@@ -247,14 +259,27 @@ fn server_tls(tls: &crate::config::TlsConfig) -> anyhow::Result<tonic::transport
     Ok(t)
 }
 
+/// Whether the model that analyses scans is loaded: the configured one, or
+/// any when none is configured.
+fn analysis_status(repo: &Repository, model: Option<&str>) -> ServingStatus {
+    let servable = match model {
+        Some(name) => repo.get(name).is_some(),
+        None => !repo.serving().is_empty(),
+    };
+    if servable { ServingStatus::Serving } else { ServingStatus::NotServing }
+}
+
 /// Loads the model repository (failing fast when ONNX Runtime is missing),
-/// re-queues interrupted analyses and starts the workers and the reloader.
+/// re-queues interrupted analyses and starts the workers and the reloader;
+/// [`ANALYSIS_HEALTH`] follows what the repository serves.
+#[allow(clippy::too_many_arguments)]
 async fn start_analysis(
     config: &Config,
     meta: Arc<dyn MetadataStore>,
     blobs: Arc<dyn BlobStore>,
     metrics: Metrics,
     events: EventSignal,
+    health: HealthReporter,
     stop: watch::Receiver<bool>,
     background: &mut Vec<JoinHandle<()>>,
 ) -> anyhow::Result<Arc<Notify>> {
@@ -272,6 +297,7 @@ async fn start_analysis(
     {
         tracing::warn!(model = %name, "the configured model is not serving: scans will queue until it is");
     }
+    health.set_service_status(ANALYSIS_HEALTH, analysis_status(&repo, a.model.as_deref())).await;
     let requeue = meta.clone();
     let requeued = tokio::task::spawn_blocking(move || requeue.requeue_interrupted()).await??;
     if requeued > 0 {
@@ -284,6 +310,7 @@ async fn start_analysis(
     }
     let interval = a.reload_interval;
     let poke = wake.clone();
+    let model = a.model.clone();
     background.push(tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval);
         tick.tick().await;
@@ -295,6 +322,7 @@ async fn start_analysis(
             {
                 poke.notify_one();
             }
+            health.set_service_status(ANALYSIS_HEALTH, analysis_status(&repo, model.as_deref())).await;
         }
     }));
     Ok(wake)

@@ -1,6 +1,7 @@
 //! The `niix` command line: `serve`, `push`, `scans`.
 
 mod audit;
+mod doctor;
 mod findings;
 mod model;
 mod officer;
@@ -62,6 +63,9 @@ pub enum Command {
     Model(model::ModelCommand),
     /// Detection figures of a model on a labelled set (`niix synth` output).
     Eval(model::EvalArgs),
+    /// Check a deployment (ONNX Runtime, models, data directory, config,
+    /// TLS, tokens) and say what to fix.
+    Doctor(doctor::DoctorArgs),
 }
 
 /// `niix token` subcommands.
@@ -168,6 +172,7 @@ impl Cli {
             Command::Synth(a) => synth::run(a),
             Command::Model(model::ModelCommand::Fit(a)) => model::fit(a),
             Command::Eval(a) => model::eval(a),
+            Command::Doctor(a) => doctor::run(a),
         }
     }
 }

@@ -39,8 +39,9 @@ pub struct FitArgs {
     /// or a directory holding `model.toml` with a `[fit]` section.
     #[arg(long)]
     pub base: String,
-    /// The model repository `--base` names a model of.
-    #[arg(long, default_value = "models")]
+    /// The model repository `--base` names a model of (default: `models`,
+    /// or the bundled `fixtures/models` when `models` does not exist).
+    #[arg(long, default_value_os_t = crate::config::default_models_dir())]
     pub models: PathBuf,
     /// The new version's directory, e.g. `models/cargo-patchcore/2`. Written
     /// whole under a temporary name, then renamed, so a running server never
@@ -78,8 +79,9 @@ pub struct EvalArgs {
     /// Directory of labelled scans (`niix synth` output).
     #[arg(long)]
     pub data: PathBuf,
-    /// Model repository.
-    #[arg(long, default_value = "models")]
+    /// Model repository (default: `models`, or the bundled `fixtures/models`
+    /// when `models` does not exist).
+    #[arg(long, default_value_os_t = crate::config::default_models_dir())]
     pub models: PathBuf,
     /// Which model (default: the only one, or the first by name).
     #[arg(long)]

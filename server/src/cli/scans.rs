@@ -3,9 +3,13 @@
 use niix_proto::v1::findings_client::FindingsClient;
 use niix_proto::v1::{ListScansRequest, Scan, ScanStatus};
 use serde_json::json;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 use super::{ServerArg, enum_word};
-use crate::client::StatusError;
+use crate::client::{Authed, StatusError};
+use crate::server::ANALYSIS_HEALTH;
 
 /// Arguments of `niix scans`.
 #[derive(Debug, clap::Args)]
@@ -53,9 +57,25 @@ pub fn scan_json(scan: &Scan) -> serde_json::Value {
     })
 }
 
+/// Prints a warning line on stderr when the server reports that scans are
+/// not being analysed ([`ANALYSIS_HEALTH`] NOT_SERVING). A server that does
+/// not answer the health check gets no warning: the listing says the rest.
+async fn warn_if_not_analysing(conn: &Authed) {
+    let mut health = HealthClient::new(conn.clone());
+    let asked = health.check(HealthCheckRequest { service: ANALYSIS_HEALTH.into() }).await;
+    if asked.is_ok_and(|r| r.into_inner().status == ServingStatus::NotServing as i32) {
+        eprintln!(
+            "warning: the server is not analysing scans ({ANALYSIS_HEALTH} is NOT_SERVING): it has no servable model, \
+             so new scans wait in its queue; add a model to its model repository (`niix doctor` checks it)"
+        );
+    }
+}
+
 /// Lists scans, following pages.
 pub async fn run(args: ScansArgs) -> anyhow::Result<()> {
-    let mut client = FindingsClient::new(args.server.connect().await?);
+    let conn = args.server.connect().await?;
+    warn_if_not_analysing(&conn).await;
+    let mut client = FindingsClient::new(conn);
     let mut token = String::new();
     let mut shown = 0usize;
     if !args.json {

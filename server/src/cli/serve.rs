@@ -21,7 +21,8 @@ pub struct ServeArgs {
     /// Data directory of the embedded store.
     #[arg(long, env = "NIIX_DATA")]
     pub data: Option<PathBuf>,
-    /// Model repository directory.
+    /// Model repository directory (default: `models`, or the bundled
+    /// `fixtures/models` when `models` does not exist).
     #[arg(long, env = "NIIX_MODELS")]
     pub models: Option<PathBuf>,
     /// Which model of the repository analyses scans (default: the only one,
