@@ -175,7 +175,7 @@ fn synth_is_deterministic_fit_learns_normal_cargo_and_eval_separates_anomalies()
     let localization = report["localization"].as_f64().unwrap();
     assert!((hit as f64 / boxes.len() as f64 - localization).abs() < 1e-9, "{report}");
     for b in &boxes {
-        assert!(report["by_kind"][b["kind"].as_str().unwrap()].is_array(), "{b} not in by_kind");
+        assert!(report["by_kind"][b["kind"].as_str().unwrap()]["anomalies"].as_u64() > Some(0), "{b} not in by_kind");
     }
     for r in &anomalous {
         // On the same raw scale as the score, and never above the scan's highest cell.
@@ -390,4 +390,108 @@ fn the_structure_model_finds_steel_hidden_in_the_front_wall_but_not_cargo_agains
     edited_copy(&version, &strict.join("cargo-patchcore/1"), "\nreach = 12\n", "\nreach = 0\n");
     let undiscounted = score(&strict);
     assert!(undiscounted > bare_score + 5.0, "reach 0 {undiscounted}, without the structure model {bare_score}");
+}
+
+/// A site's own labels: a minimal `NAME.json` with fields and kinds
+/// niix-synth never writes is read by `niix model fit` (which fits the
+/// scans labelled normal and skips the labelled ones) and by `niix eval`,
+/// which reports per kind for the kinds it finds and the ROC's operating points.
+#[test]
+fn fit_and_eval_read_a_sites_own_ground_truth_with_unknown_fields_and_kinds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let small = niix_synth::Options { width: 512, height: 1536, anomaly_rate: 0.0, ..Default::default() };
+    let label = |dir: &Path, name: &str, json: &str| std::fs::write(dir.join(format!("{name}.json")), json).unwrap();
+
+    // Five normal scans labelled by hand, one labelled anomalous.
+    let normal = tmp.path().join("normal");
+    for index in 0..6 {
+        let scan = niix_synth::generate(31, index, &small);
+        niix_synth::write(&normal, &scan).unwrap();
+        let json = if index == 5 {
+            r#"{"anomalies": [{"x": 10, "y": 20, "width": 40, "height": 40, "kind": "organic_in_metal"}]}"#
+        } else {
+            r#"{"cargo": "tiles", "labelled_by": "officer 17", "anomalies": []}"#
+        };
+        label(&normal, &scan.info.name, json);
+    }
+    let models = tmp.path().join("models");
+    let (out, log) = succeed(model_fit(&normal, &fixtures().join("patchcore"), &models.join("cargo-patchcore/1")));
+    assert!(out.contains("memory bank"), "{out}");
+    assert!(log.contains("skipping 1 scans whose NAME.json lists anomalies"), "{log}");
+    assert!(log.contains("fitting on 4 normal scans, 1 held out"), "{log}");
+
+    // Four scans to evaluate: two normal, two with steel under novel kinds
+    // (one box without a kind, and extra fields in the boxes).
+    let data = tmp.path().join("data");
+    for index in 0..4 {
+        let mut scan = niix_synth::generate(32, index, &small);
+        let json = match index {
+            0 | 1 => r#"{"anomalies": [], "scanner": {"vendor": "other"}}"#.to_string(),
+            _ => {
+                add_steel(&mut scan, 700..780, 200..280, 150.0);
+                let kind = if index == 2 { r#", "kind": "drum_cluster""# } else { "" };
+                format!(r#"{{"anomalies": [{{"x": 200, "y": 700, "width": 80, "height": 80{kind}, "score": 1}}]}}"#)
+            }
+        };
+        niix_synth::write(&data, &scan).unwrap();
+        label(&data, &scan.info.name, &json);
+    }
+    let demo = fixtures().join("models");
+    let (data_arg, demo_arg) = (data.to_str().unwrap(), demo.to_str().unwrap());
+    let eval = ["eval", "--data", data_arg, "--models", demo_arg, "--model", "demo-local-contrast"];
+    let report: serde_json::Value = serde_json::from_str(&niix(&[&eval[..], &["--json"]].concat())).unwrap();
+    assert_eq!((report["scans"].as_u64(), report["anomalous"].as_u64()), (Some(4), Some(2)), "{report}");
+    let kinds: Vec<&String> = report["by_kind"].as_object().unwrap().keys().collect();
+    assert_eq!(kinds, ["anomaly", "drum_cluster"], "{report}");
+    for kind in kinds {
+        let k = &report["by_kind"][kind];
+        assert_eq!((k["anomalies"].as_u64(), k["scans"].as_u64()), (Some(1), Some(1)), "{k}");
+        let hit = k["hit"].as_u64().unwrap() as f64;
+        assert_eq!(k["hit_rate"].as_f64(), Some(hit), "{k}");
+        // One such scan against the two normal ones.
+        let scan_score = report["per_scan"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["anomalies"].as_array().unwrap().iter().any(|b| b["kind"] == kind.as_str()))
+            .unwrap()["score"]
+            .as_f64()
+            .unwrap();
+        let normal: Vec<f64> =
+            report["per_scan"].as_array().unwrap()[..2].iter().map(|r| r["score"].as_f64().unwrap()).collect();
+        let wins: f64 = normal
+            .iter()
+            .map(|n| {
+                if scan_score > *n {
+                    1.0
+                } else if scan_score == *n {
+                    0.5
+                } else {
+                    0.0
+                }
+            })
+            .sum();
+        assert_eq!(k["auroc"].as_f64(), Some(wins / 2.0), "{k}");
+    }
+    // The ROC's operating points: a threshold on the normal scans, what it lets through.
+    let points = report["operating_points"].as_array().unwrap();
+    assert_eq!(points.len(), 6, "{report}");
+    for p in points {
+        let (target, fa) = (p["target_false_alarm_rate"].as_f64().unwrap(), p["false_alarm_rate"].as_f64().unwrap());
+        assert!(fa <= target, "{p}");
+        let threshold = p["threshold"].as_f64().unwrap();
+        let detected = report["per_scan"].as_array().unwrap()[2..]
+            .iter()
+            .filter(|r| r["score"].as_f64().unwrap() > threshold)
+            .count();
+        assert_eq!(p["detection_rate"].as_f64(), Some(detected as f64 / 2.0), "{p}");
+    }
+    let text = niix(&eval);
+    assert!(text.contains("roc (threshold") && text.contains("drum_cluster: "), "{text}");
+
+    // A box that reaches outside its scan is refused with the scan named.
+    label(&data, "synth-32-00003", r#"{"anomalies": [{"x": 500, "y": 700, "width": 80, "height": 80}]}"#);
+    let refused = command(&eval).output().unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && said.contains("synth-32-00003.json: anomaly 0"), "{said}");
 }

@@ -19,7 +19,7 @@ use niix_inference::pipeline::{ModelInput, PlaneInput, Timings, analyze, model_i
 use niix_inference::regions::Region;
 use niix_inference::runtime::Threads;
 use niix_inference::structure::StructureFit;
-use niix_synth::{Anomaly, ScanInfo};
+use niix_synth::truth::{GroundTruth, TruthBox};
 
 /// `niix model` subcommands.
 #[derive(Debug, clap::Subcommand)]
@@ -32,7 +32,8 @@ pub enum ModelCommand {
 #[derive(Debug, clap::Args)]
 pub struct FitArgs {
     /// Directory of normal scans: `NAME.high.tif` + `NAME.low.tif` pairs
-    /// (`NAME.json` with anomalies listed excludes a scan).
+    /// (a `NAME.json` ground truth listing anomalies excludes a scan;
+    /// docs/models.md, "Ground truth").
     #[arg(long)]
     pub normal: PathBuf,
     /// The model to start from: a name in `--models` (its newest version),
@@ -76,7 +77,9 @@ pub struct FitArgs {
 /// Arguments of `niix eval`.
 #[derive(Debug, clap::Args)]
 pub struct EvalArgs {
-    /// Directory of labelled scans (`niix synth` output).
+    /// Directory of labelled scans: `NAME.high.tif`, `NAME.low.tif` and a
+    /// `NAME.json` ground truth each (`niix synth` output, or a site's own
+    /// labels; docs/models.md, "Ground truth").
     #[arg(long)]
     pub data: PathBuf,
     /// Model repository (default: `models`, or the bundled `fixtures/models`
@@ -102,7 +105,7 @@ struct ScanFiles {
     name: String,
     high: PathBuf,
     low: PathBuf,
-    info: Option<ScanInfo>,
+    info: Option<GroundTruth>,
 }
 
 /// The `NAME.high.tif` / `NAME.low.tif` pairs of a directory, by name.
@@ -116,7 +119,7 @@ fn scan_files(dir: &Path) -> anyhow::Result<Vec<ScanFiles>> {
         let low = dir.join(format!("{name}.low.tif"));
         anyhow::ensure!(low.exists(), "{} has no low-energy plane {}", path.display(), low.display());
         let json = dir.join(format!("{name}.json"));
-        let info = json.exists().then(|| niix_synth::read_info(&json)).transpose()?;
+        let info = json.exists().then(|| niix_synth::truth::read_truth(&json)).transpose()?;
         out.push(ScanFiles { name: name.to_string(), high: path, low, info });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -128,7 +131,7 @@ fn scan_files(dir: &Path) -> anyhow::Result<Vec<ScanFiles>> {
 fn normal_scans(dir: &Path) -> anyhow::Result<Vec<ScanFiles>> {
     let mut scans = scan_files(dir)?;
     let before = scans.len();
-    scans.retain(|s| s.info.as_ref().is_none_or(|i| i.anomalies.is_empty()));
+    scans.retain(|s| s.info.as_ref().is_none_or(GroundTruth::is_normal));
     if scans.len() < before {
         eprintln!("{}: skipping {} scans whose NAME.json lists anomalies", dir.display(), before - scans.len());
     }
@@ -435,7 +438,7 @@ pub fn auroc(negative: &[f32], positive: &[f32]) -> f64 {
 }
 
 /// True when a region's box overlaps a ground-truth box.
-fn overlaps(r: &Region, a: &Anomaly) -> bool {
+fn overlaps(r: &Region, a: &TruthBox) -> bool {
     r.x < a.x + a.width && a.x < r.x + r.width && r.y < a.y + a.height && a.y < r.y + r.height
 }
 
@@ -462,12 +465,54 @@ pub struct EvalReport {
     pub localization: f64,
     /// Mean analysis time per scan (decode to regions), seconds.
     pub seconds_per_scan: f64,
-    /// Per anomaly kind: (anomalies, hit by a region).
-    pub by_kind: std::collections::BTreeMap<String, (usize, usize)>,
+    /// Points of the image-level ROC curve: at a few false-alarm rates of
+    /// this set's normal scans, the score threshold and what it detects.
+    pub operating_points: Vec<OperatingPoint>,
+    /// Per anomaly kind, whatever kinds the ground truth names.
+    pub by_kind: std::collections::BTreeMap<String, KindReport>,
     /// Every scan's result, in name order: what a site needs to see which
     /// normal scans score high and which anomalies were missed.
     pub per_scan: Vec<ScanResult>,
 }
+
+/// One point of the image-level ROC curve in `niix eval`.
+#[derive(Debug, serde::Serialize)]
+pub struct OperatingPoint {
+    /// The false-alarm rate asked for.
+    pub target_false_alarm_rate: f64,
+    /// The raw score a scan must exceed to alarm: the highest threshold
+    /// that lets at most that share of this set's normal scans through.
+    pub threshold: f32,
+    /// Share of normal scans above it (at most the target; with few normal
+    /// scans, often less).
+    pub false_alarm_rate: f64,
+    /// Share of anomalous scans above it.
+    pub detection_rate: f64,
+}
+
+/// The figures of one anomaly kind in `niix eval`.
+#[derive(Debug, serde::Serialize)]
+pub struct KindReport {
+    /// Ground-truth boxes of this kind.
+    pub anomalies: usize,
+    /// Of which overlapped by a region of the findings.
+    pub hit: usize,
+    /// `hit / anomalies`.
+    pub hit_rate: f64,
+    /// Scans holding at least one box of this kind.
+    pub scans: usize,
+    /// Image-level AUROC of those scans against the normal scans; null
+    /// when the set has no normal scans.
+    pub auroc: Option<f64>,
+    /// Share of those scans above the threshold that lets 1% of normal
+    /// scans through; null when the set has no normal scans.
+    pub detection_at_1pct_fa: Option<f64>,
+    /// At the model's own threshold: share of those scans that alarm.
+    pub detection_rate: f64,
+}
+
+/// The false-alarm rates `niix eval` reports ROC operating points at.
+const OPERATING_RATES: [f64; 6] = [0.0, 0.01, 0.02, 0.05, 0.1, 0.2];
 
 /// One scan's result in `niix eval`.
 #[derive(Debug, serde::Serialize)]
@@ -545,19 +590,37 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     let mut per_scan = Vec::with_capacity(scans.len());
     for s in &scans {
         let truth = &s.info.as_ref().expect("checked above").anomalies;
+        let planes = s.planes()?;
+        let (width, height) = (planes[0].width, planes[0].height);
+        if let Some((i, t)) = truth.iter().enumerate().find(|(_, t)| {
+            u64::from(t.x) + u64::from(t.width) > u64::from(width)
+                || u64::from(t.y) + u64::from(t.height) > u64::from(height)
+        }) {
+            anyhow::bail!(
+                "{}.json: anomaly {i} ({}) at x {} y {} of {}x{} px reaches outside the {width}x{height} image",
+                s.name,
+                t.kind,
+                t.x,
+                t.y,
+                t.width,
+                t.height
+            );
+        }
         let t0 = Instant::now();
-        let a = analyze(&model, s.planes()?).with_context(|| format!("analysing {}", s.name))?;
+        let a = analyze(&model, planes).with_context(|| format!("analysing {}", s.name))?;
         let seconds = t0.elapsed().as_secs_f64();
         let st = a.stride as u32;
         let anomalies = truth
             .iter()
             .map(|t| {
                 // The highest raw map value inside the ground-truth box.
-                let rows = (t.y / st) as usize..((t.y + t.height).div_ceil(st) as usize).min(a.map.nrows());
-                let cols = (t.x / st) as usize..((t.x + t.width).div_ceil(st) as usize).min(a.map.ncols());
-                let m = a.map.slice(ndarray::s![rows, cols]).iter().copied().fold(0.0f32, f32::max);
+                let (nrows, ncols) = a.map.dim();
+                let r1 = ((t.y + t.height).div_ceil(st) as usize).min(nrows);
+                let c1 = ((t.x + t.width).div_ceil(st) as usize).min(ncols);
+                let (r0, c0) = (((t.y / st) as usize).min(r1), ((t.x / st) as usize).min(c1));
+                let m = a.map.slice(ndarray::s![r0..r1, c0..c1]).iter().copied().fold(0.0f32, f32::max);
                 AnomalyResult {
-                    kind: format!("{:?}", t.kind).to_lowercase(),
+                    kind: t.kind.clone(),
                     in_box: decision.raw(m),
                     hit: a.regions.iter().any(|r| overlaps(r, t)),
                 }
@@ -602,50 +665,100 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     let scores = |set: &[&ScanResult]| set.iter().map(|r| r.score).collect::<Vec<f32>>();
     let (normal, anomalous) = (scores(&normal_scans), scores(&anomalous_scans));
     let alarm_rate = |set: &[&ScanResult]| set.iter().filter(|r| r.alarm).count() as f64 / set.len().max(1) as f64;
-    let mut by_kind: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
-    for b in per_scan.iter().flat_map(|r| &r.anomalies) {
-        let entry = by_kind.entry(b.kind.clone()).or_default();
-        entry.0 += 1;
-        entry.1 += usize::from(b.hit);
-    }
-    let at = |rate: f64| {
-        let t = threshold_for(&normal, rate, 0.0);
-        anomalous.iter().filter(|s| **s > t).count() as f64 / anomalous.len().max(1) as f64
-    };
-    let (hit, total) = by_kind.values().fold((0, 0), |(h, t), (n, k)| (h + k, t + n));
+    let above = |scores: &[f32], t: f32| scores.iter().filter(|s| **s > t).count() as f64 / scores.len().max(1) as f64;
+    let at = |scores: &[f32], rate: f64| above(scores, threshold_for(&normal, rate, 0.0));
+    let operating_points = OPERATING_RATES
+        .iter()
+        .map(|&rate| {
+            let threshold = threshold_for(&normal, rate, 0.0);
+            OperatingPoint {
+                target_false_alarm_rate: rate,
+                threshold,
+                false_alarm_rate: above(&normal, threshold),
+                detection_rate: above(&anomalous, threshold),
+            }
+        })
+        .collect();
+    let mut kinds: Vec<&str> = per_scan.iter().flat_map(|r| &r.anomalies).map(|b| b.kind.as_str()).collect();
+    kinds.sort_unstable();
+    kinds.dedup();
+    let by_kind: std::collections::BTreeMap<String, KindReport> = kinds
+        .into_iter()
+        .map(|kind| {
+            let boxes: Vec<&AnomalyResult> =
+                per_scan.iter().flat_map(|r| &r.anomalies).filter(|b| b.kind == kind).collect();
+            let holding: Vec<&ScanResult> =
+                anomalous_scans.iter().copied().filter(|r| r.anomalies.iter().any(|b| b.kind == kind)).collect();
+            let hit = boxes.iter().filter(|b| b.hit).count();
+            let with_normal = |v: f64| (!normal.is_empty()).then_some(v);
+            let report = KindReport {
+                anomalies: boxes.len(),
+                hit,
+                hit_rate: hit as f64 / boxes.len() as f64,
+                scans: holding.len(),
+                auroc: with_normal(auroc(&normal, &scores(&holding))),
+                detection_at_1pct_fa: with_normal(at(&scores(&holding), 0.01)),
+                detection_rate: alarm_rate(&holding),
+            };
+            (kind.to_string(), report)
+        })
+        .collect();
+    let (hit, total) = by_kind.values().fold((0, 0), |(h, t), k| (h + k.hit, t + k.anomalies));
     let report = EvalReport {
         model: model.label(),
         scans: scans.len(),
         anomalous: anomalous.len(),
         auroc: auroc(&normal, &anomalous),
-        detection_at_1pct_fa: at(0.01),
-        detection_at_5pct_fa: at(0.05),
+        detection_at_1pct_fa: at(&anomalous, 0.01),
+        detection_at_5pct_fa: at(&anomalous, 0.05),
         false_alarm_rate: alarm_rate(&normal_scans),
         detection_rate: alarm_rate(&anomalous_scans),
         localization: hit as f64 / total.max(1) as f64,
         seconds_per_scan: per_scan.iter().map(|r| r.seconds).sum::<f64>() / per_scan.len() as f64,
+        operating_points,
         by_kind,
         per_scan,
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
-        println!("model: {}", report.model);
-        println!("scans: {} ({} anomalous)", report.scans, report.anomalous);
-        println!("auroc: {:.3}", report.auroc);
-        println!("detection_at_1pct_fa: {:.3}", report.detection_at_1pct_fa);
-        println!("detection_at_5pct_fa: {:.3}", report.detection_at_5pct_fa);
-        println!(
-            "operating_point: {:.3} detection at {:.3} false alarms",
-            report.detection_rate, report.false_alarm_rate
-        );
-        println!("localization: {:.3}", report.localization);
-        for (kind, (n, k)) in &report.by_kind {
-            println!("  {kind}: {k}/{n} hit");
-        }
-        println!("seconds_per_scan: {:.2}", report.seconds_per_scan);
+        print_report(&report);
     }
     Ok(())
+}
+
+/// `niix eval`'s figures as text.
+fn print_report(report: &EvalReport) {
+    let or_none = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.3}"));
+    println!("model: {}", report.model);
+    println!("scans: {} ({} anomalous)", report.scans, report.anomalous);
+    println!("auroc: {:.3}", report.auroc);
+    println!("detection_at_1pct_fa: {:.3}", report.detection_at_1pct_fa);
+    println!("detection_at_5pct_fa: {:.3}", report.detection_at_5pct_fa);
+    println!("operating_point: {:.3} detection at {:.3} false alarms", report.detection_rate, report.false_alarm_rate);
+    println!("roc (threshold on this set's normal scans):");
+    println!("  {:>9} {:>10} {:>11} {:>9}", "target_fa", "threshold", "false_alarm", "detection");
+    for p in &report.operating_points {
+        println!(
+            "  {:>9.3} {:>10.3} {:>11.3} {:>9.3}",
+            p.target_false_alarm_rate, p.threshold, p.false_alarm_rate, p.detection_rate
+        );
+    }
+    println!("localization: {:.3}", report.localization);
+    println!("by kind:");
+    for (kind, k) in &report.by_kind {
+        println!(
+            "  {kind}: {}/{} hit ({:.3}), {} scans, auroc {}, detection_at_1pct_fa {}, detection {:.3}",
+            k.hit,
+            k.anomalies,
+            k.hit_rate,
+            k.scans,
+            or_none(k.auroc),
+            or_none(k.detection_at_1pct_fa),
+            k.detection_rate
+        );
+    }
+    println!("seconds_per_scan: {:.2}", report.seconds_per_scan);
 }
 
 #[cfg(test)]
