@@ -269,6 +269,49 @@ async fn a_resume_with_another_header_is_refused_until_aborted() {
 }
 
 #[tokio::test]
+async fn a_resume_cannot_change_or_drop_a_declared_digest_to_mix_two_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let ch = channel(&server).await;
+    let a = raw_bytes(32, 32, 4);
+    let b = raw_bytes(32, 32, 5);
+    let id = new_id();
+    let mut declared = header(&id, plane(PlaneEncoding::RawU16le, 32, 32, &a));
+    declared.planes[0].sha256 = sha256(&a);
+    let half = a.len() / 2;
+    // Push 1 declares A's digest and sends half of A.
+    let err = push_messages(&ch, messages(&declared, &[&a[..half]], 256)).await.unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss, "{}", err.message());
+    assert_eq!(status_of(&ch, &id).await.planes[0].received_bytes, half as u64);
+
+    // Push 2 drops the digest (or declares B's) and sends the rest of B.
+    let rest_of_b = |h: &niix_proto::v1::ScanHeader| {
+        let mut m = messages(h, &[&b], 256);
+        m.retain(|r| match &r.part {
+            Some(niix_proto::v1::push_scan_request::Part::Chunk(c)) => c.offset >= half as u64,
+            _ => true,
+        });
+        m
+    };
+    let mut dropped = declared.clone();
+    dropped.planes[0].sha256.clear();
+    let mut swapped = declared.clone();
+    swapped.planes[0].sha256 = sha256(&b);
+    for resume in [&dropped, &swapped] {
+        let err = push_messages(&ch, rest_of_b(resume)).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+        assert!(err.message().contains("plane 0") && err.message().contains(&sha256(&a)), "{}", err.message());
+        assert_eq!(get_code(&ch, &id).await, Code::NotFound, "nothing mixed may become visible");
+        assert_eq!(status_of(&ch, &id).await.planes[0].received_bytes, half as u64, "the upload is kept");
+    }
+    // With A's digest, the rest of B is caught at completion.
+    let err = push_messages(&ch, rest_of_b(&declared)).await.unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss, "{}", err.message());
+    assert_eq!(get_code(&ch, &id).await, Code::NotFound);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn two_streams_of_one_scan_cannot_interleave() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path()).await;

@@ -273,7 +273,7 @@ impl Ingest {
                         pending.scan_id
                     )));
                 }
-                Some(_) => {}
+                Some(u) => check_declared_digests(&pending.scan_id, &u.header, &pending.header)?,
                 None => {
                     // Bytes staged without a record (left by a crash) belong to nobody.
                     blobs.discard_staged(&pending.scan_id)?;
@@ -608,6 +608,27 @@ pub fn chunk_too_large(bytes: usize) -> String {
          send smaller chunks (niix push sends 1 MiB)",
         niix_proto::MAX_CHUNK_DATA
     )
+}
+
+/// A resume must declare exactly the plane digests the first attempt
+/// declared: the first attempt's header is what the upload is checked
+/// against at completion, so a resume that changed or dropped a digest could
+/// otherwise finish the plane with other bytes (half of one file, half of
+/// another) under a digest nobody declared.
+fn check_declared_digests(scan_id: &str, first: &ScanHeader, resume: &ScanHeader) -> Result<()> {
+    for (i, (a, b)) in first.planes.iter().zip(&resume.planes).enumerate() {
+        if a.sha256 != b.sha256 {
+            let shown = |d: &str| if d.is_empty() { "none".to_string() } else { d.to_string() };
+            return Err(Error::FailedPrecondition(format!(
+                "plane {i}: this resume declares sha256 {} but the unfinished upload of scan {} declared {}; \
+                 resume with the digests of the first attempt, or call AbortUpload to start over",
+                shown(&b.sha256),
+                scan_id,
+                shown(&a.sha256)
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Compares a push with the stored scan of the same id.
