@@ -501,6 +501,29 @@ mod tests {
     }
 
     #[test]
+    fn sites_on_a_token_or_certificate_scope_its_identity() {
+        let mut t = token("scanner-nl", Role::Scanner, "s");
+        t.sites = vec!["NLRTM".into()];
+        let a = Authenticator::new(&AuthConfig {
+            tokens: vec![t, token("officer-any", Role::Officer, "o")],
+            certificates: vec![CertificateConfig {
+                identity: "BE-officer".into(),
+                role: Role::Officer,
+                sha256: "ab".repeat(32),
+                sites: vec!["BEANR".into()],
+            }],
+        })
+        .unwrap();
+        assert_eq!(a.scope("scanner-nl").sites(), Some(&["NLRTM".to_string()][..]));
+        assert!(a.scope("BE-officer").allows("BEANR-02") && !a.scope("BE-officer").allows("NLRTM-01"));
+        assert_eq!(a.scope("officer-any"), SiteScope::all());
+        let mut blank = token("x", Role::Scanner, "x");
+        blank.sites = vec![" NLRTM".into()];
+        let e = Authenticator::new(&AuthConfig { tokens: vec![blank], ..Default::default() }).unwrap_err();
+        assert!(e.to_string().contains("blank or has spaces"), "{e}");
+    }
+
+    #[test]
     fn one_identity_on_two_tokens_with_one_role_is_a_rotation() {
         let rotation = AuthConfig {
             tokens: vec![token("ops", Role::Scanner, "old"), token("ops", Role::Scanner, "new")],
