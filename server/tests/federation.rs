@@ -305,6 +305,21 @@ async fn receive_checks_every_delivery_and_foreign_scans_stay_put() {
         .unwrap()
         .into_inner();
     assert_eq!(overlay.width, 256);
+    // A TIFF plane goes out as its pixels only, and DE checks them as ingest would.
+    let tif = write_tiff(&tmp.path().join("nl.tif"), 256, 128, 9);
+    let tiff_header = header(&new_id(), plane(PlaneEncoding::Tiff, 256, 128, &tif));
+    let tiff_id = scan_ingest_client::ScanIngestClient::new(nl_conn.clone())
+        .push_scan(tokio_stream::iter(messages(&tiff_header, &[&tif], 1 << 16)))
+        .await
+        .unwrap()
+        .into_inner()
+        .scan_id;
+    alarmed(&nl_conn, &tiff_id).await;
+    let scans = wait_for_scans(&async || Some(officer.clone()), 2).await;
+    let shared = scans.iter().find(|s| s.scan_id == foreign_scan_id("NL", &tiff_id)).unwrap();
+    let pixels: Vec<u8> = samples(256, 128, 9).iter().flat_map(|v| v.to_le_bytes()).collect();
+    assert_eq!(shared.planes[0].descriptor.as_ref().unwrap().encoding, PlaneEncoding::RawU16le as i32);
+    assert_eq!(shared.planes[0].sha256, sha256(&pixels), "DE holds the TIFF's pixels, not the file");
     nl.shutdown().await.unwrap();
 
     // FR's feed from DE skips NL's scan: the first package FR gets is about
@@ -428,8 +443,8 @@ async fn receive_checks_every_delivery_and_foreign_scans_stay_put() {
     };
     let err = deliver("t-nl", vec![pkg(keys::sign(&nl_key, &full)), truncated]).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::DataLoss, "{}", err.message());
-    // Only the two good packages and NL's pushed scan are stored.
-    assert_eq!(foreign_scans(&officer).await.iter().filter(|s| !s.origin.is_empty()).count(), 3);
+    // Only the two good packages and NL's two pushed scans are stored.
+    assert_eq!(foreign_scans(&officer).await.iter().filter(|s| !s.origin.is_empty()).count(), 4);
     de.shutdown().await.unwrap();
 }
 
