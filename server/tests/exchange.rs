@@ -185,6 +185,31 @@ async fn a_partner_receives_exactly_its_redacted_signed_packages() {
         .filter(|p| p.extension().is_some_and(|e| e == "niixpkg"))
         .collect();
     assert_eq!(files.len(), 3);
+    // The partner's cursor is at the last shared package; pulling again (a
+    // restart of the partner's side) saves nothing and leaves it there.
+    let cursor = || std::fs::read_to_string(out.join(".cursor")).unwrap().trim().parse::<u64>().unwrap();
+    assert_eq!(cursor(), c2.sequence);
+    let again = cli(&[
+        "partner",
+        "pull",
+        "--server",
+        &url,
+        "--token",
+        "t-de",
+        "--out",
+        out.to_str().unwrap(),
+        "--key",
+        &public,
+    ]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("0 packages saved"), "{again:?}");
+    assert_eq!(cursor(), c2.sequence);
+    assert_eq!(
+        std::fs::read_dir(&out)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|e| e == "niixpkg"))
+            .count(),
+        3
+    );
     server.shutdown().await.unwrap();
 
     let ok = cli(&["verify", files[0].to_str().unwrap(), "--key", &public]);
