@@ -185,6 +185,31 @@ async fn a_partner_receives_exactly_its_redacted_signed_packages() {
         .filter(|p| p.extension().is_some_and(|e| e == "niixpkg"))
         .collect();
     assert_eq!(files.len(), 3);
+    // The partner's cursor is at the last shared package; pulling again (a
+    // restart of the partner's side) saves nothing and leaves it there.
+    let cursor = || std::fs::read_to_string(out.join(".cursor")).unwrap().trim().parse::<u64>().unwrap();
+    assert_eq!(cursor(), c2.sequence);
+    let again = cli(&[
+        "partner",
+        "pull",
+        "--server",
+        &url,
+        "--token",
+        "t-de",
+        "--out",
+        out.to_str().unwrap(),
+        "--key",
+        &public,
+    ]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("0 packages saved"), "{again:?}");
+    assert_eq!(cursor(), c2.sequence);
+    assert_eq!(
+        std::fs::read_dir(&out)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|e| e == "niixpkg"))
+            .count(),
+        3
+    );
     server.shutdown().await.unwrap();
 
     let ok = cli(&["verify", files[0].to_str().unwrap(), "--key", &public]);
@@ -402,19 +427,19 @@ async fn full_planes_carry_pixels_only_whatever_the_encoding_and_redaction_holds
             assert!(!contains(&package.content, s), "{encoding}: the package carries {s:?}");
         }
         assert!(content.full_planes);
-        let d = &content.planes[0];
-        assert_eq!((d.encoding, d.byte_length), (PlaneEncoding::RawU16le as i32, 256 * 128 * 2), "{encoding}");
         let req = GetPlaneRequest { package_id: content.package_id.clone(), plane_index: 0, offset: 0 };
         let mut s = ExchangeClient::new(de.clone()).get_plane(req).await.unwrap().into_inner();
         let mut sent = Vec::new();
         while let Some(chunk) = s.next().await {
             sent.extend(chunk.unwrap().data);
         }
-        assert_eq!(sha256(&sent), d.sha256, "{encoding}: the package signs what is sent");
-        assert!(sent == pixels, "{encoding}: the partner gets the scan's pixels");
         for s in SECRETS {
             assert!(!contains(&sent, s), "{encoding}: the plane sent carries {s:?}");
         }
+        let d = &content.planes[0];
+        assert_eq!(sha256(&sent), d.sha256, "{encoding}: the package signs what is sent");
+        assert_eq!((d.encoding, d.byte_length), (PlaneEncoding::RawU16le as i32, 256 * 128 * 2), "{encoding}");
+        assert!(sent == pixels, "{encoding}: the partner gets the scan's pixels");
     }
 
     // The partner's CLI checks every plane file against the signed digests.

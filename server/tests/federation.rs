@@ -305,6 +305,21 @@ async fn receive_checks_every_delivery_and_foreign_scans_stay_put() {
         .unwrap()
         .into_inner();
     assert_eq!(overlay.width, 256);
+    // A TIFF plane goes out as its pixels only, and DE checks them as ingest would.
+    let tif = write_tiff(&tmp.path().join("nl.tif"), 256, 128, 9);
+    let tiff_header = header(&new_id(), plane(PlaneEncoding::Tiff, 256, 128, &tif));
+    let tiff_id = scan_ingest_client::ScanIngestClient::new(nl_conn.clone())
+        .push_scan(tokio_stream::iter(messages(&tiff_header, &[&tif], 1 << 16)))
+        .await
+        .unwrap()
+        .into_inner()
+        .scan_id;
+    alarmed(&nl_conn, &tiff_id).await;
+    let scans = wait_for_scans(&async || Some(officer.clone()), 2).await;
+    let shared = scans.iter().find(|s| s.scan_id == foreign_scan_id("NL", &tiff_id)).unwrap();
+    let pixels: Vec<u8> = samples(256, 128, 9).iter().flat_map(|v| v.to_le_bytes()).collect();
+    assert_eq!(shared.planes[0].descriptor.as_ref().unwrap().encoding, PlaneEncoding::RawU16le as i32);
+    assert_eq!(shared.planes[0].sha256, sha256(&pixels), "DE holds the TIFF's pixels, not the file");
     nl.shutdown().await.unwrap();
 
     // FR's feed from DE skips NL's scan: the first package FR gets is about
@@ -428,8 +443,8 @@ async fn receive_checks_every_delivery_and_foreign_scans_stay_put() {
     };
     let err = deliver("t-nl", vec![pkg(keys::sign(&nl_key, &full)), truncated]).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::DataLoss, "{}", err.message());
-    // Only the two good packages and NL's pushed scan are stored.
-    assert_eq!(foreign_scans(&officer).await.iter().filter(|s| !s.origin.is_empty()).count(), 3);
+    // Only the two good packages and NL's two pushed scans are stored.
+    assert_eq!(foreign_scans(&officer).await.iter().filter(|s| !s.origin.is_empty()).count(), 4);
     de.shutdown().await.unwrap();
 }
 
@@ -514,21 +529,34 @@ async fn half_sent_receive(
 async fn receive_refuses_non_issuers_and_oversized_messages_before_reading_them_and_bounds_streams() {
     let tmp = tempfile::tempdir().unwrap();
     let de = de_accepting_nl_and_be(tmp.path()).await;
-    // XX is a partner but no issuer: half of a 64 MiB message is refused at
-    // once, while the body is still open.
-    let (status, message, _open) = half_sent_receive(&de.channel, "t-xx", 64 << 20, 32 << 20).await;
-    assert_eq!(status.as_deref(), Some("7"), "PERMISSION_DENIED: {message}");
-    assert!(message.contains("XX%20is%20not%20an%20issuer") || message.contains("XX is not an issuer"), "{message}");
+    // XX is a partner but no issuer: sixteen halves of 64 MiB messages at
+    // once, as in the attack, are each refused while their bodies are open.
+    let attack: Vec<_> = (0..16)
+        .map(|_| {
+            let ch = de.channel.clone();
+            tokio::spawn(async move { half_sent_receive(&ch, "t-xx", 64 << 20, 32 << 20).await })
+        })
+        .collect();
+    let mut open = Vec::new();
+    for a in attack {
+        let (status, message, body) = a.await.unwrap();
+        assert_eq!(status.as_deref(), Some("7"), "PERMISSION_DENIED: {message}");
+        assert!(
+            message.contains("XX%20is%20not%20an%20issuer") || message.contains("XX is not an issuer"),
+            "{message}"
+        );
+        open.push(body);
+    }
     // An issuer declaring a message over max_receive_message_bytes is refused
     // from the length prefix.
     let (status, message, _open2) = half_sent_receive(&de.channel, "t-nl", 64 << 20, 4 << 20).await;
     assert_eq!(status.as_deref(), Some("8"), "RESOURCE_EXHAUSTED: {message}");
     // Two deliveries of NL may be open at once; a third is refused.
-    let pending = |token: &'static str| {
+    let hold = |token: &'static str| {
         let ch = de.channel.clone();
         tokio::spawn(async move { half_sent_receive(&ch, token, 1 << 20, 0).await })
     };
-    let open = [pending("t-nl"), pending("t-nl"), pending("t-be")];
+    let pending = [hold("t-nl"), hold("t-nl"), hold("t-be")];
     // Each holds its slot until its body ends; let the server take them.
     tokio::time::sleep(Duration::from_secs(1)).await;
     // (On a slow machine the two may not hold their slots yet: a third that
@@ -545,11 +573,12 @@ async fn receive_refuses_non_issuers_and_oversized_messages_before_reading_them_
     assert_eq!(status.as_deref(), Some("8"), "RESOURCE_EXHAUSTED: {message}");
     assert!(message.contains("deliveries%20in%20progress") || message.contains("deliveries in progress"), "{message}");
     // None of the open ones was answered, BE's included: its slots are its own.
-    assert!(open.iter().all(|t| !t.is_finished()));
+    assert!(pending.iter().all(|t| !t.is_finished()));
     // Nothing of it was stored.
     let officer = authed(de.channel.clone(), Some("t-off")).unwrap();
     assert!(foreign_scans(&officer).await.is_empty());
-    open.iter().for_each(|t| t.abort());
+    pending.iter().for_each(|t| t.abort());
+    drop(open);
     de.server.shutdown().await.unwrap();
 }
 

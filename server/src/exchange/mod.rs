@@ -24,8 +24,8 @@ use ed25519_dalek::SigningKey;
 use futures_util::Stream;
 use niix_proto::v1::exchange_server::Exchange;
 use niix_proto::v1::{
-    GetPackageRequest, GetPlaneRequest, PackageContent, PlaneChunk, PlaneImage, ReceiveReceipt, ReceiveRequest,
-    RenderOverlayRequest, ResultPackage, SubscribeRequest,
+    GetPackageRequest, GetPlaneRequest, PackageContent, PlaneChunk, ReceiveReceipt, ReceiveRequest, ResultPackage,
+    SubscribeRequest,
 };
 use prost::Message;
 use serde::{Deserialize, Serialize};
@@ -36,7 +36,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::audit::{Caller, Gate};
 use crate::config::Limits;
 use crate::error::{Error, Result, blocking};
-use crate::findings::{EventSignal, render_scan, timestamp, wait_for_events};
+use crate::findings::{EventSignal, timestamp, wait_for_events};
 use crate::store::{BlobStore, MetadataStore, StoredEvent};
 
 /// Largest exchange message this server sends or a puller accepts (a
@@ -226,52 +226,6 @@ impl ExchangeService {
             origin: record.origin.clone(),
         };
         Ok(Some(keys::sign(key, &content)))
-    }
-
-    /// The overlay of `plane_index` with the scan's reports, rendered once.
-    fn overlay(&self, record: &crate::store::ScanRecord, plane_index: u32) -> Result<Vec<u8>> {
-        let all = self.meta.reports(&record.scan_id)?;
-        let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
-        all.iter().for_each(|r| sha2::Digest::update(&mut hasher, r.encode_length_delimited_to_vec()));
-        let drawn = hex::encode(sha2::Digest::finalize(hasher));
-        let key = render::Key::Overlay { scan_id: record.scan_id.clone(), plane_index, reports: drawn };
-        let rendered = self.renderings.get(key, || {
-            let req = RenderOverlayRequest {
-                scan_id: record.scan_id.clone(),
-                plane_index,
-                max_width: 1024,
-                ..Default::default()
-            };
-            Ok(render::Rendering::Overlay(render_scan(self.blobs.as_ref(), record, &all, &req)?.png))
-        })?;
-        match rendered {
-            render::Rendering::Overlay(png) => Ok(png),
-            other => Err(Error::Internal(format!("overlay cache holds {other:?}"))),
-        }
-    }
-
-    /// Every plane downsampled to at most `max_width`, rendered once.
-    fn plane_images(&self, record: &crate::store::ScanRecord, max_width: u32) -> Result<Vec<PlaneImage>> {
-        let key = render::Key::PlaneImages { scan_id: record.scan_id.clone(), max_width };
-        let rendered = self.renderings.get(key, || {
-            Ok(render::Rendering::PlaneImages(images::plane_images(self.blobs.as_ref(), record, max_width)?))
-        })?;
-        match rendered {
-            render::Rendering::PlaneImages(v) => Ok(v),
-            other => Err(Error::Internal(format!("plane image cache holds {other:?}"))),
-        }
-    }
-
-    /// The pixel-only copy of plane `index`, in the blob store, made once.
-    fn pixel_plane(&self, record: &crate::store::ScanRecord, index: usize) -> Result<crate::store::PlaneDigest> {
-        let sha256 = record.planes.get(index).map(|p| p.sha256.clone()).unwrap_or_default();
-        let rendered = self.renderings.get(render::Key::PixelPlane { sha256 }, || {
-            Ok(render::Rendering::PixelPlane(render::pixel_plane(self.blobs.as_ref(), record, index)?))
-        })?;
-        match rendered {
-            render::Rendering::PixelPlane(d) => Ok(d),
-            other => Err(Error::Internal(format!("pixel plane cache holds {other:?}"))),
-        }
     }
 
     /// The package with this id for `agreement`'s partner, with its scan's

@@ -412,3 +412,31 @@ pub fn check_image(im: &PlaneImage, width: u32, height: u32) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn foreign_ids_are_uuids_of_their_issuer_and_scan() {
+        let scan = "0f8e4b1c-2d3a-4e5f-8a9b-0c1d2e3f4a5b";
+        let nl = foreign_scan_id("NL", scan);
+        assert_eq!(canonical_scan_id(&nl).unwrap(), nl, "a canonical UUID");
+        assert_eq!(foreign_scan_id("NL", &scan.to_uppercase()), nl, "the same scan whatever its case");
+        assert_ne!(foreign_scan_id("BE", scan), nl, "another issuer, another record");
+        assert_ne!(foreign_scan_id("NL", "0f8e4b1c-2d3a-4e5f-8a9b-0c1d2e3f4a5c"), nl);
+        assert_ne!(nl, scan, "never the issuer's own id");
+    }
+
+    #[test]
+    fn each_identity_has_its_own_slots_freed_when_a_delivery_ends() {
+        let slots = ReceiveSlots::default();
+        let a = slots.try_take("NL", 2).unwrap();
+        let _b = slots.try_take("NL", 2).unwrap();
+        assert!(slots.try_take("NL", 2).is_none());
+        let _be = slots.try_take("BE", 2).unwrap();
+        drop(a);
+        assert_eq!(slots.open("NL"), 1);
+        assert!(slots.try_take("NL", 2).is_some());
+    }
+}

@@ -18,11 +18,14 @@ use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use niix_inference::decode::{DecodeLimits, decode_rows};
-use niix_proto::v1::{PlaneDescriptor, PlaneEncoding, PlaneImage};
+use niix_proto::v1::{PlaneDescriptor, PlaneEncoding, PlaneImage, RenderOverlayRequest};
 use prometheus_client::metrics::counter::Counter;
+use prost::Message;
 use sha2::{Digest, Sha256};
 
+use super::{ExchangeService, images};
 use crate::error::{Error, Result};
+use crate::findings::render_scan;
 use crate::store::{BlobStore, PlaneDigest, ScanRecord};
 
 /// Renderings running at once (each decodes planes).
@@ -157,6 +160,55 @@ impl Drop for Permit<'_> {
     fn drop(&mut self) {
         *lock(&self.0.running) -= 1;
         self.0.freed.notify_one();
+    }
+}
+
+/// Package content of the exchange service, through its renderings.
+impl ExchangeService {
+    /// The overlay of `plane_index` with the scan's reports, rendered once.
+    pub(super) fn overlay(&self, record: &ScanRecord, plane_index: u32) -> Result<Vec<u8>> {
+        let all = self.meta.reports(&record.scan_id)?;
+        let mut hasher = Sha256::new();
+        all.iter().for_each(|r| hasher.update(r.encode_length_delimited_to_vec()));
+        let drawn = hex::encode(hasher.finalize());
+        let key = Key::Overlay { scan_id: record.scan_id.clone(), plane_index, reports: drawn };
+        let rendered = self.renderings.get(key, || {
+            let req = RenderOverlayRequest {
+                scan_id: record.scan_id.clone(),
+                plane_index,
+                max_width: 1024,
+                ..Default::default()
+            };
+            Ok(Rendering::Overlay(render_scan(self.blobs.as_ref(), record, &all, &req)?.png))
+        })?;
+        match rendered {
+            Rendering::Overlay(png) => Ok(png),
+            other => Err(Error::Internal(format!("overlay cache holds {other:?}"))),
+        }
+    }
+
+    /// Every plane downsampled to at most `max_width`, rendered once.
+    pub(super) fn plane_images(&self, record: &ScanRecord, max_width: u32) -> Result<Vec<PlaneImage>> {
+        let key = Key::PlaneImages { scan_id: record.scan_id.clone(), max_width };
+        let rendered = self
+            .renderings
+            .get(key, || Ok(Rendering::PlaneImages(images::plane_images(self.blobs.as_ref(), record, max_width)?)))?;
+        match rendered {
+            Rendering::PlaneImages(v) => Ok(v),
+            other => Err(Error::Internal(format!("plane image cache holds {other:?}"))),
+        }
+    }
+
+    /// The pixel-only copy of plane `index`, in the blob store, made once.
+    pub(super) fn pixel_plane(&self, record: &ScanRecord, index: usize) -> Result<PlaneDigest> {
+        let sha256 = record.planes.get(index).map(|p| p.sha256.clone()).unwrap_or_default();
+        let rendered = self.renderings.get(Key::PixelPlane { sha256 }, || {
+            Ok(Rendering::PixelPlane(pixel_plane(self.blobs.as_ref(), record, index)?))
+        })?;
+        match rendered {
+            Rendering::PixelPlane(d) => Ok(d),
+            other => Err(Error::Internal(format!("pixel plane cache holds {other:?}"))),
+        }
     }
 }
 
