@@ -420,3 +420,81 @@ async fn the_python_quick_start_in_the_protocol_doc_runs() {
     assert!(stdout.contains("region 1 at"), "{stdout}");
     server.shutdown().await.unwrap();
 }
+
+/// Reports the live tests do not reach: failed analyses (ABORT), a scan
+/// without scan_time or container number, an officer with a short id.
+#[test]
+fn aborted_and_sparse_reports_pass_the_dicos_toolkit_too() {
+    use niix::store::{PlaneDigest, ScanRecord};
+    use niix_proto::v1::{AlarmDecision, Algorithm, ScanHeader, ScanMetadata, ScanStatus, ThreatReport};
+
+    let dir = tempfile::tempdir().unwrap();
+    let raw = raw_bytes(64, 32, 5);
+    let record = ScanRecord {
+        scan_id: new_id(),
+        header: ScanHeader {
+            scan_id: String::new(),
+            metadata: Some(ScanMetadata {
+                site_id: "NLRTM-01".into(),
+                vehicle_plate: "AB-123-C".into(),
+                ..Default::default()
+            }),
+            planes: vec![plane(PlaneEncoding::RawU16le, 64, 32, &raw)],
+        },
+        planes: vec![PlaneDigest::full(sha256(&raw), raw.len() as u64)],
+        header_sha256: String::new(),
+        status: ScanStatus::Failed,
+        received_at: std::time::SystemTime::now(),
+        decision: 0,
+        score: None,
+        origin: String::new(),
+    };
+    let algorithm = Algorithm {
+        name: "demo-local-contrast".into(),
+        version: "1".into(),
+        sha256: "ab".repeat(32),
+        ..Default::default()
+    };
+    let aborted = |reason: &str| ThreatReport {
+        r#type: ReportType::Machine as i32,
+        decision: AlarmDecision::Unknown as i32,
+        decision_time: Some(prost_types::Timestamp { seconds: 1_790_000_000, nanos: 0 }),
+        aborted: true,
+        abort_reason: reason.into(),
+        processing_seconds: 30.0,
+        algorithm: Some(algorithm.clone()),
+        ..Default::default()
+    };
+    let operator = ThreatReport {
+        r#type: ReportType::Operator as i32,
+        decision: AlarmDecision::Clear as i32,
+        decision_time: Some(prost_types::Timestamp { seconds: 1_790_000_100, nanos: 0 }),
+        operator_id: "NL-7".into(),
+        verdict: 2,
+        ..Default::default()
+    };
+    let image =
+        niix::tdr::ImageRef { sop_instance_uid: niix::tdr::plane_instance_uid(&record, 0, None), ..Default::default() };
+    let cases = [
+        (aborted("the analysis timed out after 30 s"), "TIMEOUT"),
+        (aborted("plane 0 cannot be decoded: not a decodable TIFF"), "UNKNOWN_DATATYPE"),
+        (operator, ""),
+    ];
+    for (i, (report, reason)) in cases.iter().enumerate() {
+        let (bytes, _) = niix::tdr::export(&record, report, i, &image).unwrap();
+        let path = dir.path().join(format!("{i}.dcs"));
+        std::fs::write(&path, &bytes).unwrap();
+        let r = run_json(&repo().join("fixtures/dicos/check_tdr.py"), &[path.to_str().unwrap()]);
+        let (toolkit, pydicom) = (&r["toolkit"], &r["pydicom"]);
+        assert_eq!(toolkit["read"], true, "{i}: {}", toolkit["log"]);
+        assert_eq!(
+            (toolkit["errors"].as_u64(), toolkit["warnings"].as_u64()),
+            (Some(0), Some(0)),
+            "{}",
+            toolkit["log"]
+        );
+        assert_eq!(pydicom["warnings"], serde_json::json!([]), "{i}");
+        assert_eq!(toolkit["ooi_id"], "AB-123-C");
+        assert_eq!(pydicom["abort_reason"], *reason, "{i}");
+    }
+}
