@@ -312,6 +312,32 @@ async fn python_clients_meet_the_same_validation_and_normalisation_everywhere() 
     server.shutdown().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_pages_of_scans_with_large_headers_fit_stock_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let ch = channel(&server).await;
+    // 80 scans with 60 KB of remarks each: 4.8 MB, more than one 4 MiB response.
+    let raw = cargo_raw(16, 8, None);
+    let mut pushed = Vec::new();
+    for _ in 0..80 {
+        let id = new_id();
+        let mut h = header(&id, plane(PlaneEncoding::RawU16le, 16, 8, &raw));
+        h.metadata.as_mut().unwrap().remarks = "r".repeat(60_000);
+        push_messages(&ch, messages(&h, &[&raw], 1 << 16)).await.unwrap();
+        pushed.push(id);
+    }
+    let r = run_json(&script("pages.py"), &[&server.addr.to_string()]);
+    let pages: Vec<u64> = r["pages"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    assert!(pages.len() >= 2 && pages.iter().all(|&n| n > 0), "{pages:?}");
+    let mut ids: Vec<String> = r["ids"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    assert_eq!(ids.len(), 80, "none missed or repeated: {pages:?}");
+    ids.sort();
+    pushed.sort();
+    assert_eq!(ids, pushed);
+    server.shutdown().await.unwrap();
+}
+
 /// A push that sends its header and one chunk, then waits (the sender is
 /// returned so the stream stays open).
 fn hanging_push(
