@@ -20,12 +20,15 @@ test: onnxruntime pyenv
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" $(CARGO) test --workspace
 
-## Python with pydicom and numpy: DICOS tests check niix against an independent DICOM reader.
-PYENV := .niix/venv/.pydicom-ready
+## Python 3.11 for the tests that check niix against outside implementations:
+## pydicom and the DICOS toolkit (pydicos) read our DICOS files, grpcio stubs
+## generated from proto/ (grpcio-tools) act as a client (server/tests/interop.rs).
+PYENV := .niix/venv/.interop-ready
 pyenv: $(PYENV)
 $(PYENV):
-	python3 -m venv .niix/venv
-	.niix/venv/bin/pip install --quiet "pydicom==3.0.2" "numpy>=1.26,<3"
+	python3.11 -m venv .niix/venv
+	.niix/venv/bin/pip install --quiet "pydicom==3.0.2" "numpy>=1.26,<3" "pydicos==1.3.0" \
+		"grpcio==1.85.4" "grpcio-tools==1.85.4" "protobuf==7.36.2"
 	touch $(PYENV)
 
 ## The ONNX Runtime shared library, from the PyPI wheel (see scripts/).

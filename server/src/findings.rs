@@ -39,6 +39,11 @@ pub const MAX_PAGE: usize = 1000;
 /// Largest overlay PNG: the 4 MiB message limit stock gRPC clients apply,
 /// less room for the response's other fields.
 pub const MAX_OVERLAY_PNG_BYTES: usize = niix_proto::MAX_MESSAGE_BYTES - 4096;
+/// Most bytes of scans in one `ListScans` page: 4 MiB less room for the
+/// page token.
+const MAX_LIST_BYTES: usize = niix_proto::MAX_MESSAGE_BYTES - 4096;
+/// Tag and length of one scan in a `ListScansResponse`.
+const SCAN_FRAMING: usize = 6;
 /// Narrower renderings tried before an overlay is given up on.
 const OVERLAY_ROUNDS: usize = 6;
 /// Events read from the store per round by a watcher.
@@ -270,13 +275,26 @@ impl FindingsService {
         }
         let meta = self.meta.clone();
         let mut rows = blocking(move || Ok(meta.list_scans(&query)?)).await?;
-        let more = rows.len() > limit;
-        rows.truncate(limit);
-        let next_page_token = match (more, rows.last()) {
+        rows.truncate(limit + 1);
+        // A page ends early rather than outgrow a 4 MiB response (headers
+        // may carry up to 64 KiB of metadata each).
+        let mut scans = Vec::with_capacity(rows.len().min(limit));
+        let mut bytes = 0;
+        for r in rows.iter().take(limit) {
+            let scan = scan_message(r);
+            let len = scan.encoded_len() + SCAN_FRAMING;
+            if !scans.is_empty() && bytes + len > MAX_LIST_BYTES {
+                break;
+            }
+            bytes += len;
+            scans.push(scan);
+        }
+        let more = rows.len() > scans.len();
+        let next_page_token = match (more, scans.len().checked_sub(1).map(|i| &rows[i])) {
             (true, Some(last)) => encode_token(last, &filters),
             _ => String::new(),
         };
-        Ok(ListScansResponse { scans: rows.iter().map(scan_message).collect(), next_page_token })
+        Ok(ListScansResponse { scans, next_page_token })
     }
 
     /// A scan with its findings.

@@ -171,7 +171,9 @@ pub fn validate(header: &ScanHeader, limits: &Limits) -> Result<String> {
     }
     let id = canonical_scan_id(&header.scan_id)?;
     let Some(meta) = &header.metadata else {
-        return Err(Error::InvalidArgument("header has no metadata: site_id and scan_time are required".into()));
+        return Err(Error::InvalidArgument(
+            "header has no metadata: site_id is required (scan_time too, when the scanner knows it)".into(),
+        ));
     };
     if meta.site_id.trim().is_empty() {
         return Err(Error::InvalidArgument("metadata.site_id is empty: say which customs site scanned this".into()));

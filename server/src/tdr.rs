@@ -146,14 +146,14 @@ fn date_time(date: Tag, time: Tag, at: SystemTime) -> [DataElement<InMemDicomObj
 }
 
 /// DICOS Abort Reason of a failed analysis: TIMEOUT when it ran out of time,
-/// otherwise UNKNOWN_DATA_TYPE (the algorithm could not use the scan); the
+/// otherwise UNKNOWN_DATATYPE (the algorithm could not use the scan); the
 /// reason in words goes to Image Comments.
 fn abort_reason(reason: &str) -> &'static str {
     let r = reason.to_ascii_lowercase();
     if r.contains("timeout") || r.contains("timed out") || r.contains("deadline") {
         "TIMEOUT"
     } else {
-        "UNKNOWN_DATA_TYPE"
+        "UNKNOWN_DATATYPE"
     }
 }
 

@@ -408,6 +408,13 @@ fn catalogue(dir: &Path) -> Vec<Case> {
             let h = header(&new_id(), plane(PlaneEncoding::RawU16le, 1024, 2048, &big));
             pushed("oversize-message", &h, &[&big], big.len(), Exhausted, "message length too large").staged(0)
         },
+        {
+            // A chunk one byte over the documented limit, in a message under 4 MiB.
+            let big = raw_bytes(1024, 2048, 1);
+            let h = header(&new_id(), plane(PlaneEncoding::RawU16le, 1024, 2048, &big));
+            let chunk = niix_proto::MAX_CHUNK_DATA + 1;
+            pushed("oversize-chunk", &h, &[&big], chunk, Exhausted, "at most 4194277 data bytes").staged(0)
+        },
     ]
 }
 
