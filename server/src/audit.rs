@@ -11,7 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 
-use crate::error::{Result, blocking};
+use crate::error::{Error, Result, blocking};
 use crate::metrics::Metrics;
 use crate::store::{AuditEntry, MetadataStore, StoreResult};
 
@@ -109,8 +109,10 @@ impl Gate {
         &self.metrics
     }
 
-    /// Appends one record (failures to audit are logged loudly).
-    pub async fn audit(&self, caller: &Caller, action: &str, object: &str, outcome: &str) {
+    /// Appends one record and waits until it is durable. A record that
+    /// cannot be written (a full disk, a failing database) is an error the
+    /// caller must not ignore: no audited action succeeds without its record.
+    pub async fn audit(&self, caller: &Caller, action: &str, object: &str, outcome: &str) -> Result<()> {
         let entry = AuditEntry {
             at: SystemTime::now(),
             identity: caller.identity.clone(),
@@ -120,13 +122,19 @@ impl Gate {
             outcome: outcome.into(),
         };
         let store = self.store.clone();
-        if let Err(e) = blocking(move || Ok(store.append_audit(&entry)?)).await {
+        blocking(move || Ok(store.append_audit(&entry)?)).await.map(drop).map_err(|e| {
             tracing::error!(error = %e, action, "could not write the audit log");
-        }
+            self.metrics.audit_failed.inc();
+            Error::Unavailable(format!(
+                "the server cannot write its audit log ({e}), and answers nothing it cannot audit: \
+                 retry later; operators: free space on the data directory's disk"
+            ))
+        })
     }
 
     /// Audits the outcome of `action` on `object` by `caller` and turns it
-    /// into a gRPC reply.
+    /// into a gRPC reply. When the record cannot be written, the reply is
+    /// UNAVAILABLE whatever the outcome was: nothing is answered unaudited.
     pub async fn reply<T>(
         &self,
         caller: &Caller,
@@ -138,7 +146,10 @@ impl Gate {
             Ok(_) => "OK".to_string(),
             Err(e) => format!("{:?}", e.code()),
         };
-        self.audit(caller, action, object, &outcome).await;
+        let result = match self.audit(caller, action, object, &outcome).await {
+            Ok(()) => result,
+            Err(unaudited) => Err(unaudited),
+        };
         result.map(tonic::Response::new).map_err(|e| {
             self.metrics.error(action, e.code());
             tracing::warn!(rpc = action, identity = %caller.identity, code = ?e.code(), error = %e, "request refused");

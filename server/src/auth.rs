@@ -281,7 +281,8 @@ where
                 Box::pin(async move {
                     let who = caller.unwrap_or(Caller { identity: "unauthenticated".into(), role: "none".into() });
                     let action = path.rsplit('/').next().unwrap_or(&path).to_string();
-                    gate.audit(&who, &action, "", &format!("{:?}", status.code())).await;
+                    // The refusal stands whether or not its record could be written.
+                    let _ = gate.audit(&who, &action, "", &format!("{:?}", status.code())).await;
                     gate.metrics().error(&action, status.code());
                     Ok(status.into_http())
                 })

@@ -56,6 +56,11 @@ pub struct Metrics {
     pub packages_pushed: Counter,
     /// Failed push attempts to partners (each is retried).
     pub outbox_failures: Counter,
+    /// Audit records that could not be written (each refused its request).
+    pub audit_failed: Counter,
+    /// Stored bytes or rows that no longer match their recorded digest
+    /// (each refused with DATA_LOSS instead of being sent).
+    pub integrity_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -95,6 +100,14 @@ impl Metrics {
         let outbox_failures = Counter::default();
         registry.register("packages_pushed", "Packages pushed to partners and acknowledged", packages_pushed.clone());
         registry.register("outbox_failures", "Failed push attempts to partners", outbox_failures.clone());
+        let audit_failed = Counter::default();
+        let integrity_failures = Counter::default();
+        registry.register("audit_write_failures", "Audit records that could not be written", audit_failed.clone());
+        registry.register(
+            "integrity_failures",
+            "Stored planes or reports that no longer match their recorded digest",
+            integrity_failures.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
             scans_received,
@@ -107,6 +120,8 @@ impl Metrics {
             analysis_queue_depth,
             packages_pushed,
             outbox_failures,
+            audit_failed,
+            integrity_failures,
         }
     }
 
@@ -142,6 +157,8 @@ mod tests {
             "niix_analyses_total{outcome=\"failed\"} 0",
             "niix_analysis_duration_seconds_bucket",
             "niix_analysis_queue_depth 0",
+            "niix_audit_write_failures_total 0",
+            "niix_integrity_failures_total 0",
         ] {
             assert!(text.contains(needle), "{needle} missing from\n{text}");
         }

@@ -97,16 +97,23 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     };
     let gate = Gate::new(metrics.clone(), meta.clone());
     let system = Caller { identity: "niix".into(), role: "system".into() };
-    gate.audit(&system, "Start", &config.data_dir.display().to_string(), "OK").await;
+    // No audit trail, no server: a start that cannot record itself refuses.
+    let unaudited = |e: crate::error::Error| {
+        anyhow::anyhow!(
+            "cannot write the audit log in {}: {e}; niix does not run without an audit trail",
+            config.data_dir.display()
+        )
+    };
+    gate.audit(&system, "Start", &config.data_dir.display().to_string(), "OK").await.map_err(unaudited)?;
     // Which configuration (and signing key) the server runs under: a changed
     // file shows as a new digest in the chain.
     let source = match &config.source {
         Some((path, sha256)) => format!("{} sha256={sha256}", path.display()),
         None => "defaults and command-line flags".into(),
     };
-    gate.audit(&system, "ReadConfig", &source, "OK").await;
+    gate.audit(&system, "ReadConfig", &source, "OK").await.map_err(unaudited)?;
     if let Some(key) = &config.exchange.signing_key {
-        gate.audit(&system, "ReadSigningKey", &key.display().to_string(), "OK").await;
+        gate.audit(&system, "ReadSigningKey", &key.display().to_string(), "OK").await.map_err(unaudited)?;
     }
     let exchange = ExchangeService::new(
         meta.clone(),
@@ -118,7 +125,10 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     )?;
     background.extend(crate::exchange::outbox::start(&exchange, stop_rx.clone()));
     let findings = FindingsService::new(meta.clone(), blobs.clone(), gate.clone(), events, stop_rx.clone());
-    let ingest = Arc::new(Ingest::new(meta.clone(), blobs, config.limits.clone(), metrics.clone(), abandon_rx, wake));
+    let ingest = Arc::new(
+        Ingest::new(meta.clone(), blobs, config.limits.clone(), metrics.clone(), abandon_rx, wake)
+            .with_min_free_bytes(config.storage.min_free_bytes),
+    );
     let swept = ingest.sweep_staging().await.context("sweeping unfinished uploads")?;
     if swept > 0 {
         tracing::info!(uploads = swept, "removed unfinished uploads past their TTL");

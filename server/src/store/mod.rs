@@ -330,4 +330,7 @@ pub trait BlobStore: Send + Sync + 'static {
     fn blob_len(&self, sha256: &str) -> StoreResult<Option<u64>>;
     /// Stores small bytes (e.g. an anomaly map) durably; returns their digest.
     fn put_blob(&self, bytes: &[u8]) -> StoreResult<String>;
+    /// Bytes still free for new data where the blobs live, if the store can
+    /// tell (`None` for a store without a local disk).
+    fn free_bytes(&self) -> StoreResult<Option<u64>>;
 }
