@@ -70,6 +70,105 @@ pub fn verify(store: &dyn MetadataStore) -> StoreResult<std::result::Result<u64,
     }
 }
 
+/// A signed statement of the chain's head: "record `seq` has hash
+/// `sha256`". Kept off the server's host, it lets [`check_checkpoint`] tell
+/// a log that was cut short, or edited and re-chained from a deleted record
+/// onwards (which [`verify`] alone cannot see), from the log that was signed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Checkpoint {
+    /// Always [`CHECKPOINT_FORMAT`].
+    pub format: String,
+    /// The administration whose log it is (may be empty).
+    pub administration: String,
+    /// The newest record covered.
+    pub seq: u64,
+    /// That record's hash.
+    pub sha256: String,
+    /// When it was signed, microseconds since the Unix epoch.
+    pub signed_at_us: u64,
+    /// The signer's Ed25519 public key, hex.
+    pub public_key: String,
+    /// Ed25519 signature over [`Checkpoint::message`], hex.
+    pub signature: String,
+}
+
+/// `format` of a checkpoint file.
+pub const CHECKPOINT_FORMAT: &str = "niix-audit-checkpoint-v1";
+
+impl Checkpoint {
+    /// The bytes the signature covers.
+    pub fn message(&self) -> Vec<u8> {
+        format!("{}\n{}\n{}\n{}\n{}", self.format, self.administration, self.seq, self.sha256, self.signed_at_us)
+            .into_bytes()
+    }
+}
+
+/// How a log differs from a checkpoint of it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CheckpointMismatch {
+    /// Records the checkpoint covers are gone.
+    #[error(
+        "the log was truncated: the checkpoint covers {covered} records, the log now holds {held} \
+         (records {first_missing}..={covered} were deleted)",
+        first_missing = held + 1
+    )]
+    Truncated {
+        /// Records the checkpoint covers.
+        covered: u64,
+        /// Records in the log.
+        held: u64,
+    },
+    /// The record at the checkpoint's position has another hash.
+    #[error(
+        "record {seq} no longer has the hash the checkpoint signed ({signed}, now {found}): records at or before \
+         it were deleted, edited or inserted and the chain was re-computed"
+    )]
+    Rechained {
+        /// The checkpoint's record.
+        seq: u64,
+        /// The hash signed.
+        signed: String,
+        /// The hash in the log.
+        found: String,
+    },
+}
+
+/// Checks that the log still holds the head a checkpoint signed (the
+/// signature itself is checked by `exchange::keys::verify_checkpoint`).
+pub fn check_checkpoint(
+    store: &dyn MetadataStore,
+    cp: &Checkpoint,
+) -> StoreResult<std::result::Result<(), CheckpointMismatch>> {
+    if cp.seq == 0 {
+        return Ok(Ok(()));
+    }
+    let record = store.audit_records(cp.seq - 1, 1)?.into_iter().next();
+    match record {
+        Some(r) if r.seq == cp.seq && r.sha256 == cp.sha256 => Ok(Ok(())),
+        Some(r) if r.seq == cp.seq => {
+            Ok(Err(CheckpointMismatch::Rechained { seq: cp.seq, signed: cp.sha256.clone(), found: r.sha256 }))
+        }
+        _ => {
+            let held = store.audit_tail(1)?.first().map(|r| r.seq).unwrap_or(0);
+            Ok(Err(CheckpointMismatch::Truncated { covered: cp.seq, held }))
+        }
+    }
+}
+
+/// Every scan's header, plane digests and reports against their seals in
+/// the chain; the problems found (empty if none).
+pub fn verify_seals(store: &dyn MetadataStore) -> StoreResult<Vec<String>> {
+    let mut problems = Vec::new();
+    for id in store.scan_ids()? {
+        match store.verify_scan(&id) {
+            Ok(_) => {}
+            Err(crate::store::StoreError::Tampered(why)) => problems.push(why),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(problems)
+}
+
 /// Who is calling, as far as the server knows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {

@@ -130,8 +130,18 @@ impl ExchangeService {
     /// The signed package of one event for one agreement, if it entitles.
     pub fn package(&self, agreement: &Agreement, event: &StoredEvent) -> Result<Option<ResultPackage>> {
         let Some(record) = self.meta.get_scan(&event.scan_id)? else { return Ok(None) };
+        // Nothing is signed and shipped that differs from what was stored:
+        // the scan and its reports are checked against their seals before
+        // entitlement is decided (an edited decision must not quietly
+        // change what a partner gets), and rendered planes' bytes below.
+        let record = self.untampered(self.meta.verify_scan(&record.scan_id))?;
         if !agreement.entitles(&record, &event.report) {
             return Ok(None);
+        }
+        if matches!(agreement.content, Content::FindingsOverlay | Content::FindingsPlanes) {
+            for (i, p) in record.planes.iter().enumerate() {
+                self.untampered(crate::store::check_plane(self.blobs.as_ref(), &record.scan_id, i, p))?;
+            }
         }
         let key = self.key.as_ref().ok_or_else(|| Error::FailedPrecondition("no signing key configured".into()))?;
         let mut meta = record.header.metadata.clone().unwrap_or_default();
@@ -172,6 +182,18 @@ impl ExchangeService {
             origin: record.origin.clone(),
         };
         Ok(Some(keys::sign(key, &content)))
+    }
+
+    /// Counts (and logs) stored data found altered; the error refuses the
+    /// request with DATA_LOSS.
+    fn untampered<T>(&self, r: crate::store::StoreResult<T>) -> Result<T> {
+        r.map_err(|e| {
+            if matches!(e, crate::store::StoreError::Tampered(_)) {
+                self.gate.metrics().integrity_failures.inc();
+                tracing::error!(error = %e, "stored data was altered; refusing to send it to a partner");
+            }
+            e.into()
+        })
     }
 
     /// The package with this id for `agreement`'s partner, with its scan's
@@ -221,6 +243,8 @@ impl ExchangeService {
                     req.offset, plane.byte_length
                 )));
             }
+            // Re-hash before sending: bytes changed on disk are refused, not shipped.
+            this.untampered(crate::store::check_plane(this.blobs.as_ref(), &record.scan_id, index, plane))?;
             let mut reader = this.blobs.open(&plane.sha256)?;
             std::io::Seek::seek(&mut reader, std::io::SeekFrom::Start(req.offset))
                 .map_err(|e| Error::Internal(format!("seeking plane {index}: {e}")))?;
