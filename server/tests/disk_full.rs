@@ -199,6 +199,33 @@ async fn a_full_disk_fails_closed_and_aborting_still_frees_staged_bytes() {
     let err = niix::server::start(config.clone()).await.err().expect("no start without an audit record");
     let msg = format!("{err:#}");
     assert!(msg.contains("cannot write the audit log") && msg.contains("audit trail"), "{msg}");
+    // The same through the real binary: it exits with the reason instead of serving.
+    let toml = keys_dir.path().join("niix.toml");
+    std::fs::write(&toml, "[analysis]\nenabled = false\n").unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_niix"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--config"])
+        .arg(&toml)
+        .arg("--data")
+        .arg(&data)
+        .env("NIIX_LOG", "error")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut exited = None;
+    for _ in 0..300 {
+        if let Some(status) = child.try_wait().unwrap() {
+            exited = Some(status);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    if exited.is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(exited.is_some_and(|s| !s.success()), "niix serve must refuse to start on a full disk: {stderr}");
+    assert!(stderr.contains("cannot write the audit log"), "{stderr}");
     std::fs::remove_file(&filler).unwrap();
     let server = niix::server::start(config).await.expect("starts once there is room");
     server.shutdown().await.unwrap();
