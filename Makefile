@@ -143,12 +143,13 @@ eval: onnxruntime release
 		--models fixtures/models --model cargo-patchcore
 
 ## Reliability (docs/reliability.md): the bad-input catalogue, 50 SIGKILLs
-## during uploads and analyses, a short run of every fuzz target and a soak.
+## during uploads and analyses, three power cuts (needs root for the loop
+## mount, else it says SKIPPED), a short run of every fuzz target and a soak.
 CRASH_ROUNDS ?= 50
 FUZZ_SECONDS ?= 30
 SOAK_SECONDS ?= 600
 reliability: onnxruntime pyenv release
 	NIIX_CRASH_ROUNDS=$(CRASH_ROUNDS) ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" \
-		$(CARGO) test -p niix-server --test reliability --test crash -- --nocapture
+		$(CARGO) test -p niix-server --test reliability --test crash --test power_loss -- --nocapture
 	./scripts/fuzz.sh $(FUZZ_SECONDS)
 	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" $(CARGO) run --release -p niix-benches --bin soak -- --duration $(SOAK_SECONDS)

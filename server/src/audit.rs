@@ -11,7 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 
-use crate::error::{Result, blocking};
+use crate::error::{Error, Result, blocking};
 use crate::metrics::Metrics;
 use crate::store::{AuditEntry, MetadataStore, StoreResult};
 
@@ -89,6 +89,105 @@ pub fn bounded(value: &str) -> String {
     format!("{}{TRUNCATED}", &value[..end])
 }
 
+/// A signed statement of the chain's head: "record `seq` has hash
+/// `sha256`". Kept off the server's host, it lets [`check_checkpoint`] tell
+/// a log that was cut short, or edited and re-chained from a deleted record
+/// onwards (which [`verify`] alone cannot see), from the log that was signed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Checkpoint {
+    /// Always [`CHECKPOINT_FORMAT`].
+    pub format: String,
+    /// The administration whose log it is (may be empty).
+    pub administration: String,
+    /// The newest record covered.
+    pub seq: u64,
+    /// That record's hash.
+    pub sha256: String,
+    /// When it was signed, microseconds since the Unix epoch.
+    pub signed_at_us: u64,
+    /// The signer's Ed25519 public key, hex.
+    pub public_key: String,
+    /// Ed25519 signature over [`Checkpoint::message`], hex.
+    pub signature: String,
+}
+
+/// `format` of a checkpoint file.
+pub const CHECKPOINT_FORMAT: &str = "niix-audit-checkpoint-v1";
+
+impl Checkpoint {
+    /// The bytes the signature covers.
+    pub fn message(&self) -> Vec<u8> {
+        format!("{}\n{}\n{}\n{}\n{}", self.format, self.administration, self.seq, self.sha256, self.signed_at_us)
+            .into_bytes()
+    }
+}
+
+/// How a log differs from a checkpoint of it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CheckpointMismatch {
+    /// Records the checkpoint covers are gone.
+    #[error(
+        "the log was truncated: the checkpoint covers {covered} records, the log now holds {held} \
+         (records {first_missing}..={covered} were deleted)",
+        first_missing = held + 1
+    )]
+    Truncated {
+        /// Records the checkpoint covers.
+        covered: u64,
+        /// Records in the log.
+        held: u64,
+    },
+    /// The record at the checkpoint's position has another hash.
+    #[error(
+        "record {seq} no longer has the hash the checkpoint signed ({signed}, now {found}): records at or before \
+         it were deleted, edited or inserted and the chain was re-computed"
+    )]
+    Rechained {
+        /// The checkpoint's record.
+        seq: u64,
+        /// The hash signed.
+        signed: String,
+        /// The hash in the log.
+        found: String,
+    },
+}
+
+/// Checks that the log still holds the head a checkpoint signed (the
+/// signature itself is checked by `exchange::keys::verify_checkpoint`).
+pub fn check_checkpoint(
+    store: &dyn MetadataStore,
+    cp: &Checkpoint,
+) -> StoreResult<std::result::Result<(), CheckpointMismatch>> {
+    if cp.seq == 0 {
+        return Ok(Ok(()));
+    }
+    let record = store.audit_records(cp.seq - 1, 1)?.into_iter().next();
+    match record {
+        Some(r) if r.seq == cp.seq && r.sha256 == cp.sha256 => Ok(Ok(())),
+        Some(r) if r.seq == cp.seq => {
+            Ok(Err(CheckpointMismatch::Rechained { seq: cp.seq, signed: cp.sha256.clone(), found: r.sha256 }))
+        }
+        _ => {
+            let held = store.audit_tail(1)?.first().map(|r| r.seq).unwrap_or(0);
+            Ok(Err(CheckpointMismatch::Truncated { covered: cp.seq, held }))
+        }
+    }
+}
+
+/// Every scan's header, plane digests and reports against their seals in
+/// the chain; the problems found (empty if none).
+pub fn verify_seals(store: &dyn MetadataStore) -> StoreResult<Vec<String>> {
+    let mut problems = Vec::new();
+    for id in store.scan_ids()? {
+        match store.verify_scan(&id) {
+            Ok(_) => {}
+            Err(crate::store::StoreError::Tampered(why)) => problems.push(why),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(problems)
+}
+
 /// Who is calling, as far as the server knows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
@@ -128,8 +227,10 @@ impl Gate {
         &self.metrics
     }
 
-    /// Appends one record (failures to audit are logged loudly).
-    pub async fn audit(&self, caller: &Caller, action: &str, object: &str, outcome: &str) {
+    /// Appends one record and waits until it is durable. A record that
+    /// cannot be written (a full disk, a failing database) is an error the
+    /// caller must not ignore: no audited action succeeds without its record.
+    pub async fn audit(&self, caller: &Caller, action: &str, object: &str, outcome: &str) -> Result<()> {
         let entry = AuditEntry {
             at: SystemTime::now(),
             identity: bounded(&caller.identity),
@@ -139,13 +240,19 @@ impl Gate {
             outcome: bounded(outcome),
         };
         let store = self.store.clone();
-        if let Err(e) = blocking(move || Ok(store.append_audit(&entry)?)).await {
+        blocking(move || Ok(store.append_audit(&entry)?)).await.map(drop).map_err(|e| {
             tracing::error!(error = %e, action, "could not write the audit log");
-        }
+            self.metrics.audit_failed.inc();
+            Error::Unavailable(format!(
+                "the server cannot write its audit log ({e}), and answers nothing it cannot audit: \
+                 retry later; operators: free space on the data directory's disk"
+            ))
+        })
     }
 
     /// Audits the outcome of `action` on `object` by `caller` and turns it
-    /// into a gRPC reply.
+    /// into a gRPC reply. When the record cannot be written, the reply is
+    /// UNAVAILABLE whatever the outcome was: nothing is answered unaudited.
     pub async fn reply<T>(
         &self,
         caller: &Caller,
@@ -157,7 +264,10 @@ impl Gate {
             Ok(_) => "OK".to_string(),
             Err(e) => format!("{:?}", e.code()),
         };
-        self.audit(caller, action, object, &outcome).await;
+        let result = match self.audit(caller, action, object, &outcome).await {
+            Ok(()) => result,
+            Err(unaudited) => Err(unaudited),
+        };
         result.map(tonic::Response::new).map_err(|e| {
             self.metrics.error(action, e.code());
             tracing::warn!(rpc = action, identity = %caller.identity, code = ?e.code(), error = %e, "request refused");

@@ -359,7 +359,8 @@ where
                 let gate = self.gate.clone();
                 Box::pin(async move {
                     let who = caller.unwrap_or(Caller { identity: "unauthenticated".into(), role: "none".into() });
-                    gate.audit(&who, rpc, "", &format!("{:?}", status.code())).await;
+                    // The refusal stands whether or not its record could be written.
+                    let _ = gate.audit(&who, rpc, "", &format!("{:?}", status.code())).await;
                     gate.metrics().error(rpc, status.code());
                     Ok(status.into_http())
                 })

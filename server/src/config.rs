@@ -30,6 +30,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Input limits.
     pub limits: Limits,
+    /// The data directory's disk.
+    pub storage: StorageConfig,
     /// Analysis of received scans.
     pub analysis: AnalysisConfig,
     /// Who may call (bearer tokens and their roles).
@@ -97,6 +99,7 @@ impl Default for Config {
             insecure: false,
             shutdown_grace: Duration::from_secs(10),
             limits: Limits::default(),
+            storage: StorageConfig::default(),
             analysis: AnalysisConfig::default(),
             auth: crate::auth::AuthConfig::default(),
             exchange: crate::exchange::ExchangeConfig::default(),
@@ -211,6 +214,22 @@ impl Limits {
     }
 }
 
+/// The `[storage]` section.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// New uploads are refused (RESOURCE_EXHAUSTED) while the data
+    /// directory's disk has less than this many bytes free once the scan is
+    /// in, so the disk never fills and the audit log can always be written.
+    pub min_free_bytes: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig { min_free_bytes: 1 << 30 }
+    }
+}
+
 impl Config {
     /// Reads a TOML file; a missing `path` gives the defaults.
     pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
@@ -266,6 +285,9 @@ mod tests {
         assert_eq!(c.analysis.model.as_deref(), Some("m"));
         assert_eq!(c.analysis.threads.intra_op, 2);
         assert!(c.analysis.enabled);
+        assert_eq!(c.storage, StorageConfig::default());
+        let c: Config = toml::from_str("[storage]\nmin_free_bytes = 4096\n").unwrap();
+        assert_eq!(c.storage.min_free_bytes, 4096);
     }
 
     #[test]

@@ -60,6 +60,7 @@ impl Error {
             Error::PermissionDenied(_) => tonic::Code::PermissionDenied,
             Error::Unavailable(_) => tonic::Code::Unavailable,
             Error::DeadlineExceeded(_) => tonic::Code::DeadlineExceeded,
+            Error::Store(StoreError::Tampered(_)) => tonic::Code::DataLoss,
             Error::Store(_) | Error::Internal(_) => tonic::Code::Internal,
         }
     }
@@ -86,7 +87,9 @@ impl Error {
 
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        if matches!(e, Error::Store(_) | Error::Internal(_)) {
+        if matches!(e, Error::Store(StoreError::Tampered(_))) {
+            tracing::error!(error = %e, "refusing to send stored data that was altered");
+        } else if matches!(e, Error::Store(_) | Error::Internal(_)) {
             tracing::error!(error = %e, "request failed inside the server");
         }
         tonic::Status::new(e.code(), e.to_string())
@@ -118,5 +121,8 @@ mod tests {
         let s: tonic::Status = Error::Store(StoreError::Corrupt("x".into())).into();
         assert_eq!(s.code(), tonic::Code::Internal);
         assert!(s.message().starts_with("storage failure"));
+        let s: tonic::Status = Error::Store(StoreError::Tampered("plane 0 of scan x".into())).into();
+        assert_eq!(s.code(), tonic::Code::DataLoss);
+        assert!(s.message().contains("altered"), "{}", s.message());
     }
 }

@@ -90,6 +90,11 @@ pub struct Metrics {
     /// Image content rendered for packages (downsampled planes, overlays,
     /// pixel-only planes); a package served from the cache adds nothing.
     pub package_renders: Counter,
+    /// Audit records that could not be written (each refused its request).
+    pub audit_failed: Counter,
+    /// Stored bytes or rows that no longer match their recorded digest
+    /// (each refused with DATA_LOSS instead of being sent).
+    pub integrity_failures: Counter,
 }
 
 /// Holds one unit of a gauge (e.g. one open push stream) and gives it back
@@ -163,6 +168,14 @@ impl Metrics {
         );
         let package_renders = Counter::default();
         registry.register("package_renders", "Image content rendered for packages", package_renders.clone());
+        let audit_failed = Counter::default();
+        let integrity_failures = Counter::default();
+        registry.register("audit_write_failures", "Audit records that could not be written", audit_failed.clone());
+        registry.register(
+            "integrity_failures",
+            "Stored planes or reports that no longer match their recorded digest",
+            integrity_failures.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
             scans_received,
@@ -178,6 +191,8 @@ impl Metrics {
             unknown_rpcs,
             connections_timed_out,
             package_renders,
+            audit_failed,
+            integrity_failures,
         }
     }
 
@@ -229,6 +244,8 @@ mod tests {
             "niix_analyses_total{outcome=\"failed\"} 0",
             "niix_analysis_duration_seconds_bucket",
             "niix_analysis_queue_depth 0",
+            "niix_audit_write_failures_total 0",
+            "niix_integrity_failures_total 0",
         ] {
             assert!(text.contains(needle), "{needle} missing from\n{text}");
         }

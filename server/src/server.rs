@@ -124,6 +124,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     config.limits.check().context("invalid [limits] configuration")?;
     let authenticator = Arc::new(Authenticator::new(&config.auth).context("invalid [auth] configuration")?);
     let (meta, blobs) = open_store(&config.data_dir)?;
+    check_audit_log(&config, meta.as_ref())?;
     let metrics = Metrics::new();
     let (stop, stop_rx) = watch::channel(false);
     let (abandon, abandon_rx) = watch::channel(false);
@@ -145,16 +146,27 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     };
     let gate = Gate::new(metrics.clone(), meta.clone());
     let system = Caller { identity: "niix".into(), role: "system".into() };
-    gate.audit(&system, "Start", &config.data_dir.display().to_string(), "OK").await;
+    // No audit trail, no server: a start that cannot record itself refuses.
+    let unaudited = |e: crate::error::Error| {
+        anyhow::anyhow!(
+            "cannot write the audit log in {}: {e}; niix does not run without an audit trail",
+            config.data_dir.display()
+        )
+    };
+    gate.audit(&system, "Start", &config.data_dir.display().to_string(), "OK").await.map_err(unaudited)?;
     // Which configuration (and signing key) the server runs under: a changed
     // file shows as a new digest in the chain.
     let source = match &config.source {
         Some((path, sha256)) => format!("{} sha256={sha256}", path.display()),
         None => "defaults and command-line flags".into(),
     };
-    gate.audit(&system, "ReadConfig", &source, "OK").await;
+    gate.audit(&system, "ReadConfig", &source, "OK").await.map_err(unaudited)?;
     if let Some(key) = &config.exchange.signing_key {
-        gate.audit(&system, "ReadSigningKey", &key.display().to_string(), "OK").await;
+        gate.audit(&system, "ReadSigningKey", &key.display().to_string(), "OK").await.map_err(unaudited)?;
+    }
+    if let Some(key) = &config.exchange.signing_key {
+        let key = crate::exchange::keys::load(key)?;
+        background.push(start_checkpoints(key, config.exchange.administration.clone(), &config.data_dir, meta.clone()));
     }
     let exchange = ExchangeService::new(
         meta.clone(),
@@ -167,7 +179,10 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     )?;
     background.extend(crate::exchange::outbox::start(&exchange, stop_rx.clone()));
     let findings = FindingsService::new(meta.clone(), blobs.clone(), gate.clone(), events, stop_rx.clone());
-    let ingest = Arc::new(Ingest::new(meta.clone(), blobs, config.limits.clone(), metrics.clone(), abandon_rx, wake));
+    let ingest = Arc::new(
+        Ingest::new(meta.clone(), blobs, config.limits.clone(), metrics.clone(), abandon_rx, wake)
+            .with_min_free_bytes(config.storage.min_free_bytes),
+    );
     let timeouts = Timeouts { handshake: config.limits.handshake_timeout, idle: config.limits.idle_timeout };
     let swept = ingest.sweep_staging().await.context("sweeping unfinished uploads")?;
     if swept > 0 {
@@ -245,6 +260,70 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     };
     tracing::info!(%addr, ?metrics_addr, data = %config.data_dir.display(), "niix serving");
     Ok(RunningServer { addr, metrics_addr, stop, abandon, grpc, background, grace: config.shutdown_grace })
+}
+
+/// The checkpoint the server keeps of its own audit log, under the data
+/// directory (operators copy it off the host: see docs/operations.md).
+pub const CHECKPOINT_FILE: &str = "audit-checkpoint.json";
+
+/// How often the server signs its audit log's head into [`CHECKPOINT_FILE`].
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(300);
+
+/// Refuses to start on an audit log that does not verify, or that no longer
+/// holds the head of the server's last checkpoint: a server that went on
+/// would add records to a log nobody can trust, and hide when it broke.
+fn check_audit_log(config: &Config, meta: &dyn MetadataStore) -> anyhow::Result<()> {
+    let data = config.data_dir.display();
+    let recover = format!(
+        "niix refuses to start on an audit log it cannot trust. Run `niix audit verify --data {data}` to see \
+         what is wrong, keep a copy of the data directory as evidence, and restore niix.db from a backup whose \
+         log verifies (see \"A broken audit log\" in docs/operations.md)"
+    );
+    if let Err(b) = crate::audit::verify(meta).context("reading the audit log")? {
+        anyhow::bail!("the audit log in {data} is broken: {b}. {recover}");
+    }
+    let path = config.data_dir.join(CHECKPOINT_FILE);
+    if path.exists() {
+        let cp = crate::exchange::keys::read_checkpoint(&path)?;
+        let pinned = match &config.exchange.signing_key {
+            Some(k) => Some(crate::exchange::keys::public_hex(&crate::exchange::keys::load(k)?)),
+            None => None,
+        };
+        crate::exchange::keys::verify_checkpoint(&cp, pinned.as_deref())
+            .map_err(|e| anyhow::anyhow!("the audit checkpoint {} does not verify: {e}. {recover}", path.display()))?;
+        if let Err(m) = crate::audit::check_checkpoint(meta, &cp).context("reading the audit log")? {
+            anyhow::bail!("the audit log in {data} does not match its checkpoint {}: {m}. {recover}", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// Signs the audit log's head into [`CHECKPOINT_FILE`] now and every
+/// [`CHECKPOINT_EVERY`].
+fn start_checkpoints(
+    key: ed25519_dalek::SigningKey,
+    administration: String,
+    data_dir: &Path,
+    meta: Arc<dyn MetadataStore>,
+) -> JoinHandle<()> {
+    let path = data_dir.join(CHECKPOINT_FILE);
+    let key = Arc::new(key);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+        loop {
+            tick.tick().await;
+            let (key, admin, path, meta) = (key.clone(), administration.clone(), path.clone(), meta.clone());
+            let written = tokio::task::spawn_blocking(move || {
+                crate::exchange::keys::write_checkpoint(meta.as_ref(), &key, &admin, &path)
+            })
+            .await;
+            match written {
+                Ok(Ok(cp)) => tracing::debug!(seq = cp.seq, "audit checkpoint signed"),
+                Ok(Err(e)) => tracing::error!(error = %e, "could not write the audit checkpoint"),
+                Err(e) => tracing::error!(error = %e, "the audit checkpoint task failed"),
+            }
+        }
+    })
 }
 
 /// The server's TLS settings from PEM files; with a client CA, client

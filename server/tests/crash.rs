@@ -13,7 +13,9 @@ use common::*;
 use niix_proto::v1::findings_client::FindingsClient;
 use niix_proto::v1::scan_ingest_client::ScanIngestClient;
 use niix_proto::v1::upload_status::State;
-use niix_proto::v1::{GetScanRequest, GetUploadStatusRequest, ListScansRequest, PlaneEncoding, Scan, ScanStatus};
+use niix_proto::v1::{
+    GetScanRequest, GetUploadStatusRequest, ListScansRequest, PlaneEncoding, ReportType, Scan, ScanStatus,
+};
 
 #[tokio::test]
 async fn sigkill_mid_upload_leaves_nothing_visible_and_the_upload_resumes() {
@@ -36,13 +38,16 @@ async fn sigkill_mid_upload_leaves_nothing_visible_and_the_upload_resumes() {
         tx.send(m).await.unwrap();
     }
     let mut status = ScanIngestClient::new(ch.clone());
-    for _ in 0..200 {
+    let mut staged_before_kill = 0;
+    for _ in 0..500 {
         let st = status.get_upload_status(GetUploadStatusRequest { scan_id: h.scan_id.clone() }).await.unwrap();
-        if st.into_inner().planes.first().is_some_and(|p| p.received_bytes == 300_000) {
+        staged_before_kill = st.into_inner().planes.first().map_or(0, |p| p.received_bytes);
+        if staged_before_kill == 300_000 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    assert_eq!(staged_before_kill, 300_000, "the kill must land with the sent bytes staged");
     server.kill9();
     assert!(task.await.unwrap().is_err());
 
@@ -64,14 +69,35 @@ async fn sigkill_mid_upload_leaves_nothing_visible_and_the_upload_resumes() {
         .into_inner();
     assert_eq!(st.state, State::InProgress as i32);
     let held = st.planes[0].received_bytes as usize;
-    assert!(held <= 300_000);
+    // SIGKILL loses no written byte (the page cache survives the process):
+    // the resume starts from the staged bytes, not from zero.
+    assert!(held > 0 && held <= 300_000, "staged bytes after the kill: {held}");
+    let staged = std::fs::metadata(data.join("staging").join(&h.scan_id).join("plane-0")).unwrap().len();
+    assert_eq!(staged, held as u64, "the offset offered is what is on disk");
     let mut rest = vec![messages(&h, &[], 1).remove(0)];
     for (k, piece) in raw[held..].chunks(50_000).enumerate() {
         rest.push(chunk_msg(0, (held + k * 50_000) as u64, piece));
     }
     let done = push_messages(&ch, rest).await.unwrap();
     assert_eq!(done.planes[0].sha256, sha256(&raw));
+    assert_eq!(stored_digest(&data, &done.planes[0].sha256), sha256(&raw), "the stored blob holds the scan's bytes");
     server.kill9();
+}
+
+/// SHA-256 of the blob stored under `sha256`, re-computed from the file
+/// (a listing's digest is only what the database says).
+fn stored_digest(data: &std::path::Path, sha256_hex: &str) -> String {
+    let path = data.join("blobs").join(&sha256_hex[..2]).join(sha256_hex);
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("blob {} unreadable: {e}", path.display()));
+    sha256(&bytes)
+}
+
+/// Scans left ANALYZING in the database of a killed server: the analyses
+/// the kill interrupted (read from the file, before any restart re-queues them).
+fn interrupted_analyses(data: &std::path::Path) -> Vec<String> {
+    let db = rusqlite::Connection::open(data.join("niix.db")).unwrap();
+    let mut stmt = db.prepare("SELECT scan_id FROM scans WHERE status = ?1").unwrap();
+    stmt.query_map([ScanStatus::Analyzing as i32], |r| r.get(0)).unwrap().collect::<Result<_, _>>().unwrap()
 }
 
 /// Every stored scan, page by page.
@@ -109,13 +135,13 @@ async fn random_sigkills_during_uploads_and_analyses_lose_nothing() {
     // Every scan ever sent, acknowledged or not, with its plane digest.
     let sent: Arc<Mutex<HashMap<String, String>>> = Arc::default();
     let mut acked: HashMap<String, String> = HashMap::new();
-    let mut killed_analysing = 0;
+    let mut interrupted: Vec<String> = Vec::new();
 
     for round in 0..rounds {
         let server = Server::spawn(&data).await;
         let ch = niix::client::connect(&server.url).await.unwrap();
         let sent_so_far = sent.lock().unwrap().clone();
-        check_store(&ch, &acked, &sent_so_far, round).await;
+        check_store(&ch, &data, &acked, &sent_so_far, round).await;
 
         let pushers: Vec<_> = (0..3u64)
             .map(|p| {
@@ -138,39 +164,52 @@ async fn random_sigkills_during_uploads_and_analyses_lose_nothing() {
             })
             .collect();
 
+        // Kill at a random moment, but once an analysis is running (up to 5 s
+        // more), so the kills test re-queueing and not only uploads.
         let delay = Duration::from_millis(100 + rng.next_u64() % 1500);
         tokio::time::sleep(delay).await;
-        let analysing = FindingsClient::new(ch.clone())
-            .list_scans(ListScansRequest { status: ScanStatus::Analyzing as i32, ..Default::default() })
-            .await
-            .map_or(0, |r| r.into_inner().scans.len());
-        killed_analysing += usize::from(analysing > 0);
+        let mut findings = FindingsClient::new(ch.clone());
+        for _ in 0..500 {
+            let req = ListScansRequest { status: ScanStatus::Analyzing as i32, ..Default::default() };
+            if findings.list_scans(req).await.is_ok_and(|r| !r.into_inner().scans.is_empty()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         server.kill9();
         for p in pushers {
             acked.extend(p.await.unwrap());
         }
-        println!("round {round}: killed after {delay:?}, {} scans acknowledged so far", acked.len());
+        let cut = interrupted_analyses(&data);
+        println!(
+            "round {round}: killed after {delay:?} with {} analyses running, {} scans acknowledged so far",
+            cut.len(),
+            acked.len()
+        );
+        interrupted.extend(cut);
     }
 
     // Last start: every interrupted analysis was re-queued and completes.
     let server = Server::spawn(&data).await;
     let ch = niix::client::connect(&server.url).await.unwrap();
     let sent = sent.lock().unwrap().clone();
-    check_store(&ch, &acked, &sent, rounds).await;
+    check_store(&ch, &data, &acked, &sent, rounds).await;
     for scan in all_scans(&ch).await {
         let f = wait_analysed(&ch, &scan.scan_id).await;
         assert_eq!(f.status, ScanStatus::Analyzed as i32, "{}: {:?}", scan.scan_id, f.status);
+        // Exactly once: an interrupted analysis stored nothing, its re-run one report.
+        let machine = f.reports.iter().filter(|r| r.r#type == ReportType::Machine as i32).count();
+        assert_eq!(machine, 1, "{}: {machine} machine reports", scan.scan_id);
     }
-    println!("{} acknowledged scans, {killed_analysing} kills during an analysis", acked.len());
-    if rounds >= 20 {
-        assert!(killed_analysing > 0, "no kill landed during an analysis: the test did not test re-queueing");
-    }
+    println!("{} acknowledged scans, {} analyses interrupted by a kill", acked.len(), interrupted.len());
+    assert!(!interrupted.is_empty(), "no kill landed during an analysis: the test did not test re-queueing");
 }
 
 /// Every acknowledged scan is there with its digest, and every visible scan
 /// is one that was sent, complete, with the digest of what was sent.
 async fn check_store(
     ch: &tonic::transport::Channel,
+    data: &std::path::Path,
     acked: &HashMap<String, String>,
     sent: &HashMap<String, String>,
     round: u64,
@@ -184,5 +223,6 @@ async fn check_store(
         let sha = sent.get(id).unwrap_or_else(|| panic!("round {round}: {id} was never sent"));
         assert_eq!(scan.planes.len(), 1, "round {round}: {id}");
         assert_eq!(&scan.planes[0].sha256, sha, "round {round}: {id} is visible with other bytes");
+        assert_eq!(&stored_digest(data, sha), sha, "round {round}: {id}'s stored blob holds other bytes");
     }
 }

@@ -1,11 +1,13 @@
-//! `niix audit verify` and `niix audit tail`: read the audit log of a data
-//! directory directly (on the server's host; safe while it runs).
+//! `niix audit verify`, `niix audit checkpoint` and `niix audit tail`: read
+//! the audit log of a data directory directly (on the server's host; safe
+//! while it runs).
 
 use std::path::PathBuf;
 
 use serde_json::json;
 
 use crate::audit;
+use crate::exchange::keys;
 use crate::store::{MetadataStore, SqliteMetadata};
 
 /// Arguments of `niix audit`.
@@ -19,11 +21,36 @@ pub struct AuditArgs {
 /// `niix audit` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum AuditCommand {
-    /// Recompute the hash chain; report the first broken record (exit 1).
+    /// Recompute the hash chain and check every stored scan and report
+    /// against its seal; report what is broken (exit 1).
     Verify {
         /// Data directory of the server.
         #[arg(long, env = "NIIX_DATA", default_value = "data")]
         data: PathBuf,
+        /// A checkpoint from `niix audit checkpoint`: the log must still hold
+        /// the head it signed (catches truncation and re-chaining).
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        /// The administration's public key (hex, or a `.pub` file) the
+        /// checkpoint must be signed with.
+        #[arg(long, requires = "checkpoint")]
+        public_key: Option<String>,
+    },
+    /// Sign the chain's head with the administration's key and write it as
+    /// a checkpoint file (keep it off this host).
+    Checkpoint {
+        /// Data directory of the server.
+        #[arg(long, env = "NIIX_DATA", default_value = "data")]
+        data: PathBuf,
+        /// The signing key (`niix keys init`).
+        #[arg(long)]
+        key: PathBuf,
+        /// This administration's id, recorded in the checkpoint.
+        #[arg(long, default_value = "")]
+        administration: String,
+        /// Where to write it.
+        #[arg(short, long)]
+        output: PathBuf,
     },
     /// Show the newest records.
     Tail {
@@ -48,15 +75,38 @@ fn open(data: &std::path::Path) -> anyhow::Result<SqliteMetadata> {
 /// Runs `niix audit`.
 pub fn run(args: AuditArgs) -> anyhow::Result<()> {
     match args.command {
-        AuditCommand::Verify { data } => {
+        AuditCommand::Verify { data, checkpoint, public_key } => {
             let store = open(&data)?;
-            match audit::verify(&store)? {
-                Ok(n) => {
-                    println!("audit log intact: {n} records");
-                    Ok(())
+            let n = audit::verify(&store)?.map_err(|b| {
+                anyhow::anyhow!("{b}; see docs/operations.md (\"A broken audit log\") for how to recover")
+            })?;
+            let problems = audit::verify_seals(&store)?;
+            if !problems.is_empty() {
+                for p in &problems {
+                    eprintln!("altered: {p}");
                 }
-                Err(b) => anyhow::bail!("{b}"),
+                anyhow::bail!("{} stored scans or reports differ from their seals in the audit log", problems.len());
             }
+            if let Some(path) = checkpoint {
+                let cp = keys::read_checkpoint(&path)?;
+                let pinned = public_key.map(|k| read_public(&k)).transpose()?;
+                keys::verify_checkpoint(&cp, pinned.as_deref())
+                    .map_err(|e| anyhow::anyhow!("checkpoint {}: {e}", path.display()))?;
+                audit::check_checkpoint(&store, &cp)?
+                    .map_err(|m| anyhow::anyhow!("audit log does not match checkpoint {}: {m}", path.display()))?;
+                println!("audit log intact: {n} records, seals match, checkpoint of record {} matches", cp.seq);
+            } else {
+                println!("audit log intact: {n} records, seals match");
+            }
+            Ok(())
+        }
+        AuditCommand::Checkpoint { data, key, administration, output } => {
+            let store = open(&data)?;
+            let key = keys::load(&key)?;
+            audit::verify(&store)?.map_err(|b| anyhow::anyhow!("refusing to sign a broken log: {b}"))?;
+            let cp = keys::write_checkpoint(&store, &key, &administration, &output)?;
+            println!("checkpoint of record {} ({}) written to {}", cp.seq, cp.sha256, output.display());
+            Ok(())
         }
         AuditCommand::Tail { data, n, json } => {
             let store = open(&data)?;
@@ -79,4 +129,13 @@ pub fn run(args: AuditArgs) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// A public key given as hex or as the path of a `.pub` file.
+fn read_public(given: &str) -> anyhow::Result<String> {
+    let path = std::path::Path::new(given);
+    if path.exists() {
+        return Ok(std::fs::read_to_string(path)?.trim().to_string());
+    }
+    Ok(given.to_string())
 }

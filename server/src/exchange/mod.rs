@@ -183,8 +183,18 @@ impl ExchangeService {
     /// The signed package of one event for one agreement, if it entitles.
     pub fn package(&self, agreement: &Agreement, event: &StoredEvent) -> Result<Option<ResultPackage>> {
         let Some(record) = self.meta.get_scan(&event.scan_id)? else { return Ok(None) };
+        // Nothing is signed and shipped that differs from what was stored:
+        // the scan and its reports are checked against their seals before
+        // entitlement is decided (an edited decision must not quietly
+        // change what a partner gets), and rendered planes' bytes below.
+        let record = self.untampered(self.meta.verify_scan(&record.scan_id))?;
         if !agreement.entitles(&record, &event.report) {
             return Ok(None);
+        }
+        if matches!(agreement.content, Content::FindingsOverlay | Content::FindingsPlanes) {
+            for (i, p) in record.planes.iter().enumerate() {
+                self.untampered(crate::store::check_plane(self.blobs.as_ref(), &record.scan_id, i, p))?;
+            }
         }
         let key = self.key.as_ref().ok_or_else(|| Error::FailedPrecondition("no signing key configured".into()))?;
         let mut meta = record.header.metadata.clone().unwrap_or_default();
@@ -228,6 +238,18 @@ impl ExchangeService {
         Ok(Some(keys::sign(key, &content)))
     }
 
+    /// Counts (and logs) stored data found altered; the error refuses the
+    /// request with DATA_LOSS.
+    fn untampered<T>(&self, r: crate::store::StoreResult<T>) -> Result<T> {
+        r.map_err(|e| {
+            if matches!(e, crate::store::StoreError::Tampered(_)) {
+                self.gate.metrics().integrity_failures.inc();
+                tracing::error!(error = %e, "stored data was altered; refusing to send it to a partner");
+            }
+            e.into()
+        })
+    }
+
     /// The package with this id for `agreement`'s partner, with its scan's
     /// event (for the planes).
     fn find_package(&self, agreement: &Agreement, id: &str) -> Result<(ResultPackage, StoredEvent)> {
@@ -264,7 +286,7 @@ impl ExchangeService {
         let id = req.package_id.clone();
         let reader = blocking(move || {
             // The bytes sent are the ones the package signs (pixels only).
-            let (package, _) = this.find_package(&agreement, &id)?;
+            let (package, event) = this.find_package(&agreement, &id)?;
             let content = PackageContent::decode(package.content.as_slice())
                 .map_err(|e| Error::Internal(format!("decoding package {id}: {e}")))?;
             if !content.full_planes {
@@ -280,6 +302,13 @@ impl ExchangeService {
                     req.offset, plane.byte_length
                 )));
             }
+            // Re-hash before sending: bytes changed on disk are refused, not shipped.
+            let sent = crate::store::PlaneDigest {
+                sha256: plane.sha256.clone(),
+                byte_length: plane.byte_length,
+                downsampled: 1,
+            };
+            this.untampered(crate::store::check_plane(this.blobs.as_ref(), &event.scan_id, index, &sent))?;
             let mut reader = this.blobs.open(&plane.sha256)?;
             std::io::Seek::seek(&mut reader, std::io::SeekFrom::Start(req.offset))
                 .map_err(|e| Error::Internal(format!("seeking plane {index}: {e}")))?;

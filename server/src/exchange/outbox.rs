@@ -164,7 +164,11 @@ async fn deliver(
         Ok(_) => "OK".to_string(),
         Err(s) => format!("{:?}", s.code()),
     };
-    svc.gate.audit(&system, "Push", &format!("{} to {}", content.package_id, content.recipient), &outcome).await;
+    // A delivery that cannot be audited is not recorded as delivered: it is retried.
+    svc.gate
+        .audit(&system, "Push", &format!("{} to {}", content.package_id, content.recipient), &outcome)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     local?;
     let receipt =
         reply.map_err(|s| anyhow::anyhow!("{} refused package {}: {s}", content.recipient, content.package_id))?;

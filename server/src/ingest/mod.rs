@@ -44,6 +44,8 @@ pub struct Ingest {
     slots: Semaphore,
     abandon: watch::Receiver<bool>,
     analysis: Option<Arc<Notify>>,
+    /// Free bytes the data disk keeps once a new upload is in.
+    min_free_bytes: u64,
 }
 
 /// Marks a scan id as streaming; released on drop.
@@ -125,6 +127,7 @@ impl Ingest {
             slots,
             abandon,
             analysis,
+            min_free_bytes: 0,
         }
     }
 
@@ -162,6 +165,31 @@ impl Ingest {
                 kept()
             ))
         })
+    }
+
+    /// Refuses new uploads that would leave less than `bytes` free on the
+    /// blob store's disk (`storage.min_free_bytes`).
+    pub fn with_min_free_bytes(mut self, bytes: u64) -> Self {
+        self.min_free_bytes = bytes;
+        self
+    }
+
+    /// RESOURCE_EXHAUSTED when receiving `needed` more bytes would take the
+    /// disk below the free-space floor.
+    async fn check_free_space(&self, needed: u64) -> Result<()> {
+        if self.min_free_bytes == 0 {
+            return Ok(());
+        }
+        let blobs = self.blobs.clone();
+        let Some(free) = blocking(move || Ok(blobs.free_bytes()?)).await? else { return Ok(()) };
+        if free.saturating_sub(needed) < self.min_free_bytes {
+            return Err(Error::ResourceExhausted(format!(
+                "the server's data disk has {free} bytes free; this scan needs {needed} more and \
+                 storage.min_free_bytes keeps {} free: retry when the operator has freed space",
+                self.min_free_bytes
+            )));
+        }
+        Ok(())
     }
 
     fn claim(&self, id: &str) -> Result<Claim<'_>> {
@@ -243,6 +271,9 @@ impl Ingest {
             ))
         })?;
         let _claim = self.claim(&id)?;
+        let held = self.upload_held(&id, &header).await?;
+        let total: u64 = header.planes.iter().map(|p| p.byte_length).sum();
+        self.check_free_space(total.saturating_sub(held)).await?;
         let offsets = self.open_upload(&id, &header, &fingerprint).await?;
         if offsets.iter().any(|&o| o > 0) {
             tracing::info!(scan_id = %id, ?offsets, "resuming upload");
@@ -252,6 +283,12 @@ impl Ingest {
         let make_sink = |i: usize| PlaneSink::staged(self.blobs.clone(), &id, i as u32, held[i] > 0);
         let digests = self.receive(&mut stream, &header, offsets, make_sink).await?;
         self.finish(id, header, fingerprint, digests).await
+    }
+
+    /// Bytes already staged for this upload (0 for a new one).
+    async fn upload_held(&self, id: &str, header: &ScanHeader) -> Result<u64> {
+        let (blobs, id, planes) = (self.blobs.clone(), id.to_string(), header.planes.len() as u32);
+        blocking(move || (0..planes).map(|i| Ok(blobs.staged_len(&id, i)?)).sum()).await
     }
 
     /// Records the upload (or checks a resumed one) and returns the bytes held per plane.
@@ -475,8 +512,9 @@ impl Ingest {
     async fn discard(&self, id: &str) -> Result<()> {
         let (meta, blobs, id) = (self.meta.clone(), self.blobs.clone(), id.to_string());
         blocking(move || {
-            meta.delete_upload(&id)?;
+            // Bytes first: on a full disk the database write below may need them.
             blobs.discard_staged(&id)?;
+            meta.delete_upload(&id)?;
             Ok(())
         })
         .await
@@ -563,8 +601,12 @@ impl Ingest {
         let _claim = self.claim(&id)?;
         let (meta, blobs) = (self.meta.clone(), self.blobs.clone());
         blocking(move || {
-            let existed = meta.delete_upload(&id)?;
+            // Free the staged bytes before touching the database: on a full
+            // disk the row's deletion (and the audit record) needs the space.
+            // A crash in between leaves an upload with nothing staged, which
+            // resumes from offset 0 or is swept.
             blobs.discard_staged(&id)?;
+            let existed = meta.delete_upload(&id)?;
             Ok(existed)
         })
         .await
@@ -580,8 +622,8 @@ impl Ingest {
             let mut removed = 0;
             for id in meta.uploads_started_before(cutoff)? {
                 if !active.contains(&id) {
-                    meta.delete_upload(&id)?;
                     blobs.discard_staged(&id)?;
+                    meta.delete_upload(&id)?;
                     removed += 1;
                 }
             }

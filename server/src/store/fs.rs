@@ -264,6 +264,12 @@ impl BlobStore for FsBlobs {
         Ok(sha256)
     }
 
+    fn free_bytes(&self) -> StoreResult<Option<u64>> {
+        let st = rustix::fs::statvfs(&self.root)
+            .map_err(|e| StoreError::io(format!("reading free space of {}", self.root.display()), e.into()))?;
+        Ok(Some(st.f_bavail.saturating_mul(st.f_frsize)))
+    }
+
     fn blob_len(&self, sha256: &str) -> StoreResult<Option<u64>> {
         check_digest(sha256)?;
         match fs::metadata(self.blob_path(sha256)) {

@@ -33,6 +33,10 @@ pub enum StoreError {
     /// Stored data that cannot be read back.
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
+    /// Stored data that no longer matches its digest or its seal in the
+    /// audit chain: changed outside niix. Services refuse to send it.
+    #[error("stored data was altered: {0}")]
+    Tampered(String),
 }
 
 impl StoreError {
@@ -275,6 +279,11 @@ pub trait MetadataStore: Send + Sync + 'static {
     fn last_event(&self) -> StoreResult<u64>;
     /// Appends to the audit log, chaining the record to the one before.
     fn append_audit(&self, entry: &AuditEntry) -> StoreResult<AuditRecord>;
+    /// A scan whose header, plane digests and reports all match their seals
+    /// in the audit chain; `Tampered` naming the first that does not.
+    fn verify_scan(&self, scan_id: &str) -> StoreResult<ScanRecord>;
+    /// Every scan id, in the order stored.
+    fn scan_ids(&self) -> StoreResult<Vec<String>>;
     /// Audit records after `seq`, in order, at most `limit`.
     fn audit_records(&self, after_seq: u64, limit: usize) -> StoreResult<Vec<AuditRecord>>;
     /// The newest `n` audit records, oldest first.
@@ -299,6 +308,24 @@ pub trait MetadataStore: Send + Sync + 'static {
     fn outbox_delivered(&self, partner: &str, seq: u64) -> StoreResult<()>;
     /// Records a failed push; returns the failed attempts since the last delivery.
     fn outbox_failed(&self, partner: &str, error: &str) -> StoreResult<u32>;
+}
+
+/// Re-hashes a stored plane; `Tampered` if its bytes no longer match the
+/// digest recorded when it was stored.
+pub fn check_plane(blobs: &dyn BlobStore, scan_id: &str, index: usize, plane: &PlaneDigest) -> StoreResult<()> {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    let n = crate::digest::hash_from(&mut hasher, blobs.open(&plane.sha256)?)
+        .map_err(|e| StoreError::io(format!("re-reading plane {index} of scan {scan_id}"), e))?;
+    let got = hex::encode(hasher.finalize());
+    if got != plane.sha256 || n != plane.byte_length {
+        return Err(StoreError::Tampered(format!(
+            "the stored bytes of plane {index} of scan {scan_id} ({n} bytes, sha256 {got}) differ from the {} bytes \
+             with sha256 {} received",
+            plane.byte_length, plane.sha256
+        )));
+    }
+    Ok(())
 }
 
 /// Bytes that can be read from any position.
@@ -332,4 +359,7 @@ pub trait BlobStore: Send + Sync + 'static {
     fn blob_len(&self, sha256: &str) -> StoreResult<Option<u64>>;
     /// Stores small bytes (e.g. an anomaly map) durably; returns their digest.
     fn put_blob(&self, bytes: &[u8]) -> StoreResult<String>;
+    /// Bytes still free for new data where the blobs live, if the store can
+    /// tell (`None` for a store without a local disk).
+    fn free_bytes(&self) -> StoreResult<Option<u64>>;
 }

@@ -114,10 +114,39 @@ const MIGRATIONS: &[&str] = &[
         last_error    TEXT NOT NULL,
         updated_at_us INTEGER NOT NULL
     ) STRICT;",
+    // 6: seals: reports and scans (header and plane digests) are recorded in
+    // the audit chain as they are stored (see `seal_report`, `seal_scan`);
+    // this index finds an object's seal. Rows stored before are sealed by
+    // the migration.
+    "CREATE INDEX audit_by_object ON audit (object, seq);",
 ];
+
+/// Identity and role of the records the server writes about itself.
+const SYSTEM: (&str, &str) = ("niix", "system");
+/// Action of the record that seals a stored report.
+pub const SEAL_REPORT: &str = "SealReport";
+/// Action of the record that seals a scan's header and plane digests.
+pub const SEAL_SCAN: &str = "SealScan";
 
 /// Work a migration needs beyond SQL, run in the same transaction.
 fn after_migration(tx: &rusqlite::Transaction<'_>, version: usize) -> StoreResult<()> {
+    if version == 6 {
+        let ids: Vec<String> = tx
+            .prepare("SELECT scan_id FROM scans ORDER BY rowid")?
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        for id in ids {
+            let scan = scan_in(tx, &id)?.ok_or_else(|| StoreError::Corrupt(format!("scan {id} vanished")))?;
+            seal_scan(tx, &scan)?;
+        }
+        let reports: Vec<(i64, String, Vec<u8>)> = tx
+            .prepare("SELECT seq, scan_id, report FROM reports ORDER BY seq")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<_, _>>()?;
+        for (seq, id, bytes) in reports {
+            seal_report(tx, &id, seq, &bytes)?;
+        }
+    }
     if version == 3 {
         // Index the container numbers and declarations of scans stored before.
         let rows: Vec<(String, Vec<u8>)> = tx
@@ -195,6 +224,7 @@ fn insert_scan(tx: &rusqlite::Transaction<'_>, scan: &ScanRecord) -> StoreResult
         ],
     )?;
     insert_planes(tx, scan)?;
+    seal_scan(tx, scan)?;
     index_lookups(tx, &scan.scan_id, &scan.header)
 }
 
@@ -206,6 +236,84 @@ fn insert_planes(tx: &rusqlite::Transaction<'_>, scan: &ScanRecord) -> StoreResu
         )?;
     }
     Ok(())
+}
+
+/// The object of a report's seal.
+fn report_object(scan_id: &str, report_seq: i64) -> String {
+    format!("{scan_id} report {report_seq}")
+}
+
+/// The outcome a seal records: the digest of what it seals.
+fn seal_outcome(sha256: &str) -> String {
+    format!("sha256={sha256}")
+}
+
+/// The digest a scan's seal covers: its stored header and every plane's
+/// digest, length and sampling, in order.
+pub fn scan_seal_digest(scan: &ScanRecord) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(b"niix-scan-seal-v1");
+    let header = scan.header.encode_to_vec();
+    h.update((header.len() as u64).to_be_bytes());
+    h.update(&header);
+    h.update(scan.origin.as_bytes());
+    h.update([0]);
+    for p in &scan.planes {
+        h.update(p.sha256.as_bytes());
+        h.update(p.byte_length.to_be_bytes());
+        h.update(p.downsampled.to_be_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+/// Records what a stored report is in the audit chain.
+fn seal_report(tx: &rusqlite::Transaction<'_>, scan_id: &str, report_seq: i64, bytes: &[u8]) -> StoreResult<()> {
+    use sha2::Digest;
+    let digest = hex::encode(sha2::Sha256::digest(bytes));
+    append_audit_in(tx, &system_entry(SEAL_REPORT, report_object(scan_id, report_seq), seal_outcome(&digest)))?;
+    Ok(())
+}
+
+/// Records a stored scan's header and plane digests in the audit chain.
+fn seal_scan(tx: &rusqlite::Transaction<'_>, scan: &ScanRecord) -> StoreResult<()> {
+    let entry = system_entry(SEAL_SCAN, scan.scan_id.clone(), seal_outcome(&scan_seal_digest(scan)));
+    append_audit_in(tx, &entry)?;
+    Ok(())
+}
+
+fn system_entry(action: &str, object: String, outcome: String) -> AuditEntry {
+    AuditEntry {
+        at: SystemTime::now(),
+        identity: SYSTEM.0.into(),
+        role: SYSTEM.1.into(),
+        action: action.into(),
+        object,
+        outcome,
+    }
+}
+
+/// The newest seal of `object`, checked against its own hash (a seal edited
+/// in place is no seal). `Tampered` if there is none or it was edited.
+fn seal_of(conn: &Connection, action: &str, object: &str) -> StoreResult<String> {
+    let record = conn
+        .prepare_cached(&format!(
+            "SELECT {AUDIT_COLUMNS} FROM audit WHERE object = ?1 AND action = ?2 ORDER BY seq DESC LIMIT 1"
+        ))?
+        .query_row(params![object, action], audit_row)
+        .optional()?
+        .ok_or_else(|| {
+            StoreError::Tampered(format!("{object} has no seal in the audit log: it was not stored by niix"))
+        })?;
+    if crate::audit::record_hash(record.seq, &record.entry, &record.prev_sha256) != record.sha256 {
+        return Err(StoreError::Tampered(format!("the seal of {object} (audit record {}) was edited", record.seq)));
+    }
+    record
+        .entry
+        .outcome
+        .strip_prefix("sha256=")
+        .map(str::to_string)
+        .ok_or_else(|| StoreError::Tampered(format!("the seal of {object} (audit record {}) is malformed", record.seq)))
 }
 
 /// Appends a report (and its event), updating the scan's status and latest
@@ -222,6 +330,7 @@ fn insert_report(
         params![scan_id, report.r#type, now, report.encode_to_vec()],
     )?;
     let report_seq = tx.last_insert_rowid();
+    seal_report(tx, scan_id, report_seq, &report.encode_to_vec())?;
     if let Some(status) = status {
         tx.execute("UPDATE scans SET status = ?1 WHERE scan_id = ?2", params![status as i32, scan_id])?;
     }
@@ -403,34 +512,75 @@ fn audit_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRecord> {
     })
 }
 
+/// Appends one record to the chain inside `tx`.
+fn append_audit_in(tx: &rusqlite::Transaction<'_>, entry: &AuditEntry) -> StoreResult<AuditRecord> {
+    let last: Option<(i64, String)> = tx
+        .query_row("SELECT seq, sha256 FROM audit ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let (prev_seq, prev_sha256) = last.unwrap_or((0, crate::audit::GENESIS.to_string()));
+    let seq = prev_seq as u64 + 1;
+    // Times are kept to the microsecond, as stored, so the hash re-computes.
+    let entry = AuditEntry { at: from_micros(micros(entry.at)), ..entry.clone() };
+    let sha256 = crate::audit::record_hash(seq, &entry, &prev_sha256);
+    tx.execute(
+        &format!("INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
+        params![
+            seq as i64,
+            micros(entry.at),
+            entry.identity,
+            entry.role,
+            entry.action,
+            entry.object,
+            entry.outcome,
+            prev_sha256,
+            sha256
+        ],
+    )?;
+    Ok(AuditRecord { seq, entry, prev_sha256, sha256 })
+}
+
 impl MetadataStore for SqliteMetadata {
     fn append_audit(&self, entry: &AuditEntry) -> StoreResult<AuditRecord> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
-        let last: Option<(i64, String)> = tx
-            .query_row("SELECT seq, sha256 FROM audit ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
-        let (prev_seq, prev_sha256) = last.unwrap_or((0, crate::audit::GENESIS.to_string()));
-        let seq = prev_seq as u64 + 1;
-        // Times are kept to the microsecond, as stored, so the hash re-computes.
-        let entry = AuditEntry { at: from_micros(micros(entry.at)), ..entry.clone() };
-        let sha256 = crate::audit::record_hash(seq, &entry, &prev_sha256);
-        tx.execute(
-            &format!("INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
-            params![
-                seq as i64,
-                micros(entry.at),
-                entry.identity,
-                entry.role,
-                entry.action,
-                entry.object,
-                entry.outcome,
-                prev_sha256,
-                sha256
-            ],
-        )?;
+        let record = append_audit_in(&tx, entry)?;
         tx.commit()?;
-        Ok(AuditRecord { seq, entry, prev_sha256, sha256 })
+        Ok(record)
+    }
+
+    fn verify_scan(&self, scan_id: &str) -> StoreResult<ScanRecord> {
+        let conn = self.read();
+        let row = conn
+            .query_row(&format!("SELECT {SCAN_COLUMNS} FROM scans WHERE scan_id = ?1"), [scan_id], raw_scan)
+            .optional()?
+            .ok_or_else(|| StoreError::Tampered(format!("scan {scan_id} is gone")))?;
+        let scan = Self::row_to_record(&conn, row)?;
+        if seal_of(&conn, SEAL_SCAN, scan_id)? != scan_seal_digest(&scan) {
+            return Err(StoreError::Tampered(format!(
+                "the stored header or plane digests of scan {scan_id} differ from what was sealed when it was stored"
+            )));
+        }
+        let rows: Vec<(i64, Vec<u8>)> = conn
+            .prepare_cached("SELECT seq, report FROM reports WHERE scan_id = ?1 ORDER BY seq")?
+            .query_map([scan_id], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        for (seq, bytes) in rows {
+            use sha2::Digest;
+            let object = report_object(scan_id, seq);
+            if seal_of(&conn, SEAL_REPORT, &object)? != hex::encode(sha2::Sha256::digest(&bytes)) {
+                return Err(StoreError::Tampered(format!(
+                    "{object} differs from what was sealed when it was stored (edited in the database)"
+                )));
+            }
+        }
+        Ok(scan)
+    }
+
+    fn scan_ids(&self) -> StoreResult<Vec<String>> {
+        let conn = self.read();
+        let mut stmt = conn.prepare_cached("SELECT scan_id FROM scans ORDER BY rowid")?;
+        let ids = stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        Ok(ids)
     }
 
     fn audit_records(&self, after_seq: u64, limit: usize) -> StoreResult<Vec<AuditRecord>> {
@@ -585,6 +735,9 @@ impl MetadataStore for SqliteMetadata {
             }
             Some(existing) if existing.planes.is_empty() && !scan.planes.is_empty() => {
                 insert_planes(&tx, scan)?;
+                let updated =
+                    scan_in(&tx, &scan.scan_id)?.ok_or_else(|| StoreError::Corrupt("scan vanished".into()))?;
+                seal_scan(&tx, &updated)?;
             }
             Some(_) => {}
             None => insert_scan(&tx, scan)?,
@@ -953,6 +1106,48 @@ mod tests {
         let third = ReceivedPackage { scan_id: "own".into(), ..pkg("NL.DE.3", "dd") };
         assert!(matches!(db.receive_package(&third, &takeover, &[]).unwrap(), ReceiveOutcome::Conflict(_)));
         assert!(db.reports("own").unwrap().is_empty());
+    }
+
+    #[test]
+    fn reports_and_scans_are_sealed_and_an_edit_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.db");
+        let db = SqliteMetadata::open(&path).unwrap();
+        db.commit_scan(&record("a", "S1", 1)).unwrap();
+        let alarm = ThreatReport { r#type: ReportType::Machine as i32, decision: 2, ..Default::default() };
+        db.add_report("a", &alarm, Some(ScanStatus::Analyzed)).unwrap();
+        assert_eq!(db.verify_scan("a").unwrap().scan_id, "a");
+        assert!(crate::audit::verify(&db).unwrap().is_ok(), "seals are ordinary chained records");
+
+        let clear = ThreatReport { decision: 1, ..alarm.clone() };
+        let edit = |sql: &str, blob: Vec<u8>| Connection::open(&path).unwrap().execute(sql, [blob]).unwrap();
+        edit("UPDATE reports SET report = ?1", clear.encode_to_vec());
+        let err = db.verify_scan("a").unwrap_err().to_string();
+        assert!(err.contains("a report 1") && err.contains("edited"), "{err}");
+        edit("UPDATE reports SET report = ?1", alarm.encode_to_vec());
+        db.verify_scan("a").unwrap();
+        edit("UPDATE planes SET sha256 = hex(?1)", b"x".to_vec());
+        let err = db.verify_scan("a").unwrap_err().to_string();
+        assert!(err.contains("plane digests of scan a"), "{err}");
+    }
+
+    #[test]
+    fn the_seal_migration_seals_what_was_stored_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.db");
+        let db = SqliteMetadata::open(&path).unwrap();
+        db.commit_scan(&record("a", "S1", 1)).unwrap();
+        db.add_report("a", &ThreatReport::default(), None).unwrap();
+        drop(db);
+        // Back to schema 5, as a database of the previous release: no seals.
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("DROP INDEX audit_by_object; DELETE FROM audit; PRAGMA user_version = 5;")
+            .unwrap();
+        let db = SqliteMetadata::open(&path).unwrap();
+        assert_eq!(db.schema_version().unwrap() as usize, MIGRATIONS.len());
+        db.verify_scan("a").unwrap();
+        assert_eq!(db.audit_records(0, 10).unwrap().len(), 2, "one scan seal, one report seal");
     }
 
     #[test]
