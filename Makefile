@@ -22,13 +22,17 @@ test: onnxruntime pyenv
 
 ## Python 3.11 for the tests that check niix against outside implementations:
 ## pydicom and the DICOS toolkit (pydicos) read our DICOS files, grpcio stubs
-## generated from proto/ (grpcio-tools) act as a client (server/tests/interop.rs).
-PYENV := .niix/venv/.interop-ready
+## generated from proto/ (grpcio-tools) act as a client (server/tests/interop.rs);
+## grpcio-reflection, -health-checking, -status and tritonclient check the gRPC
+## conventions and the Open Inference Protocol (server/tests/interop_grpc.rs).
+PYENV := .niix/venv/.interop2-ready
 pyenv: $(PYENV)
 $(PYENV):
 	python3.11 -m venv .niix/venv
 	.niix/venv/bin/pip install --quiet "pydicom==3.0.2" "numpy>=1.26,<3" "pydicos==1.3.0" \
-		"grpcio==1.85.4" "grpcio-tools==1.85.4" "protobuf==7.36.2"
+		"grpcio==1.85.4" "grpcio-tools==1.85.4" "protobuf==7.36.2" \
+		"grpcio-reflection==1.85.1" "grpcio-health-checking==1.85.1" "grpcio-status==1.85.1" \
+		"tritonclient[grpc]==2.41.0"
 	touch $(PYENV)
 
 ## The ONNX Runtime shared library, from the PyPI wheel (see scripts/).

@@ -1,9 +1,21 @@
 //! The one place where niix errors become gRPC statuses.
 //!
 //! Every service returns [`Error`]; its [`From`] impl for [`tonic::Status`]
-//! picks the code, so the mapping is reviewed and tested here only.
+//! picks the code and attaches the `google.rpc` rich error details clients
+//! act on without parsing text (see docs/protocol.md, "Error details"):
+//! `BadRequest` on INVALID_ARGUMENT, `ResourceInfo` on NOT_FOUND,
+//! `RetryInfo` on UNAVAILABLE and on a RESOURCE_EXHAUSTED that passes. The
+//! mapping is reviewed and tested here only.
+
+use std::time::Duration;
+
+use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::store::StoreError;
+
+/// How long a client waits before retrying a request refused because the
+/// server was busy or shutting down (`google.rpc.RetryInfo`).
+pub const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// An error a niix service reports to its caller.
 #[derive(Debug, thiserror::Error)]
@@ -11,12 +23,25 @@ pub enum Error {
     /// The request is malformed or violates the protocol.
     #[error("{0}")]
     InvalidArgument(String),
+    /// One field of the request is invalid: INVALID_ARGUMENT whose
+    /// `BadRequest` detail names the field.
+    #[error("{message}")]
+    InvalidField {
+        /// The field's path in the request, e.g. `header.scan_id`.
+        field: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
     /// Bytes were lost or corrupted in transit (truncated stream, digest mismatch).
     #[error("{0}")]
     DataLoss(String),
-    /// A configured limit was exceeded.
+    /// A configured limit was exceeded: the same request fails again.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// The server is busy (all upload slots taken): the same request may
+    /// succeed after [`RETRY_AFTER`].
+    #[error("{0}")]
+    Busy(String),
     /// The scan id is taken by a scan with different content.
     #[error("{0}")]
     AlreadyExists(String),
@@ -29,6 +54,17 @@ pub enum Error {
     /// The object does not exist.
     #[error("{0}")]
     NotFound(String),
+    /// A named object does not exist: NOT_FOUND whose `ResourceInfo` detail
+    /// names it.
+    #[error("{message}")]
+    Missing {
+        /// The kind of object, e.g. `scan`, `model`.
+        resource_type: &'static str,
+        /// Its name or id.
+        name: String,
+        /// What the caller can do.
+        message: String,
+    },
     /// The caller is known but may not do this.
     #[error("{0}")]
     PermissionDenied(String),
@@ -50,13 +86,13 @@ impl Error {
     /// The gRPC code this error maps to.
     pub fn code(&self) -> tonic::Code {
         match self {
-            Error::InvalidArgument(_) => tonic::Code::InvalidArgument,
+            Error::InvalidArgument(_) | Error::InvalidField { .. } => tonic::Code::InvalidArgument,
             Error::DataLoss(_) => tonic::Code::DataLoss,
-            Error::ResourceExhausted(_) => tonic::Code::ResourceExhausted,
+            Error::ResourceExhausted(_) | Error::Busy(_) => tonic::Code::ResourceExhausted,
             Error::AlreadyExists(_) => tonic::Code::AlreadyExists,
             Error::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
             Error::Aborted(_) => tonic::Code::Aborted,
-            Error::NotFound(_) => tonic::Code::NotFound,
+            Error::NotFound(_) | Error::Missing { .. } => tonic::Code::NotFound,
             Error::PermissionDenied(_) => tonic::Code::PermissionDenied,
             Error::Unavailable(_) => tonic::Code::Unavailable,
             Error::DeadlineExceeded(_) => tonic::Code::DeadlineExceeded,
@@ -92,7 +128,20 @@ impl From<Error> for tonic::Status {
         } else if matches!(e, Error::Store(_) | Error::Internal(_)) {
             tracing::error!(error = %e, "request failed inside the server");
         }
-        tonic::Status::new(e.code(), e.to_string())
+        let details = match &e {
+            // The field is empty when the request as a whole is wrong.
+            Error::InvalidArgument(m) => ErrorDetails::with_bad_request_violation("", m.as_str()),
+            Error::InvalidField { field, message } => {
+                ErrorDetails::with_bad_request_violation(field.as_str(), message.as_str())
+            }
+            Error::NotFound(m) => ErrorDetails::with_resource_info("", "", "", m.as_str()),
+            Error::Missing { resource_type, name, message } => {
+                ErrorDetails::with_resource_info(*resource_type, name.as_str(), "", message.as_str())
+            }
+            Error::Busy(_) | Error::Unavailable(_) => ErrorDetails::with_retry_info(Some(RETRY_AFTER)),
+            _ => return tonic::Status::new(e.code(), e.to_string()),
+        };
+        tonic::Status::with_error_details(e.code(), e.to_string(), details)
     }
 }
 
@@ -124,5 +173,30 @@ mod tests {
         let s: tonic::Status = Error::Store(StoreError::Tampered("plane 0 of scan x".into())).into();
         assert_eq!(s.code(), tonic::Code::DataLoss);
         assert!(s.message().contains("altered"), "{}", s.message());
+    }
+
+    #[test]
+    fn statuses_carry_the_details_a_client_acts_on() {
+        let s: tonic::Status =
+            Error::InvalidField { field: "header.scan_id".into(), message: "not a UUID".into() }.into();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        let v = s.get_error_details().bad_request().unwrap().field_violations[0].clone();
+        assert_eq!((v.field.as_str(), v.description.as_str()), ("header.scan_id", "not a UUID"));
+
+        let s: tonic::Status =
+            Error::Missing { resource_type: "scan", name: "0f8e".into(), message: "no scan 0f8e".into() }.into();
+        assert_eq!(s.code(), tonic::Code::NotFound);
+        let r = s.get_error_details().resource_info().cloned().unwrap();
+        assert_eq!((r.resource_type.as_str(), r.resource_name.as_str()), ("scan", "0f8e"));
+
+        for e in [Error::Busy("all slots taken".into()), Error::Unavailable("shutting down".into())] {
+            let s: tonic::Status = e.into();
+            assert_eq!(s.get_error_details().retry_info().unwrap().retry_delay, Some(RETRY_AFTER));
+        }
+        // A limit that the same request exceeds again promises no retry.
+        let s: tonic::Status = Error::ResourceExhausted("plane too large".into()).into();
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+        assert!(s.get_error_details().retry_info().is_none());
+        assert!(s.details().is_empty());
     }
 }

@@ -207,7 +207,11 @@ impl FindingsService {
             Ok(Some((scan, reports)))
         })
         .await?;
-        found.ok_or_else(|| Error::NotFound(format!("no scan {id} is stored")))
+        found.ok_or_else(|| Error::Missing {
+            resource_type: "scan",
+            message: format!("no scan {id} is stored"),
+            name: id.to_string(),
+        })
     }
 
     /// Lists scans (used by the gRPC method).

@@ -11,13 +11,19 @@ use crate::iso6346;
 /// Parses a scan id and returns it in canonical form (lowercase, hyphenated).
 pub fn canonical_scan_id(id: &str) -> Result<String> {
     if id.is_empty() {
-        return Err(Error::InvalidArgument("scan_id is empty: the client chooses a UUID for every scan".into()));
+        return Err(Error::InvalidField {
+            field: "scan_id".into(),
+            message: "scan_id is empty: the client chooses a UUID for every scan".into(),
+        });
     }
     match uuid::Uuid::try_parse(id) {
         Ok(u) if u.hyphenated().to_string() == id.to_ascii_lowercase() => Ok(u.hyphenated().to_string()),
-        _ => Err(Error::InvalidArgument(format!(
-            "scan_id {id:?} is not a UUID in hyphenated form, e.g. 0f8e4b1c-2d3a-4e5f-8a9b-0c1d2e3f4a5b"
-        ))),
+        _ => Err(Error::InvalidField {
+            field: "scan_id".into(),
+            message: format!(
+                "scan_id {id:?} is not a UUID in hyphenated form, e.g. 0f8e4b1c-2d3a-4e5f-8a9b-0c1d2e3f4a5b"
+            ),
+        }),
     }
 }
 

@@ -27,6 +27,7 @@ pub const SERVICES: &[(&str, &[&str])] = &[
     ("niix.v1.Exchange", &["Subscribe", "GetPackage", "GetPlane", "Receive"]),
     ("grpc.health.v1.Health", &["Check", "Watch"]),
     ("grpc.reflection.v1.ServerReflection", &["ServerReflectionInfo"]),
+    ("grpc.reflection.v1alpha.ServerReflection", &["ServerReflectionInfo"]),
 ];
 
 /// The `rpc` label of a method name: the name itself when the server has

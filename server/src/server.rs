@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use niix_inference::repository::Repository;
-use niix_proto::v1::FILE_DESCRIPTOR_SET;
 use niix_proto::v1::exchange_server::ExchangeServer;
 use niix_proto::v1::findings_server::FindingsServer;
 use niix_proto::v1::scan_ingest_server::ScanIngestServer;
@@ -17,8 +16,11 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::codec::CompressionEncoding::Gzip;
 use tonic_health::ServingStatus;
+use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::HealthReporter;
+use tonic_reflection::pb::{v1 as reflection_v1, v1alpha as reflection_v1alpha};
 
 use crate::analysis::Analyzer;
 use crate::audit::{Caller, Gate};
@@ -27,8 +29,10 @@ use crate::config::Config;
 use crate::conn::{Guarded, GuardedListener, Timeouts};
 use crate::exchange::ExchangeService;
 use crate::findings::{EventSignal, FindingsService};
+use crate::health::NiixHealth;
 use crate::ingest::{Ingest, IngestService};
 use crate::metrics::Metrics;
+use crate::reflection::{Reflection, ReflectionV1, ReflectionV1alpha};
 use crate::store::{BlobStore, FsBlobs, MetadataStore, SqliteMetadata};
 
 /// HTTP/2 flow-control window per stream, in bytes. Measured on loopback:
@@ -132,7 +136,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let mut background = Vec::new();
     let last_event = meta.last_event().context("reading the event log")?;
     let events: EventSignal = Arc::new(watch::channel(last_event).0);
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let health = HealthReporter::new();
     let wake = match config.analysis.enabled {
         true => {
             let (m, b, x) = (meta.clone(), blobs.clone(), metrics.clone());
@@ -203,11 +207,12 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     health.set_serving::<ScanIngestServer<IngestService>>().await;
     health.set_serving::<FindingsServer<FindingsService>>().await;
     health.set_serving::<ExchangeServer<ExchangeService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("building the reflection service")?;
+    let health_service = HealthServer::new(NiixHealth::new(health.clone(), stop_rx.clone()));
+    let reflection = Arc::new(Reflection::niix().context("indexing the reflection descriptors")?);
+    let reflection_v1alpha = reflection_v1alpha::server_reflection_server::ServerReflectionServer::new(
+        ReflectionV1alpha(reflection.clone()),
+    );
+    let reflection_v1 = reflection_v1::server_reflection_server::ServerReflectionServer::new(ReflectionV1(reflection));
 
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
@@ -226,14 +231,21 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         // (watchers) from the idle timeout of `conn`.
         .http2_keepalive_interval(Some(config.limits.keepalive_interval))
         .http2_keepalive_timeout(Some(config.limits.keepalive_timeout))
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(ScanIngestServer::new(IngestService::new(ingest, gate)))
-        .add_service(FindingsServer::new(findings))
+        // Every service accepts gzip and answers with it when the client
+        // accepts it (some stacks compress by default).
+        .add_service(health_service.accept_compressed(Gzip).send_compressed(Gzip))
+        .add_service(reflection_v1.accept_compressed(Gzip).send_compressed(Gzip))
+        .add_service(reflection_v1alpha.accept_compressed(Gzip).send_compressed(Gzip))
+        .add_service(
+            ScanIngestServer::new(IngestService::new(ingest, gate)).accept_compressed(Gzip).send_compressed(Gzip),
+        )
+        .add_service(FindingsServer::new(findings).accept_compressed(Gzip).send_compressed(Gzip))
         .add_service(
             ExchangeServer::new(exchange)
                 .max_decoding_message_size(config.exchange.max_receive_message_bytes)
-                .max_encoding_message_size(crate::exchange::MAX_MESSAGE_BYTES),
+                .max_encoding_message_size(crate::exchange::MAX_MESSAGE_BYTES)
+                .accept_compressed(Gzip)
+                .send_compressed(Gzip),
         );
     let mut grpc_stop = stop_rx.clone();
     let timed_out = metrics.connections_timed_out.clone();

@@ -265,7 +265,7 @@ impl Ingest {
         }
 
         let _slot = self.slots.try_acquire().map_err(|_| {
-            Error::ResourceExhausted(format!(
+            Error::Busy(format!(
                 "the server is receiving {} scans already; retry shortly",
                 self.limits.max_concurrent_uploads
             ))
@@ -547,7 +547,7 @@ impl Ingest {
         let _slot = self
             .slots
             .try_acquire()
-            .map_err(|_| Error::ResourceExhausted("the server is receiving too many scans; retry shortly".into()))?;
+            .map_err(|_| Error::Busy("the server is receiving too many scans; retry shortly".into()))?;
         let offsets = vec![0; header.planes.len()];
         let digests = self.receive(&mut stream, header, offsets, |_| PlaneSink::hash_only()).await?;
         same_scan(&existing, fingerprint, &digests)
