@@ -1,6 +1,7 @@
-//! Compiles `niix/v1/*.proto` with a vendored `protoc`, so a fresh machine
-//! needs nothing preinstalled. Also writes the file descriptor set that the
-//! server's gRPC reflection service publishes.
+//! Compiles `niix/v1/*.proto` and the Open Inference Protocol
+//! (`inference/open_inference.proto`) with a vendored `protoc`, so a fresh
+//! machine needs nothing preinstalled. Also writes the file descriptor sets
+//! that the server's gRPC reflection service publishes.
 
 use std::path::PathBuf;
 
@@ -27,6 +28,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Plane bytes arrive as slices of tonic's receive buffer, not copies.
         .bytes(".niix.v1.PlaneChunk.data")
         .file_descriptor_set_path(out.join("niix_v1_descriptor.bin"))
-        .compile_protos(&protos.map(PathBuf::from), &[PathBuf::from("."), include])?;
+        .compile_protos(&protos.map(PathBuf::from), &[PathBuf::from("."), include.clone()])?;
+
+    let oip = "inference/open_inference.proto";
+    println!("cargo:rerun-if-changed={oip}");
+    tonic_prost_build::configure()
+        .codec_path("crate::codec::NiixCodec")
+        // Plane tensors arrive as slices of tonic's receive buffer, not copies.
+        .bytes(".inference.ModelInferRequest.raw_input_contents")
+        .file_descriptor_set_path(out.join("inference_descriptor.bin"))
+        .compile_protos(&[PathBuf::from(oip)], &[PathBuf::from("."), include])?;
     Ok(())
 }

@@ -11,6 +11,16 @@ pub mod v1 {
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("niix_v1_descriptor");
 }
 
+/// Generated types of the Open Inference Protocol (KServe v2), package
+/// `inference`: the subset niix serves (see `inference/open_inference.proto`).
+#[allow(clippy::all, missing_docs)]
+pub mod oip {
+    tonic::include_proto!("inference");
+
+    /// Encoded `FileDescriptorSet` of the protocol's file, for gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("inference_descriptor");
+}
+
 pub mod codec;
 
 /// Largest message a stock gRPC peer accepts (and niix's ingest and findings

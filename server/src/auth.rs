@@ -121,6 +121,9 @@ pub fn allowed_roles(path: &str) -> Option<&'static [Role]> {
     if path.starts_with("/niix.v1.Exchange/") {
         return Some(&[Role::Partner]);
     }
+    if path.starts_with("/inference.GRPCInferenceService/") {
+        return Some(&[Role::Officer, Role::Admin]);
+    }
     Some(&[Role::Admin])
 }
 

@@ -75,6 +75,10 @@ pub struct AnalysisConfig {
     pub reload_interval: Duration,
     /// ONNX Runtime threads per model.
     pub threads: niix_inference::runtime::Threads,
+    /// Refuse a pushed scan whose planes the serving model cannot read
+    /// (FAILED_PRECONDITION, e.g. a single-energy scan for a dual-energy
+    /// model); false: store it with a warning in the receipt.
+    pub refuse_unreadable: bool,
 }
 
 impl Default for AnalysisConfig {
@@ -85,6 +89,7 @@ impl Default for AnalysisConfig {
             workers: 1,
             reload_interval: Duration::from_secs(10),
             threads: niix_inference::runtime::Threads::default(),
+            refuse_unreadable: true,
         }
     }
 }

@@ -24,6 +24,7 @@ pub mod health;
 pub mod ingest;
 pub mod iso6346;
 pub mod metrics;
+pub mod oip;
 pub mod overlay;
 pub mod reflection;
 pub mod scope;

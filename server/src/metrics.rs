@@ -28,6 +28,18 @@ pub const SERVICES: &[(&str, &[&str])] = &[
     ("grpc.health.v1.Health", &["Check", "Watch"]),
     ("grpc.reflection.v1.ServerReflection", &["ServerReflectionInfo"]),
     ("grpc.reflection.v1alpha.ServerReflection", &["ServerReflectionInfo"]),
+    (
+        "inference.GRPCInferenceService",
+        &[
+            "ServerLive",
+            "ServerReady",
+            "ModelReady",
+            "ServerMetadata",
+            "ModelMetadata",
+            "ModelInfer",
+            "RepositoryIndex",
+        ],
+    ),
 ];
 
 /// The `rpc` label of a method name: the name itself when the server has

@@ -57,13 +57,15 @@ impl Reflection {
         Ok(index)
     }
 
-    /// The server's index: niix.v1, health, and both reflection protocols.
+    /// The server's index: niix.v1, health, both reflection protocols and the
+    /// Open Inference Protocol.
     pub fn niix() -> Result<Self, prost::DecodeError> {
         Reflection::new(&[
             niix_proto::v1::FILE_DESCRIPTOR_SET,
             tonic_health::pb::FILE_DESCRIPTOR_SET,
             v1::FILE_DESCRIPTOR_SET,
             v1alpha::FILE_DESCRIPTOR_SET,
+            niix_proto::oip::FILE_DESCRIPTOR_SET,
         ])
     }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use niix_inference::repository::Repository;
+use niix_proto::oip::grpc_inference_service_server::GrpcInferenceServiceServer;
 use niix_proto::v1::exchange_server::ExchangeServer;
 use niix_proto::v1::findings_server::FindingsServer;
 use niix_proto::v1::scan_ingest_server::ScanIngestServer;
@@ -30,8 +31,9 @@ use crate::conn::{Guarded, GuardedListener, Timeouts};
 use crate::exchange::ExchangeService;
 use crate::findings::{EventSignal, FindingsService};
 use crate::health::NiixHealth;
-use crate::ingest::{Ingest, IngestService};
+use crate::ingest::{Ingest, IngestService, ReadableCheck};
 use crate::metrics::Metrics;
+use crate::oip::InferenceService;
 use crate::reflection::{Reflection, ReflectionV1, ReflectionV1alpha};
 use crate::store::{BlobStore, FsBlobs, MetadataStore, SqliteMetadata};
 
@@ -137,15 +139,17 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let last_event = meta.last_event().context("reading the event log")?;
     let events: EventSignal = Arc::new(watch::channel(last_event).0);
     let health = HealthReporter::new();
-    let wake = match config.analysis.enabled {
+    let (wake, repo) = match config.analysis.enabled {
         true => {
             let (m, b, x) = (meta.clone(), blobs.clone(), metrics.clone());
             let h = health.clone();
-            Some(start_analysis(&config, m, b, x, events.clone(), h, stop_rx.clone(), &mut background).await?)
+            let (wake, repo) =
+                start_analysis(&config, m, b, x, events.clone(), h, stop_rx.clone(), &mut background).await?;
+            (Some(wake), Some(repo))
         }
         false => {
             health.set_service_status(ANALYSIS_HEALTH, ServingStatus::NotServing).await;
-            None
+            (None, None)
         }
     };
     let gate = Gate::new(metrics.clone(), meta.clone());
@@ -183,10 +187,16 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     )?;
     background.extend(crate::exchange::outbox::start(&exchange, stop_rx.clone()));
     let findings = FindingsService::new(meta.clone(), blobs.clone(), gate.clone(), events, stop_rx.clone());
-    let ingest = Arc::new(
-        Ingest::new(meta.clone(), blobs, config.limits.clone(), metrics.clone(), abandon_rx, wake)
-            .with_min_free_bytes(config.storage.min_free_bytes),
-    );
+    let mut ingest = Ingest::new(meta.clone(), blobs, config.limits.clone(), metrics.clone(), abandon_rx, wake)
+        .with_min_free_bytes(config.storage.min_free_bytes);
+    if let Some(repo) = &repo {
+        ingest = ingest.with_readable_check(ReadableCheck {
+            repo: repo.clone(),
+            model: config.analysis.model.clone(),
+            refuse: config.analysis.refuse_unreadable,
+        });
+    }
+    let ingest = Arc::new(ingest);
     let timeouts = Timeouts { handshake: config.limits.handshake_timeout, idle: config.limits.idle_timeout };
     let swept = ingest.sweep_staging().await.context("sweeping unfinished uploads")?;
     if swept > 0 {
@@ -240,6 +250,20 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             ScanIngestServer::new(IngestService::new(ingest, gate)).accept_compressed(Gzip).send_compressed(Gzip),
         )
         .add_service(FindingsServer::new(findings).accept_compressed(Gzip).send_compressed(Gzip))
+        .add_service(
+            GrpcInferenceServiceServer::new(InferenceService::new(
+                repo,
+                config.analysis.model.clone(),
+                config.limits.clone(),
+                config.analysis.workers,
+            ))
+            .max_decoding_message_size(
+                crate::oip::MAX_INFER_REQUEST_BYTES
+                    .min(usize::try_from(config.limits.max_scan_bytes).unwrap_or(usize::MAX).saturating_add(1 << 20)),
+            )
+            .accept_compressed(Gzip)
+            .send_compressed(Gzip),
+        )
         .add_service(
             ExchangeServer::new(exchange)
                 .max_decoding_message_size(config.exchange.max_receive_message_bytes)
@@ -373,10 +397,11 @@ async fn start_analysis(
     health: HealthReporter,
     stop: watch::Receiver<bool>,
     background: &mut Vec<JoinHandle<()>>,
-) -> anyhow::Result<Arc<Notify>> {
+) -> anyhow::Result<(Arc<Notify>, Arc<Repository>)> {
     niix_inference::runtime::environment().map_err(|e| anyhow::anyhow!("{e}"))?;
     let a = &config.analysis;
     let repo = Arc::new(Repository::new(&config.models_dir, a.threads));
+    let oip_repo = repo.clone();
     let loader = repo.clone();
     let report = tokio::task::spawn_blocking(move || loader.reload()).await?;
     if repo.serving().is_empty() {
@@ -416,7 +441,7 @@ async fn start_analysis(
             health.set_service_status(ANALYSIS_HEALTH, analysis_status(&repo, model.as_deref())).await;
         }
     }));
-    Ok(wake)
+    Ok((wake, oip_repo))
 }
 
 async fn serve_metrics(

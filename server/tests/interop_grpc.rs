@@ -10,8 +10,8 @@ use std::process::Command;
 
 use common::*;
 use niix::config::Limits;
-use niix_proto::v1::GetScanRequest;
 use niix_proto::v1::findings_client::FindingsClient;
+use niix_proto::v1::{GetScanRequest, PlaneDescriptor, PlaneEncoding, PlaneKind};
 use tonic::codec::CompressionEncoding::Gzip;
 
 /// The Python with the interop packages (`make pyenv`); `NIIX_PYTHON`
@@ -92,4 +92,157 @@ async fn stock_python_clients_use_reflection_health_gzip_and_error_details() {
     let plain = FindingsClient::new(ch).get_scan(ask()).await.unwrap();
     assert!(plain.metadata().get("grpc-encoding").is_none());
     server.shutdown().await.unwrap();
+}
+
+/// A model repository with the demo model and `dual-only`, the same model
+/// made to read dual-energy scans only (no single-energy fallback).
+fn models_with_dual_only(dir: &Path) -> PathBuf {
+    let models = dir.join("models");
+    let demo = fixtures().join("models/demo-local-contrast/1");
+    for (name, channels) in
+        [("demo-local-contrast", None), ("dual-only", Some(r#"channels = ["high_energy", "low_energy"]"#))]
+    {
+        let v = models.join(name).join("1");
+        std::fs::create_dir_all(&v).unwrap();
+        std::fs::copy(demo.join("model.onnx"), v.join("model.onnx")).unwrap();
+        let mut toml = std::fs::read_to_string(demo.join("model.toml")).unwrap();
+        if let Some(channels) = channels {
+            toml = toml.replace(r#"name = "demo-local-contrast""#, &format!("name = \"{name}\""));
+            let line = toml.lines().find(|l| l.starts_with("channels")).unwrap().to_string();
+            toml = toml.replace(&line, channels);
+        }
+        std::fs::write(v.join("model.toml"), toml).unwrap();
+    }
+    models
+}
+
+fn le_bytes(samples: &[u16]) -> Vec<u8> {
+    samples.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn kind(mut p: PlaneDescriptor, kind: PlaneKind) -> PlaneDescriptor {
+    p.kind = kind as i32;
+    p
+}
+
+// Multi-threaded: the test blocks on Python while the in-process server serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tritonclient_lists_models_and_analyses_planes_like_the_server_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir.path().join("data"), Limits::default());
+    cfg.models_dir = models_with_dual_only(dir.path());
+    let server = niix::server::start(cfg).await.unwrap();
+    let ch = channel(&server).await;
+
+    // The same dual-energy planes, pushed and analysed by the server...
+    let (w, h) = (640u32, 768u32);
+    let block = (300, 400, 56, 44);
+    let (high, low) =
+        (le_bytes(&cargo_samples(w, h, Some(block), false)), le_bytes(&cargo_samples(w, h, Some(block), true)));
+    let id = new_id();
+    let mut hdr = header(&id, plane(PlaneEncoding::RawU16le, w, h, &high));
+    hdr.planes.push(kind(plane(PlaneEncoding::RawU16le, w, h, &low), PlaneKind::LowEnergy));
+    push_messages(&ch, messages(&hdr, &[&high, &low], 1 << 20)).await.unwrap();
+    let findings = wait_analysed(&ch, &id).await;
+    let report = &findings.reports[0];
+
+    // ...and sent by tritonclient through ModelInfer.
+    let (hp, lp) = (dir.path().join("high.raw"), dir.path().join("low.raw"));
+    std::fs::write(&hp, &high).unwrap();
+    std::fs::write(&lp, &low).unwrap();
+    let args = [
+        &server.addr.to_string(),
+        "demo-local-contrast",
+        &w.to_string(),
+        &h.to_string(),
+        hp.to_str().unwrap(),
+        lp.to_str().unwrap(),
+    ];
+    let r = run_json("oip_client.py", &args.each_ref().map(|s| s.as_ref()));
+
+    assert_eq!(
+        (r["live"].clone(), r["ready"].clone(), r["model_ready"].clone()),
+        (true.into(), true.into(), true.into()),
+        "{r}"
+    );
+    assert_eq!(r["server"]["name"], "niix");
+    let index = r["index"]["models"].as_array().unwrap();
+    for name in ["demo-local-contrast", "dual-only"] {
+        assert!(index.iter().any(|m| m["name"] == name && m["state"] == "READY"), "{name}: {r}");
+    }
+    let meta = &r["metadata"];
+    let inputs: Vec<_> =
+        meta["inputs"].as_array().unwrap().iter().map(|i| (i["name"].clone(), i["datatype"].clone())).collect();
+    assert_eq!(inputs, vec![("high_energy".into(), "UINT16".into()), ("low_energy".into(), "UINT16".into())], "{r}");
+    let outputs: Vec<_> = meta["outputs"].as_array().unwrap().iter().map(|o| o["name"].clone()).collect();
+    assert_eq!(outputs, vec!["anomaly_map", "score", "alarm", "regions"]);
+
+    let infer = &r["infer"];
+    assert_eq!(infer["model_version"], "1");
+    let score = infer["score"].as_f64().unwrap();
+    assert!((score - f64::from(report.score)).abs() < 1e-6, "ModelInfer {score} vs analysis {}", report.score);
+    assert_eq!(infer["alarm"], true, "the dense block alarms: {r}");
+    let regions = infer["regions"].as_array().unwrap();
+    assert_eq!(regions.len(), report.regions.len(), "{r}");
+    for (got, want) in regions.iter().zip(&report.regions) {
+        let got: Vec<f64> = got.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        assert_eq!(&got[..4], &[want.x, want.y, want.width, want.height].map(f64::from), "{r}");
+        assert!((got[4] - f64::from(want.max_score)).abs() < 1e-6);
+    }
+    let stride = infer["stride"].as_u64().unwrap();
+    assert_eq!(
+        infer["map_shape"],
+        serde_json::json!([u64::from(h).div_ceil(stride), u64::from(w).div_ceil(stride)]),
+        "{r}"
+    );
+    assert_eq!(r["only_score"], serde_json::json!(["score"]));
+
+    // Refusals name what to fix.
+    assert!(r["missing_plane"]["code"].as_str().unwrap().contains("INVALID_ARGUMENT"), "{r}");
+    assert!(r["missing_plane"]["message"].as_str().unwrap().contains("low_energy"), "{r}");
+    assert!(r["float_plane"]["code"].as_str().unwrap().contains("INVALID_ARGUMENT"), "{r}");
+    assert!(r["float_plane"]["message"].as_str().unwrap().contains("UINT16"), "{r}");
+    assert!(r["unknown_model"]["code"].as_str().unwrap().contains("NOT_FOUND"), "{r}");
+    assert!(r["unknown_output"]["code"].as_str().unwrap().contains("INVALID_ARGUMENT"), "{r}");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn ingest_refuses_or_warns_about_a_scan_the_serving_model_cannot_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = models_with_dual_only(dir.path());
+    let (w, h) = (64u32, 32u32);
+    let high = le_bytes(&cargo_samples(w, h, None, false));
+    for refuse in [true, false] {
+        let mut cfg = config(&dir.path().join(format!("data-{refuse}")), Limits::default());
+        cfg.models_dir = models.clone();
+        cfg.analysis.model = Some("dual-only".into());
+        cfg.analysis.refuse_unreadable = refuse;
+        let server = niix::server::start(cfg).await.unwrap();
+        let ch = channel(&server).await;
+        let id = new_id();
+        // A high-energy plane alone: dual-only needs a low-energy one too.
+        let pushed =
+            push_messages(&ch, messages(&header(&id, plane(PlaneEncoding::RawU16le, w, h, &high)), &[&high], 1 << 20))
+                .await;
+        let stored = FindingsClient::new(ch.clone()).get_scan(GetScanRequest { scan_id: id.clone() }).await;
+        if refuse {
+            let e = pushed.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+            assert!(e.message().contains("dual-only") && e.message().contains("low_energy"), "{}", e.message());
+            assert_eq!(stored.unwrap_err().code(), tonic::Code::NotFound, "nothing of a refused scan is stored");
+        } else {
+            let receipt = pushed.unwrap();
+            assert_eq!(receipt.warnings.len(), 1, "{receipt:?}");
+            assert!(receipt.warnings[0].contains("cannot read this scan"), "{receipt:?}");
+            assert_eq!(stored.unwrap().into_inner().scan.unwrap().scan_id, id);
+        }
+        // A dual-energy scan is read either way.
+        let id = new_id();
+        let mut hdr = header(&id, plane(PlaneEncoding::RawU16le, w, h, &high));
+        hdr.planes.push(kind(plane(PlaneEncoding::RawU16le, w, h, &high), PlaneKind::LowEnergy));
+        let receipt = push_messages(&ch, messages(&hdr, &[&high, &high], 1 << 20)).await.unwrap();
+        assert!(receipt.warnings.is_empty());
+        server.shutdown().await.unwrap();
+    }
 }

@@ -18,6 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::{Stream, StreamExt};
+use niix_inference::pipeline::select_planes;
+use niix_inference::repository::Repository;
 use niix_proto::v1::push_scan_request::Part;
 use niix_proto::v1::upload_status::State;
 use niix_proto::v1::{PlaneProgress, PlaneReceipt, PushScanRequest, ScanHeader, ScanReceipt, ScanStatus, UploadStatus};
@@ -46,6 +48,19 @@ pub struct Ingest {
     analysis: Option<Arc<Notify>>,
     /// Free bytes the data disk keeps once a new upload is in.
     min_free_bytes: u64,
+    /// Whether the serving model can read a pushed scan's planes.
+    readable: Option<ReadableCheck>,
+}
+
+/// Checks a pushed scan's planes against the model that would analyse it.
+pub struct ReadableCheck {
+    /// The model repository.
+    pub repo: Arc<Repository>,
+    /// The configured analysis model; unset: the first serving one.
+    pub model: Option<String>,
+    /// Refuse an unreadable scan (FAILED_PRECONDITION); else store it with
+    /// a warning in the receipt.
+    pub refuse: bool,
 }
 
 /// Marks a scan id as streaming; released on drop.
@@ -100,6 +115,7 @@ pub fn receipt_of(record: &ScanRecord, duplicate: bool) -> ScanReceipt {
             .collect(),
         duplicate,
         status: record.status as i32,
+        warnings: Vec::new(),
     }
 }
 
@@ -128,6 +144,7 @@ impl Ingest {
             abandon,
             analysis,
             min_free_bytes: 0,
+            readable: None,
         }
     }
 
@@ -172,6 +189,39 @@ impl Ingest {
     pub fn with_min_free_bytes(mut self, bytes: u64) -> Self {
         self.min_free_bytes = bytes;
         self
+    }
+
+    /// Checks each pushed scan's planes against the serving model.
+    pub fn with_readable_check(mut self, check: ReadableCheck) -> Self {
+        self.readable = Some(check);
+        self
+    }
+
+    /// Nothing when the serving model reads the scan's planes (or no model
+    /// serves: the scan then queues); else the refusal, or with
+    /// `refuse = false` the warning for the receipt.
+    fn check_readable(&self, header: &ScanHeader) -> Result<Option<String>> {
+        let Some(check) = &self.readable else { return Ok(None) };
+        let model = match &check.model {
+            Some(name) => check.repo.get(name),
+            None => check.repo.serving().into_iter().next(),
+        };
+        let Some(model) = model else { return Ok(None) };
+        let kinds: Vec<String> = header.planes.iter().map(|p| crate::analysis::plane_kind_name(p.kind)).collect();
+        let kinds: Vec<&str> = kinds.iter().map(String::as_str).collect();
+        let Err(e) = select_planes(&model.manifest, &kinds) else { return Ok(None) };
+        let why = format!(
+            "the serving model {} cannot read this scan: {e} (it reads {:?}; ModelMetadata of \
+             inference.GRPCInferenceService lists its inputs)",
+            model.label(),
+            model.manifest.input.channels
+        );
+        if check.refuse {
+            return Err(Error::FailedPrecondition(format!(
+                "{why}; push the planes it needs, or ask the operator to serve a model for these planes"
+            )));
+        }
+        Ok(Some(format!("{why}; the scan is stored and stays queued until a model that reads it serves")))
     }
 
     /// RESOURCE_EXHAUSTED when receiving `needed` more bytes would take the
@@ -247,6 +297,7 @@ impl Ingest {
             }
         };
         let id = header::validate(&header, &self.limits)?;
+        let unreadable = self.check_readable(&header)?;
         let site = header.metadata.as_ref().map_or("", |m| m.site_id.as_str());
         if !uploader.scope.allows(site) {
             return Err(Error::PermissionDenied(format!(
@@ -282,7 +333,9 @@ impl Ingest {
         let held = offsets.clone();
         let make_sink = |i: usize| PlaneSink::staged(self.blobs.clone(), &id, i as u32, held[i] > 0);
         let digests = self.receive(&mut stream, &header, offsets, make_sink).await?;
-        self.finish(id, header, fingerprint, digests).await
+        let mut receipt = self.finish(id, header, fingerprint, digests).await?;
+        receipt.warnings.extend(unreadable);
+        Ok(receipt)
     }
 
     /// Bytes already staged for this upload (0 for a new one).
