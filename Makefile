@@ -7,7 +7,7 @@ MODELS ?= fixtures/models
 LISTEN ?= 127.0.0.1:50051
 ORT_LIB := .niix/onnxruntime/libonnxruntime.so.1.31.1
 
-.PHONY: run test build release lint fmt sample onnxruntime pyenv clean-data bench models patchcore model eval reliability attack
+.PHONY: run test build release lint fmt sample onnxruntime pyenv clean-data bench bench-oip models patchcore model eval reliability attack
 
 ## Fetch what is missing, build, and serve on the embedded store.
 run: onnxruntime release
@@ -71,6 +71,11 @@ attack: onnxruntime pyenv
 bench: onnxruntime pyenv release
 	.niix/venv/bin/pip install --quiet -r benches/baselines/requirements.txt
 	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" $(CARGO) bench -p niix-benches
+
+## ModelInfer throughput over the Open Inference Protocol with tritonclient
+## (benches/README.md, "oip_load"); not part of make test.
+bench-oip: onnxruntime pyenv release
+	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" $(CARGO) run --release -p niix-benches --bin oip_load
 
 ## Rebuild the shipped ONNX models from their script (needs the `onnx` Python package).
 models:

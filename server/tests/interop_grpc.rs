@@ -246,3 +246,20 @@ async fn ingest_refuses_or_warns_about_a_scan_the_serving_model_cannot_read() {
         server.shutdown().await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn a_gzip_message_that_inflates_past_the_limit_is_refused_while_decompressing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&dir.path().join("data")).await;
+    let ch = channel(&server).await;
+    // 8 MiB of one letter: a few KiB on the wire, twice the 4 MiB limit inflated.
+    let bomb = GetScanRequest { scan_id: "a".repeat(8 << 20) };
+    let e = FindingsClient::new(ch.clone()).send_compressed(Gzip).get_scan(bomb).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("decompressing"), "{}", e.message());
+    // The connection and the server go on.
+    let small = GetScanRequest { scan_id: new_id() };
+    let e = FindingsClient::new(ch).send_compressed(Gzip).get_scan(small).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    server.shutdown().await.unwrap();
+}

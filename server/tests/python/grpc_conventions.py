@@ -155,14 +155,13 @@ def details(channel, pb, rpc):
     # The server runs with one upload slot: while a push holds it, the next
     # is refused with a RetryInfo, and succeeds once the slot is free.
     release = threading.Event()
-    holding = ingest.PushScan.future(plane_push(pb, str(uuid.uuid4()), release))
-    busy = {"code": "OK"}
-    for _ in range(50):
-        busy = status_of(lambda: ingest.PushScan(plane_push(pb, str(uuid.uuid4()))))
-        if busy["code"] != "OK":
+    held = str(uuid.uuid4())
+    holding = ingest.PushScan.future(plane_push(pb, held, release))
+    for _ in range(100):  # until the held push has the slot
+        if ingest.GetUploadStatus(pb.ingest.GetUploadStatusRequest(scan_id=held)).active:
             break
-        time.sleep(0.1)
-    out["busy"] = busy
+        time.sleep(0.05)
+    out["busy"] = status_of(lambda: ingest.PushScan(plane_push(pb, str(uuid.uuid4()))))
     release.set()
     out["held_push_ok"] = bool(holding.result(timeout=20).scan_id)
     out["after_busy"] = status_of(lambda: ingest.PushScan(plane_push(pb, str(uuid.uuid4()))))
