@@ -454,6 +454,20 @@ mod tests {
     }
 
     #[test]
+    fn officers_and_admins_run_the_open_inference_protocol() {
+        let a = auth();
+        let infer = "/inference.GRPCInferenceService/ModelInfer";
+        assert_eq!(a.check(infer, &headers(Some("s3cret-officer")), None).unwrap().unwrap().role, "officer");
+        assert_eq!(
+            a.check(infer, &headers(Some("s3cret-scanner")), None).unwrap_err().1.code(),
+            tonic::Code::PermissionDenied
+        );
+        assert_eq!(a.check(infer, &headers(None), None).unwrap_err().1.code(), tonic::Code::Unauthenticated);
+        let alpha = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo";
+        assert_eq!(a.check(alpha, &headers(None), None).unwrap(), None, "reflection is public in both versions");
+    }
+
+    #[test]
     fn without_tokens_everyone_is_local() {
         let a = Authenticator::new(&AuthConfig::default()).unwrap();
         assert!(!a.enabled());

@@ -78,12 +78,16 @@ async fn a_full_size_dual_energy_scan_is_analysed_and_the_block_is_found() {
 #[tokio::test]
 async fn a_scan_the_model_cannot_read_is_recorded_as_an_abort() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start(dir.path()).await;
+    // Ingest refuses such a scan by default (interop_grpc.rs); stored anyway, it aborts.
+    let mut config = config(dir.path(), Limits::default());
+    config.analysis.refuse_unreadable = false;
+    let server = niix::server::start(config).await.unwrap();
     let ch = channel(&server).await;
     let raw = raw_bytes(64, 32, 1);
     let mut p = plane(PlaneEncoding::RawU16le, 64, 32, &raw);
     p.kind = PlaneKind::ZEffective as i32;
     let receipt = push_messages(&ch, messages(&header(&new_id(), p), &[&raw], 1024)).await.unwrap();
+    assert!(receipt.warnings[0].contains("cannot read this scan"), "{receipt:?}");
     let f = wait_analysed(&ch, &receipt.scan_id).await;
     assert_eq!(f.status, ScanStatus::Failed as i32);
     let r = &f.reports[0];
