@@ -263,3 +263,32 @@ async fn a_gzip_message_that_inflates_past_the_limit_is_refused_while_decompress
     assert_eq!(e.code(), tonic::Code::NotFound);
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn model_infer_holds_planes_to_the_ingest_limits() {
+    use niix_proto::oip::grpc_inference_service_client::GrpcInferenceServiceClient;
+    use niix_proto::oip::model_infer_request::InferInputTensor;
+    use niix_proto::oip::{InferTensorContents, ModelInferRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with(&dir.path().join("data"), Limits { max_dimension: 100, ..Limits::default() }).await;
+    let mut oip = GrpcInferenceServiceClient::new(channel(&server).await);
+    let request = |w: i64, h: i64| ModelInferRequest {
+        model_name: "demo-local-contrast".into(),
+        inputs: vec![InferInputTensor {
+            name: "high_energy".into(),
+            datatype: "UINT16".into(),
+            shape: vec![h, w],
+            contents: Some(InferTensorContents { uint_contents: vec![30000; (w * h) as usize], ..Default::default() }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let e = oip.model_infer(request(128, 64)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("limit of 100 pixels per side"), "{}", e.message());
+    // Within the limits, in typed contents rather than raw bytes: analysed.
+    let ok = oip.model_infer(request(96, 64)).await.unwrap().into_inner();
+    assert_eq!(ok.outputs.len(), 4);
+    assert_eq!(ok.raw_output_contents[1].len(), 4, "one FP32 score");
+    server.shutdown().await.unwrap();
+}

@@ -322,7 +322,11 @@ async fn a_watcher_that_reconnects_gets_every_event_exactly_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dicos_dx_in_and_tdr_out_agree_with_pydicom() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start(&dir.path().join("data")).await;
+    // The low-energy-only DX below is stored with a warning, not refused:
+    // the demo model reads no scan without a high-energy (or single) plane.
+    let mut config = config(&dir.path().join("data"), Default::default());
+    config.analysis.refuse_unreadable = false;
+    let server = niix::server::start(config).await.unwrap();
     let ch = channel(&server).await;
     let dx = dir.path().join("scan.dcs");
     let uid = "1.2.826.0.1.3680043.8.498.12345";
