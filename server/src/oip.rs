@@ -283,10 +283,20 @@ impl GrpcInferenceService for InferenceService {
             .into());
         }
         let planes = planes_of(&r, &self.limits)?;
-        let _running = self.running.acquire().await.map_err(|_| Error::Unavailable("the server is stopping".into()))?;
+        let running = self
+            .running
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Unavailable("the server is stopping".into()))?;
         let run = model.clone();
-        let a = blocking(move || pipeline::analyze(&run, planes).map_err(analysis_error)).await?;
-        drop(_running);
+        // The permit goes with the analysis: a client that gives up does not
+        // free it while ONNX Runtime still works for it.
+        let a = blocking(move || {
+            let _running = running;
+            pipeline::analyze(&run, planes).map_err(analysis_error)
+        })
+        .await?;
 
         let mut outputs = Vec::new();
         let mut raw = Vec::new();
