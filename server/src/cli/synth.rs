@@ -116,8 +116,12 @@ pub fn run(args: SynthArgs) -> anyhow::Result<()> {
                             let path = args.out.join(format!("{}.preview.png", scan.info.name));
                             std::fs::write(&path, niix_synth::preview_png(&scan, f))?;
                         }
-                        let kinds: Vec<String> =
-                            scan.info.anomalies.iter().map(|a| format!("{:?}", a.kind).to_lowercase()).collect();
+                        let kinds: Vec<String> = scan
+                            .info
+                            .anomalies
+                            .iter()
+                            .map(|a| serde_json::to_value(a.kind).map(|v| v.as_str().unwrap_or_default().to_string()))
+                            .collect::<Result<_, _>>()?;
                         println!("{} {:?} [{}]", scan.info.name, scan.info.cargo, kinds.join(","));
                     }
                 })
