@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::Stream;
-use niix_inference::pipeline::decode_plane;
 use niix_proto::v1::findings_server::Findings;
 use niix_proto::v1::{
     AdjudicateRequest, AlarmDecision, ExportTdrRequest, ExportTdrResponse, FindingsEvent, FindingsEventKind,
@@ -23,7 +22,7 @@ use crate::adjudication::operator_report;
 use crate::audit::{Caller, Gate};
 use crate::error::{Error, Result, blocking};
 use crate::header::canonical_scan_id;
-use crate::overlay::{OverlayOptions, decode_map_png, render};
+use crate::overlay::{OverlayOptions, decode_map_png, render_plane};
 use crate::store::{BlobStore, MetadataStore, ScanQuery, ScanRecord, StoredEvent};
 
 /// Default page of `ListScans`.
@@ -363,7 +362,6 @@ pub fn render_scan(
     // A partner's downsampled share is drawn at its size, regions scaled down.
     let factor = record.planes.get(index).map_or(1, |p| p.downsampled.max(1));
     let mut input = crate::analysis::stored_plane(record, index, blobs)?;
-    let plane = decode_plane(&mut input).map_err(|e| Error::Internal(format!("decoding plane {index}: {e}")))?;
     // Regions and map are in the coordinates of the analysed plane; planes
     // of one scan share them when they have the same size.
     let analysed = machine.as_ref().and_then(|m| planes_size(record, m.plane_index as usize));
@@ -391,7 +389,7 @@ pub fn render_scan(
     let map = map.filter(|_| factor == 1);
     let window = (req.window_high != 0).then_some((req.window_low as u16, req.window_high as u16));
     let options = OverlayOptions { max_width: req.max_width, window, heat: !req.hide_heat, boxes: !req.hide_boxes };
-    let o = render(&plane, map.as_ref().map(|(m, s)| (m, *s)), &regions, &options)?;
+    let o = render_plane(&mut input, map.as_ref().map(|(m, s)| (m, *s)), &regions, &options)?;
     Ok(RenderOverlayResponse {
         png: o.png,
         width: o.width,
