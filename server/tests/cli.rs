@@ -150,3 +150,25 @@ fn serve_refuses_a_public_address_without_insecure() {
     assert!(!ok);
     assert!(err.contains("--insecure"), "{err}");
 }
+
+/// An overlay larger than tonic's default 4 MiB message (a full-size
+/// container scan's is about 8 MB) reaches the officer's file.
+#[tokio::test]
+async fn overlay_writes_a_png_larger_than_four_mib() {
+    let dir = tempfile::tempdir().unwrap();
+    let high = file(dir.path(), "noisy.high.tif");
+    // Noise does not compress: 1600x1200 RGB is 5.8 MB of PNG.
+    write_tiff(&high, 1600, 1200, 7);
+    let server = Server::spawn(&dir.path().join("data")).await;
+    let (ok, out, err) = niix(&["push", high.to_str().unwrap(), "--server", &server.url, "--json"]);
+    assert!(ok, "{err}");
+    let id = json_lines(&out)[0]["scan_id"].as_str().unwrap().to_string();
+    let png = dir.path().join("overlay.png");
+    let (ok, _, err) =
+        niix(&["overlay", &id, "-o", png.to_str().unwrap(), "--max-width", "1600", "--server", &server.url]);
+    assert!(ok, "{err}");
+    let bytes = std::fs::read(&png).unwrap();
+    assert!(bytes.len() > 4 << 20, "the test needs an overlay above 4 MiB, got {} bytes", bytes.len());
+    let decoded = png::Decoder::new(std::io::Cursor::new(&bytes)).read_info().unwrap();
+    assert_eq!((decoded.info().width, decoded.info().height), (1600, 1200));
+}
