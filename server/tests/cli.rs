@@ -151,13 +151,14 @@ fn serve_refuses_a_public_address_without_insecure() {
     assert!(err.contains("--insecure"), "{err}");
 }
 
-/// An overlay larger than tonic's default 4 MiB message (a full-size
-/// container scan's is about 8 MB) reaches the officer's file.
+/// An overlay that would be larger than a stock client's 4 MiB message (a
+/// noisy full-width scan's) is narrowed by the server to fit, and
+/// `niix overlay` says so.
 #[tokio::test]
-async fn overlay_writes_a_png_larger_than_four_mib() {
+async fn overlay_of_noise_at_full_width_is_narrowed_to_fit_a_stock_client() {
     let dir = tempfile::tempdir().unwrap();
     let high = file(dir.path(), "noisy.high.tif");
-    // Noise does not compress: 1600x1200 RGB is 5.8 MB of PNG.
+    // Noise does not compress: 1600x1200 RGB would be 5.8 MB of PNG.
     write_tiff(&high, 1600, 1200, 7);
     let server = Server::spawn(&dir.path().join("data")).await;
     let (ok, out, err) = niix(&["push", high.to_str().unwrap(), "--server", &server.url, "--json"]);
@@ -167,8 +168,11 @@ async fn overlay_writes_a_png_larger_than_four_mib() {
     let (ok, _, err) =
         niix(&["overlay", &id, "-o", png.to_str().unwrap(), "--max-width", "1600", "--server", &server.url]);
     assert!(ok, "{err}");
+    assert!(err.contains("narrower than --max-width 1600"), "{err}");
     let bytes = std::fs::read(&png).unwrap();
-    assert!(bytes.len() > 4 << 20, "the test needs an overlay above 4 MiB, got {} bytes", bytes.len());
+    assert!(bytes.len() <= 4 << 20, "the overlay must fit a 4 MiB response, got {} bytes", bytes.len());
     let decoded = png::Decoder::new(std::io::Cursor::new(&bytes)).read_info().unwrap();
-    assert_eq!((decoded.info().width, decoded.info().height), (1600, 1200));
+    let (w, h) = (decoded.info().width, decoded.info().height);
+    assert!(w < 1600 && w > 800, "narrowed to {w}x{h}");
+    assert!((i64::from(h) - i64::from(1200 * w / 1600)).abs() <= 1, "the aspect ratio is kept ({w}x{h})");
 }
