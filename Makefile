@@ -7,7 +7,7 @@ MODELS ?= fixtures/models
 LISTEN ?= 127.0.0.1:50051
 ORT_LIB := .niix/onnxruntime/libonnxruntime.so.1.31.1
 
-.PHONY: run test build release lint fmt sample onnxruntime pyenv clean-data bench bench-oip models patchcore model eval reliability attack
+.PHONY: run test build release lint fmt sample onnxruntime pyenv clean-data bench bench-oip models patchcore model eval reliability attack layers fuzz-check
 
 ## Fetch what is missing, build, and serve on the embedded store.
 run: onnxruntime release
@@ -19,6 +19,21 @@ test: onnxruntime pyenv
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" $(CARGO) test --workspace
+	python3 scripts/layers.py --self-test
+	$(MAKE) fuzz-check
+
+## The fuzz targets (fuzz/, its own workspace and lock file) on the stable
+## toolchain, so that they cannot rot: clippy type-checks the libFuzzer
+## binaries and the seed writer, and each target's body runs on its committed
+## seeds. Fuzzing itself needs nightly (make reliability, scripts/fuzz.sh).
+fuzz-check:
+	$(CARGO) clippy --manifest-path fuzz/Cargo.toml --target-dir $(CURDIR)/target --all-targets -- -D warnings
+	$(CARGO) test --manifest-path fuzz/Cargo.toml --target-dir $(CURDIR)/target --lib
+
+## Import circles between the modules of server/ and inference/ (scripts/layers.py);
+## prints each circle and the imports that close it.
+layers:
+	python3 scripts/layers.py server/src inference/src
 
 ## Python 3.11 for the tests that check niix against outside implementations:
 ## pydicom and the DICOS toolkit (pydicos) read our DICOS files, grpcio stubs

@@ -184,3 +184,81 @@ impl Drop for Serve {
         let _ = self.child.wait();
     }
 }
+
+/// PackBits of `n` copies of `value`: runs of 128 (two bytes each).
+fn packbits_constant(n: usize, value: u8) -> Vec<u8> {
+    let mut out = Vec::with_capacity(n / 64 + 2);
+    let mut left = n;
+    while left > 0 {
+        let run = left.min(128);
+        out.extend([(1 - run as i32) as u8, value]);
+        left -= run;
+    }
+    out
+}
+
+/// A decompression bomb: a DICOS DX object (RLE Lossless, high energy) of
+/// `side x side` 16-bit samples all equal to `sample`, a few MB that decode
+/// to `2 x side²` bytes.
+pub fn dicos_rle_bomb(side: u16, sample: u16) -> Vec<u8> {
+    use dicom_core::value::{PixelFragmentSequence, Value};
+    use dicom_core::{DataElement, VR, dicom_value};
+    use dicom_dictionary_std::tags;
+    use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
+    const DX_PROCESSING: &str = "1.2.840.10008.5.1.4.1.1.501.2.2";
+
+    let pixels = usize::from(side) * usize::from(side);
+    let high = packbits_constant(pixels, (sample >> 8) as u8);
+    let low = packbits_constant(pixels, sample as u8);
+    let mut fragment = vec![0u8; 64];
+    fragment[..4].copy_from_slice(&2u32.to_le_bytes());
+    fragment[4..8].copy_from_slice(&64u32.to_le_bytes());
+    fragment[8..12].copy_from_slice(&(64 + high.len() as u32).to_le_bytes());
+    fragment.extend(high);
+    fragment.extend(low);
+    let mut obj = InMemDicomObject::new_empty();
+    obj.put(DataElement::new(tags::SOP_CLASS_UID, VR::UI, DX_PROCESSING));
+    obj.put(DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, "1.2.3.4"));
+    obj.put(DataElement::new(tags::MODALITY, VR::CS, "DX"));
+    obj.put(DataElement::new(tags::IMAGE_TYPE, VR::CS, dicom_value!(Strs, ["ORIGINAL", "PRIMARY", "HIGH ENERGY"])));
+    obj.put(DataElement::new(tags::ROWS, VR::US, dicom_value!(U16, [side])));
+    obj.put(DataElement::new(tags::COLUMNS, VR::US, dicom_value!(U16, [side])));
+    obj.put(DataElement::new(tags::SAMPLES_PER_PIXEL, VR::US, dicom_value!(U16, [1])));
+    obj.put(DataElement::new(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2"));
+    obj.put(DataElement::new(tags::BITS_ALLOCATED, VR::US, dicom_value!(U16, [16])));
+    obj.put(DataElement::new(tags::BITS_STORED, VR::US, dicom_value!(U16, [16])));
+    obj.put(DataElement::new(tags::HIGH_BIT, VR::US, dicom_value!(U16, [15])));
+    obj.put(DataElement::new(tags::PIXEL_REPRESENTATION, VR::US, dicom_value!(U16, [0])));
+    let sequence = PixelFragmentSequence::new(Vec::<u32>::new(), vec![fragment]);
+    obj.put(DataElement::new(tags::PIXEL_DATA, VR::OB, Value::PixelSequence(sequence)));
+    let file = obj
+        .with_meta(
+            FileMetaTableBuilder::new()
+                .transfer_syntax("1.2.840.10008.1.2.5")
+                .media_storage_sop_class_uid(DX_PROCESSING)
+                .media_storage_sop_instance_uid("1.2.3.4"),
+        )
+        .expect("a complete file meta group");
+    let mut out = Vec::new();
+    file.write_all(&mut out).expect("writing to memory");
+    out
+}
+
+/// A decompression bomb: a 16-bit grey PNG of `side x side` samples all
+/// equal to `sample` (a few MB).
+pub fn png_bomb(side: u32, sample: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut enc = png::Encoder::new(&mut out, side, side);
+    enc.set_color(png::ColorType::Grayscale);
+    enc.set_depth(png::BitDepth::Sixteen);
+    enc.set_compression(png::Compression::Fast);
+    let mut header = enc.write_header().expect("writing to memory");
+    let mut writer = header.stream_writer().expect("writing to memory");
+    let row: Vec<u8> = std::iter::repeat_n(sample.to_be_bytes(), side as usize).flatten().collect();
+    for _ in 0..side {
+        std::io::Write::write_all(&mut writer, &row).expect("writing to memory");
+    }
+    writer.finish().expect("writing to memory");
+    header.finish().expect("writing to memory");
+    out
+}

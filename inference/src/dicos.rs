@@ -656,6 +656,71 @@ mod tests {
         }
     }
 
+    /// PackBits with both kinds of run: repeats of equal bytes (up to 128),
+    /// literals of the rest (up to 128), so runs cross row boundaries.
+    fn packbits(bytes: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            let same = bytes[i..].iter().take(128).take_while(|&&b| b == bytes[i]).count();
+            if same >= 2 {
+                out.extend([(1 - same as i32) as u8, bytes[i]]);
+                i += same;
+            } else {
+                let n = (bytes.len() - i).min(128).min(
+                    (i..bytes.len())
+                        .find(|&j| j + 1 < bytes.len() && bytes[j] == bytes[j + 1])
+                        .map_or(128, |j| (j - i).max(1)),
+                );
+                out.push(n as u8 - 1);
+                out.extend(&bytes[i..i + n]);
+                i += n;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn rle_runs_that_cross_rows_decode_row_by_row() {
+        let (w, h) = (37u16, 29u16);
+        let px: Vec<u16> = (0..u32::from(w) * u32::from(h))
+            .map(|i| if (i / 50) % 2 == 0 { 30000 } else { (i * 7919 % 65536) as u16 })
+            .collect();
+        let high = packbits(&px.iter().map(|s| (s >> 8) as u8).collect::<Vec<_>>());
+        let bytes = dx_rle(w, h, &px, |f| {
+            // Re-encode both segments with mixed runs instead of one literal each.
+            let low = packbits(&px.iter().map(|s| *s as u8).collect::<Vec<_>>());
+            f.truncate(64);
+            f[8..12].copy_from_slice(&(64 + high.len() as u32).to_le_bytes());
+            f.extend(&high);
+            f.extend(low);
+        });
+        let mut rows = 0;
+        let mut got = Vec::new();
+        decode_rows(Cursor::new(&bytes), w.into(), h.into(), &mut |y, row| {
+            assert_eq!((y, row.len()), (rows, usize::from(w)));
+            rows += 1;
+            got.extend_from_slice(row);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(got, px);
+    }
+
+    /// An object declaring far more pixels than its descriptor is refused
+    /// from its attributes: its pixel data is never read.
+    #[test]
+    fn a_declared_size_other_than_the_descriptor_is_refused_before_decoding() {
+        // 60000x60000 with a pixel data of 12 samples: decoding would fail,
+        // so a Mismatch proves it was never tried.
+        let bytes = dx(60000, 60000, &[1; 12]);
+        let err = decode_rows(Cursor::new(&bytes), 64, 64, &mut |_, _| panic!("no row")).unwrap_err();
+        assert!(
+            matches!(err, DecodeError::Mismatch(ref m) if m.contains("60000x60000 pixels but the plane descriptor says 64x64")),
+            "{err}"
+        );
+    }
+
     #[test]
     fn a_truncated_object_is_malformed() {
         let bytes = dx(4, 3, &[1; 12]);

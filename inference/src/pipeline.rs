@@ -426,6 +426,7 @@ fn infer_streaming(
     let batch_size = m.input.batch.min(tiles.len());
     let map_side = side / model.stride;
     let channels = chosen.len();
+    let step_rows = side - m.input.overlap;
     let mut raw_max = f32::NEG_INFINITY;
     // The distinct planes, in channel order, and the band feeding each channel.
     let mut used: Vec<usize> = Vec::new();
@@ -445,7 +446,9 @@ fn infer_streaming(
         let mut picked: Vec<Option<&mut PlaneInput>> = planes.iter_mut().map(Some).collect();
         for &p in &used {
             let plane = picked[p].take().expect("each plane once");
-            let (tx, rx) = sync_channel::<RowChunk>(2);
+            // Room for the rows of one tile step, so decoding the next tile
+            // row overlaps with ONNX Runtime running this one.
+            let (tx, rx) = sync_channel::<RowChunk>(step_rows.div_ceil(ROWS_PER_CHUNK).max(2));
             bands.push(Band { rx, pending: None, samples: vec![0u16; side.min(h) * w], top: 0, filled: 0 });
             decoders.push(scope.spawn(move || {
                 let t0 = Instant::now();
@@ -673,7 +676,8 @@ pub fn model_input(
 }
 
 /// Analyses one scan with one model, streaming: memory is bounded by one
-/// tile row of the chosen planes (as 16-bit samples) and the anomaly map,
+/// tile row of the chosen planes as 16-bit samples (plus the rows of the
+/// next tile step, decoded ahead while ONNX Runtime runs) and the anomaly map,
 /// not by the scan (a structure model also keeps the transformed first
 /// channel of scans of its fitted size).
 pub fn analyze(model: &Model, mut planes: Vec<PlaneInput>) -> Result<Analysis, AnalysisError> {

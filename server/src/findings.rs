@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::Stream;
-use niix_inference::pipeline::decode_plane;
 use niix_proto::v1::findings_server::Findings;
 use niix_proto::v1::{
     AdjudicateRequest, AlarmDecision, ExportTdrRequest, ExportTdrResponse, FindingsEvent, FindingsEventKind,
@@ -28,7 +27,7 @@ use crate::adjudication::operator_report;
 use crate::audit::{Caller, Gate};
 use crate::error::{Error, Result, blocking};
 use crate::header::canonical_scan_id;
-use crate::overlay::{OverlayOptions, decode_map_png, render};
+use crate::overlay::{OverlayOptions, decode_map_png, render_plane};
 use crate::scope::SiteScope;
 use crate::store::{BlobStore, MetadataStore, ScanQuery, ScanRecord, StoredEvent};
 
@@ -461,7 +460,6 @@ pub fn render_scan(
     // A partner's downsampled share is drawn at its size, regions scaled down.
     let factor = record.planes.get(index).map_or(1, |p| p.downsampled.max(1));
     let mut input = crate::analysis::stored_plane(record, index, blobs)?;
-    let plane = decode_plane(&mut input).map_err(|e| Error::Internal(format!("decoding plane {index}: {e}")))?;
     // Regions and map are in the coordinates of the analysed plane; planes
     // of one scan share them when they have the same size.
     let analysed = machine.as_ref().and_then(|m| planes_size(record, m.plane_index as usize));
@@ -490,7 +488,7 @@ pub fn render_scan(
     let window = (req.window_high != 0).then_some((req.window_low as u16, req.window_high as u16));
     let mut options = OverlayOptions { max_width: req.max_width, window, heat: !req.hide_heat, boxes: !req.hide_boxes };
     let map = map.as_ref().map(|(m, s)| (m, *s));
-    let mut o = render(&plane, map, &regions, &options)?;
+    let mut o = render_plane(&mut input, map, &regions, &options)?;
     // Over budget: render narrower (same window) until it fits. A PNG's size
     // grows about with its pixel count, so each round aims at the budget by
     // the square root of the ratio, with a margin.
@@ -502,7 +500,7 @@ pub fn render_scan(
         let ratio = (MAX_OVERLAY_PNG_BYTES as f64 / o.png.len() as f64).sqrt() * 0.92;
         options.max_width = ((f64::from(o.width) * ratio) as u32).clamp(1, o.width - 1);
         options.window = Some(o.window);
-        o = render(&plane, map, &regions, &options)?;
+        o = render_plane(&mut input, map, &regions, &options)?;
         shrunk = true;
     }
     if o.png.len() > MAX_OVERLAY_PNG_BYTES {

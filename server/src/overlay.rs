@@ -1,10 +1,17 @@
 //! What an analyst sees: a plane windowed to 8 bits, downsampled, with the
 //! anomaly map as a translucent heat layer and the regions boxed and
 //! labelled. Also the 8-bit PNG form in which anomaly maps are stored.
+//!
+//! A stored plane is read row by row ([`render_plane`]): once for the
+//! automatic window's histogram, once to window and box-average the rows
+//! into the output image. Memory is the output image, whatever the plane's
+//! size.
 
-use fast_image_resize::images::Image;
-use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use std::io::{Seek, SeekFrom};
+
 use ndarray::Array2;
+use niix_inference::decode::{DecodeLimits, decode_rows};
+use niix_inference::pipeline::PlaneInput;
 use niix_proto::v1::Region;
 
 use crate::error::{Error, Result};
@@ -73,7 +80,12 @@ pub fn auto_window(plane: &Array2<u16>) -> (u16, u16) {
     for &v in plane {
         hist[v as usize] += 1;
     }
-    let n = plane.len() as u64;
+    window_of(&hist)
+}
+
+/// The 0.5th and 99.5th percentiles of a histogram of 16-bit samples.
+fn window_of(hist: &[u64]) -> (u16, u16) {
+    let n: u64 = hist.iter().sum();
     let pick = |q: f64| {
         let target = ((n as f64) * q) as u64;
         let mut acc = 0;
@@ -87,6 +99,108 @@ pub fn auto_window(plane: &Array2<u16>) -> (u16, u16) {
     };
     let (lo, hi) = (pick(0.005), pick(0.995));
     if hi > lo { (lo, hi) } else { (lo.saturating_sub(1), lo.saturating_add(1).max(1)) }
+}
+
+/// Box-averages windowed rows of a `w x h` plane into an `ow x oh` image,
+/// a row at a time: source row `y` falls in output row `y * oh / h`, column
+/// `x` in output column `x * ow / w`.
+struct BoxDown {
+    w: usize,
+    h: usize,
+    ow: usize,
+    oh: usize,
+    /// Output column of each source column.
+    col: Vec<u32>,
+    /// Source columns in each output column.
+    per_col: Vec<u32>,
+    /// Sums of the output row being built, and its source rows so far.
+    sums: Vec<u32>,
+    rows: u32,
+    current: usize,
+    out: Vec<u8>,
+}
+
+impl BoxDown {
+    fn new((w, h): (usize, usize), (ow, oh): (usize, usize)) -> BoxDown {
+        let col: Vec<u32> = (0..w).map(|x| (x * ow / w) as u32).collect();
+        let mut per_col = vec![0u32; ow];
+        for &c in &col {
+            per_col[c as usize] += 1;
+        }
+        BoxDown { w, h, ow, oh, col, per_col, sums: vec![0; ow], rows: 0, current: 0, out: vec![0; ow * oh] }
+    }
+
+    fn flush(&mut self) {
+        if self.rows == 0 {
+            return;
+        }
+        let dst = &mut self.out[self.current * self.ow..(self.current + 1) * self.ow];
+        for ((d, s), n) in dst.iter_mut().zip(&mut self.sums).zip(&self.per_col) {
+            let n = n * self.rows;
+            *d = ((*s + n / 2) / n.max(1)) as u8;
+            *s = 0;
+        }
+        self.rows = 0;
+    }
+
+    fn push(&mut self, y: usize, grey: &[u8]) {
+        let target = y * self.oh / self.h;
+        if target != self.current {
+            self.flush();
+            self.current = target;
+        }
+        for (&g, &c) in grey.iter().zip(&self.col).take(self.w) {
+            self.sums[c as usize] += u32::from(g);
+        }
+        self.rows += 1;
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.flush();
+        self.out
+    }
+}
+
+/// Renders a stored plane, decoded row by row (twice when the window is
+/// automatic), with its anomaly map and regions (see [`render`]).
+pub fn render_plane(
+    input: &mut PlaneInput,
+    map: Option<(&Array2<u8>, u32)>,
+    regions: &[Region],
+    options: &OverlayOptions,
+) -> Result<Overlay> {
+    let (w, h, encoding, kind) = (input.width, input.height, input.encoding, input.kind.clone());
+    let reader = &mut input.reader;
+    let mut read = |sink: &mut dyn FnMut(usize, &[u16])| -> Result<()> {
+        let bad = |e: String| Error::Internal(format!("decoding the {kind} plane: {e}"));
+        reader.seek(SeekFrom::Start(0)).map_err(|e| bad(e.to_string()))?;
+        decode_rows(&mut *reader, encoding, w, h, &DecodeLimits::default(), |y, row| {
+            sink(y as usize, row);
+            Ok(())
+        })
+        .map(|_| ())
+        .map_err(|e| bad(e.to_string()))
+    };
+    render_rows((h as usize, w as usize), &mut read, map, regions, options)
+}
+
+/// Renders a plane held in memory (see [`render_rows`]).
+pub fn render(
+    plane: &Array2<u16>,
+    map: Option<(&Array2<u8>, u32)>,
+    regions: &[Region],
+    options: &OverlayOptions,
+) -> Result<Overlay> {
+    let mut read = |sink: &mut dyn FnMut(usize, &[u16])| -> Result<()> {
+        for (y, row) in plane.rows().into_iter().enumerate() {
+            match row.as_slice() {
+                Some(samples) => sink(y, samples),
+                None => sink(y, &row.to_vec()),
+            }
+        }
+        Ok(())
+    };
+    render_rows(plane.dim(), &mut read, map, regions, options)
 }
 
 /// 3x5 glyphs for labels: digits, '.', '#'. Each row is 3 bits, MSB left.
@@ -160,35 +274,47 @@ impl Canvas {
     }
 }
 
-/// Renders a plane with its anomaly map (`map`, one cell per `stride`
-/// pixels, 0..255) and regions.
-pub fn render(
-    plane: &Array2<u16>,
+/// A plane read row by row: each call hands every `(row, samples)` to the
+/// sink, top to bottom.
+pub type ReadRows<'a> = dyn FnMut(&mut dyn FnMut(usize, &[u16])) -> Result<()> + 'a;
+
+/// Renders a `(height, width)` plane, read through `read`, with its anomaly
+/// map (`map`, one cell per `stride` pixels, 0..255) and regions.
+pub fn render_rows(
+    (h, w): (usize, usize),
+    read: &mut ReadRows<'_>,
     map: Option<(&Array2<u8>, u32)>,
     regions: &[Region],
     options: &OverlayOptions,
 ) -> Result<Overlay> {
-    let (h, w) = plane.dim();
-    let window = options.window.filter(|(lo, hi)| hi > lo).unwrap_or_else(|| auto_window(plane));
+    let window = match options.window.filter(|(lo, hi)| hi > lo) {
+        Some(window) => window,
+        None => {
+            let mut hist = vec![0u64; 65536];
+            read(&mut |_, row| {
+                for &v in row {
+                    hist[v as usize] += 1;
+                }
+            })?;
+            window_of(&hist)
+        }
+    };
     let (lo, hi) = (f32::from(window.0), f32::from(window.1));
     let lut: Vec<u8> =
         (0..=u16::MAX).map(|v| (((f32::from(v) - lo) / (hi - lo)).clamp(0.0, 1.0) * 255.0).round() as u8).collect();
-    let grey: Vec<u8> = plane.iter().map(|&v| lut[v as usize]).collect();
 
     let max_width = if options.max_width == 0 { DEFAULT_MAX_WIDTH } else { options.max_width };
     let out_w = (w as u32).min(max_width).max(1);
-    let out_h = ((h as f64 * f64::from(out_w) / w as f64).round() as u32).max(1);
-    let small = if (out_w, out_h) == (w as u32, h as u32) {
-        grey
-    } else {
-        let src = Image::from_vec_u8(w as u32, h as u32, grey, PixelType::U8)
-            .map_err(|e| Error::Internal(format!("overlay source: {e}")))?;
-        let mut dst = Image::new(out_w, out_h, PixelType::U8);
-        Resizer::new()
-            .resize(&src, &mut dst, &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Box)))
-            .map_err(|e| Error::Internal(format!("overlay resize: {e}")))?;
-        dst.into_vec()
-    };
+    let out_h = ((h as f64 * f64::from(out_w) / w as f64).round() as u32).clamp(1, h.max(1) as u32);
+    let mut down = BoxDown::new((w, h), (out_w as usize, out_h as usize));
+    let mut grey = vec![0u8; w];
+    read(&mut |y, row| {
+        for (g, &v) in grey.iter_mut().zip(row) {
+            *g = lut[v as usize];
+        }
+        down.push(y, &grey);
+    })?;
+    let small = down.finish();
     let (ow, oh) = (out_w as usize, out_h as usize);
     let mut canvas = Canvas { rgb: small.iter().flat_map(|&g| [g, g, g]).collect(), w: ow, h: oh };
     let sx = w as f64 / ow as f64;
@@ -257,6 +383,26 @@ mod tests {
         p[[0, 1]] = 65535;
         let (lo, hi) = auto_window(&p);
         assert!((1000..1010).contains(&lo) && (1990..2000).contains(&hi), "{lo} {hi}");
+    }
+
+    #[test]
+    fn rows_are_box_averaged_into_the_output() {
+        // 8x4 samples 0..255 with an identity window, drawn 4 wide: each
+        // output pixel is the rounded mean of a 2x2 block.
+        let plane = Array2::from_shape_fn((4, 8), |(y, x)| (y * 50 + x * 7 + (x * y) % 3) as u16);
+        let options = OverlayOptions { max_width: 4, window: Some((0, 255)), heat: false, boxes: false };
+        let o = render(&plane, None, &[], &options).unwrap();
+        assert_eq!((o.width, o.height), (4, 2));
+        let mut reader = png::Decoder::new(std::io::Cursor::new(o.png)).read_info().unwrap();
+        let mut rgb = vec![0u8; reader.output_buffer_size().unwrap()];
+        reader.next_frame(&mut rgb).unwrap();
+        for (oy, ox) in [(0, 0), (1, 3), (0, 2)] {
+            let sum: u32 = (0..2)
+                .flat_map(|dy| (0..2).map(move |dx| (dy, dx)))
+                .map(|(dy, dx)| u32::from(plane[[oy * 2 + dy, ox * 2 + dx]]))
+                .sum();
+            assert_eq!(u32::from(rgb[(oy * 4 + ox) * 3]), (sum + 2) / 4, "pixel {ox},{oy}");
+        }
     }
 
     #[test]

@@ -150,3 +150,29 @@ fn serve_refuses_a_public_address_without_insecure() {
     assert!(!ok);
     assert!(err.contains("--insecure"), "{err}");
 }
+
+/// An overlay that would be larger than a stock client's 4 MiB message (a
+/// noisy full-width scan's) is narrowed by the server to fit, and
+/// `niix overlay` says so.
+#[tokio::test]
+async fn overlay_of_noise_at_full_width_is_narrowed_to_fit_a_stock_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let high = file(dir.path(), "noisy.high.tif");
+    // Noise does not compress: 1600x1200 RGB would be 5.8 MB of PNG.
+    write_tiff(&high, 1600, 1200, 7);
+    let server = Server::spawn(&dir.path().join("data")).await;
+    let (ok, out, err) = niix(&["push", high.to_str().unwrap(), "--server", &server.url, "--json"]);
+    assert!(ok, "{err}");
+    let id = json_lines(&out)[0]["scan_id"].as_str().unwrap().to_string();
+    let png = dir.path().join("overlay.png");
+    let (ok, _, err) =
+        niix(&["overlay", &id, "-o", png.to_str().unwrap(), "--max-width", "1600", "--server", &server.url]);
+    assert!(ok, "{err}");
+    assert!(err.contains("narrower than --max-width 1600"), "{err}");
+    let bytes = std::fs::read(&png).unwrap();
+    assert!(bytes.len() <= 4 << 20, "the overlay must fit a 4 MiB response, got {} bytes", bytes.len());
+    let decoded = png::Decoder::new(std::io::Cursor::new(&bytes)).read_info().unwrap();
+    let (w, h) = (decoded.info().width, decoded.info().height);
+    assert!(w < 1600 && w > 800, "narrowed to {w}x{h}");
+    assert!((i64::from(h) - i64::from(1200 * w / 1600)).abs() <= 1, "the aspect ratio is kept ({w}x{h})");
+}

@@ -489,6 +489,21 @@ fn fit_and_eval_read_a_sites_own_ground_truth_with_unknown_fields_and_kinds() {
     let text = niix(&eval);
     assert!(text.contains("roc (threshold") && text.contains("drum_cluster: "), "{text}");
 
+    // Single-energy scans (`NAME.tif`) of the other family evaluate too,
+    // with a model that reads a single-energy plane.
+    let single = tmp.path().join("single");
+    let single_arg = single.to_str().unwrap();
+    niix(
+        &["synth", "--family", "portal", "--energies", "1", "--out", single_arg, "--count", "2"]
+            .into_iter()
+            .chain(["--width", "960", "--height", "240", "--anomaly-rate", "1"])
+            .collect::<Vec<_>>(),
+    );
+    assert!(single.join("portal-1-00000.tif").exists() && !single.join("portal-1-00000.low.tif").exists());
+    let on_single = ["eval", "--data", single_arg, "--models", demo_arg, "--model", "demo-local-contrast", "--json"];
+    let report: serde_json::Value = serde_json::from_str(&niix(&on_single)).unwrap();
+    assert_eq!(report["scans"].as_u64(), Some(2), "{report}");
+
     // A box that reaches outside its scan is refused with the scan named.
     label(&data, "synth-32-00003", r#"{"anomalies": [{"x": 500, "y": 700, "width": 80, "height": 80}]}"#);
     let refused = command(&eval).output().unwrap();

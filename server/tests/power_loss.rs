@@ -133,9 +133,10 @@ async fn a_power_cut_keeps_every_acknowledged_scan_and_shows_nothing_partial() {
         }
         let server = serve(&data).await;
         let ch = niix::client::connect(&server.url).await.unwrap();
+        let acked_now = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let pushers: Vec<_> = (0..3u32)
             .map(|p| {
-                let (ch, sent) = (ch.clone(), sent.clone());
+                let (ch, sent, acked_now) = (ch.clone(), sent.clone(), acked_now.clone());
                 tokio::spawn(async move {
                     let mut done = Vec::new();
                     for k in 0u32.. {
@@ -143,7 +144,10 @@ async fn a_power_cut_keeps_every_acknowledged_scan_and_shows_nothing_partial() {
                         let h = header(&new_id(), plane(PlaneEncoding::RawU16le, 1024, 1024, &raw));
                         sent.lock().unwrap().insert(h.scan_id.clone(), sha256(&raw));
                         match push_messages(&ch, messages(&h, &[&raw], 256 << 10)).await {
-                            Ok(receipt) => done.push((receipt.scan_id, receipt.planes[0].sha256.clone())),
+                            Ok(receipt) => {
+                                done.push((receipt.scan_id, receipt.planes[0].sha256.clone()));
+                                acked_now.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            }
                             Err(_) => return done,
                         }
                     }
@@ -151,7 +155,14 @@ async fn a_power_cut_keeps_every_acknowledged_scan_and_shows_nothing_partial() {
                 })
             })
             .collect();
+        // Cut at a random moment, but only once this round has at least one
+        // acknowledged scan to lose (a slow machine may need longer for it).
         tokio::time::sleep(Duration::from_millis(400 + rng.next_u64() % 1200)).await;
+        let waiting = std::time::Instant::now();
+        while acked_now.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            assert!(waiting.elapsed() < Duration::from_secs(300), "round {round}: no push acknowledged in 5 min");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         // The power cut: the process dies, and only what reached the device survives.
         server.kill9();
         let next = dir.path().join(format!("disk-{}.img", round + 1));

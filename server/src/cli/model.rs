@@ -31,9 +31,9 @@ pub enum ModelCommand {
 /// Arguments of `niix model fit`.
 #[derive(Debug, clap::Args)]
 pub struct FitArgs {
-    /// Directory of normal scans: `NAME.high.tif` + `NAME.low.tif` pairs
-    /// (a `NAME.json` ground truth listing anomalies excludes a scan;
-    /// docs/models.md, "Ground truth").
+    /// Directory of normal scans: `NAME.high.tif` + `NAME.low.tif` pairs or
+    /// single-energy `NAME.tif` (a `NAME.json` ground truth listing
+    /// anomalies excludes a scan; docs/models.md, "Ground truth").
     #[arg(long)]
     pub normal: PathBuf,
     /// The model to start from: a name in `--models` (its newest version),
@@ -77,7 +77,8 @@ pub struct FitArgs {
 /// Arguments of `niix eval`.
 #[derive(Debug, clap::Args)]
 pub struct EvalArgs {
-    /// Directory of labelled scans: `NAME.high.tif`, `NAME.low.tif` and a
+    /// Directory of labelled scans: `NAME.high.tif` and `NAME.low.tif` (or
+    /// single-energy `NAME.tif`) and a
     /// `NAME.json` ground truth each (`niix synth` output, or a site's own
     /// labels; docs/models.md, "Ground truth").
     #[arg(long)]
@@ -103,21 +104,29 @@ pub struct EvalArgs {
 /// One scan on disk.
 struct ScanFiles {
     name: String,
+    /// The high-energy plane, or a single-energy scan's only plane.
     high: PathBuf,
-    low: PathBuf,
+    /// The low-energy plane; none for a single-energy scan.
+    low: Option<PathBuf>,
     info: Option<GroundTruth>,
 }
 
-/// The `NAME.high.tif` / `NAME.low.tif` pairs of a directory, by name.
+/// The scans of a directory, by name: `NAME.high.tif` / `NAME.low.tif`
+/// pairs, and single-energy `NAME.tif`.
 fn scan_files(dir: &Path) -> anyhow::Result<Vec<ScanFiles>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let path = entry?.path();
-        let Some(name) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".high.tif")) else {
+        let Some(file) = path.file_name().and_then(|n| n.to_str()) else { continue };
+        let (name, low) = if let Some(name) = file.strip_suffix(".high.tif") {
+            let low = dir.join(format!("{name}.low.tif"));
+            anyhow::ensure!(low.exists(), "{} has no low-energy plane {}", path.display(), low.display());
+            (name, Some(low))
+        } else if let Some(name) = file.strip_suffix(".tif").filter(|n| !n.ends_with(".low")) {
+            (name, None)
+        } else {
             continue;
         };
-        let low = dir.join(format!("{name}.low.tif"));
-        anyhow::ensure!(low.exists(), "{} has no low-energy plane {}", path.display(), low.display());
         let json = dir.join(format!("{name}.json"));
         let info = json.exists().then(|| niix_synth::truth::read_truth(&json)).transpose()?;
         out.push(ScanFiles { name: name.to_string(), high: path, low, info });
@@ -153,7 +162,10 @@ fn plane(path: &Path, kind: &str) -> anyhow::Result<PlaneInput> {
 
 impl ScanFiles {
     fn planes(&self) -> anyhow::Result<Vec<PlaneInput>> {
-        Ok(vec![plane(&self.high, "high_energy")?, plane(&self.low, "low_energy")?])
+        match &self.low {
+            Some(low) => Ok(vec![plane(&self.high, "high_energy")?, plane(low, "low_energy")?]),
+            None => Ok(vec![plane(&self.high, "single_energy")?]),
+        }
     }
 
     /// The scan decoded and transformed into the model input `m` describes.

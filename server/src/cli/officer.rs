@@ -158,13 +158,18 @@ fn parse_window(w: &str) -> anyhow::Result<(u32, u32)> {
     Ok((a.trim().parse()?, b.trim().parse()?))
 }
 
+/// Largest overlay `niix overlay` accepts from the server. A 2048x6144
+/// container scan at the default 1600 px width is a PNG of about 8 MB, past
+/// tonic's default of 4 MiB; a long scan's can be many times that.
+const MAX_OVERLAY_BYTES: usize = 256 << 20;
+
 /// `niix overlay`.
 pub async fn overlay(args: OverlayArgs) -> anyhow::Result<()> {
     let (window_low, window_high) = match &args.window {
         Some(w) => parse_window(w)?,
         None => (0, 0),
     };
-    let mut client = FindingsClient::new(args.server.connect().await?);
+    let mut client = FindingsClient::new(args.server.connect().await?).max_decoding_message_size(MAX_OVERLAY_BYTES);
     let r = client
         .render_overlay(RenderOverlayRequest {
             scan_id: args.scan_id.clone(),

@@ -199,6 +199,13 @@ impl Server {
         panic!("niix serve did not come up");
     }
 
+    /// The server's peak resident memory so far (VmHWM), in MiB.
+    pub fn peak_rss_mib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM in /proc/PID/status");
+        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() / 1024
+    }
+
     /// SIGKILL, as a crash would.
     pub fn kill9(self) {
         // SAFETY: plain kill(2) on our own child's pid.
