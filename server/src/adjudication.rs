@@ -166,7 +166,9 @@ mod tests {
         let r = req(Verdict::Confirmed, vec![rv(Verdict::Unspecified)]);
         assert!(operator_report(Some(&m), &r, None).unwrap_err().to_string().contains("region 1: verdict is required"));
         let r = req(Verdict::Confirmed, vec![rv(Verdict::Confirmed), rv(Verdict::Dismissed)]);
-        assert!(operator_report(Some(&m), &r, None).unwrap_err().to_string().contains("region 1 is given more than once"));
+        assert!(
+            operator_report(Some(&m), &r, None).unwrap_err().to_string().contains("region 1 is given more than once")
+        );
         let mut r = req(Verdict::Confirmed, vec![]);
         r.verdict = 42;
         assert!(operator_report(Some(&m), &r, None).unwrap_err().to_string().contains("unknown verdict"));

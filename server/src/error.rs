@@ -1,7 +1,8 @@
-//! The one place where niix errors become gRPC statuses.
+//! The one place where niix errors become gRPC statuses and HTTP statuses.
 //!
 //! Every service returns [`Error`]; its [`From`] impl for [`tonic::Status`]
-//! picks the code, so the mapping is reviewed and tested here only.
+//! picks the gRPC code, [`Error::http_status`] the officer console's HTTP
+//! status, so the mapping is reviewed and tested here only.
 
 use crate::store::StoreError;
 
@@ -32,6 +33,9 @@ pub enum Error {
     /// The caller is known but may not do this.
     #[error("{0}")]
     PermissionDenied(String),
+    /// The caller did not prove who they are (no, unknown or expired credentials).
+    #[error("{0}")]
+    Unauthenticated(String),
     /// The server is shutting down.
     #[error("{0}")]
     Unavailable(String),
@@ -58,6 +62,7 @@ impl Error {
             Error::Aborted(_) => tonic::Code::Aborted,
             Error::NotFound(_) => tonic::Code::NotFound,
             Error::PermissionDenied(_) => tonic::Code::PermissionDenied,
+            Error::Unauthenticated(_) => tonic::Code::Unauthenticated,
             Error::Unavailable(_) => tonic::Code::Unavailable,
             Error::DeadlineExceeded(_) => tonic::Code::DeadlineExceeded,
             Error::Store(StoreError::Tampered(_)) => tonic::Code::DataLoss,
@@ -67,6 +72,23 @@ impl Error {
 }
 
 impl Error {
+    /// The HTTP status this error maps to (the officer console).
+    pub fn http_status(&self) -> http::StatusCode {
+        use http::StatusCode as H;
+        match self.code() {
+            tonic::Code::InvalidArgument => H::BAD_REQUEST,
+            tonic::Code::Unauthenticated => H::UNAUTHORIZED,
+            tonic::Code::PermissionDenied => H::FORBIDDEN,
+            tonic::Code::NotFound => H::NOT_FOUND,
+            tonic::Code::AlreadyExists | tonic::Code::Aborted => H::CONFLICT,
+            tonic::Code::FailedPrecondition => H::PRECONDITION_FAILED,
+            tonic::Code::ResourceExhausted => H::TOO_MANY_REQUESTS,
+            tonic::Code::Unavailable => H::SERVICE_UNAVAILABLE,
+            tonic::Code::DeadlineExceeded => H::GATEWAY_TIMEOUT,
+            _ => H::INTERNAL_SERVER_ERROR,
+        }
+    }
+
     /// What a client stream that broke means: a message that did not parse
     /// is the sender's fault (INVALID_ARGUMENT, see `niix_proto::codec`), so
     /// is a message over the transport's size limit (RESOURCE_EXHAUSTED);
@@ -124,5 +146,15 @@ mod tests {
         let s: tonic::Status = Error::Store(StoreError::Tampered("plane 0 of scan x".into())).into();
         assert_eq!(s.code(), tonic::Code::DataLoss);
         assert!(s.message().contains("altered"), "{}", s.message());
+    }
+
+    #[test]
+    fn http_statuses_follow_the_code() {
+        use http::StatusCode as H;
+        assert_eq!(Error::Unauthenticated("x".into()).http_status(), H::UNAUTHORIZED);
+        assert_eq!(Error::PermissionDenied("x".into()).http_status(), H::FORBIDDEN);
+        assert_eq!(Error::NotFound("x".into()).http_status(), H::NOT_FOUND);
+        assert_eq!(Error::InvalidArgument("x".into()).http_status(), H::BAD_REQUEST);
+        assert_eq!(Error::Store(StoreError::Tampered("x".into())).http_status(), H::INTERNAL_SERVER_ERROR);
     }
 }

@@ -304,6 +304,17 @@ impl FindingsService {
         Ok(ScanDetail { scan: Some(scan_message(&record)), findings: Some(findings) })
     }
 
+    /// A stored scan and its reports, scope-checked like every read (the
+    /// officer console renders tiles from it through [`Self::open_plane`]).
+    pub async fn scan_record(&self, scan_id: &str, scope: &SiteScope) -> Result<(ScanRecord, Vec<ThreatReport>)> {
+        self.record(scan_id, scope).await
+    }
+
+    /// Opens stored plane `index` of a scan for reading by rows (blocking).
+    pub fn open_plane(&self, record: &ScanRecord, index: usize) -> Result<niix_inference::pipeline::PlaneInput> {
+        crate::analysis::stored_plane(record, index, self.blobs.as_ref())
+    }
+
     /// A scan's status and reports.
     pub async fn findings(&self, scan_id: &str, scope: &SiteScope) -> Result<ScanFindings> {
         let (record, reports) = self.record(scan_id, scope).await?;

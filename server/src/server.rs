@@ -93,7 +93,7 @@ pub fn check_listen_policy(config: &Config) -> anyhow::Result<()> {
              or pass --insecure (insecure = true) on a network you trust"
         );
     }
-    Ok(())
+    crate::web::check_listen_policy(config)
 }
 
 /// A server that is accepting requests.
@@ -102,6 +102,8 @@ pub struct RunningServer {
     pub addr: SocketAddr,
     /// The `/metrics` address actually bound, if enabled.
     pub metrics_addr: Option<SocketAddr>,
+    /// The officer console's address actually bound, if enabled.
+    pub web_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     abandon: watch::Sender<bool>,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -123,6 +125,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     check_listen_policy(&config)?;
     config.limits.check().context("invalid [limits] configuration")?;
     let authenticator = Arc::new(Authenticator::new(&config.auth).context("invalid [auth] configuration")?);
+    let web_auth = authenticator.clone();
     let (meta, blobs) = open_store(&config.data_dir)?;
     check_audit_log(&config, meta.as_ref())?;
     let metrics = Metrics::new();
@@ -179,6 +182,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     )?;
     background.extend(crate::exchange::outbox::start(&exchange, stop_rx.clone()));
     let findings = FindingsService::new(meta.clone(), blobs.clone(), gate.clone(), events, stop_rx.clone());
+    let console = crate::web::Web::new(findings.clone(), web_auth, gate.clone(), &config.web, false);
     let ingest = Arc::new(
         Ingest::new(meta.clone(), blobs, config.limits.clone(), metrics.clone(), abandon_rx, wake)
             .with_min_free_bytes(config.storage.min_free_bytes),
@@ -254,12 +258,19 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         let _ = grpc_stop.wait_for(|s| *s).await;
     }));
 
+    let web_addr = match config.web.listen {
+        Some(at) => {
+            let timed_out = metrics.connections_timed_out.clone();
+            Some(crate::web::serve(at, console, timeouts, timed_out, stop_rx.clone(), &mut background).await?)
+        }
+        None => None,
+    };
     let metrics_addr = match config.metrics_listen {
         Some(at) => Some(serve_metrics(at, metrics, timeouts, stop_rx, &mut background).await?),
         None => None,
     };
-    tracing::info!(%addr, ?metrics_addr, data = %config.data_dir.display(), "niix serving");
-    Ok(RunningServer { addr, metrics_addr, stop, abandon, grpc, background, grace: config.shutdown_grace })
+    tracing::info!(%addr, ?metrics_addr, ?web_addr, data = %config.data_dir.display(), "niix serving");
+    Ok(RunningServer { addr, metrics_addr, web_addr, stop, abandon, grpc, background, grace: config.shutdown_grace })
 }
 
 /// The checkpoint the server keeps of its own audit log, under the data
