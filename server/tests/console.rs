@@ -183,6 +183,14 @@ async fn an_officer_signs_in_sees_a_scan_live_views_tiles_and_adjudicates_under_
     let mono = http(web, "GET", &format!("/api/scans/{id}/tiles/0/0/0/0.png?material=1"), &me, "").await;
     assert_eq!(mono.status, 412, "a single-energy scan has no material colouring");
 
+    // The heat layer is the analysed plane's anomaly map, stride pixels per value.
+    let stride = d["machine"]["heatmap_stride"].as_u64().expect("a stored anomaly map");
+    let heat = http(web, "GET", &format!("/api/scans/{id}/heatmap.png"), &me, "").await;
+    assert_eq!(heat.status, 200);
+    let info = png::Decoder::new(std::io::Cursor::new(&heat.body)).read_info().unwrap();
+    assert_eq!(info.info().color_type, png::ColorType::Rgba);
+    assert_eq!(u64::from(info.info().width), 256u64.div_ceil(stride));
+
     // Adjudication without the CSRF header is refused and stores nothing.
     let region = regions[0]["id"].as_u64().unwrap();
     let body = format!(

@@ -46,6 +46,7 @@ pub fn router(web: Web) -> Router {
         .route("/api/scans/{id}", get(detail))
         .route("/api/scans/{id}/adjudicate", post(adjudicate))
         .route("/api/scans/{id}/tdr", get(tdr))
+        .route("/api/scans/{id}/heatmap.png", get(heatmap))
         .route("/api/scans/{id}/tiles/{plane}/{level}/{x}/{tile}", get(tile))
         .fallback(|| async { ApiError(Error::NotFound("the console has no such page or endpoint".into())) })
         .layer(axum::middleware::map_response(security_headers))
@@ -302,6 +303,7 @@ fn report_json(r: &ThreatReport) -> Value {
         "verdict": (r.verdict != 0).then(|| verdict_name(r.verdict)),
         "comment": r.comment,
         "regions": r.regions.iter().map(region_json).collect::<Vec<_>>(),
+        "heatmap_stride": (!r.anomaly_map_sha256.is_empty()).then_some(r.anomaly_map_stride),
     })
 }
 
@@ -482,6 +484,20 @@ async fn events(State(web): State<Web>, headers: HeaderMap) -> ApiResult {
     let sse =
         stream.map_while(|e| e.ok()).map(|e| Ok::<_, Infallible>(Event::default().data(event_json(&e).to_string())));
     Ok(Sse::new(sse).keep_alive(KeepAlive::default()).into_response())
+}
+
+/// GET /api/scans/{id}/heatmap.png: the machine report's anomaly map as a
+/// heat layer (transparent where nothing was found, yellow to red with the
+/// score), one pixel per `heatmap_stride` plane pixels; opacity is the
+/// viewer's.
+async fn heatmap(State(web): State<Web>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
+    let (_, s) = web.session(&headers)?;
+    let map = web.findings.anomaly_map(&id, &s.scope).await?;
+    let Some((map, _)) = map else {
+        return Err(Error::NotFound(format!("scan {id} has no anomaly map on this server")).into());
+    };
+    let png = blocking(move || tiles::heat_png(&map)).await?;
+    Ok(([(header::CONTENT_TYPE, "image/png"), (header::CACHE_CONTROL, "private, max-age=3600")], png).into_response())
 }
 
 /// Display parameters of a tile request.

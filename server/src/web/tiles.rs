@@ -205,6 +205,22 @@ pub fn material_png(
     png(w, h, png::ColorType::Rgb, &data)
 }
 
+/// An 8-bit anomaly map as an RGBA heat layer: transparent below a tenth of
+/// the scale, then yellow to red, more opaque with the score.
+pub fn heat_png(map: &Array2<u8>) -> Result<Vec<u8>> {
+    let (h, w) = map.dim();
+    let mut data = Vec::with_capacity(w * h * 4);
+    for &v in map {
+        let t = f32::from(v) / 255.0;
+        if t < 0.1 {
+            data.extend([0, 0, 0, 0]);
+        } else {
+            data.extend([255, (230.0 * (1.0 - t)) as u8, 0, (80.0 + 175.0 * t) as u8]);
+        }
+    }
+    png(w, h, png::ColorType::Rgba, &data)
+}
+
 /// Indexes of the high- and low-energy planes of a dual-energy scan.
 pub fn dual_energy(record: &ScanRecord) -> Option<(usize, usize)> {
     let find = |k: PlaneKind| record.header.planes.iter().position(|p| p.kind == k as i32);

@@ -63,11 +63,12 @@ function listen() {
 
 // Viewer: a canvas drawing the tile pyramid of the chosen plane.
 const T = 256;
+let heat = null;
 let scan = null, view = { scale: 1, x: 0, y: 0 }, tileImgs = new Map(), verdicts = {}, scanVerdict = null, regionSel = 0;
 async function openScan(id) {
   scan = await api('GET', '/api/scans/' + encodeURIComponent(id));
   $('queue').hidden = true; $('viewer').hidden = false;
-  verdicts = {}; scanVerdict = null; regionSel = 0; tileImgs.clear();
+  verdicts = {}; scanVerdict = null; regionSel = 0; tileImgs.clear(); heat = null;
   $('scan-title').textContent = id;
   const s = scan.scan;
   $('meta').textContent = `${s.site_id} ${s.lane_id} · ${[...s.container_numbers, s.vehicle_plate].filter(Boolean).join(' ')} · origin ${s.origin || 'own'}`;
@@ -113,6 +114,17 @@ function draw() {
       g.drawImage(img, (tx * span - view.x) * view.scale, (ty * span - view.y) * view.scale, img.naturalWidth * (1 << level) * view.scale, img.naturalHeight * (1 << level) * view.scale);
     }
   }
+  const m = scan.machine;
+  if ($('heat').checked && m && m.heatmap_stride && m.plane_index === p.index) {
+    if (!heat) { heat = new Image(); heat.onload = draw; heat.src = `/api/scans/${encodeURIComponent(scan.scan.scan_id)}/heatmap.png`; }
+    if (heat.complete && heat.naturalWidth) {
+      g.globalAlpha = Number($('opacity').value) / 100;
+      g.imageSmoothingEnabled = true;
+      const s = m.heatmap_stride;
+      g.drawImage(heat, -view.x * view.scale, -view.y * view.scale, heat.naturalWidth * s * view.scale, heat.naturalHeight * s * view.scale);
+      g.globalAlpha = 1;
+    }
+  }
   if ($('boxes').checked && scan.machine) {
     scan.machine.regions.forEach((r, i) => {
       const v = verdicts[r.id];
@@ -135,7 +147,7 @@ let drag = null;
 $('canvas').addEventListener('mousedown', (e) => { drag = { x: e.clientX, y: e.clientY }; });
 window.addEventListener('mouseup', () => { drag = null; });
 window.addEventListener('mousemove', (e) => { if (!drag) return; view.x -= (e.clientX - drag.x) / view.scale; view.y -= (e.clientY - drag.y) / view.scale; drag = { x: e.clientX, y: e.clientY }; draw(); });
-for (const id of ['wl', 'wh', 'gamma', 'invert', 'material', 'boxes']) $(id).addEventListener('change', draw);
+for (const id of ['wl', 'wh', 'gamma', 'invert', 'material', 'boxes', 'heat', 'opacity']) $(id).addEventListener('change', draw);
 $('plane').addEventListener('change', () => { fit(); draw(); });
 window.addEventListener('resize', draw);
 function drawRegions() {
@@ -185,6 +197,7 @@ document.addEventListener('keydown', (e) => {
     case 'm': if (scan.dual_energy) { $('material').checked = !$('material').checked; draw(); } break;
     case 'i': $('invert').checked = !$('invert').checked; draw(); break;
     case 'b': $('boxes').checked = !$('boxes').checked; draw(); break;
+    case 'h': $('heat').checked = !$('heat').checked; draw(); break;
     case '+': zoomAt(1.25, $('stage').clientWidth / 2, $('stage').clientHeight / 2); break;
     case '-': zoomAt(0.8, $('stage').clientWidth / 2, $('stage').clientHeight / 2); break;
     case 'j': regionSel = Math.min(regs.length - 1, regionSel + 1); drawRegions(); draw(); break;
