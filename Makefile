@@ -5,6 +5,7 @@ CARGO ?= cargo
 DATA ?= data
 MODELS ?= fixtures/models
 LISTEN ?= 127.0.0.1:50051
+WEB_LISTEN ?= 127.0.0.1:8080
 ORT_LIB := .niix/onnxruntime/libonnxruntime.so.1.31.1
 
 .PHONY: run test build release lint fmt sample onnxruntime pyenv clean-data bench models patchcore model eval reliability attack
@@ -12,7 +13,8 @@ ORT_LIB := .niix/onnxruntime/libonnxruntime.so.1.31.1
 ## Fetch what is missing, build, and serve on the embedded store.
 run: onnxruntime release
 	mkdir -p $(DATA) $(MODELS)
-	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" ./target/release/niix serve --listen $(LISTEN) --data $(DATA) --models $(MODELS)
+	@echo "officer console: http://$(WEB_LISTEN)/ (no tokens configured: any token signs in as this workstation)"
+	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" ./target/release/niix serve --listen $(LISTEN) --web-listen $(WEB_LISTEN) --data $(DATA) --models $(MODELS)
 
 ## Build and run every test, plus format and lint checks (what CI runs).
 test: onnxruntime pyenv
