@@ -8,7 +8,7 @@ LISTEN ?= 127.0.0.1:50051
 WEB_LISTEN ?= 127.0.0.1:8080
 ORT_LIB := .niix/onnxruntime/libonnxruntime.so.1.31.1
 
-.PHONY: run test build release lint fmt sample onnxruntime pyenv clean-data bench models patchcore model eval reliability attack
+.PHONY: console-test run test build release lint fmt sample onnxruntime pyenv clean-data bench models patchcore model eval reliability attack
 
 ## Fetch what is missing, build, and serve on the embedded store.
 run: onnxruntime release
@@ -155,3 +155,12 @@ reliability: onnxruntime pyenv release
 		$(CARGO) test -p niix-server --test reliability --test crash --test power_loss -- --nocapture
 	./scripts/fuzz.sh $(FUZZ_SECONDS)
 	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" $(CARGO) run --release -p niix-benches --bin soak -- --duration $(SOAK_SECONDS)
+
+## The officer console end to end in headless Chromium (web-tests/): installs
+## Debian's chromium (apt) and the pinned playwright-core (npm ci), builds niix,
+## saves screenshots to docs/images/.
+console-test: onnxruntime
+	command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium)
+	cd web-tests && npm ci --no-audit --no-fund
+	$(CARGO) build -p niix-server --bin niix
+	cd web-tests && NIIX_BIN="$(CURDIR)/target/debug/niix" ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" node console.e2e.mjs

@@ -594,21 +594,39 @@ fn render(web: &Web, record: &crate::store::ScanRecord, spec: &TileSpec) -> Resu
             }
         },
     };
-    let png = match spec.material {
-        true => {
-            let high = samples(first, spec.level, spec.x, spec.y)?;
-            let low = samples(second, spec.level, spec.x, spec.y)?;
-            if high.dim() != low.dim() {
-                return Err(Error::FailedPrecondition("the high- and low-energy planes differ in size".into()));
-            }
-            tiles::material_png(&high, &low, window, spec.gamma, spec.invert)?
-        }
-        false => tiles::grey_png(&samples(spec.plane, spec.level, spec.x, spec.y)?, window, spec.gamma, spec.invert)?,
+    // The band of BAND tiles around the one asked for, in one pass.
+    let x0 = spec.x / BAND * BAND;
+    let band = |plane: usize| -> Result<Vec<ndarray::Array2<u16>>, Error> {
+        let mut input = web.findings.open_plane(record, plane)?;
+        Ok(tiles::split_band(&tiles::band_samples(&mut input, spec.level, x0, spec.y, BAND)?))
     };
-    let png = Arc::new(png);
-    web.tiles.put(&record.scan_id, spec, png.clone());
-    Ok(png)
+    let (highs, lows) = match spec.material {
+        true => (band(first)?, Some(band(second)?)),
+        false => (band(spec.plane)?, None),
+    };
+    let mut wanted = None;
+    for (i, high) in highs.iter().enumerate() {
+        let png = match &lows {
+            Some(lows) => {
+                let low = lows.get(i).filter(|l| l.dim() == high.dim()).ok_or_else(|| {
+                    Error::FailedPrecondition("the high- and low-energy planes differ in size".into())
+                })?;
+                tiles::material_png(high, low, window, spec.gamma, spec.invert)?
+            }
+            None => tiles::grey_png(high, window, spec.gamma, spec.invert)?,
+        };
+        let png = Arc::new(png);
+        let at = TileSpec { x: x0 + i as u32, ..spec.clone() };
+        web.tiles.put(&record.scan_id, &at, png.clone());
+        if at.x == spec.x {
+            wanted = Some(png);
+        }
+    }
+    wanted.ok_or_else(|| Error::NotFound(format!("tile {} lies outside the plane", spec.x)))
 }
+
+/// Tiles of one tile row rendered together (see [`tiles::band_samples`]).
+const BAND: u32 = 8;
 
 #[cfg(test)]
 mod tests {

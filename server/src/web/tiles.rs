@@ -80,7 +80,7 @@ struct Grid {
     out_h: usize,
 }
 
-fn grid(width: u32, height: u32, level: u32, x: u32, y: u32) -> Result<Grid> {
+fn grid(width: u32, height: u32, level: u32, x: u32, y: u32, count: u32) -> Result<Grid> {
     let top = top_level(width, height);
     if level > top {
         return Err(Error::InvalidArgument(format!("level {level} does not exist; this plane has levels 0..={top}")));
@@ -91,7 +91,7 @@ fn grid(width: u32, height: u32, level: u32, x: u32, y: u32) -> Result<Grid> {
     if x0 >= u64::from(width) || y0 >= u64::from(height) {
         return Err(Error::NotFound(format!("tile {x},{y} of level {level} lies outside the {width}x{height} plane")));
     }
-    let out_w = (u64::from(width) - x0).div_ceil(step).min(u64::from(TILE)) as usize;
+    let out_w = (u64::from(width) - x0).div_ceil(step).min(u64::from(TILE * count.max(1))) as usize;
     let out_h = (u64::from(height) - y0).div_ceil(step).min(u64::from(TILE)) as usize;
     Ok(Grid { x0, y0, step, out_w, out_h })
 }
@@ -103,7 +103,21 @@ pub fn tile_samples(
     x: u32,
     y: u32,
 ) -> Result<Array2<u16>> {
-    let g = grid(plane.width, plane.height, level, x, y)?;
+    band_samples(plane, level, x, y, 1)
+}
+
+/// The samples of `count` neighbouring tiles of one tile row, from tile
+/// column `x` on (fewer at the plane's edge), in one pass over the rows:
+/// the viewer asks for the neighbours next, and a plane's rows are read
+/// from its top whichever tile is wanted. Split with [`split_band`].
+pub fn band_samples(
+    plane: &mut niix_inference::pipeline::PlaneInput,
+    level: u32,
+    x: u32,
+    y: u32,
+    count: u32,
+) -> Result<Array2<u16>> {
+    let g = grid(plane.width, plane.height, level, x, y, count)?;
     let mut sums = vec![0u64; g.out_w * g.out_h];
     let mut counts = vec![0u32; g.out_w * g.out_h];
     let y_end = (g.y0 + g.step * g.out_h as u64).min(u64::from(plane.height));
@@ -139,6 +153,14 @@ pub fn tile_samples(
     }
     let samples = sums.iter().zip(&counts).map(|(s, c)| (s / u64::from((*c).max(1))) as u16).collect();
     Array2::from_shape_vec((g.out_h, g.out_w), samples).map_err(|e| Error::Internal(format!("tile shape: {e}")))
+}
+
+/// A band of [`band_samples`] cut into its tiles, left to right.
+pub fn split_band(band: &Array2<u16>) -> Vec<Array2<u16>> {
+    let w = band.ncols();
+    (0..w.div_ceil(TILE as usize))
+        .map(|i| band.slice(ndarray::s![.., i * TILE as usize..((i + 1) * TILE as usize).min(w)]).to_owned())
+        .collect()
 }
 
 /// Grey level 0..=1 of a sample under a window, gamma and inversion.
@@ -324,6 +346,11 @@ mod tests {
         let t = tile_samples(&mut raw_plane(300, 20), 1, 0, 0).unwrap();
         assert_eq!(t.dim(), (10, 150));
         assert_eq!(t[[0, 0]], (10 + 1 + 11) / 4);
+        // A band of two tiles is the two tiles.
+        let band = split_band(&band_samples(&mut raw_plane(600, 20), 0, 0, 0, 8).unwrap());
+        assert_eq!(band.len(), 3);
+        assert_eq!(band[1], tile_samples(&mut raw_plane(600, 20), 0, 1, 0).unwrap());
+        assert_eq!(band[2].dim(), (20, 88));
         let e = tile_samples(&mut raw_plane(300, 20), 0, 2, 0).unwrap_err();
         assert!(matches!(e, Error::NotFound(_)), "{e}");
         let e = tile_samples(&mut raw_plane(300, 20), 3, 0, 0).unwrap_err();

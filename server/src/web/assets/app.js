@@ -103,6 +103,7 @@ function draw() {
   const top = p.levels - 1;
   const level = Math.max(0, Math.min(top, Math.floor(Math.log2(1 / view.scale))));
   const span = T * (1 << level), q = tileQuery();
+  let pending = 0;
   const x0 = Math.max(0, Math.floor(view.x / span)), y0 = Math.max(0, Math.floor(view.y / span));
   const x1 = Math.min(Math.ceil(p.width / span), Math.ceil((view.x + c.width / view.scale) / span));
   const y1 = Math.min(Math.ceil(p.height / span), Math.ceil((view.y + c.height / view.scale) / span));
@@ -110,6 +111,7 @@ function draw() {
     const url = `/api/scans/${encodeURIComponent(scan.scan.scan_id)}/tiles/${p.index}/${level}/${tx}/${ty}.png?${q}`;
     let img = tileImgs.get(url);
     if (!img) { img = new Image(); img.onload = draw; img.src = url; tileImgs.set(url, img); }
+    if (!img.complete) pending++;
     if (img.complete && img.naturalWidth) {
       g.drawImage(img, (tx * span - view.x) * view.scale, (ty * span - view.y) * view.scale, img.naturalWidth * (1 << level) * view.scale, img.naturalHeight * (1 << level) * view.scale);
     }
@@ -117,6 +119,7 @@ function draw() {
   const m = scan.machine;
   if ($('heat').checked && m && m.heatmap_stride && m.plane_index === p.index) {
     if (!heat) { heat = new Image(); heat.onload = draw; heat.src = `/api/scans/${encodeURIComponent(scan.scan.scan_id)}/heatmap.png`; }
+    if (!heat.complete) pending++;
     if (heat.complete && heat.naturalWidth) {
       g.globalAlpha = Number($('opacity').value) / 100;
       g.imageSmoothingEnabled = true;
@@ -135,6 +138,8 @@ function draw() {
       g.fillText(`#${r.id} ${r.max_score.toFixed(2)} ${r.category}`, (r.x - view.x) * view.scale, (r.y - view.y) * view.scale - 3);
     });
   }
+  // Images still loading (the end-to-end test waits for 0).
+  document.body.dataset.pending = pending;
   $('zoom').textContent = `zoom ${(view.scale * 100).toFixed(0)}% level ${level}`;
 }
 function zoomAt(factor, cx, cy) {
