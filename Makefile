@@ -158,9 +158,9 @@ reliability: onnxruntime pyenv release
 
 ## The officer console end to end in headless Chromium (web-tests/): installs
 ## Debian's chromium (apt) and the pinned playwright-core (npm ci), builds niix,
-## saves screenshots to docs/images/.
+## SCREENSHOTS=docs/images refreshes the README's screenshots.
 console-test: onnxruntime
 	command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium)
 	cd web-tests && npm ci --no-audit --no-fund
 	$(CARGO) build -p niix-server --bin niix
-	cd web-tests && NIIX_BIN="$(CURDIR)/target/debug/niix" ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" node console.e2e.mjs
+	cd web-tests && NIIX_BIN="$(CURDIR)/target/debug/niix" ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" SCREENSHOTS="$(SCREENSHOTS)" node console.e2e.mjs

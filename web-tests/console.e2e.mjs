@@ -4,7 +4,8 @@
 // keyboard, zooms, switches material colouring and the heat map on,
 // dismisses one region and confirms another, and `niix findings --json`
 // (gRPC) then holds exactly those verdicts under the officer's identity.
-// Screenshots of the queue and the viewer go to docs/images/.
+// Screenshots of the queue and the viewer go to $SCREENSHOTS (docs/images
+// for the README) or the test's temporary directory.
 //
 // Run with `make console-test` (builds niix, installs Chromium and
 // playwright-core). NIIX_BIN overrides the binary.
@@ -20,7 +21,6 @@ import assert from 'node:assert/strict';
 const repo = resolve(import.meta.dirname, '..');
 const bin = process.env.NIIX_BIN || join(repo, 'target/debug/niix');
 const ort = process.env.ORT_DYLIB_PATH || join(repo, '.niix/onnxruntime/libonnxruntime.so.1.31.1');
-const images = join(repo, 'docs/images');
 
 function freePort() {
   return new Promise((ok) => { const s = net.createServer(); s.listen(0, '127.0.0.1', () => { const p = s.address().port; s.close(() => ok(p)); }); });
@@ -29,6 +29,8 @@ const sha = (t) => createHash('sha256').update(t).digest('hex');
 const niix = (args, env = {}) => execFileSync(bin, args, { env: { ...process.env, NIIX_LOG: 'warn', ORT_DYLIB_PATH: ort, ...env }, encoding: 'utf8' });
 
 const tmp = mkdtempSync(join(tmpdir(), 'niix-console-'));
+// SCREENSHOTS=docs/images refreshes the README's screenshots.
+const images = process.env.SCREENSHOTS ? resolve(process.env.SCREENSHOTS) : tmp;
 const [grpc, web] = [await freePort(), await freePort()];
 const tokens = { officer: 'e2e-officer-token', partner: 'e2e-partner-token', scanner: 'e2e-scanner-token' };
 writeFileSync(join(tmp, 'niix.toml'), `
@@ -123,7 +125,7 @@ try {
   const given = (op.regions || []).filter((r) => r.verdict && !/UNSPECIFIED/i.test(String(r.verdict)))
     .map((r) => [r.id, String(r.verdict).replace(/^VERDICT_/i, '').toLowerCase()]);
   assert.deepEqual(given, [[1, 'dismissed'], [2, 'confirmed']]);
-  console.log(`console e2e: OK (scan ${id}; screenshots in docs/images/)`);
+  console.log(`console e2e: OK (scan ${id}; screenshots in ${images})`);
 } finally {
   if (browser) await browser.close();
   server.kill('SIGTERM');

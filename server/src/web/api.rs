@@ -580,19 +580,20 @@ fn render(web: &Web, record: &crate::store::ScanRecord, spec: &TileSpec) -> Resu
         })?,
         false => (spec.plane, spec.plane),
     };
+    let auto = || -> Result<(u16, u16), Error> {
+        if let Some(w) = web.tiles.window(&record.scan_id, first) {
+            return Ok(w);
+        }
+        let d = &record.header.planes[first];
+        let f = record.planes.get(first).map_or(1, |p| p.downsampled.max(1));
+        let top = tiles::top_level(d.width.div_ceil(f), d.height.div_ceil(f));
+        let w = crate::overlay::auto_window(&samples(first, top, 0, 0)?);
+        web.tiles.put_window(&record.scan_id, first, w);
+        Ok(w)
+    };
     let window = match spec.window {
         Some(w) => w,
-        None => match web.tiles.window(&record.scan_id, first) {
-            Some(w) => w,
-            None => {
-                let d = &record.header.planes[first];
-                let f = record.planes.get(first).map_or(1, |p| p.downsampled.max(1));
-                let top = tiles::top_level(d.width.div_ceil(f), d.height.div_ceil(f));
-                let w = crate::overlay::auto_window(&samples(first, top, 0, 0)?);
-                web.tiles.put_window(&record.scan_id, first, w);
-                w
-            }
-        },
+        None => auto()?,
     };
     // The band of BAND tiles around the one asked for, in one pass.
     let x0 = spec.x / BAND * BAND;
@@ -611,7 +612,8 @@ fn render(web: &Web, record: &crate::store::ScanRecord, spec: &TileSpec) -> Resu
                 let low = lows.get(i).filter(|l| l.dim() == high.dim()).ok_or_else(|| {
                     Error::FailedPrecondition("the high- and low-energy planes differ in size".into())
                 })?;
-                tiles::material_png(high, low, window, spec.gamma, spec.invert)?
+                // The automatic window's top is the plane's unattenuated (air) level.
+                tiles::material_png(high, low, auto()?.1, window, spec.gamma, spec.invert)?
             }
             None => tiles::grey_png(high, window, spec.gamma, spec.invert)?,
         };

@@ -14,7 +14,8 @@
 //! 99.5th percentile, computed on the top tile), `gamma`, `invert`, and
 //! `material=1`, which colours a dual-energy scan from its high- and
 //! low-energy planes (organic orange, mixed green, inorganic blue,
-//! impenetrable black). Tiles are 8-bit: a browser draws 8-bit images, and
+//! impenetrable black, air white), relative to the air level taken as the
+//! top of the automatic window. Tiles are 8-bit: a browser draws 8-bit images, and
 //! each window change is a new request, answered from the cache when seen.
 
 use std::collections::HashMap;
@@ -171,16 +172,18 @@ fn grey(v: u16, (lo, hi): (u16, u16), gamma: f32, invert: bool) -> f32 {
     if invert { 1.0 - t } else { t }
 }
 
-/// The material class colour of a high/low energy pair: the ratio of the
-/// attenuations `ln(low) / ln(high)` grows with the effective atomic number.
-/// The thresholds are a display convention, not a calibration.
-pub fn material_colour(high: u16, low: u16) -> [u8; 3] {
-    let th = (f32::from(high.max(1)) / 65536.0).min(0.999);
-    let tl = (f32::from(low.max(1)) / 65536.0).min(0.999);
+/// The material class colour of a high/low energy pair, given the
+/// unattenuated (air) level `air`: the ratio of the attenuations
+/// `ln(low) / ln(high)` grows with the effective atomic number. The
+/// thresholds are a display convention, not a calibration.
+pub fn material_colour(high: u16, low: u16, air: u16) -> [u8; 3] {
+    let air = f32::from(air.max(2));
+    let th = (f32::from(high.max(1)) / air).min(0.999);
+    let tl = (f32::from(low.max(1)) / air).min(0.999);
     if th < 0.02 {
         return [0, 0, 0]; // nothing got through: heavy or too thick
     }
-    if th > 0.97 {
+    if th > 0.95 {
         return [255, 255, 255]; // air
     }
     let r = tl.ln() / th.ln();
@@ -214,6 +217,7 @@ pub fn grey_png(samples: &Array2<u16>, window: (u16, u16), gamma: f32, invert: b
 pub fn material_png(
     high: &Array2<u16>,
     low: &Array2<u16>,
+    air: u16,
     window: (u16, u16),
     gamma: f32,
     invert: bool,
@@ -222,7 +226,7 @@ pub fn material_png(
     let mut data = Vec::with_capacity(w * h * 3);
     for (&hv, &lv) in high.iter().zip(low) {
         let shade = 0.35 + 0.65 * grey(hv, window, gamma, invert);
-        data.extend(material_colour(hv, lv).map(|c| (f32::from(c) * shade).round() as u8));
+        data.extend(material_colour(hv, lv, air).map(|c| (f32::from(c) * shade).round() as u8));
     }
     png(w, h, png::ColorType::Rgb, &data)
 }
@@ -360,11 +364,12 @@ mod tests {
     #[test]
     fn material_classes_follow_the_attenuation_ratio() {
         // Same attenuation at both energies: organic-like.
-        assert_eq!(material_colour(30000, 28000), [245, 150, 40]);
+        let air = 60000;
+        assert_eq!(material_colour(30000, 28000, air), [245, 150, 40]);
         // Low energy attenuated much more: inorganic.
-        assert_eq!(material_colour(30000, 4000), [50, 110, 230]);
-        assert_eq!(material_colour(500, 100), [0, 0, 0]);
-        assert_eq!(material_colour(65000, 65000), [255, 255, 255]);
+        assert_eq!(material_colour(30000, 4000, air), [50, 110, 230]);
+        assert_eq!(material_colour(500, 100, air), [0, 0, 0]);
+        assert_eq!(material_colour(59500, 59000, air), [255, 255, 255]);
     }
 
     #[test]
