@@ -97,6 +97,10 @@ async fn an_officer_signs_in_sees_a_scan_live_views_tiles_and_adjudicates_under_
     let dir = tempfile::tempdir().unwrap();
     let mut config = config(dir.path(), Limits::default());
     config.auth = tokens(&TOKENS);
+    // An officer of another site: the scan stays invisible to them.
+    let mut scoped = tokens(&[("officer-be", Role::Officer, "tok-officer-be")]).tokens.remove(0);
+    scoped.sites = vec!["BEANR".into()];
+    config.auth.tokens.push(scoped);
     let server = niix::server::start(config).await.unwrap();
     let web = server.web_addr.expect("the console listens");
 
@@ -190,6 +194,17 @@ async fn an_officer_signs_in_sees_a_scan_live_views_tiles_and_adjudicates_under_
     let info = png::Decoder::new(std::io::Cursor::new(&heat.body)).read_info().unwrap();
     assert_eq!(info.info().color_type, png::ColorType::Rgba);
     assert_eq!(u64::from(info.info().width), 256u64.div_ceil(stride));
+
+    // A site-scoped officer of another site sees neither the scan nor its tiles.
+    let (be_cookie, _) = session_of(&login(web, "tok-officer-be").await);
+    let be = [("cookie", be_cookie.as_str())];
+    assert_eq!(http(web, "GET", &format!("/api/scans/{id}"), &be, "").await.status, 404);
+    assert_eq!(
+        http(web, "GET", &format!("/api/scans/{id}/tiles/0/0/0/0.png?wl=0&wh=40000"), &be, "").await.status,
+        404
+    );
+    assert_eq!(http(web, "GET", &format!("/api/scans/{id}/heatmap.png"), &be, "").await.status, 404);
+    assert!(http(web, "GET", "/api/scans", &be, "").await.json()["scans"].as_array().unwrap().is_empty());
 
     // Adjudication without the CSRF header is refused and stores nothing.
     let region = regions[0]["id"].as_u64().unwrap();
