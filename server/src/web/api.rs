@@ -506,7 +506,8 @@ fn tile_spec(plane: usize, level: u32, x: u32, tile: &str, q: Option<&str>) -> R
         .strip_suffix(".png")
         .and_then(|y| y.parse().ok())
         .ok_or_else(|| Error::NotFound(format!("tile {tile:?}: tiles are named <y>.png")))?;
-    let mut spec = TileSpec { plane, level, x, y, window: None, gamma: 1.0, invert: false, material: false };
+    let mut spec =
+        TileSpec { plane, level, x, y, window: None, gamma: 1.0, invert: false, material: false, edge: false };
     let (mut wl, mut wh) = (None, None);
     let bad = |k: &str, v: &str| Error::InvalidArgument(format!("tile parameter {k}={v:?} is not valid"));
     for (k, v) in query_pairs(q) {
@@ -518,6 +519,7 @@ fn tile_spec(plane: usize, level: u32, x: u32, tile: &str, q: Option<&str>) -> R
             }
             "invert" => spec.invert = v == "1" || v == "true",
             "material" => spec.material = v == "1" || v == "true",
+            "edge" => spec.edge = v == "1" || v == "true",
             _ => return Err(Error::InvalidArgument(format!("unknown tile parameter {k:?}"))),
         }
     }
@@ -607,6 +609,14 @@ fn render(web: &Web, record: &crate::store::ScanRecord, spec: &TileSpec) -> Resu
     };
     let mut wanted = None;
     for (i, high) in highs.iter().enumerate() {
+        let sharp;
+        let high = match spec.edge {
+            true => {
+                sharp = tiles::enhance_edges(high);
+                &sharp
+            }
+            false => high,
+        };
         let png = match &lows {
             Some(lows) => {
                 let low = lows.get(i).filter(|l| l.dim() == high.dim()).ok_or_else(|| {

@@ -55,6 +55,8 @@ pub struct TileSpec {
     pub invert: bool,
     /// Dual-energy material colouring.
     pub material: bool,
+    /// Edge enhancement ([`enhance_edges`]).
+    pub edge: bool,
 }
 
 impl TileSpec {
@@ -162,6 +164,18 @@ pub fn split_band(band: &Array2<u16>) -> Vec<Array2<u16>> {
     (0..w.div_ceil(TILE as usize))
         .map(|i| band.slice(ndarray::s![.., i * TILE as usize..((i + 1) * TILE as usize).min(w)]).to_owned())
         .collect()
+}
+
+/// Edge enhancement: adds the sample's difference from its four
+/// neighbours' mean (a Laplacian sharpening; the tile's border repeats).
+pub fn enhance_edges(samples: &Array2<u16>) -> Array2<u16> {
+    let (h, w) = samples.dim();
+    Array2::from_shape_fn((h, w), |(y, x)| {
+        let at = |yy: usize, xx: usize| i32::from(samples[[yy.min(h - 1), xx.min(w - 1)]]);
+        let v = at(y, x);
+        let around = at(y.saturating_sub(1), x) + at(y + 1, x) + at(y, x.saturating_sub(1)) + at(y, x + 1);
+        (5 * v - around).clamp(0, 65535) as u16
+    })
 }
 
 /// Grey level 0..=1 of a sample under a window, gamma and inversion.
@@ -362,6 +376,15 @@ mod tests {
     }
 
     #[test]
+    fn edges_are_steepened_and_flat_areas_kept() {
+        let step = Array2::from_shape_fn((3, 4), |(_, x)| if x < 2 { 1000u16 } else { 2000 });
+        let e = enhance_edges(&step);
+        assert_eq!(e[[1, 0]], 1000);
+        assert_eq!((e[[1, 1]], e[[1, 2]]), (0, 3000));
+        assert_eq!(e[[1, 3]], 2000);
+    }
+
+    #[test]
     fn material_classes_follow_the_attenuation_ratio() {
         // Same attenuation at both energies: organic-like.
         let air = 60000;
@@ -375,8 +398,17 @@ mod tests {
     #[test]
     fn the_cache_stays_within_its_budget() {
         let cache = TileCache::default();
-        let spec =
-            |x| TileSpec { plane: 0, level: 0, x, y: 0, window: None, gamma: 1.0, invert: false, material: false };
+        let spec = |x| TileSpec {
+            plane: 0,
+            level: 0,
+            x,
+            y: 0,
+            window: None,
+            gamma: 1.0,
+            invert: false,
+            material: false,
+            edge: false,
+        };
         let tile = Arc::new(vec![0u8; 1 << 20]);
         for x in 0..100 {
             cache.put("s", &spec(x), tile.clone());

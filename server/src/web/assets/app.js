@@ -29,7 +29,11 @@ $('logout').addEventListener('click', async () => { await api('POST', '/api/logo
 
 // Queue
 let rows = [], sel = 0, next = '';
-function filters() { const f = new FormData($('filters')); const q = new URLSearchParams(); for (const [k, v] of f) if (v) q.set(k, v); return q; }
+function filters() {
+  const f = new FormData($('filters')); const q = new URLSearchParams();
+  for (const [k, v] of f) if (v) q.set(k, (k === 'from' || k === 'to') ? new Date(v).toISOString().replace(/\.\d+Z$/, 'Z') : v);
+  return q;
+}
 async function loadQueue(reset) {
   const q = filters(); if (!reset && next) q.set('page_token', next);
   const page = await api('GET', '/api/scans?' + q);
@@ -71,7 +75,10 @@ async function openScan(id) {
   verdicts = {}; scanVerdict = null; regionSel = 0; tileImgs.clear(); heat = null;
   $('scan-title').textContent = id;
   const s = scan.scan;
-  $('meta').textContent = `${s.site_id} ${s.lane_id} · ${[...s.container_numbers, s.vehicle_plate].filter(Boolean).join(' ')} · origin ${s.origin || 'own'}`;
+  const when = (t) => t ? new Date(t * 1000).toISOString().replace('T', ' ').slice(0, 19) + ' UTC' : '';
+  $('meta').textContent = [`site ${s.site_id} ${s.lane_id}`, [...s.container_numbers, s.vehicle_plate].filter(Boolean).join(' '),
+    s.declarations.join(' '), `scanned ${when(s.scan_time)}`, `origin ${s.origin || 'own'}`, scan.scanner || '', scan.remarks || '']
+    .filter((x) => x && x.trim()).join(' · ');
   $('plane').textContent = '';
   scan.planes.forEach((p) => { const o = document.createElement('option'); o.value = p.index; o.textContent = `${p.index}: ${p.kind} ${p.width}x${p.height}`; $('plane').appendChild(o); });
   $('material').disabled = !scan.dual_energy;
@@ -93,6 +100,7 @@ function tileQuery() {
   if ($('gamma').value && $('gamma').value !== '1') q.set('gamma', $('gamma').value);
   if ($('invert').checked) q.set('invert', '1');
   if ($('material').checked) q.set('material', '1');
+  if ($('edge').checked) q.set('edge', '1');
   return q.toString();
 }
 function draw() {
@@ -140,7 +148,19 @@ function draw() {
   }
   // Images still loading (the end-to-end test waits for 0).
   document.body.dataset.pending = pending;
+  ruler(g, p, c);
   $('zoom').textContent = `zoom ${(view.scale * 100).toFixed(0)}% level ${level}`;
+}
+// A scale bar in millimetres from the plane's pixel spacing (when known).
+function ruler(g, p, c) {
+  const mmPerPx = p.pixel_spacing_mm[0];
+  if (!mmPerPx) return;
+  const target = 150 / view.scale * mmPerPx; // mm across about 150 screen pixels
+  const step = [1, 2, 5].flatMap((m) => [1, 10, 100, 1000, 10000].map((e) => m * e)).filter((v) => v <= target).pop() || 1;
+  const len = step / mmPerPx * view.scale;
+  const x = c.width - len - 20, y = c.height - 20;
+  g.fillStyle = '#fff'; g.fillRect(x, y, len, 3); g.fillRect(x, y - 6, 2, 9); g.fillRect(x + len - 2, y - 6, 2, 9);
+  g.font = '12px sans-serif'; g.fillText(step >= 1000 ? `${step / 1000} m` : `${step} mm`, x, y - 8);
 }
 function zoomAt(factor, cx, cy) {
   const px = view.x + cx / view.scale, py = view.y + cy / view.scale;
@@ -152,7 +172,7 @@ let drag = null;
 $('canvas').addEventListener('mousedown', (e) => { drag = { x: e.clientX, y: e.clientY }; });
 window.addEventListener('mouseup', () => { drag = null; });
 window.addEventListener('mousemove', (e) => { if (!drag) return; view.x -= (e.clientX - drag.x) / view.scale; view.y -= (e.clientY - drag.y) / view.scale; drag = { x: e.clientX, y: e.clientY }; draw(); });
-for (const id of ['wl', 'wh', 'gamma', 'invert', 'material', 'boxes', 'heat', 'opacity']) $(id).addEventListener('change', draw);
+for (const id of ['wl', 'wh', 'gamma', 'invert', 'material', 'edge', 'boxes', 'heat', 'opacity']) $(id).addEventListener('change', draw);
 $('plane').addEventListener('change', () => { fit(); draw(); });
 window.addEventListener('resize', draw);
 function drawRegions() {
@@ -200,6 +220,7 @@ document.addEventListener('keydown', (e) => {
   switch (e.key) {
     case 'Escape': back(); break;
     case 'm': if (scan.dual_energy) { $('material').checked = !$('material').checked; draw(); } break;
+    case 'e': $('edge').checked = !$('edge').checked; draw(); break;
     case 'i': $('invert').checked = !$('invert').checked; draw(); break;
     case 'b': $('boxes').checked = !$('boxes').checked; draw(); break;
     case 'h': $('heat').checked = !$('heat').checked; draw(); break;
