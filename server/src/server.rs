@@ -182,7 +182,11 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     )?;
     background.extend(crate::exchange::outbox::start(&exchange, stop_rx.clone()));
     let findings = FindingsService::new(meta.clone(), blobs.clone(), gate.clone(), events, stop_rx.clone());
-    let console = crate::web::Web::new(findings.clone(), web_auth, gate.clone(), &config.web, false);
+    let web_tls = match (&config.web.listen, &config.tls) {
+        (Some(_), Some(tls)) => Some(crate::web::tls::acceptor(tls)?),
+        _ => None,
+    };
+    let console = crate::web::Web::new(findings.clone(), web_auth, gate.clone(), &config.web, web_tls.is_some());
     let ingest = Arc::new(
         Ingest::new(meta.clone(), blobs, config.limits.clone(), metrics.clone(), abandon_rx, wake)
             .with_min_free_bytes(config.storage.min_free_bytes),
@@ -261,7 +265,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let web_addr = match config.web.listen {
         Some(at) => {
             let timed_out = metrics.connections_timed_out.clone();
-            Some(crate::web::serve(at, console, timeouts, timed_out, stop_rx.clone(), &mut background).await?)
+            Some(crate::web::serve(at, console, web_tls, timeouts, timed_out, stop_rx.clone(), &mut background).await?)
         }
         None => None,
     };

@@ -287,3 +287,58 @@ async fn an_expired_session_is_refused() {
     assert!(a.json()["error"].as_str().unwrap().contains("expired"));
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn with_tls_the_console_serves_https_and_its_cookie_is_secure() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki { dir: dir.path().to_path_buf() };
+    let (ca_cert, ca_issuer) = ca("NL customs CA");
+    let (server_cert, server_key) = leaf("localhost", &ca_issuer);
+    let mut config = config(&dir.path().join("data"), Limits::default());
+    config.auth = tokens(&TOKENS);
+    config.analysis.enabled = false;
+    config.tls = Some(niix::config::TlsConfig {
+        cert: pki.write("server.pem", &server_cert.pem()),
+        key: pki.write("server.key", &server_key.serialize_pem()),
+        client_ca: None,
+    });
+    let server = niix::server::start(config).await.unwrap();
+    let web = server.web_addr.unwrap();
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca_cert.der().clone()).unwrap();
+    let client =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client));
+    let tcp = TcpStream::connect(web).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.expect("a TLS handshake with the [tls] certificate");
+    let body = "{\"token\":\"tok-officer\"}";
+    let req = format!(
+        "POST /api/login HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    let _ = tls.read_to_end(&mut raw).await; // the server may close without close_notify
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let cookie = text.lines().find(|l| l.to_ascii_lowercase().starts_with("set-cookie:")).unwrap();
+    assert!(
+        cookie.contains("; Secure") && cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+
+    // Plain HTTP on the TLS port gets no console.
+    let mut plain = TcpStream::connect(web).await.unwrap();
+    plain.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut raw)).await;
+    assert!(!String::from_utf8_lossy(&raw).contains("officer console"));
+    server.shutdown().await.unwrap();
+}

@@ -17,6 +17,7 @@ pub mod api;
 pub mod assets;
 pub mod session;
 pub mod tiles;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,18 +41,28 @@ use tiles::TileCache;
 /// Tiles rendered at once (each uses a core while it decodes).
 const RENDERS_AT_ONCE: usize = 2;
 
-/// Refuses console addresses that would expose it. The console serves
-/// plain HTTP, so off loopback tokens and session cookies would cross the
-/// network in clear text (and without tokens anyone could adjudicate): only
-/// `insecure` allows that; otherwise it stays on loopback, behind a
-/// TLS-terminating proxy when officers reach it from other machines.
+/// Refuses console addresses that would expose it, by the gRPC port's
+/// rules: off loopback it needs authentication (tokens) and TLS (`[tls]`,
+/// which the console then serves too), else tokens and session cookies
+/// would cross the network in clear text; `insecure` accepts either on a
+/// network the operator trusts.
 pub fn check_listen_policy(config: &Config) -> anyhow::Result<()> {
     let Some(at) = config.web.listen else { return Ok(()) };
-    if !at.ip().is_loopback() && !config.insecure {
+    if at.ip().is_loopback() || config.insecure {
+        return Ok(());
+    }
+    if !config.auth.enabled() {
         anyhow::bail!(
-            "refusing to serve the officer console on {at}: it serves plain HTTP, and tokens and session cookies \
-             would cross the network in clear text; bind it to 127.0.0.1 (--web-listen 127.0.0.1:8080) behind a \
-             TLS-terminating proxy, or pass --insecure (insecure = true) on a network you trust"
+            "refusing to serve the officer console on {at} without authentication: configure [[auth.tokens]] \
+             (see docs/operations.md), bind it to 127.0.0.1 (--web-listen 127.0.0.1:8080), or pass --insecure \
+             (insecure = true) on a network you trust"
+        );
+    }
+    if config.tls.is_none() {
+        anyhow::bail!(
+            "refusing to serve the officer console on {at} without TLS: tokens and session cookies would cross the \
+             network in clear text; configure [tls] (the console then serves HTTPS), bind it to 127.0.0.1, or pass \
+             --insecure (insecure = true) on a network you trust"
         );
     }
     Ok(())
@@ -172,10 +183,12 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Binds the console and serves it in the background until `stop`.
+/// Binds the console and serves it (over TLS with `tls`) in the background
+/// until `stop`.
 pub async fn serve(
     at: SocketAddr,
     web: Web,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     timeouts: Timeouts,
     timed_out: prometheus_client::metrics::counter::Counter,
     mut stop: watch::Receiver<bool>,
@@ -185,14 +198,24 @@ pub async fn serve(
     let listener = TcpListener::bind(at).await.with_context(|| format!("binding the officer console address {at}"))?;
     let bound = listener.local_addr()?;
     let listener = GuardedListener::new(listener, timeouts, timed_out);
-    background.push(tokio::spawn(async move {
-        let served = axum::serve(listener, app).with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        });
-        if let Err(e) = served.await {
-            tracing::warn!(error = %e, "officer console stopped");
+    let stopped = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    background.push(match tls {
+        Some(acceptor) => {
+            let listener = tls::TlsListener::new(listener, acceptor)?;
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stopped).await {
+                    tracing::warn!(error = %e, "officer console stopped");
+                }
+            })
         }
-    }));
+        None => tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stopped).await {
+                tracing::warn!(error = %e, "officer console stopped");
+            }
+        }),
+    });
     Ok(bound)
 }
 
@@ -216,8 +239,22 @@ mod tests {
             ..Config::default()
         };
         let e = check_listen_policy(&open).unwrap_err().to_string();
-        assert!(e.contains("0.0.0.0:8080") && e.contains("--insecure"), "{e}");
-        assert!(check_listen_policy(&Config { insecure: true, ..open }).is_ok());
+        assert!(e.contains("0.0.0.0:8080") && e.contains("without authentication"), "{e}");
+        assert!(check_listen_policy(&Config { insecure: true, ..open.clone() }).is_ok());
+        let auth = crate::auth::AuthConfig {
+            tokens: vec![crate::auth::TokenConfig {
+                identity: "o".into(),
+                role: crate::auth::Role::Officer,
+                sha256: "ab".repeat(32),
+                sites: vec![],
+            }],
+            ..Default::default()
+        };
+        let tokens = Config { auth, ..open };
+        let e = check_listen_policy(&tokens).unwrap_err().to_string();
+        assert!(e.contains("without TLS") && e.contains("[tls]"), "{e}");
+        let tls = crate::config::TlsConfig { cert: "c".into(), key: "k".into(), client_ca: None };
+        assert!(check_listen_policy(&Config { tls: Some(tls), ..tokens }).is_ok());
         assert!(check_listen_policy(&Config::default()).is_ok());
     }
 }
