@@ -8,7 +8,7 @@ LISTEN ?= 127.0.0.1:50051
 WEB_LISTEN ?= 127.0.0.1:8080
 ORT_LIB := .niix/onnxruntime/libonnxruntime.so.1.31.1
 
-.PHONY: console-test run test build release lint fmt sample onnxruntime pyenv clean-data bench models patchcore model eval reliability attack
+.PHONY: console-test console-bench run test build release lint fmt sample onnxruntime pyenv clean-data bench models patchcore model eval reliability attack
 
 ## Fetch what is missing, build, and serve on the embedded store.
 run: onnxruntime release
@@ -164,3 +164,10 @@ console-test: onnxruntime
 	cd web-tests && npm ci --no-audit --no-fund
 	$(CARGO) build -p niix-server --bin niix
 	cd web-tests && NIIX_BIN="$(CURDIR)/target/debug/niix" ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" SCREENSHOTS="$(SCREENSHOTS)" node console.e2e.mjs
+
+## Officer console numbers (click to first screen, tile latency rendered and
+## cached, RSS per session) from headless Chromium against the release binary.
+console-bench: onnxruntime release
+	command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium)
+	cd web-tests && npm ci --no-audit --no-fund
+	cd web-tests && NIIX_BIN="$(CURDIR)/target/release/niix" ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" node console.bench.mjs
