@@ -233,6 +233,10 @@ async fn an_officer_signs_in_sees_a_scan_live_views_tiles_and_adjudicates_under_
     assert_eq!(rv, vec![(region as u32, Verdict::Confirmed as i32)]);
     let q = http(web, "GET", "/api/scans?site=NLRTM-01", &me, "").await.json();
     assert_eq!(q["scans"][0]["verdict"], "confirmed");
+    let open = http(web, "GET", "/api/scans?verdict=none", &me, "").await.json();
+    assert!(open["scans"].as_array().unwrap().is_empty(), "{open}");
+    let confirmed = http(web, "GET", "/api/scans?verdict=confirmed", &me, "").await.json();
+    assert_eq!(confirmed["scans"][0]["scan_id"], id.as_str());
 
     // The TDR of the operator report downloads.
     let tdr = http(web, "GET", &format!("/api/scans/{id}/tdr?report=operator"), &me, "").await;

@@ -213,6 +213,17 @@ fn timestamp_arg(what: &str, v: &str) -> Result<prost_types::Timestamp, Error> {
     Ok(crate::findings::timestamp(t))
 }
 
+/// The `verdict` filter: `none` (not adjudicated) or a verdict. It is not a
+/// ListScans filter: it thins each page, so a page may hold fewer scans
+/// (or none) and still have a `next_page_token`.
+fn verdict_filter(q: Option<&str>) -> Result<Option<i32>, Error> {
+    match query_pairs(q).into_iter().find(|(k, v)| k == "verdict" && !v.is_empty()) {
+        None => Ok(None),
+        Some((_, v)) if v == "none" => Ok(Some(0)),
+        Some((_, v)) => verdict_arg(&v).map(Some),
+    }
+}
+
 /// The ListScans request of the console's query string.
 fn list_request(q: Option<&str>) -> Result<ListScansRequest, Error> {
     let mut r = ListScansRequest { page_size: 50, ..Default::default() };
@@ -235,6 +246,7 @@ fn list_request(q: Option<&str>) -> Result<ListScansRequest, Error> {
             "from" => r.scan_time_from = Some(timestamp_arg("from", &v)?),
             "to" => r.scan_time_to = Some(timestamp_arg("to", &v)?),
             "page_token" => r.page_token = v,
+            "verdict" => {} // applied to each page by `list`
             "page_size" => {
                 r.page_size =
                     v.parse().map_err(|_| Error::InvalidArgument(format!("page_size {v:?} is not a number")))?
@@ -316,11 +328,15 @@ async fn list(State(web): State<Web>, headers: HeaderMap, RawQuery(q): RawQuery)
     let (_, s) = web.session(&headers)?;
     let result = async {
         let req = list_request(q.as_deref())?;
+        let wanted = verdict_filter(q.as_deref())?;
         let page = web.findings.list(req, &s.scope).await?;
         let mut scans = Vec::with_capacity(page.scans.len());
         for scan in &page.scans {
             let reports = web.findings.findings(&scan.scan_id, &s.scope).await.map(|f| f.reports).unwrap_or_default();
-            scans.push(scan_json(scan, operator_verdict(&reports)));
+            let verdict = operator_verdict(&reports);
+            if wanted.is_none_or(|w| w == verdict.unwrap_or(0)) {
+                scans.push(scan_json(scan, verdict));
+            }
         }
         Ok(json!({ "scans": scans, "next_page_token": page.next_page_token }))
     }
@@ -653,6 +669,10 @@ mod tests {
         assert_eq!(r.page_size, 10);
         assert!(list_request(Some("status=bogus")).unwrap_err().to_string().contains("unknown status"));
         assert!(list_request(Some("colour=red")).is_err());
+        assert_eq!(verdict_filter(Some("verdict=none")).unwrap(), Some(0));
+        assert_eq!(verdict_filter(Some("verdict=confirmed")).unwrap(), Some(Verdict::Confirmed as i32));
+        assert_eq!(verdict_filter(Some("site=x")).unwrap(), None);
+        assert!(verdict_filter(Some("verdict=maybe")).is_err());
         let t = tile_spec(0, 1, 2, "3.png", Some("wl=100&wh=2000&gamma=0.5&invert=1&material=1")).unwrap();
         assert_eq!((t.y, t.window, t.gamma, t.invert, t.material), (3, Some((100, 2000)), 0.5, true, true));
         assert!(tile_spec(0, 0, 0, "x.png", None).is_err());
