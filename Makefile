@@ -5,14 +5,16 @@ CARGO ?= cargo
 DATA ?= data
 MODELS ?= fixtures/models
 LISTEN ?= 127.0.0.1:50051
+WEB_LISTEN ?= 127.0.0.1:8080
 ORT_LIB := .niix/onnxruntime/libonnxruntime.so.1.31.1
 
-.PHONY: run test build release lint fmt sample onnxruntime pyenv clean-data bench bench-oip models patchcore model eval reliability attack layers fuzz-check
+.PHONY: run test build release lint fmt sample onnxruntime pyenv clean-data bench bench-oip models patchcore model eval reliability attack layers fuzz-check console-test console-bench
 
 ## Fetch what is missing, build, and serve on the embedded store.
 run: onnxruntime release
 	mkdir -p $(DATA) $(MODELS)
-	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" ./target/release/niix serve --listen $(LISTEN) --data $(DATA) --models $(MODELS)
+	@echo "officer console: http://$(WEB_LISTEN)/ (no tokens configured: any token signs in as this workstation)"
+	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" ./target/release/niix serve --listen $(LISTEN) --web-listen $(WEB_LISTEN) --data $(DATA) --models $(MODELS)
 
 ## Build and run every test, plus format and lint checks (what CI runs).
 test: onnxruntime pyenv
@@ -177,3 +179,19 @@ reliability: onnxruntime pyenv release
 		$(CARGO) test -p niix-server --test reliability --test crash --test power_loss -- --nocapture
 	./scripts/fuzz.sh $(FUZZ_SECONDS)
 	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" $(CARGO) run --release -p niix-benches --bin soak -- --duration $(SOAK_SECONDS)
+
+## The officer console end to end in headless Chromium (web-tests/): installs
+## Debian's chromium (apt) and the pinned playwright-core (npm ci), builds niix,
+## SCREENSHOTS=docs/images refreshes the README's screenshots.
+console-test: onnxruntime
+	command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium)
+	cd web-tests && npm ci --no-audit --no-fund
+	$(CARGO) build -p niix-server --bin niix
+	cd web-tests && NIIX_BIN="$(CURDIR)/target/debug/niix" ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" SCREENSHOTS="$(SCREENSHOTS)" node console.e2e.mjs
+
+## Officer console numbers (click to first screen, tile latency rendered and
+## cached, RSS per session) from headless Chromium against the release binary.
+console-bench: onnxruntime release
+	command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium)
+	cd web-tests && npm ci --no-audit --no-fund
+	cd web-tests && NIIX_BIN="$(CURDIR)/target/release/niix" ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" node console.bench.mjs

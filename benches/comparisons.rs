@@ -194,6 +194,7 @@ async fn main() {
         let mut config = niix::config::Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             metrics_listen: None,
+            web: niix::config::WebConfig { listen: None, ..Default::default() },
             data_dir: tmp.path().join("data"),
             models_dir: workspace().join("fixtures/models"),
             ..Default::default()

@@ -128,7 +128,15 @@ impl Serve {
         let ort = std::env::var_os("ORT_DYLIB_PATH")
             .unwrap_or_else(|| workspace().join(".niix/onnxruntime").join(niix_inference::runtime::ORT_LIBRARY).into());
         let mut child = Command::new(niix_bin())
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--metrics-listen", "127.0.0.1:0"])
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--web-listen",
+                "127.0.0.1:0",
+            ])
             .arg("--config")
             .arg(&config_file)
             .arg("--data")

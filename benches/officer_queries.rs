@@ -66,6 +66,7 @@ fn main() {
         let mut config = Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             metrics_listen: None,
+            web: niix::config::WebConfig { listen: None, ..Default::default() },
             data_dir: dir.path().to_path_buf(),
             ..Config::default()
         };

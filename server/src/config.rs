@@ -40,6 +40,8 @@ pub struct Config {
     pub exchange: crate::exchange::ExchangeConfig,
     /// TLS for the gRPC port (and mutual TLS when `client_ca` is set).
     pub tls: Option<TlsConfig>,
+    /// The officer console (HTTP).
+    pub web: WebConfig,
     /// The file this was read from and the SHA-256 of its bytes (set by
     /// [`Config::load`]; audited at start).
     #[serde(skip)]
@@ -57,6 +59,26 @@ pub struct TlsConfig {
     /// CA whose client certificates are accepted (mutual TLS), PEM. Clients
     /// without a certificate may still authenticate with a token.
     pub client_ca: Option<PathBuf>,
+}
+
+/// The `[web]` section: the officer console (see docs/officers.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebConfig {
+    /// HTTP listen address of the console; absent to disable.
+    pub listen: Option<SocketAddr>,
+    /// How long a console sign-in lasts.
+    #[serde(with = "humantime_serde_compat")]
+    pub session_ttl: Duration,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        WebConfig {
+            listen: Some("127.0.0.1:8080".parse().expect("static address")),
+            session_ttl: Duration::from_secs(8 * 3600),
+        }
+    }
 }
 
 /// How scans are analysed.
@@ -109,6 +131,7 @@ impl Default for Config {
             auth: crate::auth::AuthConfig::default(),
             exchange: crate::exchange::ExchangeConfig::default(),
             tls: None,
+            web: WebConfig::default(),
             source: None,
         }
     }

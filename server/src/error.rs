@@ -1,11 +1,12 @@
-//! The one place where niix errors become gRPC statuses.
+//! The one place where niix errors become gRPC statuses and HTTP statuses.
 //!
 //! Every service returns [`Error`]; its [`From`] impl for [`tonic::Status`]
 //! picks the code and attaches the `google.rpc` rich error details clients
 //! act on without parsing text (see docs/protocol.md, "Error details"):
 //! `BadRequest` on INVALID_ARGUMENT, `ResourceInfo` on NOT_FOUND,
 //! `RetryInfo` on UNAVAILABLE and on a RESOURCE_EXHAUSTED that passes. The
-//! mapping is reviewed and tested here only.
+//! mapping is reviewed and tested here only. [`Error::http_status`] picks the
+//! officer console's HTTP status.
 
 use std::time::Duration;
 
@@ -68,6 +69,9 @@ pub enum Error {
     /// The caller is known but may not do this.
     #[error("{0}")]
     PermissionDenied(String),
+    /// The caller did not prove who they are (no, unknown or expired credentials).
+    #[error("{0}")]
+    Unauthenticated(String),
     /// The server is shutting down.
     #[error("{0}")]
     Unavailable(String),
@@ -94,6 +98,7 @@ impl Error {
             Error::Aborted(_) => tonic::Code::Aborted,
             Error::NotFound(_) | Error::Missing { .. } => tonic::Code::NotFound,
             Error::PermissionDenied(_) => tonic::Code::PermissionDenied,
+            Error::Unauthenticated(_) => tonic::Code::Unauthenticated,
             Error::Unavailable(_) => tonic::Code::Unavailable,
             Error::DeadlineExceeded(_) => tonic::Code::DeadlineExceeded,
             Error::Store(StoreError::Tampered(_)) => tonic::Code::DataLoss,
@@ -103,6 +108,23 @@ impl Error {
 }
 
 impl Error {
+    /// The HTTP status this error maps to (the officer console).
+    pub fn http_status(&self) -> http::StatusCode {
+        use http::StatusCode as H;
+        match self.code() {
+            tonic::Code::InvalidArgument => H::BAD_REQUEST,
+            tonic::Code::Unauthenticated => H::UNAUTHORIZED,
+            tonic::Code::PermissionDenied => H::FORBIDDEN,
+            tonic::Code::NotFound => H::NOT_FOUND,
+            tonic::Code::AlreadyExists | tonic::Code::Aborted => H::CONFLICT,
+            tonic::Code::FailedPrecondition => H::PRECONDITION_FAILED,
+            tonic::Code::ResourceExhausted => H::TOO_MANY_REQUESTS,
+            tonic::Code::Unavailable => H::SERVICE_UNAVAILABLE,
+            tonic::Code::DeadlineExceeded => H::GATEWAY_TIMEOUT,
+            _ => H::INTERNAL_SERVER_ERROR,
+        }
+    }
+
     /// What a client stream that broke means: a message that did not parse
     /// is the sender's fault (INVALID_ARGUMENT, see `niix_proto::codec`), so
     /// is a message over the transport's size limit (RESOURCE_EXHAUSTED);
@@ -198,5 +220,15 @@ mod tests {
         assert_eq!(s.code(), tonic::Code::ResourceExhausted);
         assert!(s.get_error_details().retry_info().is_none());
         assert!(s.details().is_empty());
+    }
+
+    #[test]
+    fn http_statuses_follow_the_code() {
+        use http::StatusCode as H;
+        assert_eq!(Error::Unauthenticated("x".into()).http_status(), H::UNAUTHORIZED);
+        assert_eq!(Error::PermissionDenied("x".into()).http_status(), H::FORBIDDEN);
+        assert_eq!(Error::NotFound("x".into()).http_status(), H::NOT_FOUND);
+        assert_eq!(Error::InvalidArgument("x".into()).http_status(), H::BAD_REQUEST);
+        assert_eq!(Error::Store(StoreError::Tampered("x".into())).http_status(), H::INTERNAL_SERVER_ERROR);
     }
 }

@@ -307,6 +307,39 @@ impl FindingsService {
         Ok(ScanDetail { scan: Some(scan_message(&record)), findings: Some(findings) })
     }
 
+    /// A stored scan and its reports, scope-checked like every read (the
+    /// officer console renders tiles from it through [`Self::open_plane`]).
+    pub async fn scan_record(&self, scan_id: &str, scope: &SiteScope) -> Result<(ScanRecord, Vec<ThreatReport>)> {
+        self.record(scan_id, scope).await
+    }
+
+    /// Opens stored plane `index` of a scan for reading by rows (blocking).
+    pub fn open_plane(&self, record: &ScanRecord, index: usize) -> Result<niix_inference::pipeline::PlaneInput> {
+        crate::analysis::stored_plane(record, index, self.blobs.as_ref())
+    }
+
+    /// The anomaly map of a scan's newest MACHINE report (8-bit, one value
+    /// per `stride` pixels of the analysed plane) with its stride, when the
+    /// server holds one (a foreign scan's map stays with its issuer).
+    pub async fn anomaly_map(&self, scan_id: &str, scope: &SiteScope) -> Result<Option<(ndarray::Array2<u8>, u32)>> {
+        let (_, reports) = self.record(scan_id, scope).await?;
+        let Some((_, m)) = latest(&reports, ReportType::Machine) else { return Ok(None) };
+        if m.anomaly_map_sha256.is_empty() {
+            return Ok(None);
+        }
+        let (blobs, sha, stride) = (self.blobs.clone(), m.anomaly_map_sha256.clone(), m.anomaly_map_stride);
+        blocking(move || {
+            if blobs.blob_len(&sha)?.is_none() {
+                return Ok(None);
+            }
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut blobs.open(&sha)?, &mut bytes)
+                .map_err(|e| Error::Internal(format!("reading anomaly map: {e}")))?;
+            Ok(Some((decode_map_png(&bytes)?, stride)))
+        })
+        .await
+    }
+
     /// A scan's status and reports.
     pub async fn findings(&self, scan_id: &str, scope: &SiteScope) -> Result<ScanFindings> {
         let (record, reports) = self.record(scan_id, scope).await?;

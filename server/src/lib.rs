@@ -5,7 +5,8 @@
 //! [`ingest`] (gRPC push, validation) -> [`store`] (SQLite + blobs) ->
 //! [`analysis`] (the queue, and the `niix_inference` tensor core) ->
 //! [`findings`] (what officers query). [`server`] wires the services
-//! together; [`cli`] is the `niix` command line.
+//! together; [`cli`] is the `niix` command line; [`web`] is the officer
+//! console in the browser.
 
 pub mod adjudication;
 pub mod analysis;
@@ -31,3 +32,4 @@ pub mod scope;
 pub mod server;
 pub mod store;
 pub mod tdr;
+pub mod web;

@@ -99,7 +99,7 @@ pub fn check_listen_policy(config: &Config) -> anyhow::Result<()> {
              or pass --insecure (insecure = true) on a network you trust"
         );
     }
-    Ok(())
+    crate::web::check_listen_policy(config)
 }
 
 /// A server that is accepting requests.
@@ -108,6 +108,8 @@ pub struct RunningServer {
     pub addr: SocketAddr,
     /// The `/metrics` address actually bound, if enabled.
     pub metrics_addr: Option<SocketAddr>,
+    /// The officer console's address actually bound, if enabled.
+    pub web_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     abandon: watch::Sender<bool>,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -129,6 +131,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     check_listen_policy(&config)?;
     config.limits.check().context("invalid [limits] configuration")?;
     let authenticator = Arc::new(Authenticator::new(&config.auth).context("invalid [auth] configuration")?);
+    let web_auth = authenticator.clone();
     let (meta, blobs) = open_store(&config.data_dir)?;
     check_audit_log(&config, meta.as_ref())?;
     let metrics = Metrics::new();
@@ -187,6 +190,11 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     )?;
     background.extend(crate::exchange::outbox::start(&exchange, stop_rx.clone()));
     let findings = FindingsService::new(meta.clone(), blobs.clone(), gate.clone(), events, stop_rx.clone());
+    let web_tls = match (&config.web.listen, &config.tls) {
+        (Some(_), Some(tls)) => Some(crate::web::tls::acceptor(tls)?),
+        _ => None,
+    };
+    let console = crate::web::Web::new(findings.clone(), web_auth, gate.clone(), &config.web, web_tls.is_some());
     let mut ingest = Ingest::new(meta.clone(), blobs, config.limits.clone(), metrics.clone(), abandon_rx, wake)
         .with_min_free_bytes(config.storage.min_free_bytes);
     if let Some(repo) = &repo {
@@ -290,12 +298,19 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         let _ = grpc_stop.wait_for(|s| *s).await;
     }));
 
+    let web_addr = match config.web.listen {
+        Some(at) => {
+            let timed_out = metrics.connections_timed_out.clone();
+            Some(crate::web::serve(at, console, web_tls, timeouts, timed_out, stop_rx.clone(), &mut background).await?)
+        }
+        None => None,
+    };
     let metrics_addr = match config.metrics_listen {
         Some(at) => Some(serve_metrics(at, metrics, timeouts, stop_rx, &mut background).await?),
         None => None,
     };
-    tracing::info!(%addr, ?metrics_addr, data = %config.data_dir.display(), "niix serving");
-    Ok(RunningServer { addr, metrics_addr, stop, abandon, grpc, background, grace: config.shutdown_grace })
+    tracing::info!(%addr, ?metrics_addr, ?web_addr, data = %config.data_dir.display(), "niix serving");
+    Ok(RunningServer { addr, metrics_addr, web_addr, stop, abandon, grpc, background, grace: config.shutdown_grace })
 }
 
 /// The checkpoint the server keeps of its own audit log, under the data

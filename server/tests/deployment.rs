@@ -48,7 +48,16 @@ async fn serve_in(cwd: &Path, data: &Path) -> (Child, String) {
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_niix"))
         .current_dir(cwd)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--metrics-listen", "127.0.0.1:0", "--data"])
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--web-listen",
+            "127.0.0.1:0",
+            "--data",
+        ])
         .arg(data)
         .env("NIIX_LOG", "warn")
         .env_remove("NIIX_MODELS")

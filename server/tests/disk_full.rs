@@ -203,7 +203,16 @@ async fn a_full_disk_fails_closed_and_aborting_still_frees_staged_bytes() {
     let toml = keys_dir.path().join("niix.toml");
     std::fs::write(&toml, "[analysis]\nenabled = false\n").unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_niix"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--config"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--web-listen",
+            "127.0.0.1:0",
+            "--config",
+        ])
         .arg(&toml)
         .arg("--data")
         .arg(&data)

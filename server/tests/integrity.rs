@@ -283,7 +283,16 @@ fn a_checkpoint_catches_a_deleted_and_rechained_record_and_truncation() {
 fn serve_exits(data: &Path, extra: &[&str]) -> Option<(bool, String)> {
     let port = free_port().to_string();
     let mut child = Command::new(env!("CARGO_BIN_EXE_niix"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--metrics-listen", "127.0.0.1:0", "--data"])
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--web-listen",
+            "127.0.0.1:0",
+            "--data",
+        ])
         .arg(data)
         .args(["--models"])
         .arg(fixtures().join("models"))

@@ -18,6 +18,9 @@ pub struct ServeArgs {
     /// Prometheus /metrics listen address.
     #[arg(long, env = "NIIX_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Officer console (HTTP) listen address (default 127.0.0.1:8080).
+    #[arg(long, env = "NIIX_WEB_LISTEN")]
+    pub web_listen: Option<SocketAddr>,
     /// Data directory of the embedded store.
     #[arg(long, env = "NIIX_DATA")]
     pub data: Option<PathBuf>,
@@ -44,6 +47,9 @@ impl ServeArgs {
         if let Some(m) = self.metrics_listen {
             c.metrics_listen = Some(m);
         }
+        if let Some(w) = self.web_listen {
+            c.web.listen = Some(w);
+        }
         if let Some(d) = &self.data {
             c.data_dir = d.clone();
         }
@@ -63,6 +69,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.config()?;
     let running = server::start(config).await?;
     eprintln!("niix listening on {} (metrics: {:?}); Ctrl-C to stop", running.addr, running.metrics_addr);
+    if let Some(web) = running.web_addr {
+        eprintln!("officer console: http://{web}/");
+    }
     server::termination().await;
     tracing::info!("shutting down");
     running.shutdown().await

@@ -42,6 +42,7 @@ pub fn config(data: &Path, limits: Limits) -> Config {
         limits,
         // The tests' small scans and expectations are made for the demo model.
         analysis: niix::config::AnalysisConfig { model: Some("demo-local-contrast".into()), ..Default::default() },
+        web: niix::config::WebConfig { listen: Some("127.0.0.1:0".parse().unwrap()), ..Default::default() },
         ..Config::default()
     }
 }
@@ -180,7 +181,15 @@ impl Server {
     /// connections (plain TCP, so it works for TLS servers too).
     pub async fn spawn_args(port: u16, args: &[std::ffi::OsString]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_niix"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--metrics-listen", "127.0.0.1:0"])
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--web-listen",
+                "127.0.0.1:0",
+            ])
             .args(args)
             .env("NIIX_LOG", "warn")
             .stdout(Stdio::null())

@@ -1,0 +1,681 @@
+//! The console's JSON endpoints (the contract is in docs/protocol.md,
+//! "Officer console"). Reads need the session cookie; requests that change
+//! state (POST) also the session's CSRF token header. Each answers errors
+//! as `{"error": message}` with the status of [`Error::http_status`].
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use niix_proto::v1::{
+    AdjudicateRequest, AlarmDecision, ExportTdrRequest, FindingsEvent, FindingsEventKind, ListScansRequest, PlaneKind,
+    Region, RegionVerdict, ReportType, Scan, ScanStatus, ThreatReport, Verdict, WatchFindingsRequest,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio_stream::StreamExt;
+
+use super::session::{COOKIE, Session};
+use super::tiles::{self, TileSpec};
+use super::{ApiError, Web, assets};
+use crate::audit::Caller;
+use crate::auth::Role;
+use crate::error::{Error, blocking};
+use crate::findings::latest;
+use crate::scope::SiteScope;
+
+type ApiResult<T = Response> = Result<T, ApiError>;
+
+/// The console's routes.
+pub fn router(web: Web) -> Router {
+    Router::new()
+        .route("/", get(|| async { page("text/html; charset=utf-8", assets::INDEX_HTML) }))
+        .route("/app.js", get(|| async { page("text/javascript; charset=utf-8", assets::APP_JS) }))
+        .route("/app.css", get(|| async { page("text/css; charset=utf-8", assets::APP_CSS) }))
+        .route("/api/login", post(login))
+        .route("/api/logout", post(logout))
+        .route("/api/session", get(current))
+        .route("/api/scans", get(list))
+        .route("/api/events", get(events))
+        .route("/api/scans/{id}", get(detail))
+        .route("/api/scans/{id}/adjudicate", post(adjudicate))
+        .route("/api/scans/{id}/tdr", get(tdr))
+        .route("/api/scans/{id}/heatmap.png", get(heatmap))
+        .route("/api/scans/{id}/tiles/{plane}/{level}/{x}/{tile}", get(tile))
+        .fallback(|| async { ApiError(Error::NotFound("the console has no such page or endpoint".into())) })
+        .layer(axum::middleware::map_response(security_headers))
+        .with_state(web)
+}
+
+fn page(kind: &'static str, body: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, kind), (header::CACHE_CONTROL, "no-cache")], body).into_response()
+}
+
+/// Same-origin only: no inline script, no framing, no content sniffing.
+async fn security_headers(mut r: Response) -> Response {
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; img-src 'self' blob: data:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+        ),
+    );
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    r
+}
+
+fn json_response(status: StatusCode, v: Value) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response()
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Error> {
+    serde_json::from_slice(body)
+        .map_err(|e| Error::InvalidArgument(format!("the request body is not the JSON expected: {e}")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginRequest {
+    token: String,
+}
+
+fn session_json(s: &Session, ttl_secs: u64) -> Value {
+    json!({
+        "identity": s.caller.identity,
+        "role": s.caller.role,
+        "csrf": s.csrf,
+        "expires_in_seconds": ttl_secs,
+        "can_adjudicate": can_adjudicate(&s.caller),
+    })
+}
+
+/// Only officers adjudicate (as over gRPC); the local admin of a server
+/// without authentication does too, as over gRPC.
+fn can_adjudicate(c: &Caller) -> bool {
+    c.role == Role::Officer.name() || c.identity.starts_with("local@")
+}
+
+/// POST /api/login `{"token": ...}`: checks the token like a gRPC call to
+/// the Findings service (officer or admin), starts a session, sets its cookie.
+async fn login(State(web): State<Web>, body: Bytes) -> ApiResult {
+    let req: LoginRequest = parse_json(&body)?;
+    let mut headers = HeaderMap::new();
+    let checked = match HeaderValue::from_str(&format!("Bearer {}", req.token.trim())) {
+        Ok(v) => {
+            headers.insert(header::AUTHORIZATION, v);
+            web.auth.check("/niix.v1.Findings/ListScans", &headers, None)
+        }
+        Err(_) => Err((None, tonic::Status::unauthenticated("bad token"))),
+    };
+    let (caller, scope) = match checked {
+        Ok(Some(c)) => {
+            let scope = web.auth.scope(&c.identity);
+            (c, scope)
+        }
+        // No authentication configured: one workstation on loopback.
+        Ok(None) => (Caller { identity: "local@console".into(), role: Role::Admin.name().into() }, SiteScope::all()),
+        Err((caller, status)) => {
+            let who = caller.clone().unwrap_or(Caller { identity: "unauthenticated".into(), role: "none".into() });
+            let e = match (status.code(), caller) {
+                (tonic::Code::PermissionDenied, Some(c)) => Error::PermissionDenied(format!(
+                    "{} (role {}) may not sign in to the officer console: it is for officers and admins; partner \
+                     administrations and scanners use the gRPC API",
+                    c.identity, c.role
+                )),
+                _ => Error::Unauthenticated(
+                    "this token is not known to the server: check it, or ask the administrator for an officer token"
+                        .into(),
+                ),
+            };
+            return Err(web.audited::<()>(&who, "ConsoleLogin", "", Err(e)).await.unwrap_err());
+        }
+    };
+    let created = web.sessions.create(caller.clone(), scope);
+    let (id, session) = web.audited(&caller, "ConsoleLogin", "", created).await?;
+    let ttl = web.sessions.ttl().as_secs();
+    let secure = if web.secure_cookie { "; Secure" } else { "" };
+    let cookie = format!("{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={ttl}{secure}");
+    let mut r = json_response(StatusCode::OK, session_json(&session, ttl));
+    r.headers_mut()
+        .insert(header::SET_COOKIE, HeaderValue::from_str(&cookie).map_err(|e| Error::Internal(e.to_string()))?);
+    Ok(r)
+}
+
+/// POST /api/logout: ends the session and clears its cookie.
+async fn logout(State(web): State<Web>, headers: HeaderMap) -> ApiResult {
+    let (id, session) = web.session_for_change(&headers)?;
+    web.sessions.remove(&id);
+    web.audited(&session.caller, "ConsoleLogout", "", Ok(())).await?;
+    let mut r = json_response(StatusCode::OK, json!({ "signed_out": true }));
+    let cookie = format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0");
+    r.headers_mut()
+        .insert(header::SET_COOKIE, HeaderValue::from_str(&cookie).map_err(|e| Error::Internal(e.to_string()))?);
+    Ok(r)
+}
+
+/// GET /api/session: who is signed in (and the CSRF token, for a reloaded page).
+async fn current(State(web): State<Web>, headers: HeaderMap) -> ApiResult {
+    let (_, session) = web.session(&headers)?;
+    let left = session.expires.saturating_duration_since(std::time::Instant::now()).as_secs();
+    Ok(json_response(StatusCode::OK, session_json(&session, left)))
+}
+
+/// Percent-decoded `key=value` pairs of a query string.
+fn query_pairs(q: Option<&str>) -> Vec<(String, String)> {
+    fn decode(s: &str) -> String {
+        let b = s.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            match b[i] {
+                b'+' => out.push(b' '),
+                b'%' if i + 2 < b.len() => {
+                    match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                        Ok(v) => {
+                            out.push(v);
+                            i += 2;
+                        }
+                        Err(_) => out.push(b'%'),
+                    }
+                }
+                c => out.push(c),
+            }
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+    q.unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+fn enum_value<F: Fn(&str) -> Option<i32>>(what: &str, prefix: &str, value: &str, parse: F) -> Result<i32, Error> {
+    parse(&format!("{prefix}{}", value.to_ascii_uppercase()))
+        .ok_or_else(|| Error::InvalidArgument(format!("unknown {what} {value:?}")))
+}
+
+fn timestamp_arg(what: &str, v: &str) -> Result<prost_types::Timestamp, Error> {
+    let t = humantime::parse_rfc3339_weak(v)
+        .map_err(|e| Error::InvalidArgument(format!("{what} {v:?} is not a time like 2026-12-07T10:00:00Z: {e}")))?;
+    Ok(crate::findings::timestamp(t))
+}
+
+/// The `verdict` filter: `none` (not adjudicated) or a verdict. It is not a
+/// ListScans filter: it thins each page, so a page may hold fewer scans
+/// (or none) and still have a `next_page_token`.
+fn verdict_filter(q: Option<&str>) -> Result<Option<i32>, Error> {
+    match query_pairs(q).into_iter().find(|(k, v)| k == "verdict" && !v.is_empty()) {
+        None => Ok(None),
+        Some((_, v)) if v == "none" => Ok(Some(0)),
+        Some((_, v)) => verdict_arg(&v).map(Some),
+    }
+}
+
+/// The ListScans request of the console's query string.
+fn list_request(q: Option<&str>) -> Result<ListScansRequest, Error> {
+    let mut r = ListScansRequest { page_size: 50, ..Default::default() };
+    for (k, v) in query_pairs(q) {
+        if v.is_empty() {
+            continue;
+        }
+        match k.as_str() {
+            "site" => r.site_id = v,
+            "status" => {
+                r.status = enum_value("status", "SCAN_STATUS_", &v, |n| ScanStatus::from_str_name(n).map(|s| s as i32))?
+            }
+            "decision" => {
+                r.decision = enum_value("decision", "ALARM_DECISION_", &v, |n| {
+                    AlarmDecision::from_str_name(n).map(|s| s as i32)
+                })?
+            }
+            "container" => r.container_number = v,
+            "declaration" => r.declaration_reference = v,
+            "from" => r.scan_time_from = Some(timestamp_arg("from", &v)?),
+            "to" => r.scan_time_to = Some(timestamp_arg("to", &v)?),
+            "page_token" => r.page_token = v,
+            "verdict" => {} // applied to each page by `list`
+            "page_size" => {
+                r.page_size =
+                    v.parse().map_err(|_| Error::InvalidArgument(format!("page_size {v:?} is not a number")))?
+            }
+            other => return Err(Error::InvalidArgument(format!("unknown filter {other:?}"))),
+        }
+    }
+    Ok(r)
+}
+
+fn short(name: &str, prefix: &str) -> String {
+    name.strip_prefix(prefix).unwrap_or(name).to_ascii_lowercase()
+}
+
+fn seconds(t: &Option<prost_types::Timestamp>) -> Value {
+    t.as_ref().map_or(Value::Null, |t| json!(t.seconds))
+}
+
+fn scan_json(s: &Scan, verdict: Option<i32>) -> Value {
+    let m = s.metadata.clone().unwrap_or_default();
+    json!({
+        "scan_id": s.scan_id,
+        "status": short(ScanStatus::try_from(s.status).unwrap_or_default().as_str_name(), "SCAN_STATUS_"),
+        "decision": (s.decision != 0)
+            .then(|| short(AlarmDecision::try_from(s.decision).unwrap_or_default().as_str_name(), "ALARM_DECISION_")),
+        "score": s.score,
+        "site_id": m.site_id,
+        "lane_id": m.lane_id,
+        "scan_time": seconds(&m.scan_time),
+        "received_at": seconds(&s.received_at),
+        "container_numbers": m.container_numbers,
+        "vehicle_plate": m.vehicle_plate,
+        "declarations": m.declarations.iter().map(|d| d.value.clone()).collect::<Vec<_>>(),
+        "origin": s.origin,
+        "verdict": verdict.map(verdict_name),
+    })
+}
+
+fn verdict_name(v: i32) -> String {
+    short(Verdict::try_from(v).unwrap_or_default().as_str_name(), "VERDICT_")
+}
+
+fn region_json(r: &Region) -> Value {
+    json!({
+        "id": r.id, "x": r.x, "y": r.y, "width": r.width, "height": r.height,
+        "width_mm": r.width_mm, "height_mm": r.height_mm,
+        "max_score": r.max_score, "mean_score": r.mean_score,
+        "category": r.threat_category,
+        "verdict": (r.verdict != 0).then(|| verdict_name(r.verdict)),
+        "comment": r.comment,
+    })
+}
+
+fn report_json(r: &ThreatReport) -> Value {
+    json!({
+        "type": short(ReportType::try_from(r.r#type).unwrap_or_default().as_str_name(), "REPORT_TYPE_"),
+        "decision": short(AlarmDecision::try_from(r.decision).unwrap_or_default().as_str_name(), "ALARM_DECISION_"),
+        "decision_time": seconds(&r.decision_time),
+        "score": r.score,
+        "aborted": r.aborted,
+        "abort_reason": r.abort_reason,
+        "plane_index": r.plane_index,
+        "algorithm": r.algorithm.as_ref().map(|a| format!("{} {}", a.name, a.version)),
+        "operator_id": r.operator_id,
+        "operator_name": r.operator_name,
+        "verdict": (r.verdict != 0).then(|| verdict_name(r.verdict)),
+        "comment": r.comment,
+        "regions": r.regions.iter().map(region_json).collect::<Vec<_>>(),
+        "heatmap_stride": (!r.anomaly_map_sha256.is_empty()).then_some(r.anomaly_map_stride),
+    })
+}
+
+fn operator_verdict(reports: &[ThreatReport]) -> Option<i32> {
+    latest(reports, ReportType::Operator).map(|(_, r)| r.verdict)
+}
+
+/// GET /api/scans?filters: a page of scans, newest first, with verdicts.
+async fn list(State(web): State<Web>, headers: HeaderMap, RawQuery(q): RawQuery) -> ApiResult {
+    let (_, s) = web.session(&headers)?;
+    let result = async {
+        let req = list_request(q.as_deref())?;
+        let wanted = verdict_filter(q.as_deref())?;
+        let page = web.findings.list(req, &s.scope).await?;
+        let mut scans = Vec::with_capacity(page.scans.len());
+        for scan in &page.scans {
+            let reports = web.findings.findings(&scan.scan_id, &s.scope).await.map(|f| f.reports).unwrap_or_default();
+            let verdict = operator_verdict(&reports);
+            if wanted.is_none_or(|w| w == verdict.unwrap_or(0)) {
+                scans.push(scan_json(scan, verdict));
+            }
+        }
+        Ok(json!({ "scans": scans, "next_page_token": page.next_page_token }))
+    }
+    .await;
+    let object = q.unwrap_or_default();
+    let body = web.audited(&s.caller, "ListScans", &object, result).await?;
+    Ok(json_response(StatusCode::OK, body))
+}
+
+/// GET /api/scans/{id}: a scan with its planes (and pyramid levels) and
+/// its newest machine and operator reports.
+async fn detail(State(web): State<Web>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
+    let (_, s) = web.session(&headers)?;
+    let result = async {
+        let d = web.findings.get(&id, &s.scope).await?;
+        let scan = d.scan.unwrap_or_default();
+        let reports = d.findings.map(|f| f.reports).unwrap_or_default();
+        let planes: Vec<Value> = scan
+            .planes
+            .iter()
+            .map(|p| {
+                let desc = p.descriptor.clone().unwrap_or_default();
+                let f = p.downsampled.max(1);
+                let (w, h) = (desc.width.div_ceil(f), desc.height.div_ceil(f));
+                json!({
+                    "index": p.index,
+                    "kind": short(PlaneKind::try_from(desc.kind).unwrap_or_default().as_str_name(), "PLANE_KIND_"),
+                    "width": w, "height": h, "downsampled": f,
+                    "pixel_spacing_mm": [desc.pixel_spacing_x_mm * f64::from(f), desc.pixel_spacing_y_mm * f64::from(f)],
+                    "levels": tiles::top_level(w, h) + 1,
+                })
+            })
+            .collect();
+        let kinds: Vec<i32> = scan.planes.iter().filter_map(|p| p.descriptor.as_ref().map(|d| d.kind)).collect();
+        let dual = kinds.contains(&(PlaneKind::HighEnergy as i32)) && kinds.contains(&(PlaneKind::LowEnergy as i32));
+        let m = scan.metadata.clone().unwrap_or_default();
+        Ok(json!({
+            "scan": scan_json(&scan, operator_verdict(&reports)),
+            "remarks": m.remarks,
+            "scanner": m.scanner.map(|sc| format!("{} {} {}", sc.manufacturer, sc.model, sc.serial_number).trim().to_string()),
+            "planes": planes,
+            "dual_energy": dual,
+            "tile_size": tiles::TILE,
+            "machine": latest(&reports, ReportType::Machine).map(|(_, r)| report_json(r)),
+            "operator": latest(&reports, ReportType::Operator).map(|(_, r)| report_json(r)),
+        }))
+    }
+    .await;
+    let body = web.audited(&s.caller, "GetScan", &id, result).await?;
+    Ok(json_response(StatusCode::OK, body))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegionVerdictJson {
+    id: u32,
+    verdict: String,
+    #[serde(default)]
+    comment: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdjudicateJson {
+    verdict: String,
+    #[serde(default)]
+    comment: String,
+    #[serde(default)]
+    regions: Vec<RegionVerdictJson>,
+}
+
+fn verdict_arg(v: &str) -> Result<i32, Error> {
+    enum_value("verdict", "VERDICT_", v, |n| Verdict::from_str_name(n).map(|x| x as i32))
+}
+
+/// POST /api/scans/{id}/adjudicate `{"verdict", "comment", "regions": [{"id", "verdict", "comment"}]}`:
+/// stores the OPERATOR report under the signed-in officer, through the
+/// same adjudication as gRPC.
+async fn adjudicate(State(web): State<Web>, headers: HeaderMap, Path(id): Path<String>, body: Bytes) -> ApiResult {
+    let (_, s) = web.session_for_change(&headers)?;
+    let result = async {
+        if !can_adjudicate(&s.caller) {
+            return Err(Error::PermissionDenied(format!(
+                "{} (role {}) may not adjudicate; it needs the role officer",
+                s.caller.identity, s.caller.role
+            )));
+        }
+        let j: AdjudicateJson = parse_json(&body)?;
+        let regions = j
+            .regions
+            .iter()
+            .map(|r| {
+                Ok(RegionVerdict { region_id: r.id, verdict: verdict_arg(&r.verdict)?, comment: r.comment.clone() })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        let local = s.caller.identity.starts_with("local@");
+        let req = AdjudicateRequest {
+            scan_id: id.clone(),
+            verdict: verdict_arg(&j.verdict)?,
+            regions,
+            comment: j.comment,
+            // Without authentication the name is the officer of record; with
+            // it, the identity the session signed in as is.
+            officer_id: if local { s.caller.identity.clone() } else { String::new() },
+        };
+        let officer = (!local).then_some(s.caller.identity.as_str());
+        let report = web.findings.adjudicate(req, officer, &s.scope).await?;
+        Ok(report_json(&report))
+    }
+    .await;
+    let body = web.audited(&s.caller, "Adjudicate", &id, result).await?;
+    Ok(json_response(StatusCode::OK, body))
+}
+
+/// GET /api/scans/{id}/tdr?report=machine|operator: the DICOS TDR file.
+async fn tdr(State(web): State<Web>, headers: HeaderMap, Path(id): Path<String>, RawQuery(q): RawQuery) -> ApiResult {
+    let (_, s) = web.session(&headers)?;
+    let result = async {
+        let mut report = ReportType::Machine;
+        for (k, v) in query_pairs(q.as_deref()) {
+            match (k.as_str(), v.as_str()) {
+                ("report", "machine") => report = ReportType::Machine,
+                ("report", "operator") => report = ReportType::Operator,
+                _ => {
+                    return Err(Error::InvalidArgument(format!(
+                        "unknown parameter {k}={v}; use report=machine or report=operator"
+                    )));
+                }
+            }
+        }
+        let r =
+            web.findings.export_tdr(ExportTdrRequest { scan_id: id.clone(), report: report as i32 }, &s.scope).await?;
+        Ok((r.dicos, short(report.as_str_name(), "REPORT_TYPE_")))
+    }
+    .await;
+    let (dicos, kind) = web.audited(&s.caller, "ExportTdr", &id, result).await?;
+    let name = format!(
+        "attachment; filename=\"{}-{kind}-tdr.dcm\"",
+        id.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_")
+    );
+    Ok(([(header::CONTENT_TYPE, "application/dicom".to_string()), (header::CONTENT_DISPOSITION, name)], dicos)
+        .into_response())
+}
+
+fn event_json(e: &FindingsEvent) -> Value {
+    json!({
+        "cursor": e.cursor,
+        "kind": short(FindingsEventKind::try_from(e.kind).unwrap_or_default().as_str_name(), "FINDINGS_EVENT_KIND_"),
+        "scan_id": e.scan_id,
+        "site_id": e.site_id,
+        "status": short(ScanStatus::try_from(e.status).unwrap_or_default().as_str_name(), "SCAN_STATUS_"),
+    })
+}
+
+/// GET /api/events: server-sent events of new findings (the WatchFindings
+/// stream from now on), one `data:` JSON line per event.
+async fn events(State(web): State<Web>, headers: HeaderMap) -> ApiResult {
+    let (_, s) = web.session(&headers)?;
+    let watched = web.findings.watch(WatchFindingsRequest { live_only: true, ..Default::default() }, &s.scope).await;
+    let stream = web.audited(&s.caller, "WatchFindings", "console", watched).await?;
+    let sse =
+        stream.map_while(|e| e.ok()).map(|e| Ok::<_, Infallible>(Event::default().data(event_json(&e).to_string())));
+    Ok(Sse::new(sse).keep_alive(KeepAlive::default()).into_response())
+}
+
+/// GET /api/scans/{id}/heatmap.png: the machine report's anomaly map as a
+/// heat layer (transparent where nothing was found, yellow to red with the
+/// score), one pixel per `heatmap_stride` plane pixels; opacity is the
+/// viewer's.
+async fn heatmap(State(web): State<Web>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
+    let (_, s) = web.session(&headers)?;
+    let map = web.findings.anomaly_map(&id, &s.scope).await?;
+    let Some((map, _)) = map else {
+        return Err(Error::NotFound(format!("scan {id} has no anomaly map on this server")).into());
+    };
+    let png = blocking(move || tiles::heat_png(&map)).await?;
+    Ok(([(header::CONTENT_TYPE, "image/png"), (header::CACHE_CONTROL, "private, max-age=3600")], png).into_response())
+}
+
+/// Display parameters of a tile request.
+fn tile_spec(plane: usize, level: u32, x: u32, tile: &str, q: Option<&str>) -> Result<TileSpec, Error> {
+    let y = tile
+        .strip_suffix(".png")
+        .and_then(|y| y.parse().ok())
+        .ok_or_else(|| Error::NotFound(format!("tile {tile:?}: tiles are named <y>.png")))?;
+    let mut spec =
+        TileSpec { plane, level, x, y, window: None, gamma: 1.0, invert: false, material: false, edge: false };
+    let (mut wl, mut wh) = (None, None);
+    let bad = |k: &str, v: &str| Error::InvalidArgument(format!("tile parameter {k}={v:?} is not valid"));
+    for (k, v) in query_pairs(q) {
+        match k.as_str() {
+            "wl" => wl = Some(v.parse::<u16>().map_err(|_| bad(&k, &v))?),
+            "wh" => wh = Some(v.parse::<u16>().map_err(|_| bad(&k, &v))?),
+            "gamma" => {
+                spec.gamma = v.parse::<f32>().ok().filter(|g| (0.1..=10.0).contains(g)).ok_or_else(|| bad(&k, &v))?
+            }
+            "invert" => spec.invert = v == "1" || v == "true",
+            "material" => spec.material = v == "1" || v == "true",
+            "edge" => spec.edge = v == "1" || v == "true",
+            _ => return Err(Error::InvalidArgument(format!("unknown tile parameter {k:?}"))),
+        }
+    }
+    spec.window = match (wl, wh) {
+        (Some(l), Some(h)) if h > l => Some((l, h)),
+        (None, None) => None,
+        _ => return Err(Error::InvalidArgument("window: give both wl and wh, with wh above wl".into())),
+    };
+    Ok(spec)
+}
+
+/// GET /api/scans/{id}/tiles/{plane}/{level}/{x}/{y}.png: one tile of the
+/// pyramid (see [`tiles`]). Opening the scan (GET /api/scans/{id}) is the
+/// audited view; tiles are not audited one by one.
+async fn tile(
+    State(web): State<Web>,
+    headers: HeaderMap,
+    Path((id, plane, level, x, tile)): Path<(String, usize, u32, u32, String)>,
+    RawQuery(q): RawQuery,
+) -> ApiResult {
+    let (_, s) = web.session(&headers)?;
+    let spec = tile_spec(plane, level, x, &tile, q.as_deref())?;
+    // Scope first: a cached tile is only for those who may see the scan.
+    let (record, _) = web.findings.scan_record(&id, &s.scope).await?;
+    let png = match web.tiles.get(&record.scan_id, &spec) {
+        Some(png) => png,
+        None => {
+            let _permit = web.renders.acquire().await.map_err(|_| Error::Unavailable("shutting down".into()))?;
+            let w = web.clone();
+            let spec = spec.clone();
+            blocking(move || render(&w, &record, &spec)).await?
+        }
+    };
+    Ok(([(header::CONTENT_TYPE, "image/png"), (header::CACHE_CONTROL, "private, max-age=3600")], png.as_ref().clone())
+        .into_response())
+}
+
+/// Renders (and caches) one tile (blocking).
+fn render(web: &Web, record: &crate::store::ScanRecord, spec: &TileSpec) -> Result<Arc<Vec<u8>>, Error> {
+    let planes = record.header.planes.len();
+    if spec.plane >= planes {
+        return Err(Error::NotFound(format!("plane {} does not exist; the scan has {planes}", spec.plane)));
+    }
+    if !record.origin.is_empty() && record.planes.is_empty() {
+        return Err(Error::FailedPrecondition(format!(
+            "scan {} came from {} without its planes (the sharing agreement does not include image content)",
+            record.scan_id, record.origin
+        )));
+    }
+    let samples = |plane: usize, level: u32, x: u32, y: u32| {
+        let mut input = web.findings.open_plane(record, plane)?;
+        tiles::tile_samples(&mut input, level, x, y)
+    };
+    let (first, second) = match spec.material {
+        true => tiles::dual_energy(record).ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "scan {} has no high- and low-energy planes: material colouring needs a dual-energy scan",
+                record.scan_id
+            ))
+        })?,
+        false => (spec.plane, spec.plane),
+    };
+    let auto = || -> Result<(u16, u16), Error> {
+        if let Some(w) = web.tiles.window(&record.scan_id, first) {
+            return Ok(w);
+        }
+        let d = &record.header.planes[first];
+        let f = record.planes.get(first).map_or(1, |p| p.downsampled.max(1));
+        let top = tiles::top_level(d.width.div_ceil(f), d.height.div_ceil(f));
+        let w = crate::overlay::auto_window(&samples(first, top, 0, 0)?);
+        web.tiles.put_window(&record.scan_id, first, w);
+        Ok(w)
+    };
+    let window = match spec.window {
+        Some(w) => w,
+        None => auto()?,
+    };
+    // The band of BAND tiles around the one asked for, in one pass.
+    let x0 = spec.x / BAND * BAND;
+    let band = |plane: usize| -> Result<Vec<ndarray::Array2<u16>>, Error> {
+        let mut input = web.findings.open_plane(record, plane)?;
+        Ok(tiles::split_band(&tiles::band_samples(&mut input, spec.level, x0, spec.y, BAND)?))
+    };
+    let (highs, lows) = match spec.material {
+        true => (band(first)?, Some(band(second)?)),
+        false => (band(spec.plane)?, None),
+    };
+    let mut wanted = None;
+    for (i, high) in highs.iter().enumerate() {
+        let sharp;
+        let high = match spec.edge {
+            true => {
+                sharp = tiles::enhance_edges(high);
+                &sharp
+            }
+            false => high,
+        };
+        let png = match &lows {
+            Some(lows) => {
+                let low = lows.get(i).filter(|l| l.dim() == high.dim()).ok_or_else(|| {
+                    Error::FailedPrecondition("the high- and low-energy planes differ in size".into())
+                })?;
+                // The automatic window's top is the plane's unattenuated (air) level.
+                tiles::material_png(high, low, auto()?.1, window, spec.gamma, spec.invert)?
+            }
+            None => tiles::grey_png(high, window, spec.gamma, spec.invert)?,
+        };
+        let png = Arc::new(png);
+        let at = TileSpec { x: x0 + i as u32, ..spec.clone() };
+        web.tiles.put(&record.scan_id, &at, png.clone());
+        if at.x == spec.x {
+            wanted = Some(png);
+        }
+    }
+    wanted.ok_or_else(|| Error::NotFound(format!("tile {} lies outside the plane", spec.x)))
+}
+
+/// Tiles of one tile row rendered together (see [`tiles::band_samples`]).
+const BAND: u32 = 8;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_decode_and_map_to_list_filters() {
+        let r = list_request(Some("site=NL%20RTM&status=analyzed&decision=alarm&page_size=10&container=")).unwrap();
+        assert_eq!(r.site_id, "NL RTM");
+        assert_eq!(r.status, ScanStatus::Analyzed as i32);
+        assert_eq!(r.decision, AlarmDecision::Alarm as i32);
+        assert_eq!(r.page_size, 10);
+        assert!(list_request(Some("status=bogus")).unwrap_err().to_string().contains("unknown status"));
+        assert!(list_request(Some("colour=red")).is_err());
+        assert_eq!(verdict_filter(Some("verdict=none")).unwrap(), Some(0));
+        assert_eq!(verdict_filter(Some("verdict=confirmed")).unwrap(), Some(Verdict::Confirmed as i32));
+        assert_eq!(verdict_filter(Some("site=x")).unwrap(), None);
+        assert!(verdict_filter(Some("verdict=maybe")).is_err());
+        let t = tile_spec(0, 1, 2, "3.png", Some("wl=100&wh=2000&gamma=0.5&invert=1&material=1")).unwrap();
+        assert_eq!((t.y, t.window, t.gamma, t.invert, t.material), (3, Some((100, 2000)), 0.5, true, true));
+        assert!(tile_spec(0, 0, 0, "x.png", None).is_err());
+        assert!(tile_spec(0, 0, 0, "1.png", Some("wl=5")).is_err());
+    }
+}

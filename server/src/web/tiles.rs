@@ -1,0 +1,422 @@
+//! The console's tile pyramid: 256x256 PNG tiles of a stored 16-bit plane,
+//! rendered on demand and kept in a bounded cache.
+//!
+//! Level 0 is full resolution; each level above halves both sides (box
+//! average of `2^level x 2^level` source pixels), up to the level where the
+//! whole plane fits one tile. A tile is rendered by streaming the plane's
+//! rows through `niix_inference::decode::decode_rows` and keeping only the
+//! sums of the tile's own output pixels, so memory per tile is bounded by
+//! the tile (and one decoded row or strip), never the plane; decoding stops
+//! after the tile's last source row.
+//!
+//! Display is done on the server, chosen by query parameters (see
+//! docs/protocol.md): the window (`wl`..`wh`, default the plane's 0.5th to
+//! 99.5th percentile, computed on the top tile), `gamma`, `invert`, and
+//! `material=1`, which colours a dual-energy scan from its high- and
+//! low-energy planes (organic orange, mixed green, inorganic blue,
+//! impenetrable black, air white), relative to the air level taken as the
+//! top of the automatic window. Tiles are 8-bit: a browser draws 8-bit images, and
+//! each window change is a new request, answered from the cache when seen.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use ndarray::Array2;
+use niix_inference::decode::{DecodeLimits, decode_rows};
+use niix_inference::decode_shared::DecodeError;
+use niix_proto::v1::PlaneKind;
+
+use crate::error::{Error, Result};
+use crate::store::ScanRecord;
+
+/// Side of a tile, in output pixels.
+pub const TILE: u32 = 256;
+/// Bytes of rendered tiles the cache keeps.
+pub const CACHE_BYTES: usize = 64 << 20;
+/// What a sink returns to stop decoding after the tile's last row.
+const DONE: &str = "tile complete";
+
+/// How to draw one tile.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TileSpec {
+    /// Plane index within the scan.
+    pub plane: usize,
+    /// Pyramid level (0 = full resolution).
+    pub level: u32,
+    /// Tile column.
+    pub x: u32,
+    /// Tile row.
+    pub y: u32,
+    /// Display window; `None`: the plane's automatic window.
+    pub window: Option<(u16, u16)>,
+    /// Display gamma (1 = linear).
+    pub gamma: f32,
+    /// Dense objects bright instead of dark.
+    pub invert: bool,
+    /// Dual-energy material colouring.
+    pub material: bool,
+    /// Edge enhancement ([`enhance_edges`]).
+    pub edge: bool,
+}
+
+impl TileSpec {
+    fn key(&self, scan_id: &str) -> String {
+        format!("{scan_id}/{self:?}")
+    }
+}
+
+/// The highest pyramid level of a `width x height` plane (one tile).
+pub fn top_level(width: u32, height: u32) -> u32 {
+    let mut level = 0;
+    while (width.max(height) >> level) > TILE {
+        level += 1;
+    }
+    level
+}
+
+/// Source pixels a tile covers, and its output size.
+struct Grid {
+    x0: u64,
+    y0: u64,
+    step: u64,
+    out_w: usize,
+    out_h: usize,
+}
+
+fn grid(width: u32, height: u32, level: u32, x: u32, y: u32, count: u32) -> Result<Grid> {
+    let top = top_level(width, height);
+    if level > top {
+        return Err(Error::InvalidArgument(format!("level {level} does not exist; this plane has levels 0..={top}")));
+    }
+    let step = 1u64 << level;
+    let span = u64::from(TILE) * step;
+    let (x0, y0) = (u64::from(x) * span, u64::from(y) * span);
+    if x0 >= u64::from(width) || y0 >= u64::from(height) {
+        return Err(Error::NotFound(format!("tile {x},{y} of level {level} lies outside the {width}x{height} plane")));
+    }
+    let out_w = (u64::from(width) - x0).div_ceil(step).min(u64::from(TILE * count.max(1))) as usize;
+    let out_h = (u64::from(height) - y0).div_ceil(step).min(u64::from(TILE)) as usize;
+    Ok(Grid { x0, y0, step, out_w, out_h })
+}
+
+/// The tile's 16-bit samples (box averages), read by rows from `plane`.
+pub fn tile_samples(
+    plane: &mut niix_inference::pipeline::PlaneInput,
+    level: u32,
+    x: u32,
+    y: u32,
+) -> Result<Array2<u16>> {
+    band_samples(plane, level, x, y, 1)
+}
+
+/// The samples of `count` neighbouring tiles of one tile row, from tile
+/// column `x` on (fewer at the plane's edge), in one pass over the rows:
+/// the viewer asks for the neighbours next, and a plane's rows are read
+/// from its top whichever tile is wanted. Split with [`split_band`].
+pub fn band_samples(
+    plane: &mut niix_inference::pipeline::PlaneInput,
+    level: u32,
+    x: u32,
+    y: u32,
+    count: u32,
+) -> Result<Array2<u16>> {
+    let g = grid(plane.width, plane.height, level, x, y, count)?;
+    let mut sums = vec![0u64; g.out_w * g.out_h];
+    let mut counts = vec![0u32; g.out_w * g.out_h];
+    let y_end = (g.y0 + g.step * g.out_h as u64).min(u64::from(plane.height));
+    let x_end = (g.x0 + g.step * g.out_w as u64).min(u64::from(plane.width)) as usize;
+    let decoded = decode_rows(
+        &mut plane.reader,
+        plane.encoding,
+        plane.width,
+        plane.height,
+        &DecodeLimits::default(),
+        |row, s| {
+            let row = u64::from(row);
+            if row < g.y0 {
+                return Ok(());
+            }
+            if row >= y_end {
+                return Err(DONE.into());
+            }
+            let oy = ((row - g.y0) / g.step) as usize;
+            let base = oy * g.out_w;
+            for (i, &v) in s[g.x0 as usize..x_end].iter().enumerate() {
+                let ox = base + i / g.step as usize;
+                sums[ox] += u64::from(v);
+                counts[ox] += 1;
+            }
+            if row + 1 == y_end { Err(DONE.into()) } else { Ok(()) }
+        },
+    );
+    match decoded {
+        Ok(_) => {}
+        Err(DecodeError::Sink(m)) if m == DONE => {}
+        Err(e) => return Err(Error::Internal(format!("decoding plane {}: {e}", plane.kind))),
+    }
+    let samples = sums.iter().zip(&counts).map(|(s, c)| (s / u64::from((*c).max(1))) as u16).collect();
+    Array2::from_shape_vec((g.out_h, g.out_w), samples).map_err(|e| Error::Internal(format!("tile shape: {e}")))
+}
+
+/// A band of [`band_samples`] cut into its tiles, left to right.
+pub fn split_band(band: &Array2<u16>) -> Vec<Array2<u16>> {
+    let w = band.ncols();
+    (0..w.div_ceil(TILE as usize))
+        .map(|i| band.slice(ndarray::s![.., i * TILE as usize..((i + 1) * TILE as usize).min(w)]).to_owned())
+        .collect()
+}
+
+/// Edge enhancement: adds the sample's difference from its four
+/// neighbours' mean (a Laplacian sharpening; the tile's border repeats).
+pub fn enhance_edges(samples: &Array2<u16>) -> Array2<u16> {
+    let (h, w) = samples.dim();
+    Array2::from_shape_fn((h, w), |(y, x)| {
+        let at = |yy: usize, xx: usize| i32::from(samples[[yy.min(h - 1), xx.min(w - 1)]]);
+        let v = at(y, x);
+        let around = at(y.saturating_sub(1), x) + at(y + 1, x) + at(y, x.saturating_sub(1)) + at(y, x + 1);
+        (5 * v - around).clamp(0, 65535) as u16
+    })
+}
+
+/// Grey level 0..=1 of a sample under a window, gamma and inversion.
+/// Without inversion dense matter (low transmission) is dark.
+fn grey(v: u16, (lo, hi): (u16, u16), gamma: f32, invert: bool) -> f32 {
+    let t = ((f32::from(v) - f32::from(lo)) / f32::from(hi.saturating_sub(lo).max(1))).clamp(0.0, 1.0);
+    let t = t.powf(1.0 / gamma);
+    if invert { 1.0 - t } else { t }
+}
+
+/// The material class colour of a high/low energy pair, given the
+/// unattenuated (air) level `air`: the ratio of the attenuations
+/// `ln(low) / ln(high)` grows with the effective atomic number. The
+/// thresholds are a display convention, not a calibration.
+pub fn material_colour(high: u16, low: u16, air: u16) -> [u8; 3] {
+    let air = f32::from(air.max(2));
+    let th = (f32::from(high.max(1)) / air).min(0.999);
+    let tl = (f32::from(low.max(1)) / air).min(0.999);
+    if th < 0.02 {
+        return [0, 0, 0]; // nothing got through: heavy or too thick
+    }
+    if th > 0.95 {
+        return [255, 255, 255]; // air
+    }
+    let r = tl.ln() / th.ln();
+    match r {
+        r if r < 1.12 => [245, 150, 40], // organic
+        r if r < 1.30 => [60, 175, 70],  // mixed
+        _ => [50, 110, 230],             // inorganic
+    }
+}
+
+/// Encodes an 8-bit image as PNG.
+fn png(width: usize, height: usize, colour: png::ColorType, data: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut enc = png::Encoder::new(&mut out, width as u32, height as u32);
+    enc.set_color(colour);
+    enc.set_depth(png::BitDepth::Eight);
+    let bad = |e: png::EncodingError| Error::Internal(format!("encoding a tile: {e}"));
+    enc.write_header().map_err(bad)?.write_image_data(data).map_err(bad)?;
+    Ok(out)
+}
+
+/// Draws grey samples as a PNG.
+pub fn grey_png(samples: &Array2<u16>, window: (u16, u16), gamma: f32, invert: bool) -> Result<Vec<u8>> {
+    let (h, w) = samples.dim();
+    let data: Vec<u8> = samples.iter().map(|&v| (grey(v, window, gamma, invert) * 255.0).round() as u8).collect();
+    png(w, h, png::ColorType::Grayscale, &data)
+}
+
+/// Draws a dual-energy pair in material colours, shaded by the high-energy
+/// grey level under the window, as a PNG.
+pub fn material_png(
+    high: &Array2<u16>,
+    low: &Array2<u16>,
+    air: u16,
+    window: (u16, u16),
+    gamma: f32,
+    invert: bool,
+) -> Result<Vec<u8>> {
+    let (h, w) = high.dim();
+    let mut data = Vec::with_capacity(w * h * 3);
+    for (&hv, &lv) in high.iter().zip(low) {
+        let shade = 0.35 + 0.65 * grey(hv, window, gamma, invert);
+        data.extend(material_colour(hv, lv, air).map(|c| (f32::from(c) * shade).round() as u8));
+    }
+    png(w, h, png::ColorType::Rgb, &data)
+}
+
+/// An 8-bit anomaly map as an RGBA heat layer: transparent below a tenth of
+/// the scale, then yellow to red, more opaque with the score.
+pub fn heat_png(map: &Array2<u8>) -> Result<Vec<u8>> {
+    let (h, w) = map.dim();
+    let mut data = Vec::with_capacity(w * h * 4);
+    for &v in map {
+        let t = f32::from(v) / 255.0;
+        if t < 0.1 {
+            data.extend([0, 0, 0, 0]);
+        } else {
+            data.extend([255, (230.0 * (1.0 - t)) as u8, 0, (80.0 + 175.0 * t) as u8]);
+        }
+    }
+    png(w, h, png::ColorType::Rgba, &data)
+}
+
+/// Indexes of the high- and low-energy planes of a dual-energy scan.
+pub fn dual_energy(record: &ScanRecord) -> Option<(usize, usize)> {
+    let find = |k: PlaneKind| record.header.planes.iter().position(|p| p.kind == k as i32);
+    Some((find(PlaneKind::HighEnergy)?, find(PlaneKind::LowEnergy)?))
+}
+
+/// A bounded least-recently-used cache of rendered tiles and plane windows.
+#[derive(Debug, Default)]
+pub struct TileCache {
+    inner: Mutex<CacheInner>,
+}
+
+#[derive(Debug, Default)]
+struct CacheInner {
+    tiles: HashMap<String, (Arc<Vec<u8>>, u64)>,
+    windows: HashMap<String, (u16, u16)>,
+    bytes: usize,
+    tick: u64,
+}
+
+/// Most plane windows remembered (each a few bytes).
+const MAX_WINDOWS: usize = 4096;
+
+impl TileCache {
+    /// The cached tile, marked as just used.
+    pub fn get(&self, scan_id: &str, spec: &TileSpec) -> Option<Arc<Vec<u8>>> {
+        let mut c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        c.tick += 1;
+        let tick = c.tick;
+        let entry = c.tiles.get_mut(&spec.key(scan_id))?;
+        entry.1 = tick;
+        Some(entry.0.clone())
+    }
+
+    /// Keeps a rendered tile, evicting the least recently used beyond
+    /// [`CACHE_BYTES`].
+    pub fn put(&self, scan_id: &str, spec: &TileSpec, png: Arc<Vec<u8>>) {
+        let mut c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        c.tick += 1;
+        let tick = c.tick;
+        c.bytes += png.len();
+        if let Some((old, _)) = c.tiles.insert(spec.key(scan_id), (png, tick)) {
+            c.bytes -= old.len();
+        }
+        while c.bytes > CACHE_BYTES {
+            let Some(oldest) = c.tiles.iter().min_by_key(|(_, (_, t))| *t).map(|(k, _)| k.clone()) else { break };
+            if let Some((gone, _)) = c.tiles.remove(&oldest) {
+                c.bytes -= gone.len();
+            }
+        }
+    }
+
+    /// Bytes of tiles held.
+    pub fn bytes(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).bytes
+    }
+
+    /// The remembered automatic window of a plane.
+    pub fn window(&self, scan_id: &str, plane: usize) -> Option<(u16, u16)> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).windows.get(&format!("{scan_id}/{plane}")).copied()
+    }
+
+    /// Remembers a plane's automatic window.
+    pub fn put_window(&self, scan_id: &str, plane: usize, window: (u16, u16)) {
+        let mut c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if c.windows.len() >= MAX_WINDOWS {
+            c.windows.clear();
+        }
+        c.windows.insert(format!("{scan_id}/{plane}"), window);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use niix_inference::decode::Encoding;
+    use niix_inference::pipeline::PlaneInput;
+
+    fn raw_plane(width: u32, height: u32) -> PlaneInput {
+        let bytes: Vec<u8> =
+            (0..width * height).flat_map(|i| ((i % width) as u16 * 10 + (i / width) as u16).to_le_bytes()).collect();
+        PlaneInput {
+            kind: "high_energy".into(),
+            encoding: Encoding::RawU16Le,
+            width,
+            height,
+            reader: Box::new(std::io::Cursor::new(bytes)),
+        }
+    }
+
+    #[test]
+    fn levels_tiles_and_box_averages() {
+        assert_eq!(top_level(256, 256), 0);
+        assert_eq!(top_level(2048, 6144), 5);
+        assert_eq!(top_level(16384, 32768), 7);
+        // Level 0, tile (1,0) of a 300x20 plane: columns 256..300.
+        let t = tile_samples(&mut raw_plane(300, 20), 0, 1, 0).unwrap();
+        assert_eq!(t.dim(), (20, 44));
+        assert_eq!(t[[3, 0]], 2560 + 3);
+        // Level 1: 2x2 averages; pixel (0,0) averages x 0..2, y 0..2.
+        let t = tile_samples(&mut raw_plane(300, 20), 1, 0, 0).unwrap();
+        assert_eq!(t.dim(), (10, 150));
+        assert_eq!(t[[0, 0]], (10 + 1 + 11) / 4);
+        // A band of two tiles is the two tiles.
+        let band = split_band(&band_samples(&mut raw_plane(600, 20), 0, 0, 0, 8).unwrap());
+        assert_eq!(band.len(), 3);
+        assert_eq!(band[1], tile_samples(&mut raw_plane(600, 20), 0, 1, 0).unwrap());
+        assert_eq!(band[2].dim(), (20, 88));
+        let e = tile_samples(&mut raw_plane(300, 20), 0, 2, 0).unwrap_err();
+        assert!(matches!(e, Error::NotFound(_)), "{e}");
+        let e = tile_samples(&mut raw_plane(300, 20), 3, 0, 0).unwrap_err();
+        assert!(e.to_string().contains("levels 0..=1"), "{e}");
+    }
+
+    #[test]
+    fn edges_are_steepened_and_flat_areas_kept() {
+        let step = Array2::from_shape_fn((3, 4), |(_, x)| if x < 2 { 1000u16 } else { 2000 });
+        let e = enhance_edges(&step);
+        assert_eq!(e[[1, 0]], 1000);
+        assert_eq!((e[[1, 1]], e[[1, 2]]), (0, 3000));
+        assert_eq!(e[[1, 3]], 2000);
+    }
+
+    #[test]
+    fn material_classes_follow_the_attenuation_ratio() {
+        // Same attenuation at both energies: organic-like.
+        let air = 60000;
+        assert_eq!(material_colour(30000, 28000, air), [245, 150, 40]);
+        // Low energy attenuated much more: inorganic.
+        assert_eq!(material_colour(30000, 4000, air), [50, 110, 230]);
+        assert_eq!(material_colour(500, 100, air), [0, 0, 0]);
+        assert_eq!(material_colour(59500, 59000, air), [255, 255, 255]);
+    }
+
+    #[test]
+    fn the_cache_stays_within_its_budget() {
+        let cache = TileCache::default();
+        let spec = |x| TileSpec {
+            plane: 0,
+            level: 0,
+            x,
+            y: 0,
+            window: None,
+            gamma: 1.0,
+            invert: false,
+            material: false,
+            edge: false,
+        };
+        let tile = Arc::new(vec![0u8; 1 << 20]);
+        for x in 0..100 {
+            cache.put("s", &spec(x), tile.clone());
+            cache.get("s", &spec(0)); // keeps tile 0 recent
+        }
+        assert!(cache.bytes() <= CACHE_BYTES);
+        assert!(cache.get("s", &spec(0)).is_some());
+        assert!(cache.get("s", &spec(1)).is_none());
+        assert!(cache.get("s", &spec(99)).is_some());
+    }
+}

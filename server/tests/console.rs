@@ -1,0 +1,348 @@
+//! The officer console's HTTP API through the real server: sign-in cookie
+//! and who may sign in, CSRF refusal, expired sessions, live events, tiles
+//! rendered from the stored planes, and adjudication stored under the
+//! signed-in identity (checked through gRPC and the audit log).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use niix::auth::Role;
+use niix::config::{Limits, WebConfig};
+use niix::store::MetadataStore;
+use niix_proto::v1::findings_client::FindingsClient;
+use niix_proto::v1::{GetFindingsRequest, ReportType, ScanStatus, Verdict};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// One HTTP/1.1 answer.
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+/// Sends one request on a fresh connection (`Connection: close`).
+async fn http(at: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Answer {
+    let mut s = TcpStream::connect(at).await.unwrap();
+    let mut req =
+        format!("{method} {path} HTTP/1.1\r\nHost: {at}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a header block");
+    let head = String::from_utf8(raw[..split].to_vec()).unwrap();
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> =
+        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect();
+    let mut body = raw[split + 4..].to_vec();
+    if headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked")) {
+        body = dechunk(&body);
+    }
+    Answer { status, headers, body }
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let nl = b.windows(2).position(|w| w == b"\r\n").unwrap();
+        let n = usize::from_str_radix(std::str::from_utf8(&b[..nl]).unwrap().trim(), 16).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[nl + 2..nl + 2 + n]);
+        b = &b[nl + 2 + n + 2..];
+    }
+}
+
+/// Signs in with `token`; returns the answer.
+async fn login(at: SocketAddr, token: &str) -> Answer {
+    http(at, "POST", "/api/login", &[("content-type", "application/json")], &format!("{{\"token\":\"{token}\"}}")).await
+}
+
+/// The `Cookie:` header value and the CSRF token of a successful sign-in.
+fn session_of(a: &Answer) -> (String, String) {
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    let set = a.header("set-cookie").expect("a session cookie");
+    let cookie = set.split(';').next().unwrap().to_string();
+    (cookie, a.json()["csrf"].as_str().unwrap().to_string())
+}
+
+const TOKENS: [(&str, Role, &str); 4] = [
+    ("officer-1", Role::Officer, "tok-officer"),
+    ("DE", Role::Partner, "tok-partner"),
+    ("scanner-1", Role::Scanner, "tok-scanner"),
+    ("admin-1", Role::Admin, "tok-admin"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_officer_signs_in_sees_a_scan_live_views_tiles_and_adjudicates_under_their_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), Limits::default());
+    config.auth = tokens(&TOKENS);
+    // An officer of another site: the scan stays invisible to them.
+    let mut scoped = tokens(&[("officer-be", Role::Officer, "tok-officer-be")]).tokens.remove(0);
+    scoped.sites = vec!["BEANR".into()];
+    config.auth.tokens.push(scoped);
+    let server = niix::server::start(config).await.unwrap();
+    let web = server.web_addr.expect("the console listens");
+
+    // The page is embedded and locked to its own origin.
+    let page = http(web, "GET", "/", &[], "").await;
+    assert_eq!(page.status, 200);
+    assert!(String::from_utf8_lossy(&page.body).contains("officer console"));
+    assert!(page.header("content-security-policy").unwrap().contains("default-src 'self'"));
+
+    // Partners and scanners cannot open the console; unknown tokens neither.
+    for token in ["tok-partner", "tok-scanner"] {
+        let a = login(web, token).await;
+        assert_eq!(a.status, 403, "{token}");
+        assert!(a.json()["error"].as_str().unwrap().contains("may not sign in to the officer console"));
+        assert!(a.header("set-cookie").is_none());
+    }
+    assert_eq!(login(web, "guess").await.status, 401);
+    assert_eq!(http(web, "GET", "/api/scans", &[], "").await.status, 401);
+
+    // The officer's cookie: HttpOnly, SameSite=Strict, with an expiry.
+    let a = login(web, "tok-officer").await;
+    let set = a.header("set-cookie").unwrap().to_string();
+    assert!(set.contains("HttpOnly") && set.contains("SameSite=Strict") && set.contains("Max-Age="), "{set}");
+    assert!(!set.contains("Secure"), "plain HTTP on loopback: {set}");
+    assert_eq!(a.json()["identity"], "officer-1");
+    let (cookie, csrf) = session_of(&a);
+    let me = [("cookie", cookie.as_str())];
+
+    // Live events: the SSE stream announces the analysed scan.
+    let mut sse = TcpStream::connect(web).await.unwrap();
+    sse.write_all(format!("GET /api/events HTTP/1.1\r\nHost: {web}\r\nCookie: {cookie}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let scanner = niix::client::authed(channel(&server).await, Some("tok-scanner")).unwrap();
+    let id = push_container(&scanner, "NLRTM-01", "AB-123-C", true).await;
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !String::from_utf8_lossy(&seen).contains(&id) {
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout_at(deadline, sse.read(&mut buf)).await.expect("an event in time").unwrap();
+        assert!(n > 0, "the event stream ended: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.contains("text/event-stream") && text.contains("\"kind\":\"analyzed\""), "{text}");
+    drop(sse);
+
+    // The queue shows it, newest first, with the machine decision.
+    let q = http(web, "GET", "/api/scans?site=NLRTM-01", &me, "").await;
+    assert_eq!(q.status, 200);
+    let scans = q.json()["scans"].as_array().unwrap().clone();
+    assert_eq!(scans[0]["scan_id"], id.as_str());
+    assert_eq!(scans[0]["decision"], "alarm");
+    assert_eq!(scans[0]["vehicle_plate"], "AB-123-C");
+    assert!(scans[0]["verdict"].is_null());
+    assert_eq!(http(web, "GET", "/api/scans?status=bogus", &me, "").await.status, 400);
+
+    let d = http(web, "GET", &format!("/api/scans/{id}"), &me, "").await;
+    assert_eq!(d.status, 200);
+    let d = d.json();
+    assert_eq!(d["planes"][0]["width"], 256);
+    assert_eq!(d["planes"][0]["levels"], 1);
+    let regions = d["machine"]["regions"].as_array().unwrap().clone();
+    assert!(!regions.is_empty(), "{d}");
+
+    // Tiles come from the stored plane: a 256x128 plane is one tile at level 0.
+    let tile = http(web, "GET", &format!("/api/scans/{id}/tiles/0/0/0/0.png?wl=0&wh=40000"), &me, "").await;
+    assert_eq!(tile.status, 200);
+    assert_eq!(tile.header("content-type"), Some("image/png"));
+    let info = png::Decoder::new(std::io::Cursor::new(&tile.body)).read_info().unwrap();
+    assert_eq!((info.info().width, info.info().height), (256, 128));
+    let dark_block = {
+        let mut reader = info;
+        let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+        reader.next_frame(&mut buf).unwrap();
+        // The dense block at (100..140, 40..70) is dark, its surroundings bright.
+        (buf[50 * 256 + 110], buf[10 * 256 + 10])
+    };
+    assert!(dark_block.0 < 40 && dark_block.1 > 150, "{dark_block:?}");
+    assert_eq!(http(web, "GET", &format!("/api/scans/{id}/tiles/0/1/0/0.png"), &me, "").await.status, 400);
+    assert_eq!(http(web, "GET", &format!("/api/scans/{id}/tiles/0/0/1/0.png"), &me, "").await.status, 404);
+    assert_eq!(http(web, "GET", &format!("/api/scans/{id}/tiles/0/0/0/0.png"), &[], "").await.status, 401);
+    let mono = http(web, "GET", &format!("/api/scans/{id}/tiles/0/0/0/0.png?material=1"), &me, "").await;
+    assert_eq!(mono.status, 412, "a single-energy scan has no material colouring");
+
+    // The heat layer is the analysed plane's anomaly map, stride pixels per value.
+    let stride = d["machine"]["heatmap_stride"].as_u64().expect("a stored anomaly map");
+    let heat = http(web, "GET", &format!("/api/scans/{id}/heatmap.png"), &me, "").await;
+    assert_eq!(heat.status, 200);
+    let info = png::Decoder::new(std::io::Cursor::new(&heat.body)).read_info().unwrap();
+    assert_eq!(info.info().color_type, png::ColorType::Rgba);
+    assert_eq!(u64::from(info.info().width), 256u64.div_ceil(stride));
+
+    // A site-scoped officer of another site sees neither the scan nor its tiles.
+    let (be_cookie, _) = session_of(&login(web, "tok-officer-be").await);
+    let be = [("cookie", be_cookie.as_str())];
+    assert_eq!(http(web, "GET", &format!("/api/scans/{id}"), &be, "").await.status, 404);
+    assert_eq!(
+        http(web, "GET", &format!("/api/scans/{id}/tiles/0/0/0/0.png?wl=0&wh=40000"), &be, "").await.status,
+        404
+    );
+    assert_eq!(http(web, "GET", &format!("/api/scans/{id}/heatmap.png"), &be, "").await.status, 404);
+    assert!(http(web, "GET", "/api/scans", &be, "").await.json()["scans"].as_array().unwrap().is_empty());
+
+    // Adjudication without the CSRF header is refused and stores nothing.
+    let region = regions[0]["id"].as_u64().unwrap();
+    let body = format!(
+        "{{\"verdict\":\"confirmed\",\"comment\":\"dense block\",\"regions\":[{{\"id\":{region},\"verdict\":\"confirmed\"}}]}}"
+    );
+    let path = format!("/api/scans/{id}/adjudicate");
+    let json = ("content-type", "application/json");
+    let forged = http(web, "POST", &path, &[me[0], json], &body).await;
+    assert_eq!(forged.status, 403);
+    assert!(forged.json()["error"].as_str().unwrap().contains("x-niix-csrf"));
+    let officer = niix::client::authed(channel(&server).await, Some("tok-officer")).unwrap();
+    let mut findings = FindingsClient::new(officer);
+    let f = findings.get_findings(GetFindingsRequest { scan_id: id.clone() }).await.unwrap().into_inner();
+    assert_eq!(f.status, ScanStatus::Analyzed as i32);
+    assert!(f.reports.iter().all(|r| r.r#type != ReportType::Operator as i32));
+
+    let done = http(web, "POST", &path, &[me[0], json, ("x-niix-csrf", &csrf)], &body).await;
+    assert_eq!(done.status, 200, "{}", String::from_utf8_lossy(&done.body));
+    let f = findings.get_findings(GetFindingsRequest { scan_id: id.clone() }).await.unwrap().into_inner();
+    let op = f.reports.iter().rev().find(|r| r.r#type == ReportType::Operator as i32).expect("an operator report");
+    assert_eq!(op.operator_id, "officer-1");
+    assert_eq!(op.verdict, Verdict::Confirmed as i32);
+    assert_eq!(op.comment, "dense block");
+    let rv: Vec<(u32, i32)> = op.regions.iter().filter(|r| r.verdict != 0).map(|r| (r.id, r.verdict)).collect();
+    assert_eq!(rv, vec![(region as u32, Verdict::Confirmed as i32)]);
+    let q = http(web, "GET", "/api/scans?site=NLRTM-01", &me, "").await.json();
+    assert_eq!(q["scans"][0]["verdict"], "confirmed");
+    let open = http(web, "GET", "/api/scans?verdict=none", &me, "").await.json();
+    assert!(open["scans"].as_array().unwrap().is_empty(), "{open}");
+    let confirmed = http(web, "GET", "/api/scans?verdict=confirmed", &me, "").await.json();
+    assert_eq!(confirmed["scans"][0]["scan_id"], id.as_str());
+
+    // The TDR of the operator report downloads.
+    let tdr = http(web, "GET", &format!("/api/scans/{id}/tdr?report=operator"), &me, "").await;
+    assert_eq!(tdr.status, 200);
+    assert_eq!(&tdr.body[128..132], b"DICM");
+
+    // An admin may sign in and read, but adjudicates no more than over gRPC.
+    let (admin_cookie, admin_csrf) = session_of(&login(web, "tok-admin").await);
+    let a = http(web, "POST", &path, &[("cookie", &admin_cookie), json, ("x-niix-csrf", &admin_csrf)], &body).await;
+    assert_eq!(a.status, 403);
+
+    // Signing out ends the session.
+    let out = http(web, "POST", "/api/logout", &[me[0], ("x-niix-csrf", &csrf)], "").await;
+    assert_eq!(out.status, 200);
+    assert!(out.header("set-cookie").unwrap().contains("Max-Age=0"));
+    assert_eq!(http(web, "GET", "/api/scans", &me, "").await.status, 401);
+    server.shutdown().await.unwrap();
+
+    // Every console action is in the audit log under who did it.
+    let meta = niix::store::SqliteMetadata::open(&dir.path().join("niix.db")).unwrap();
+    let log: Vec<(String, String, String)> = meta
+        .audit_records(0, 100_000)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.entry.identity, r.entry.action, r.entry.outcome))
+        .collect();
+    let has = |who: &str, action: &str, outcome: &str| {
+        log.iter().any(|(w, a, o)| (w.as_str(), a.as_str(), o.as_str()) == (who, action, outcome))
+    };
+    assert!(has("DE", "ConsoleLogin", "PermissionDenied"), "{log:?}");
+    assert!(has("unauthenticated", "ConsoleLogin", "Unauthenticated"), "{log:?}");
+    assert!(has("officer-1", "ConsoleLogin", "OK"));
+    assert!(has("officer-1", "Adjudicate", "OK"));
+    assert!(has("admin-1", "Adjudicate", "PermissionDenied"));
+    assert!(has("officer-1", "ConsoleLogout", "OK"));
+}
+
+#[tokio::test]
+async fn an_expired_session_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), Limits::default());
+    config.auth = tokens(&TOKENS);
+    config.analysis.enabled = false;
+    config.web = WebConfig { listen: Some("127.0.0.1:0".parse().unwrap()), session_ttl: Duration::from_secs(1) };
+    let server = niix::server::start(config).await.unwrap();
+    let web = server.web_addr.unwrap();
+    let (cookie, _) = session_of(&login(web, "tok-officer").await);
+    assert_eq!(http(web, "GET", "/api/scans", &[("cookie", &cookie)], "").await.status, 200);
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let a = http(web, "GET", "/api/scans", &[("cookie", &cookie)], "").await;
+    assert_eq!(a.status, 401);
+    assert!(a.json()["error"].as_str().unwrap().contains("expired"));
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn with_tls_the_console_serves_https_and_its_cookie_is_secure() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki { dir: dir.path().to_path_buf() };
+    let (ca_cert, ca_issuer) = ca("NL customs CA");
+    let (server_cert, server_key) = leaf("localhost", &ca_issuer);
+    let mut config = config(&dir.path().join("data"), Limits::default());
+    config.auth = tokens(&TOKENS);
+    config.analysis.enabled = false;
+    config.tls = Some(niix::config::TlsConfig {
+        cert: pki.write("server.pem", &server_cert.pem()),
+        key: pki.write("server.key", &server_key.serialize_pem()),
+        client_ca: None,
+    });
+    let server = niix::server::start(config).await.unwrap();
+    let web = server.web_addr.unwrap();
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca_cert.der().clone()).unwrap();
+    let client =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client));
+    let tcp = TcpStream::connect(web).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.expect("a TLS handshake with the [tls] certificate");
+    let body = "{\"token\":\"tok-officer\"}";
+    let req = format!(
+        "POST /api/login HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    let _ = tls.read_to_end(&mut raw).await; // the server may close without close_notify
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let cookie = text.lines().find(|l| l.to_ascii_lowercase().starts_with("set-cookie:")).unwrap();
+    assert!(
+        cookie.contains("; Secure") && cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+
+    // Plain HTTP on the TLS port gets no console.
+    let mut plain = TcpStream::connect(web).await.unwrap();
+    plain.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut raw)).await;
+    assert!(!String::from_utf8_lossy(&raw).contains("officer console"));
+    server.shutdown().await.unwrap();
+}
