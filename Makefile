@@ -15,9 +15,12 @@ run: onnxruntime release
 	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" ./target/release/niix serve --listen $(LISTEN) --data $(DATA) --models $(MODELS)
 
 ## Build and run every test, plus format and lint checks (what CI runs).
+## The fuzz targets (their own workspace in fuzz/) are type-checked on stable
+## so they cannot rot; scripts/fuzz.sh runs them (make reliability).
 test: onnxruntime pyenv
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) check --manifest-path fuzz/Cargo.toml --bins --examples
 	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" $(CARGO) test --workspace
 
 ## Python 3.11 for the tests that check niix against outside implementations:
