@@ -147,12 +147,16 @@ eval: onnxruntime release
 
 ## Reliability (docs/reliability.md): the bad-input catalogue, 50 SIGKILLs
 ## during uploads and analyses, three power cuts (needs root for the loop
-## mount, else it says SKIPPED), a short run of every fuzz target and a soak.
+## mount, else it says SKIPPED), a short run of every fuzz target and a soak
+## with the shipped detector that fails on any error or on resident memory
+## growing by more than SOAK_RSS_GROWTH_MIB between its second and last quarter.
 CRASH_ROUNDS ?= 50
 FUZZ_SECONDS ?= 30
 SOAK_SECONDS ?= 600
+SOAK_RSS_GROWTH_MIB ?= 64
 reliability: onnxruntime pyenv release
 	NIIX_CRASH_ROUNDS=$(CRASH_ROUNDS) ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" \
 		$(CARGO) test -p niix-server --test reliability --test crash --test power_loss -- --nocapture
 	./scripts/fuzz.sh $(FUZZ_SECONDS)
-	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" $(CARGO) run --release -p niix-benches --bin soak -- --duration $(SOAK_SECONDS)
+	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" $(CARGO) run --release -p niix-benches --bin soak -- --duration $(SOAK_SECONDS) \
+		--model cargo-patchcore --max-rss-growth-mib $(SOAK_RSS_GROWTH_MIB)
