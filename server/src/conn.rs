@@ -11,8 +11,9 @@
 //! A burst of connections faster than the handshake timeout is bounded by a
 //! [`ConnectionCap`] shared by both listeners: past its maximum, a new
 //! connection makes room by closing the oldest connection that never sent a
-//! byte, else the one silent longest (if silent for at least
-//! [`EVICT_AFTER_SILENCE`]); when every open connection is talking, the new
+//! byte (a live client sends its first byte as soon as it is connected),
+//! else the one silent longest if silent for at least
+//! [`EVICT_AFTER_SILENCE`]; when every open connection is talking, the new
 //! one is refused. So a flood of silent sockets cannot starve the health
 //! check or a scanner, and the server's handles stay bounded.
 
@@ -40,8 +41,8 @@ pub struct Timeouts {
     pub idle: Duration,
 }
 
-/// A connection that sent something this recently is never closed to make
-/// room for a new one.
+/// A connection that has sent something, and did so this recently, is never
+/// closed to make room for a new one.
 pub const EVICT_AFTER_SILENCE: Duration = Duration::from_secs(1);
 
 /// The connections open over the listeners that share it: at most `max`
@@ -122,7 +123,10 @@ impl ConnectionCap {
             let victim = live.min_by_key(|s| (s.spoke(), s.heard_ms()));
             let quiet_ms = EVICT_AFTER_SILENCE.as_millis() as u64;
             match victim {
-                Some(v) if open.slots.len() < 2 * shared.max && now.saturating_sub(v.heard_ms()) >= quiet_ms => {
+                Some(v)
+                    if open.slots.len() < 2 * shared.max
+                        && (!v.spoke() || now.saturating_sub(v.heard_ms()) >= quiet_ms) =>
+                {
                     v.evicted.store(true, Ordering::Relaxed);
                     if let Some(w) = lock(&v.waker).take() {
                         w.wake();
@@ -386,23 +390,29 @@ mod tests {
     async fn the_cap_closes_connections_that_never_spoke_first_and_refuses_when_all_talk() {
         let (refused, evicted) = (Counter::default(), Counter::default());
         let cap = ConnectionCap::new(2, refused.clone(), evicted.clone());
-        let talker = cap.admit().unwrap();
-        let mute = cap.admit().unwrap();
-        // Both were heard from just now: a third is refused.
+        let (a, b) = (cap.admit().unwrap(), cap.admit().unwrap());
+        a.heard();
+        b.heard();
+        // Both talked just now: a third is refused.
         assert!(cap.admit().is_none());
         assert_eq!((refused.get(), evicted.get()), (1, 0));
         tokio::time::sleep(EVICT_AFTER_SILENCE + Duration::from_millis(100)).await;
-        talker.heard();
-        // The one that never spoke makes room, not the older talker.
-        let third = cap.admit().unwrap();
-        assert!(mute.state.evicted.load(Ordering::Relaxed));
-        assert!(!talker.state.evicted.load(Ordering::Relaxed));
-        assert_eq!(evicted.get(), 1);
-        // Until its connection closes it still counts; then its place is free.
-        assert_eq!(cap.open(), 3);
-        drop(mute);
+        a.heard();
+        // b has been silent for longer than a: it makes room.
+        let c = cap.admit().unwrap();
+        assert!(b.state.evicted.load(Ordering::Relaxed) && !a.state.evicted.load(Ordering::Relaxed));
+        // c never spoke: however new, it goes before a, which talks.
+        let d = cap.admit().unwrap();
+        assert!(c.state.evicted.load(Ordering::Relaxed) && !a.state.evicted.load(Ordering::Relaxed));
+        assert_eq!(evicted.get(), 2);
+        // Evicted connections hold their handle until closed: at twice the
+        // cap, new ones are refused instead.
+        assert_eq!(cap.open(), 4);
+        assert!(cap.admit().is_none());
+        assert_eq!(refused.get(), 2);
+        drop((b, c));
         assert_eq!(cap.open(), 2);
-        drop((talker, third));
+        drop((a, d));
         assert_eq!(cap.open(), 0);
     }
 }
