@@ -60,11 +60,15 @@ clean-data:
 	rm -rf $(DATA)
 
 ## The edge attacks of docs/reliability.md ("Attacks"), with /metrics also
-## parsed by Prometheus' own parser (prometheus_client).
-attack: onnxruntime pyenv
+## parsed by Prometheus' own parser (prometheus_client); then every attack
+## kind at once for ATTACK_SECONDS against the release binary on a 64 MiB
+## tmpfs (benches/attack/attack.py: PASS/FAIL per criterion).
+ATTACK_SECONDS ?= 60
+attack: onnxruntime pyenv release
 	.niix/venv/bin/pip install --quiet "prometheus_client==0.26.0"
 	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" NIIX_PROM_PYTHON="$(CURDIR)/.niix/venv/bin/python" \
 		$(CARGO) test -p niix-server --test attack --test auth
+	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" .niix/venv/bin/python benches/attack/attack.py --duration $(ATTACK_SECONDS)
 
 ## Benchmarks (see benches/README.md); prints each stage's time.
 bench: onnxruntime pyenv release
