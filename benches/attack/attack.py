@@ -121,6 +121,7 @@ class Run:
         self.stop = threading.Event()
         self.result = Result()
         self.samples = []  # (t, metrics_ok, rss_mib, hwm_mib, health_s or None, error)
+        self.health_errors = []
 
     # ---- setup -----------------------------------------------------------
     def configure(self):
@@ -196,6 +197,7 @@ public_key = "{be_public}"
             if self.proc.poll() is not None:
                 raise SystemExit(f"niix serve exited at start; see {self.log.name}:\n" + open(self.log.name).read())
             if self.health(timeout=1.0) is not None:
+                self.health_errors.clear()  # refusals while it was starting
                 return
             time.sleep(0.2)
         raise SystemExit("niix serve did not answer health within 30 s")
@@ -205,7 +207,8 @@ public_key = "{be_public}"
 
     # ---- observation -----------------------------------------------------
     def health(self, timeout=HEALTH_LIMIT_S):
-        """Seconds a health check on a fresh connection took, or None."""
+        """Seconds a health check on a fresh connection took, or None (the
+        error is kept in self.health_errors)."""
         t = time.monotonic()
         ch = grpc.insecure_channel(self.target, options=[("grpc.use_local_subchannel_pool", 1)])
         try:
@@ -213,7 +216,8 @@ public_key = "{be_public}"
                                   request_serializer=lambda b: b, response_deserializer=lambda b: b)
             call(b"", timeout=timeout)
             return time.monotonic() - t
-        except grpc.RpcError:
+        except grpc.RpcError as e:
+            self.health_errors.append(f"{e.code().name}: {e.details()}"[:200])
             return None
         finally:
             ch.close()
@@ -354,6 +358,7 @@ public_key = "{be_public}"
                 except grpc.FutureTimeoutError:
                     self.result.bad("an idle push was never cut")
                 gate.set()
+            self.stop.wait(0.5)
 
     def disk_fill(self):
         while not self.stop.is_set():
@@ -530,7 +535,8 @@ public_key = "{be_public}"
         slow = [s for s in self.samples if s[4] is None or s[4] > HEALTH_LIMIT_S]
         worst = max((s[4] for s in self.samples if s[4] is not None), default=0.0)
         checks.append((f"health answers within {HEALTH_LIMIT_S:.0f} s on a fresh connection", n > 0 and not slow,
-                       f"{n - len(slow)}/{n} in time, slowest {worst * 1000:.0f} ms"))
+                       f"{n - len(slow)}/{n} in time, slowest answer {worst * 1000:.0f} ms" +
+                       (f"; first failure: {self.health_errors[0]}" if self.health_errors else "")))
         if alive:
             listed = set(self.listed())
             leaked = listed & self.result.refused
