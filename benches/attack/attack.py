@@ -31,6 +31,7 @@ criterion. Exit status 1 when any criterion fails.
 """
 
 import argparse
+import multiprocessing
 import hashlib
 import http.client
 import os
@@ -319,18 +320,21 @@ public_key = "{be_public}"
         ch.close()
 
     def silent_conns(self):
-        while not self.stop.is_set():
-            socks = []
-            for _ in range(SILENT_BURST):
-                try:
-                    s = socket.create_connection(("127.0.0.1", self.port), timeout=1)
-                    socks.append(s)
-                except OSError:
-                    self.result.count("silent-conns", "connect failed")
+        # Its own process, as an attacker is: in this one, the bursts would
+        # hold the interpreter lock between the sampler's connect and its
+        # request, and measure the client instead of the server.
+        stop = multiprocessing.Event()
+        bursts = multiprocessing.Value("i", 0)
+        failed = multiprocessing.Value("i", 0)
+        flood = multiprocessing.Process(target=silent_bursts, args=(self.port, stop, bursts, failed), daemon=True)
+        flood.start()
+        self.stop.wait()
+        stop.set()
+        flood.join(timeout=30)
+        for _ in range(bursts.value):
             self.result.count("silent-conns", "burst")
-            self.stop.wait(3)
-            for s in socks:
-                s.close()
+        for _ in range(failed.value):
+            self.result.count("silent-conns", "connect failed")
 
     def idle_pushes(self):
         stub = rpc.ingest.ScanIngestStub(self.channels["scanner-nl"])
@@ -598,6 +602,24 @@ public_key = "{be_public}"
             shutil.rmtree(self.work, ignore_errors=True)
         else:
             print(f"attack: kept {self.work}", file=sys.stderr)
+
+
+def silent_bursts(port, stop, bursts, failed):
+    """Opens SILENT_BURST connections that never send a byte, holds them 3 s,
+    closes them, again until `stop`."""
+    while not stop.is_set():
+        socks = []
+        for _ in range(SILENT_BURST):
+            try:
+                socks.append(socket.create_connection(("127.0.0.1", port), timeout=1))
+            except OSError:
+                with failed.get_lock():
+                    failed.value += 1
+        with bursts.get_lock():
+            bursts.value += 1
+        stop.wait(3)
+        for s in socks:
+            s.close()
 
 
 def main():
