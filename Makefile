@@ -17,6 +17,8 @@ run: onnxruntime release
 	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" ./target/release/niix serve --listen $(LISTEN) --web-listen $(WEB_LISTEN) --data $(DATA) --models $(MODELS)
 
 ## Build and run every test, plus format and lint checks (what CI runs).
+## The fuzz targets (their own workspace in fuzz/) are type-checked on stable
+## so they cannot rot; scripts/fuzz.sh runs them (make reliability).
 test: onnxruntime pyenv
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
@@ -78,11 +80,15 @@ clean-data:
 	rm -rf $(DATA)
 
 ## The edge attacks of docs/reliability.md ("Attacks"), with /metrics also
-## parsed by Prometheus' own parser (prometheus_client).
-attack: onnxruntime pyenv
+## parsed by Prometheus' own parser (prometheus_client); then every attack
+## kind at once for ATTACK_SECONDS against the release binary on a 64 MiB
+## tmpfs (benches/attack/attack.py: PASS/FAIL per criterion).
+ATTACK_SECONDS ?= 60
+attack: onnxruntime pyenv release
 	.niix/venv/bin/pip install --quiet "prometheus_client==0.26.0"
 	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" NIIX_PROM_PYTHON="$(CURDIR)/.niix/venv/bin/python" \
 		$(CARGO) test -p niix-server --test attack --test auth
+	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" .niix/venv/bin/python benches/attack/attack.py --duration $(ATTACK_SECONDS)
 
 ## Benchmarks (see benches/README.md); prints each stage's time.
 bench: onnxruntime pyenv release
@@ -170,15 +176,19 @@ eval: onnxruntime release
 
 ## Reliability (docs/reliability.md): the bad-input catalogue, 50 SIGKILLs
 ## during uploads and analyses, three power cuts (needs root for the loop
-## mount, else it says SKIPPED), a short run of every fuzz target and a soak.
+## mount, else it says SKIPPED), a short run of every fuzz target and a soak
+## with the shipped detector that fails on any error or on resident memory
+## growing by more than SOAK_RSS_GROWTH_MIB between its second and last quarter.
 CRASH_ROUNDS ?= 50
 FUZZ_SECONDS ?= 30
 SOAK_SECONDS ?= 600
+SOAK_RSS_GROWTH_MIB ?= 64
 reliability: onnxruntime pyenv release
 	NIIX_CRASH_ROUNDS=$(CRASH_ROUNDS) ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" \
 		$(CARGO) test -p niix-server --test reliability --test crash --test power_loss -- --nocapture
 	./scripts/fuzz.sh $(FUZZ_SECONDS)
-	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" $(CARGO) run --release -p niix-benches --bin soak -- --duration $(SOAK_SECONDS)
+	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" $(CARGO) run --release -p niix-benches --bin soak -- --duration $(SOAK_SECONDS) \
+		--model cargo-patchcore --max-rss-growth-mib $(SOAK_RSS_GROWTH_MIB)
 
 ## The officer console end to end in headless Chromium (web-tests/): installs
 ## Debian's chromium (apt) and the pinned playwright-core (npm ci), builds niix,

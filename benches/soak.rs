@@ -1,10 +1,13 @@
 //! A bounded soak: a release `niix serve` child on loopback (embedded store,
-//! demo model `demo-local-contrast`), several scanner clients pushing
+//! the shipped detector `cargo-patchcore` unless `--model` says otherwise),
+//! several scanner clients pushing
 //! distinct dual-energy scans while officers list scans and fetch findings,
 //! for a set time; then it stops by itself, lets the analysis queue drain and
 //! prints operation counts, errors, p50/p99/max latencies, the server's
 //! resident memory over time and the disk used, with `name: value` lines at
-//! the end. Exits non-zero on any error.
+//! the end. Exits non-zero on any error, on an analysis backlog left after
+//! the drain, or when resident memory grew by more than `--max-rss-growth-mib`
+//! between the second and the last quarter of the load.
 //!
 //! ```text
 //! cargo build --release -p niix-server && \
@@ -78,6 +81,14 @@ struct Args {
     /// under target/, removed at the end.
     #[arg(long)]
     data: Option<PathBuf>,
+    /// Model of fixtures/models that analyses the scans.
+    #[arg(long, default_value = "cargo-patchcore")]
+    model: String,
+    /// Most growth of resident memory (mean of the last quarter of the load
+    /// minus mean of the second quarter, MiB) before the soak fails: memory
+    /// that keeps growing under steady load is a leak.
+    #[arg(long, default_value_t = 64.0)]
+    max_rss_growth_mib: f64,
 }
 
 /// Latencies and errors of one kind of operation.
@@ -309,13 +320,14 @@ fn main() {
     who.extend((0..args.officers + 1).map(|n| (format!("soak-officer-{n}"), niix::auth::Role::Officer)));
     let (config, tokens) = auth_section(&who);
     let models: OsString = fixtures().join("models").into();
-    let serve_args = ["--models".into(), models, "--model".into(), "demo-local-contrast".into()];
+    let serve_args = ["--models".into(), models, "--model".into(), args.model.clone().into()];
     let serve = Serve::start(&data, &config, &serve_args);
     let pid = serve.pid();
     eprintln!(
-        "soak: niix serve pid {pid} at {} over {}; {} pushers, {} officers, {}x{} scans, {} s",
+        "soak: niix serve pid {pid} at {} over {}; model {}; {} pushers, {} officers, {}x{} scans, {} s",
         serve.url,
         data.display(),
+        args.model,
         args.pushers,
         args.officers,
         args.width,
@@ -446,6 +458,7 @@ async fn run(soak: Arc<Soak>, serve: Arc<Mutex<Serve>>, tokens: Vec<String>) -> 
     let mut lines: Vec<(String, String)> = Vec::new();
     let mut put = |k: &str, v: String| lines.push((k.to_string(), v));
     put("soak_seconds", format!("{load_seconds:.0}"));
+    put("model", args.model.clone());
     put("pushers", args.pushers.to_string());
     put("officers", args.officers.to_string());
     put("scan_pixels", format!("{}x{} dual-energy 16-bit", args.width, args.height));
@@ -496,6 +509,14 @@ async fn run(soak: Arc<Soak>, serve: Arc<Mutex<Serve>>, tokens: Vec<String>) -> 
     put("rss_q2_mean_mib", format!("{q2:.1}"));
     put("rss_q4_mean_mib", format!("{q4:.1}"));
     put("rss_growth_mib", format!("{:.1}", q4 - q2));
+    put("rss_growth_limit_mib", format!("{:.1}", args.max_rss_growth_mib));
+    let leaking = q4 - q2 > args.max_rss_growth_mib;
+    if leaking {
+        stats.error(
+            soak.start.elapsed(),
+            format!("resident memory grew {:.1} MiB under steady load (limit {:.1})", q4 - q2, args.max_rss_growth_mib),
+        );
+    }
     put("disk_used_mib", format!("{:.0}", mib(disk)));
     put("disk_per_scan_mib", format!("{:.2}", if stored > 0 { mib(disk) / stored as f64 } else { 0.0 }));
     put("soak_errors", stats.errors.to_string());
@@ -503,5 +524,10 @@ async fn run(soak: Arc<Soak>, serve: Arc<Mutex<Serve>>, tokens: Vec<String>) -> 
     for (k, v) in &lines {
         println!("{k}: {v}");
     }
-    i32::from(stats.errors > 0 || left > 0)
+    if leaking {
+        println!("resident memory grew more than {:.1} MiB under steady load", args.max_rss_growth_mib);
+    }
+    let pass = stats.errors == 0 && left == 0;
+    println!("soak: {}", if pass { "PASS" } else { "FAIL" });
+    i32::from(!pass)
 }

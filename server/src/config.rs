@@ -174,6 +174,11 @@ pub struct Limits {
     /// cut with DEADLINE_EXCEEDED; the bytes received stay resumable.
     #[serde(with = "humantime_serde_compat")]
     pub upload_stall_timeout: Duration,
+    /// Most connections open at once, gRPC and metrics together. Past it, a
+    /// new connection closes the oldest one that never sent a byte (else the
+    /// one silent longest, if silent for a second); when all are talking the
+    /// new one is refused. Keep it well under the process's file-handle limit.
+    pub max_connections: usize,
     /// A connection (gRPC or metrics) that sends no byte within this long of
     /// being accepted is closed (a silent TCP or unfinished TLS handshake).
     #[serde(with = "humantime_serde_compat")]
@@ -206,6 +211,7 @@ impl Default for Limits {
             max_concurrent_uploads: 64,
             max_uploads_per_identity: 8,
             upload_stall_timeout: Duration::from_secs(60),
+            max_connections: 512,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             keepalive_interval: Duration::from_secs(60),
@@ -222,6 +228,7 @@ impl Limits {
             self.max_concurrent_uploads > 0 && self.max_uploads_per_identity > 0,
             "limits.max_concurrent_uploads and limits.max_uploads_per_identity must be at least 1"
         );
+        anyhow::ensure!(self.max_connections > 0, "limits.max_connections must be at least 1");
         for (name, d) in [
             ("upload_stall_timeout", self.upload_stall_timeout),
             ("handshake_timeout", self.handshake_timeout),

@@ -202,10 +202,18 @@ impl FindingsService {
             if !scope.allows(scan.header.metadata.as_ref().map_or("", |m| m.site_id.as_str())) {
                 return Ok(None);
             }
+            // Officers decide on what was stored: header, plane digests and
+            // reports must match their seals in the audit chain.
+            let scan = meta.verify_scan(&lookup)?;
             let reports = meta.reports(&lookup)?;
             Ok(Some((scan, reports)))
         })
-        .await?;
+        .await
+        .inspect_err(|e| {
+            if matches!(e, Error::Store(crate::store::StoreError::Tampered(_))) {
+                self.gate.metrics().integrity_failures.inc();
+            }
+        })?;
         found.ok_or_else(|| Error::Missing {
             resource_type: "scan",
             message: format!("no scan {id} is stored"),

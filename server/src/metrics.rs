@@ -100,6 +100,10 @@ pub struct Metrics {
     pub unknown_rpcs: Counter,
     /// Connections closed because the peer sent nothing for too long.
     pub connections_timed_out: Counter,
+    /// New connections refused at `limits.max_connections` (every open one talking).
+    pub connections_refused: Counter,
+    /// Silent connections closed to make room for a new one at `limits.max_connections`.
+    pub connections_evicted: Counter,
     /// Image content rendered for packages (downsampled planes, overlays,
     /// pixel-only planes); a package served from the cache adds nothing.
     pub package_renders: Counter,
@@ -179,6 +183,18 @@ impl Metrics {
             "Connections closed because the peer sent nothing within the handshake or idle timeout",
             connections_timed_out.clone(),
         );
+        let connections_refused = Counter::default();
+        let connections_evicted = Counter::default();
+        registry.register(
+            "connections_refused",
+            "New connections refused at limits.max_connections because every open connection was talking",
+            connections_refused.clone(),
+        );
+        registry.register(
+            "connections_evicted",
+            "Silent connections closed to make room for a new one at limits.max_connections",
+            connections_evicted.clone(),
+        );
         let package_renders = Counter::default();
         registry.register("package_renders", "Image content rendered for packages", package_renders.clone());
         let audit_failed = Counter::default();
@@ -203,6 +219,8 @@ impl Metrics {
             outbox_failures,
             unknown_rpcs,
             connections_timed_out,
+            connections_refused,
+            connections_evicted,
             package_renders,
             audit_failed,
             integrity_failures,

@@ -27,7 +27,7 @@ use crate::analysis::Analyzer;
 use crate::audit::{Caller, Gate};
 use crate::auth::{AuthLayer, Authenticator};
 use crate::config::Config;
-use crate::conn::{Guarded, GuardedListener, Timeouts};
+use crate::conn::{ConnectionCap, Guarded, GuardedListener, Timeouts};
 use crate::exchange::ExchangeService;
 use crate::findings::{EventSignal, FindingsService};
 use crate::health::NiixHealth;
@@ -206,6 +206,11 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     }
     let ingest = Arc::new(ingest);
     let timeouts = Timeouts { handshake: config.limits.handshake_timeout, idle: config.limits.idle_timeout };
+    let cap = ConnectionCap::new(
+        config.limits.max_connections,
+        metrics.connections_refused.clone(),
+        metrics.connections_evicted.clone(),
+    );
     let swept = ingest.sweep_staging().await.context("sweeping unfinished uploads")?;
     if swept > 0 {
         tracing::info!(uploads = swept, "removed unfinished uploads past their TTL");
@@ -281,8 +286,10 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         );
     let mut grpc_stop = stop_rx.clone();
     let timed_out = metrics.connections_timed_out.clone();
+    let grpc_cap = cap.clone();
     let incoming = TcpListenerStream::new(listener).then(move |accepted| {
         let timed_out = timed_out.clone();
+        let cap = grpc_cap.clone();
         async move {
             if let Err(e) = &accepted {
                 // Out of file handles (EMFILE) and the like: tonic skips the
@@ -291,9 +298,14 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
                 tracing::warn!(error = %e, "accepting a connection failed; pausing {ACCEPT_PAUSE:?}");
                 tokio::time::sleep(ACCEPT_PAUSE).await;
             }
-            accepted.map(|s| Guarded::new(s, timeouts, timed_out))
+            match accepted {
+                // Over the cap with every connection talking: closed at once.
+                Ok(s) => cap.admit().map(|slot| Ok(Guarded::new(s, timeouts, timed_out).with_slot(slot))),
+                Err(e) => Some(Err(e)),
+            }
         }
     });
+    let incoming = incoming.filter_map(|accepted| accepted);
     let grpc = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
         let _ = grpc_stop.wait_for(|s| *s).await;
     }));
@@ -306,7 +318,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         None => None,
     };
     let metrics_addr = match config.metrics_listen {
-        Some(at) => Some(serve_metrics(at, metrics, timeouts, stop_rx, &mut background).await?),
+        Some(at) => Some(serve_metrics(at, metrics, timeouts, cap, stop_rx, &mut background).await?),
         None => None,
     };
     tracing::info!(%addr, ?metrics_addr, ?web_addr, data = %config.data_dir.display(), "niix serving");
@@ -463,6 +475,7 @@ async fn serve_metrics(
     at: SocketAddr,
     metrics: Metrics,
     timeouts: Timeouts,
+    cap: ConnectionCap,
     mut stop: watch::Receiver<bool>,
     background: &mut Vec<JoinHandle<()>>,
 ) -> anyhow::Result<SocketAddr> {
@@ -477,7 +490,7 @@ async fn serve_metrics(
     );
     let listener = TcpListener::bind(at).await.with_context(|| format!("binding metrics address {at}"))?;
     let bound = listener.local_addr()?;
-    let listener = GuardedListener::new(listener, timeouts, timed_out);
+    let listener = GuardedListener::new(listener, timeouts, timed_out, cap);
     background.push(tokio::spawn(async move {
         let served = axum::serve(listener, app).with_graceful_shutdown(async move {
             let _ = stop.wait_for(|s| *s).await;

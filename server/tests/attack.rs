@@ -474,3 +474,60 @@ async fn silent_connections_are_closed_and_health_keeps_answering() {
     assert_eq!(value(&samples, "niix_connections_timed_out_total"), 60.0, "{page}");
     server.shutdown().await.unwrap();
 }
+
+/// Reads `s` until the server closes it; false if it stays open for `wait`.
+async fn closed_within(s: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+    let mut buf = [0u8; 256];
+    let until = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(until, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_burst_of_silent_connections_is_capped_and_health_keeps_answering() {
+    let dir = tempfile::tempdir().unwrap();
+    // The handshake timeout is far away: only the connection cap can help.
+    let limits = Limits { max_connections: 16, handshake_timeout: Duration::from_secs(60), ..Limits::default() };
+    let mut config = config(dir.path(), limits);
+    config.analysis.enabled = false;
+    let server = niix::server::start(config).await.unwrap();
+    let metrics_at = server.metrics_addr.unwrap();
+
+    // Four times the cap of sockets that never send a byte, on both ports.
+    let mut silent = Vec::new();
+    for i in 0..64 {
+        let at = if i % 8 == 0 { metrics_at } else { server.addr };
+        silent.push(tokio::net::TcpStream::connect(at).await.unwrap());
+    }
+    // A new client gets in at once (they never sent a byte), and its health
+    // check answers within a second.
+    let ch = channel(&server).await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+    let mut r = tonic::Request::new(tonic_health::pb::HealthCheckRequest { service: String::new() });
+    r.set_timeout(Duration::from_secs(1));
+    health.check(r).await.expect("health answers past a burst of silent connections");
+
+    // At most the cap stay open: each connection past the cap closed the
+    // oldest silent one (or was refused while closed ones still held their
+    // handles); all well before the handshake timeout.
+    let mut closed = 0;
+    for s in &mut silent {
+        if closed_within(s, Duration::from_millis(300)).await {
+            closed += 1;
+        }
+    }
+    // 64 silent + 1 health client (+ the metrics fetch below) under a cap of 16.
+    assert!(closed >= 64 + 1 - 16, "only {closed} of 64 silent connections were closed");
+    let page = fetch_metrics(metrics_at).await;
+    let samples = parse_openmetrics(&page);
+    let (evicted, refused) =
+        (value(&samples, "niix_connections_evicted_total"), value(&samples, "niix_connections_refused_total"));
+    assert!(evicted >= 1.0 && evicted + refused >= 49.0, "{page}");
+    assert_eq!(value(&samples, "niix_connections_timed_out_total"), 0.0, "{page}");
+    server.shutdown().await.unwrap();
+}

@@ -376,3 +376,59 @@ fn the_server_refuses_to_start_on_a_log_rechained_behind_its_checkpoint() {
     assert!(!ok);
     assert!(out.contains("does not match its checkpoint") && out.contains("niix audit verify"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn officers_are_not_shown_an_edited_report_or_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let Nl { server, scanner, officer, .. } = nl(dir.path(), Content::Findings).await;
+    let id = push_container(&scanner, "NLRTM", "AB-1", true).await;
+    analysed(&officer, &id).await;
+    let mut c = FindingsClient::new(officer.clone());
+    c.get_scan(GetScanRequest { scan_id: id.clone() }).await.expect("the untouched scan is shown");
+
+    // The attacker turns the machine's ALARM into CLEAR in the stored report.
+    let db = rusqlite::Connection::open(data.join("niix.db")).unwrap();
+    let (seq, bytes): (i64, Vec<u8>) = db
+        .query_row("SELECT seq, report FROM reports WHERE scan_id = ?1 ORDER BY seq LIMIT 1", [&id], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    let mut report = ThreatReport::decode(bytes.as_slice()).unwrap();
+    report.decision = AlarmDecision::Clear as i32;
+    db.execute("UPDATE reports SET report = ?1 WHERE seq = ?2", rusqlite::params![report.encode_to_vec(), seq])
+        .unwrap();
+    drop(db);
+
+    let data_loss = |r: Result<(), tonic::Status>, rpc: &str| {
+        let e = r.expect_err(&format!("{rpc} must not show an edited report"));
+        assert_eq!(e.code(), tonic::Code::DataLoss, "{rpc}: {}", e.message());
+        assert!(e.message().contains(&format!("{id} report {seq}")), "{rpc}: {}", e.message());
+    };
+    let scan_id = id.clone();
+    data_loss(c.get_scan(GetScanRequest { scan_id: scan_id.clone() }).await.map(drop), "GetScan");
+    data_loss(c.get_findings(GetFindingsRequest { scan_id: scan_id.clone() }).await.map(drop), "GetFindings");
+    let overlay = RenderOverlayRequest { scan_id: scan_id.clone(), max_width: 256, ..Default::default() };
+    data_loss(c.render_overlay(overlay).await.map(drop), "RenderOverlay");
+    data_loss(
+        c.export_tdr(ExportTdrRequest { scan_id: scan_id.clone(), ..Default::default() }).await.map(drop),
+        "ExportTdr",
+    );
+    let verdict = AdjudicateRequest { scan_id, verdict: Verdict::Dismissed as i32, ..Default::default() };
+    data_loss(c.adjudicate(verdict).await.map(drop), "Adjudicate");
+    assert!(integrity_failures(&server).await >= 5, "each refusal is metered");
+    assert!(audited(&data, "GetFindings", "DataLoss") >= 1, "the refusal is audited");
+
+    // An edited header (the site in the scan row) is refused the same way.
+    let other = push_container(&scanner, "NLRTM", "AB-2", false).await;
+    analysed(&officer, &other).await;
+    let db = rusqlite::Connection::open(data.join("niix.db")).unwrap();
+    let header: Vec<u8> = db.query_row("SELECT header FROM scans WHERE scan_id = ?1", [&other], |r| r.get(0)).unwrap();
+    let mut h = ScanHeader::decode(header.as_slice()).unwrap();
+    h.metadata.as_mut().unwrap().vehicle_plate = "ZZ-9".into();
+    db.execute("UPDATE scans SET header = ?1 WHERE scan_id = ?2", rusqlite::params![h.encode_to_vec(), other]).unwrap();
+    drop(db);
+    let e = c.get_scan(GetScanRequest { scan_id: other.clone() }).await.expect_err("an edited header is refused");
+    assert_eq!(e.code(), tonic::Code::DataLoss, "{}", e.message());
+    server.shutdown().await.unwrap();
+}
