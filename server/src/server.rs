@@ -313,7 +313,17 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let web_addr = match config.web.listen {
         Some(at) => {
             let timed_out = metrics.connections_timed_out.clone();
-            Some(crate::web::serve(at, console, web_tls, timeouts, timed_out, stop_rx.clone(), &mut background).await?)
+            Some(
+                crate::web::serve(
+                    at,
+                    console,
+                    web_tls,
+                    crate::web::Guards { timeouts, timed_out, cap: cap.clone() },
+                    stop_rx.clone(),
+                    &mut background,
+                )
+                .await?,
+            )
         }
         None => None,
     };

@@ -183,21 +183,31 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// What guards the console's connections, shared with the gRPC port:
+/// handshake and idle timeouts, their counter, and the connection cap.
+pub struct Guards {
+    /// Handshake and idle timeouts.
+    pub timeouts: Timeouts,
+    /// Counts connections closed by the timeouts.
+    pub timed_out: prometheus_client::metrics::counter::Counter,
+    /// The cap on open connections, over every listener.
+    pub cap: crate::conn::ConnectionCap,
+}
+
 /// Binds the console and serves it (over TLS with `tls`) in the background
 /// until `stop`.
 pub async fn serve(
     at: SocketAddr,
     web: Web,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    timeouts: Timeouts,
-    timed_out: prometheus_client::metrics::counter::Counter,
+    guards: Guards,
     mut stop: watch::Receiver<bool>,
     background: &mut Vec<JoinHandle<()>>,
 ) -> anyhow::Result<SocketAddr> {
     let app = api::router(web);
     let listener = TcpListener::bind(at).await.with_context(|| format!("binding the officer console address {at}"))?;
     let bound = listener.local_addr()?;
-    let listener = GuardedListener::new(listener, timeouts, timed_out);
+    let listener = GuardedListener::new(listener, guards.timeouts, guards.timed_out, guards.cap);
     let stopped = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
