@@ -548,6 +548,14 @@ impl MetadataStore for SqliteMetadata {
         Ok(record)
     }
 
+    fn append_audit_group(&self, entries: &[AuditEntry]) -> StoreResult<Vec<AuditRecord>> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let records = entries.iter().map(|e| append_audit_in(&tx, e)).collect::<StoreResult<Vec<_>>>()?;
+        tx.commit()?;
+        Ok(records)
+    }
+
     fn verify_scan(&self, scan_id: &str) -> StoreResult<ScanRecord> {
         let conn = self.read();
         let row = conn
