@@ -12,6 +12,9 @@
 //!   child over loopback (hashing and fsync included), divided by a plain
 //!   loopback TCP socket-to-file copy of the same bytes with fsync.
 //! - `ingest_peak_rss_mib`: the server's peak resident memory meanwhile.
+//! - `ingest_server_cpu_s_per_gib`, `ingest_client_cpu_s_per_gib`,
+//!   `ingest_server_minor_faults_per_gib`: the CPU each side spent on that
+//!   push (and the server's page faults), to tell what limits it.
 //! - `concurrent_ingest_efficiency`: 8 concurrent pushers' total throughput
 //!   divided by one pusher's.
 
@@ -24,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use ndarray::Array4;
 use niix::client::{PlaneHints, PushOptions, Quiet, authed, connect, push_files};
-use niix_benches::{Serve, scan_header, synth_planes, workspace};
+use niix_benches::{ProcessCpu, Serve, scan_header, synth_planes, workspace};
 use niix_inference::model::Model;
 use niix_inference::pipeline::{Timings, analyze, fill_tile, model_input};
 use niix_inference::runtime::Threads;
@@ -263,11 +266,18 @@ async fn main() {
             s
         }));
         let serve = ingest_server(&tmp.path().join("ingest"));
+        let (server_before, client_before) = (serve.cpu(), ProcessCpu::of("self"));
         let push = push_raw(&serve.url, &big, width, height).await;
+        let (server, client) = (serve.cpu().since(server_before), ProcessCpu::of("self").since(client_before));
         figures.push(("ingest_mib_s", format!("{:.0}", gib / push)));
         figures.push(("raw_copy_mib_s", format!("{:.0}", gib / copy)));
         figures.push(("ingest_vs_raw_copy", format!("{:.2}", copy / push)));
         figures.push(("ingest_peak_rss_mib", format!("{:.0}", serve.memory_mib("VmHWM"))));
+        // Where the time goes: CPU seconds per GiB on each side (two cores: both
+        // sides together cannot use more than 2x the push's wall time).
+        figures.push(("ingest_server_cpu_s_per_gib", format!("{:.2}", server.seconds)));
+        figures.push(("ingest_client_cpu_s_per_gib", format!("{:.2}", client.seconds)));
+        figures.push(("ingest_server_minor_faults_per_gib", format!("{}", server.minor_faults)));
         drop(serve);
         let _ = std::fs::remove_dir_all(tmp.path().join("ingest"));
     }

@@ -172,6 +172,12 @@ impl Serve {
         self.child.try_wait().ok().flatten()
     }
 
+    /// CPU seconds (user + system) the child has used so far, and its minor
+    /// page faults.
+    pub fn cpu(&self) -> ProcessCpu {
+        ProcessCpu::of(&self.child.id().to_string())
+    }
+
     /// A memory figure of `/proc/PID/status` in MiB, e.g. `VmRSS` (resident
     /// now) or `VmHWM` (peak resident); 0 when unreadable.
     pub fn memory_mib(&self, field: &str) -> f64 {
@@ -269,4 +275,31 @@ pub fn png_bomb(side: u32, sample: u16) -> Vec<u8> {
     writer.finish().expect("writing to memory");
     header.finish().expect("writing to memory");
     out
+}
+
+/// CPU use of a process, from `/proc/PID/stat`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessCpu {
+    /// User + system CPU seconds.
+    pub seconds: f64,
+    /// Minor page faults (each a page the kernel had to map, often zero-filled).
+    pub minor_faults: u64,
+}
+
+impl ProcessCpu {
+    /// Of process `pid` (`"self"` for this one); zeros when unreadable.
+    pub fn of(pid: &str) -> ProcessCpu {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after the command name (which may hold spaces) start at the state, field 3.
+        let fields: Vec<&str> =
+            stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+        let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        // Clock ticks are 1/100 s on Linux.
+        ProcessCpu { seconds: (field(14) + field(15)) as f64 / 100.0, minor_faults: field(10) }
+    }
+
+    /// What was used between `before` and `self`.
+    pub fn since(self, before: ProcessCpu) -> ProcessCpu {
+        ProcessCpu { seconds: self.seconds - before.seconds, minor_faults: self.minor_faults - before.minor_faults }
+    }
 }

@@ -1,6 +1,8 @@
-//! What officers feel: `ListScans` latency with 10,000 stored scans and 50
-//! concurrent clients (p50/p99), and the time to render an overlay of a
-//! 2048x6144 scan. Prints `name: value` lines. Run with `make bench`.
+//! What officers feel: latency (p50/p99) and requests per second of
+//! `ListScans`, `GetScan` and `GetFindings` with 10,000 stored scans and 50
+//! concurrent clients (every one an audited read, durable before it is
+//! answered), and the time to render an overlay of a 2048x6144 scan. Prints
+//! `name: value` lines. Run with `make bench`.
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -10,7 +12,8 @@ use niix::store::{MetadataStore, PlaneDigest, ScanRecord, SqliteMetadata};
 use niix_benches::percentile;
 use niix_proto::v1::findings_client::FindingsClient;
 use niix_proto::v1::{
-    AlarmDecision, ListScansRequest, PlaneDescriptor, ScanHeader, ScanMetadata, ScanStatus, ThreatReport,
+    AlarmDecision, GetFindingsRequest, GetScanRequest, ListScansRequest, PlaneDescriptor, ScanHeader, ScanMetadata,
+    ScanStatus, ThreatReport,
 };
 
 const SCANS: usize = 10_000;
@@ -22,7 +25,7 @@ fn fill(dir: &std::path::Path) {
     let db = SqliteMetadata::open(&dir.join("niix.db")).expect("database");
     let start = Instant::now();
     for i in 0..SCANS {
-        let id = format!("00000000-0000-4000-8000-{i:012}");
+        let id = scan_id(i);
         let header = ScanHeader {
             scan_id: id.clone(),
             metadata: Some(ScanMetadata {
@@ -58,6 +61,91 @@ fn fill(dir: &std::path::Path) {
     eprintln!("stored {SCANS} scans with reports in {:.1} s", start.elapsed().as_secs_f64());
 }
 
+/// The officer RPCs measured, each in its own phase.
+#[derive(Clone, Copy)]
+enum Rpc {
+    ListScans,
+    GetScan,
+    GetFindings,
+}
+
+impl Rpc {
+    fn name(self) -> &'static str {
+        match self {
+            Rpc::ListScans => "list_scans",
+            Rpc::GetScan => "get_scan",
+            Rpc::GetFindings => "get_findings",
+        }
+    }
+
+    /// Request `r` of client `c`: a mix of what an analysis centre asks.
+    async fn call(self, client: &mut FindingsClient<tonic::transport::Channel>, c: usize, r: usize) {
+        // Scans are spread over the whole store, so reads do not hit one cached page.
+        let scan_id = scan_id((c * 7919 + r * 104_729) % SCANS);
+        match self {
+            Rpc::ListScans => {
+                // A site's latest, its alarms, high scores, a container, and a
+                // page deep in the listing (asked for as a scan time bound).
+                let mut req = ListScansRequest { page_size: 50, ..Default::default() };
+                match (c + r) % 5 {
+                    0 => req.site_id = SITES[r % SITES.len()].into(),
+                    1 => req.decision = AlarmDecision::Alarm as i32,
+                    2 => req.min_score = Some(0.9),
+                    3 => req.container_number = "CSQU3054383".into(),
+                    _ => req.scan_time_to = Some(prost_types::Timestamp { seconds: 1_700_000_000 + 300_000, nanos: 0 }),
+                }
+                assert!(!client.list_scans(req).await.expect("ListScans").into_inner().scans.is_empty());
+            }
+            Rpc::GetScan => {
+                let scan = client.get_scan(GetScanRequest { scan_id }).await.expect("GetScan").into_inner();
+                assert!(scan.scan.is_some());
+            }
+            Rpc::GetFindings => {
+                let f = client.get_findings(GetFindingsRequest { scan_id }).await.expect("GetFindings").into_inner();
+                assert!(!f.reports.is_empty());
+            }
+        }
+    }
+}
+
+fn scan_id(i: usize) -> String {
+    format!("00000000-0000-4000-8000-{i:012}")
+}
+
+/// `CLIENTS` clients each sending `REQUESTS_PER_CLIENT` requests of `rpc`
+/// back to back; prints p50, p99 and requests per second.
+async fn measure(url: &str, rpc: Rpc) {
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::with_capacity(CLIENTS * REQUESTS_PER_CLIENT)));
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        clients.push(FindingsClient::new(niix::client::connect(url).await.expect("connect")));
+    }
+    let wall = Instant::now();
+    let mut tasks = Vec::new();
+    for (c, mut client) in clients.into_iter().enumerate() {
+        let latencies = latencies.clone();
+        tasks.push(tokio::spawn(async move {
+            for r in 0..REQUESTS_PER_CLIENT {
+                let t = Instant::now();
+                rpc.call(&mut client, c, r).await;
+                let elapsed = t.elapsed();
+                latencies.lock().unwrap().push(elapsed);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("client");
+    }
+    let wall = wall.elapsed();
+    let mut l = latencies.lock().unwrap().clone();
+    l.sort();
+    let name = rpc.name();
+    println!("{name}_requests: {}", l.len());
+    println!("{name}_p50_ms: {:.2}", percentile(&l, 0.50));
+    println!("{name}_p99_ms: {:.2}", percentile(&l, 0.99));
+    println!("{name}_per_s: {:.0}", l.len() as f64 / wall.as_secs_f64());
+}
+
 fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
     fill(dir.path());
@@ -73,49 +161,11 @@ fn main() {
         config.analysis.enabled = false;
         let server = niix::server::start(config).await.expect("server");
         let url = format!("http://{}", server.addr);
-        let latencies = Arc::new(std::sync::Mutex::new(Vec::with_capacity(CLIENTS * REQUESTS_PER_CLIENT)));
-        let wall = Instant::now();
-        let mut tasks = Vec::new();
-        for c in 0..CLIENTS {
-            let (url, latencies) = (url.clone(), latencies.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut client = FindingsClient::new(niix::client::connect(&url).await.expect("connect"));
-                for r in 0..REQUESTS_PER_CLIENT {
-                    // A mix of what an analysis centre asks: a site's latest, its alarms,
-                    // high scores, a container, and a page deep in the listing.
-                    let mut req = ListScansRequest { page_size: 50, ..Default::default() };
-                    match (c + r) % 5 {
-                        0 => req.site_id = SITES[r % SITES.len()].into(),
-                        1 => req.decision = AlarmDecision::Alarm as i32,
-                        2 => req.min_score = Some(0.9),
-                        3 => req.container_number = "CSQU3054383".into(),
-                        // Deep in the listing (page tokens are bound to their filters, so
-                        // the position is asked for as a scan time bound).
-                        _ => {
-                            req.scan_time_to =
-                                Some(prost_types::Timestamp { seconds: 1_700_000_000 + 300_000, nanos: 0 })
-                        }
-                    }
-                    let t = Instant::now();
-                    let page = client.list_scans(req).await.expect("ListScans");
-                    let elapsed = t.elapsed();
-                    assert!(!page.into_inner().scans.is_empty());
-                    latencies.lock().unwrap().push(elapsed);
-                }
-            }));
+        println!("officer_clients: {CLIENTS}");
+        println!("officer_stored_scans: {SCANS}");
+        for rpc in [Rpc::ListScans, Rpc::GetScan, Rpc::GetFindings] {
+            measure(&url, rpc).await;
         }
-        for t in tasks {
-            t.await.expect("client");
-        }
-        let wall = wall.elapsed();
-        let mut l = latencies.lock().unwrap().clone();
-        l.sort();
-        println!("list_scans_requests: {}", l.len());
-        println!("list_scans_clients: {CLIENTS}");
-        println!("list_scans_stored_scans: {SCANS}");
-        println!("list_scans_p50_ms: {:.2}", percentile(&l, 0.50));
-        println!("list_scans_p99_ms: {:.2}", percentile(&l, 0.99));
-        println!("list_scans_per_s: {:.0}", l.len() as f64 / wall.as_secs_f64());
         server.shutdown().await.expect("shutdown");
     });
 

@@ -11,7 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 
-use crate::error::{Error, Result, blocking};
+use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::store::{AuditEntry, MetadataStore, StoreResult};
 
@@ -209,17 +209,60 @@ impl Caller {
     }
 }
 
+/// Most records one group commit writes; callers beyond wait for the next.
+pub const MAX_GROUP: usize = 1024;
+
+/// A record waiting for the writer, and the caller waiting for its commit.
+struct Pending {
+    entry: AuditEntry,
+    done: tokio::sync::oneshot::Sender<std::result::Result<(), String>>,
+}
+
+/// The one thread that writes audit records, in groups: it takes every
+/// record queued while the previous group was being made durable, appends
+/// them in arrival order in one transaction (one fsync), then answers each
+/// caller. The chain order is the commit order. A group that cannot be
+/// committed is rolled back whole and every caller in it gets the error.
+fn write_groups(store: Arc<dyn MetadataStore>, queue: std::sync::mpsc::Receiver<Pending>, metrics: Metrics) {
+    while let Ok(first) = queue.recv() {
+        let mut entries = vec![first.entry];
+        let mut waiting = vec![first.done];
+        while entries.len() < MAX_GROUP {
+            match queue.try_recv() {
+                Ok(p) => {
+                    entries.push(p.entry);
+                    waiting.push(p.done);
+                }
+                Err(_) => break,
+            }
+        }
+        let outcome = store.append_audit_group(&entries).map(drop).map_err(|e| e.to_string());
+        metrics.audit_group_commits.inc();
+        for done in waiting {
+            // A caller that went away (its request was cancelled) needs no answer.
+            let _ = done.send(outcome.clone());
+        }
+    }
+}
+
 /// Counts, logs and audits every RPC outcome, and maps it to a reply.
 #[derive(Clone)]
 pub struct Gate {
     metrics: Metrics,
-    store: Arc<dyn MetadataStore>,
+    queue: std::sync::mpsc::Sender<Pending>,
 }
 
 impl Gate {
-    /// Creates the gate.
+    /// Creates the gate and starts its audit writer thread (which ends when
+    /// the last clone of the gate is dropped).
     pub fn new(metrics: Metrics, store: Arc<dyn MetadataStore>) -> Self {
-        Gate { metrics, store }
+        let (queue, records) = std::sync::mpsc::channel();
+        let counted = metrics.clone();
+        std::thread::Builder::new()
+            .name("niix-audit".into())
+            .spawn(move || write_groups(store, records, counted))
+            .expect("cannot start the audit writer thread");
+        Gate { metrics, queue }
     }
 
     /// The metrics the gate counts into.
@@ -227,9 +270,10 @@ impl Gate {
         &self.metrics
     }
 
-    /// Appends one record and waits until it is durable. A record that
-    /// cannot be written (a full disk, a failing database) is an error the
-    /// caller must not ignore: no audited action succeeds without its record.
+    /// Appends one record and waits until it is durable (committed with the
+    /// group of records queued at the same time). A record that cannot be
+    /// written (a full disk, a failing database) is an error the caller must
+    /// not ignore: no audited action succeeds without its record.
     pub async fn audit(&self, caller: &Caller, action: &str, object: &str, outcome: &str) -> Result<()> {
         let entry = AuditEntry {
             at: SystemTime::now(),
@@ -239,8 +283,12 @@ impl Gate {
             object: bounded(object),
             outcome: bounded(outcome),
         };
-        let store = self.store.clone();
-        blocking(move || Ok(store.append_audit(&entry)?)).await.map(drop).map_err(|e| {
+        let (done, committed) = tokio::sync::oneshot::channel();
+        let result = match self.queue.send(Pending { entry, done }) {
+            Ok(()) => committed.await.unwrap_or_else(|_| Err("the audit writer stopped".into())),
+            Err(_) => Err("the audit writer stopped".into()),
+        };
+        result.map_err(|e| {
             tracing::error!(error = %e, action, "could not write the audit log");
             self.metrics.audit_failed.inc();
             Error::Unavailable(format!(

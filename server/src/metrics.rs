@@ -109,6 +109,9 @@ pub struct Metrics {
     pub package_renders: Counter,
     /// Audit records that could not be written (each refused its request).
     pub audit_failed: Counter,
+    /// Audit group commits (one transaction and fsync each, for every
+    /// record queued meanwhile); records per commit = records / commits.
+    pub audit_group_commits: Counter,
     /// Stored bytes or rows that no longer match their recorded digest
     /// (each refused with DATA_LOSS instead of being sent).
     pub integrity_failures: Counter,
@@ -200,6 +203,12 @@ impl Metrics {
         let audit_failed = Counter::default();
         let integrity_failures = Counter::default();
         registry.register("audit_write_failures", "Audit records that could not be written", audit_failed.clone());
+        let audit_group_commits = Counter::default();
+        registry.register(
+            "audit_group_commits",
+            "Audit group commits (one fsync each, for all records queued meanwhile)",
+            audit_group_commits.clone(),
+        );
         registry.register(
             "integrity_failures",
             "Stored planes or reports that no longer match their recorded digest",
@@ -223,6 +232,7 @@ impl Metrics {
             connections_evicted,
             package_renders,
             audit_failed,
+            audit_group_commits,
             integrity_failures,
         }
     }

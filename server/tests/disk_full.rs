@@ -78,6 +78,17 @@ fn fill(dir: &Path, file: &str, leave: u64) -> PathBuf {
     path
 }
 
+/// A counter of the server's `/metrics`.
+async fn metric(server: &niix::server::RunningServer, name: &str) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(server.metrics_addr.unwrap()).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    let line = body.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} is exported"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
 async fn push(conn: &niix::client::Authed, msgs: Vec<PushScanRequest>) -> Result<ScanReceipt, tonic::Status> {
     ScanIngestClient::new(conn.clone()).push_scan(tokio_stream::iter(msgs)).await.map(|r| r.into_inner())
 }
@@ -174,6 +185,23 @@ async fn a_full_disk_fails_closed_and_aborting_still_frees_staged_bytes() {
     assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
     assert_eq!(audited_ok(&data, "ListScans"), lists_ok);
     assert_eq!(audited_ok(&data, "GetPackage"), packages_ok);
+    // Reads arriving together share a group commit; the failed commit fails every caller in it.
+    let (failed_before, commits_before) = (
+        metric(&server, "niix_audit_write_failures_total").await,
+        metric(&server, "niix_audit_group_commits_total").await,
+    );
+    let mut reads = tokio::task::JoinSet::new();
+    for _ in 0..24 {
+        reads.spawn(list());
+    }
+    while let Some(read) = reads.join_next().await {
+        let err = read.unwrap().expect_err("no answer without an audit record");
+        assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    }
+    assert_eq!(metric(&server, "niix_audit_write_failures_total").await - failed_before, 24);
+    let commits = metric(&server, "niix_audit_group_commits_total").await - commits_before;
+    assert!(commits < 24, "{commits} group commits for 24 parallel reads: no grouping");
+    assert_eq!(audited_ok(&data, "ListScans"), lists_ok);
 
     // Cleanup works on the full disk: the staged bytes go first, then the row and the audit record.
     let free_before = free_bytes(fs.path());

@@ -432,3 +432,64 @@ async fn officers_are_not_shown_an_edited_report_or_header() {
     assert_eq!(e.code(), tonic::Code::DataLoss, "{}", e.message());
     server.shutdown().await.unwrap();
 }
+
+/// A counter of the server's `/metrics`.
+async fn metric(server: &niix::server::RunningServer, name: &str) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(server.metrics_addr.unwrap()).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    let line = body.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} is exported"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+/// Officers' reads arriving together are committed to the audit log in
+/// groups: each read has exactly one record, fewer commits than records
+/// were made, and the chain verifies with `niix audit verify`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_reads_are_each_audited_once_in_group_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut config = config(&data, Limits::default());
+    config.analysis.enabled = false;
+    let server = niix::server::start(config).await.unwrap();
+    let conn = authed(channel(&server).await, None).unwrap();
+    let id = push_container(&conn, "NLRTM", "AB-1", false).await;
+    let records_before = audited_all(&data);
+    let commits_before = metric(&server, "niix_audit_group_commits_total").await;
+
+    const PER_RPC: usize = 40;
+    let mut reads = tokio::task::JoinSet::new();
+    for i in 0..3 * PER_RPC {
+        let (conn, scan_id) = (conn.clone(), id.clone());
+        reads.spawn(async move {
+            let mut c = FindingsClient::new(conn);
+            match i % 3 {
+                0 => c.list_scans(ListScansRequest::default()).await.map(drop),
+                1 => c.get_scan(GetScanRequest { scan_id }).await.map(drop),
+                _ => c.get_findings(GetFindingsRequest { scan_id }).await.map(drop),
+            }
+        });
+    }
+    while let Some(read) = reads.join_next().await {
+        read.unwrap().expect("an audited read succeeds");
+    }
+    for action in ["ListScans", "GetScan", "GetFindings"] {
+        assert_eq!(audited(&data, action, "OK"), PER_RPC as i64, "one record per {action}");
+    }
+    assert_eq!(audited_all(&data) - records_before, 3 * PER_RPC as i64, "no other record, none twice");
+    let commits = metric(&server, "niix_audit_group_commits_total").await - commits_before;
+    assert!(commits < 3 * PER_RPC as u64, "{commits} commits for {} parallel reads: no grouping", 3 * PER_RPC);
+    server.shutdown().await.unwrap();
+    let ok = cli(&["audit", "verify", "--data", data.to_str().unwrap()]);
+    assert!(ok.status.success(), "{}", text(&ok));
+}
+
+/// Every audit record.
+fn audited_all(data: &Path) -> i64 {
+    rusqlite::Connection::open(data.join("niix.db"))
+        .unwrap()
+        .query_row("SELECT count(*) FROM audit", [], |r| r.get(0))
+        .unwrap()
+}

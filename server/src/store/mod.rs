@@ -279,6 +279,9 @@ pub trait MetadataStore: Send + Sync + 'static {
     fn last_event(&self) -> StoreResult<u64>;
     /// Appends to the audit log, chaining the record to the one before.
     fn append_audit(&self, entry: &AuditEntry) -> StoreResult<AuditRecord>;
+    /// Appends records in this order in one transaction made durable once
+    /// (group commit): all are stored or, on an error, none.
+    fn append_audit_group(&self, entries: &[AuditEntry]) -> StoreResult<Vec<AuditRecord>>;
     /// A scan whose header, plane digests and reports all match their seals
     /// in the audit chain; `Tampered` naming the first that does not.
     fn verify_scan(&self, scan_id: &str) -> StoreResult<ScanRecord>;

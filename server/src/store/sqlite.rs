@@ -539,6 +539,27 @@ fn append_audit_in(tx: &rusqlite::Transaction<'_>, entry: &AuditEntry) -> StoreR
     Ok(AuditRecord { seq, entry, prev_sha256, sha256 })
 }
 
+/// The `WHERE` clause (one `?`: the value) keeping the scans that have
+/// `value` in the look-up table `table` (container numbers, declarations).
+/// A value of few scans is looked up and its scans sorted (`IN`); a value of
+/// many scans (a container seen at every lane) is checked row by row while
+/// the scans are walked newest first, which stops after `limit` matches
+/// instead of sorting every one (`EXISTS`). The switch is where both cost
+/// about the same, `matches^2 = limit * scans`, so either way a page reads
+/// at most about `sqrt(limit * scans)` rows.
+fn lookup_filter(conn: &Connection, table: &str, column: &str, value: &str, limit: usize) -> StoreResult<String> {
+    let scans: i64 = conn.prepare_cached("SELECT ifnull(max(rowid), 0) FROM scans")?.query_row([], |r| r.get(0))?;
+    let many = ((limit.max(1) as f64) * (scans.max(0) as f64)).sqrt().ceil() as i64;
+    let matches: i64 = conn
+        .prepare_cached(&format!("SELECT count(*) FROM (SELECT 1 FROM {table} WHERE {column} = ?1 LIMIT ?2)"))?
+        .query_row(params![value, many + 1], |r| r.get(0))?;
+    Ok(if matches > many {
+        format!("EXISTS (SELECT 1 FROM {table} l WHERE l.{column} = ? AND l.scan_id = scans.scan_id)")
+    } else {
+        format!("scan_id IN (SELECT scan_id FROM {table} WHERE {column} = ?)")
+    })
+}
+
 impl MetadataStore for SqliteMetadata {
     fn append_audit(&self, entry: &AuditEntry) -> StoreResult<AuditRecord> {
         let mut conn = self.lock();
@@ -546,6 +567,14 @@ impl MetadataStore for SqliteMetadata {
         let record = append_audit_in(&tx, entry)?;
         tx.commit()?;
         Ok(record)
+    }
+
+    fn append_audit_group(&self, entries: &[AuditEntry]) -> StoreResult<Vec<AuditRecord>> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let records = entries.iter().map(|e| append_audit_in(&tx, e)).collect::<StoreResult<Vec<_>>>()?;
+        tx.commit()?;
+        Ok(records)
     }
 
     fn verify_scan(&self, scan_id: &str) -> StoreResult<ScanRecord> {
@@ -819,6 +848,7 @@ impl MetadataStore for SqliteMetadata {
 
     fn list_scans(&self, q: &ScanQuery) -> StoreResult<Vec<ScanRecord>> {
         use rusqlite::types::Value;
+        let conn = self.read();
         let mut sql = format!("SELECT {SCAN_COLUMNS} FROM scans WHERE 1=1");
         let mut args: Vec<Value> = Vec::new();
         let mut filter = |clause: &str, values: Vec<Value>| {
@@ -866,14 +896,13 @@ impl MetadataStore for SqliteMetadata {
             filter("score >= ?", vec![f64::from(s).into()]);
         }
         if let Some(n) = &q.container_number {
-            filter("scan_id IN (SELECT scan_id FROM scan_containers WHERE number = ?)", vec![n.clone().into()]);
+            filter(&lookup_filter(&conn, "scan_containers", "number", n, q.limit)?, vec![n.clone().into()]);
         }
         if let Some(r) = &q.declaration_reference {
-            filter("scan_id IN (SELECT scan_id FROM scan_declarations WHERE reference = ?)", vec![r.clone().into()]);
+            filter(&lookup_filter(&conn, "scan_declarations", "reference", r, q.limit)?, vec![r.clone().into()]);
         }
         sql.push_str(" ORDER BY scan_time_us DESC, scan_id DESC LIMIT ?");
         args.push((q.limit as i64).into());
-        let conn = self.read();
         let mut stmt = conn.prepare_cached(&sql)?;
         let rows: Vec<RawScan> =
             stmt.query_map(rusqlite::params_from_iter(args), raw_scan)?.collect::<Result<_, _>>()?;
@@ -1013,6 +1042,37 @@ mod tests {
             .unwrap();
         let ids: Vec<_> = odd.iter().map(|r| r.scan_id.as_str()).collect();
         assert_eq!(ids, ["s9", "s7", "s5"]);
+    }
+
+    #[test]
+    fn a_container_of_many_scans_and_one_of_few_page_alike() {
+        let db = SqliteMetadata::in_memory().unwrap();
+        for i in 0..40 {
+            let mut r = record(&format!("s{i:02}"), "NLRTM", i);
+            let mut numbers = vec!["CSQU3054383".to_string()];
+            if i % 20 == 3 {
+                numbers.push("MSCU1234565".into());
+            }
+            r.header.metadata.as_mut().unwrap().container_numbers = numbers;
+            db.commit_scan(&r).unwrap();
+        }
+        // 40 matches of 40 scans, 3 per page: checked while walking (EXISTS); 2 matches: looked up (IN).
+        let conn = db.read();
+        assert!(lookup_filter(&conn, "scan_containers", "number", "CSQU3054383", 3).unwrap().starts_with("EXISTS"));
+        assert!(lookup_filter(&conn, "scan_containers", "number", "MSCU1234565", 3).unwrap().starts_with("scan_id IN"));
+        drop(conn);
+        for (number, expected) in [("CSQU3054383", (0..40).rev().collect::<Vec<_>>()), ("MSCU1234565", vec![23, 3])] {
+            let mut q = ScanQuery { limit: 3, container_number: Some(number.into()), ..Default::default() };
+            let mut seen = Vec::new();
+            loop {
+                let page = db.list_scans(&q).unwrap();
+                let Some(last) = page.last() else { break };
+                q.before = Some((last.received_at, last.scan_id.clone()));
+                seen.extend(page.into_iter().map(|r| r.scan_id));
+            }
+            let expected: Vec<String> = expected.iter().map(|i| format!("s{i:02}")).collect();
+            assert_eq!(seen, expected, "{number}");
+        }
     }
 
     #[test]
