@@ -20,10 +20,11 @@ run: onnxruntime release
 ## The fuzz targets (their own workspace in fuzz/) are type-checked on stable
 ## so they cannot rot; scripts/fuzz.sh runs them (make reliability).
 test: onnxruntime pyenv
+	python3 scripts/layers.py --self-test
+	python3 scripts/layers.py server/src inference/src
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" $(CARGO) test --workspace
-	python3 scripts/layers.py --self-test
 	$(MAKE) fuzz-check
 
 ## The fuzz targets (fuzz/, its own workspace and lock file) on the stable
@@ -35,7 +36,8 @@ fuzz-check:
 	$(CARGO) test --manifest-path fuzz/Cargo.toml --target-dir $(CURDIR)/target --lib
 
 ## Import circles between the modules of server/ and inference/ (scripts/layers.py);
-## prints each circle and the imports that close it.
+## prints each circle and the imports that close it, and fails when there is one
+## (make test runs it first, so a circle cannot come back).
 layers:
 	python3 scripts/layers.py server/src inference/src
 

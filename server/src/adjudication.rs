@@ -12,7 +12,7 @@ use std::time::SystemTime;
 use niix_proto::v1::{AdjudicateRequest, AlarmDecision, AssessmentFlag, ReportType, ThreatReport, Verdict};
 
 use crate::error::{Error, Result};
-use crate::findings::timestamp;
+use crate::events::timestamp;
 
 /// Longest comment kept.
 pub const MAX_COMMENT: usize = 4096;

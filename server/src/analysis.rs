@@ -14,15 +14,13 @@ use std::time::{Duration, Instant, SystemTime};
 use niix_inference::model::Model;
 use niix_inference::pipeline::{self, Analysis, PlaneInput};
 use niix_inference::repository::Repository;
-use niix_proto::v1::{
-    AlarmDecision, Algorithm, AssessmentFlag, PlaneKind, Region, ReportType, ScanStatus, ThreatReport,
-};
+use niix_proto::v1::{AlarmDecision, Algorithm, AssessmentFlag, Region, ReportType, ScanStatus, ThreatReport};
 use tokio::sync::{Notify, watch};
 
 use crate::error::{Error, Result, blocking};
-use crate::findings::{EventSignal, timestamp};
+use crate::events::{EventSignal, timestamp};
 use crate::metrics::{AnalysisLabels, Metrics};
-use crate::overlay::encode_map_png;
+use crate::plane::{encode_map_png, stored_plane};
 use crate::store::{BlobStore, MetadataStore, ScanRecord};
 
 /// How long an idle worker sleeps before looking at the queue again (it is
@@ -40,12 +38,6 @@ pub struct Analyzer {
     wake: Arc<Notify>,
     metrics: Metrics,
     events: EventSignal,
-}
-
-/// Lowercase plane kind name as model manifests use it, e.g. `high_energy`.
-pub fn plane_kind_name(kind: i32) -> String {
-    let name = PlaneKind::try_from(kind).map(|k| k.as_str_name()).unwrap_or("PLANE_KIND_UNSPECIFIED");
-    name.strip_prefix("PLANE_KIND_").unwrap_or(name).to_ascii_lowercase()
 }
 
 impl Analyzer {
@@ -173,32 +165,6 @@ impl Analyzer {
     }
 }
 
-/// Opens one stored plane of a scan for the tensor core.
-pub fn stored_plane(record: &ScanRecord, index: usize, blobs: &dyn BlobStore) -> Result<PlaneInput> {
-    let (Some(d), Some(stored)) = (record.header.planes.get(index), record.planes.get(index)) else {
-        return Err(Error::InvalidArgument(format!(
-            "plane {index} does not exist; the scan has {}",
-            record.planes.len()
-        )));
-    };
-    let (encoding, width, height) = match stored.downsampled {
-        // A partner's downsampled share: a PNG of the plane averaged over f x f.
-        f if f > 1 => (niix_inference::decode::Encoding::Png, d.width.div_ceil(f), d.height.div_ceil(f)),
-        _ => {
-            let encoding = crate::header::decoder_encoding(d.encoding)
-                .ok_or_else(|| Error::Internal(format!("stored plane with encoding {}", d.encoding)))?;
-            (encoding, d.width, d.height)
-        }
-    };
-    Ok(PlaneInput {
-        kind: plane_kind_name(d.kind),
-        encoding,
-        width,
-        height,
-        reader: Box::new(blobs.open(&stored.sha256)?),
-    })
-}
-
 /// Opens every stored plane of a scan for the pipeline.
 fn plane_inputs(record: &ScanRecord, blobs: &dyn BlobStore) -> Result<Vec<PlaneInput>> {
     (0..record.planes.len()).map(|i| stored_plane(record, i, blobs)).collect()
@@ -278,17 +244,5 @@ pub fn abort_report(model: &Model, reason: String, elapsed: Duration) -> ThreatR
         processing_seconds: elapsed.as_secs_f64(),
         algorithm: Some(algorithm(model)),
         ..Default::default()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn plane_kinds_use_manifest_names() {
-        assert_eq!(plane_kind_name(PlaneKind::HighEnergy as i32), "high_energy");
-        assert_eq!(plane_kind_name(PlaneKind::SingleEnergy as i32), "single_energy");
-        assert_eq!(plane_kind_name(99), "unspecified");
     }
 }

@@ -160,7 +160,7 @@ impl Authenticator {
         let mut a = Authenticator::default();
         for (i, t) in config.tokens.iter().enumerate() {
             anyhow::ensure!(
-                crate::header::is_sha256_hex(&t.sha256),
+                crate::digest::is_sha256_hex(&t.sha256),
                 "auth token of {:?}: sha256 must be 64 lowercase hex digits (`niix token new` prints it)",
                 t.identity
             );
@@ -174,7 +174,7 @@ impl Authenticator {
         }
         for (i, c) in config.certificates.iter().enumerate() {
             anyhow::ensure!(
-                crate::header::is_sha256_hex(&c.sha256),
+                crate::digest::is_sha256_hex(&c.sha256),
                 "auth certificate of {:?}: sha256 must be the certificate's 64 lowercase hex digit fingerprint",
                 c.identity
             );

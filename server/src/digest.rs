@@ -31,6 +31,11 @@ pub fn sha256_hex(reader: impl Read) -> io::Result<String> {
     Ok(hex::encode(hasher.finalize()))
 }
 
+/// True for a lowercase hex SHA-256.
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

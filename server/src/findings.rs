@@ -26,8 +26,10 @@ use tonic::{Request, Response, Status};
 use crate::adjudication::operator_report;
 use crate::audit::{Caller, Gate};
 use crate::error::{Error, Result, blocking};
+use crate::events::{EventSignal, timestamp, wait_for_events};
 use crate::header::canonical_scan_id;
-use crate::overlay::{OverlayOptions, decode_map_png, render_plane};
+use crate::overlay::{OverlayOptions, render_plane};
+use crate::plane::decode_map_png;
 use crate::scope::SiteScope;
 use crate::store::{BlobStore, MetadataStore, ScanQuery, ScanRecord, StoredEvent};
 
@@ -48,32 +50,6 @@ const OVERLAY_ROUNDS: usize = 6;
 /// Events read from the store per round by a watcher.
 const WATCH_BATCH: usize = 256;
 
-/// Tells watchers the newest event's sequence number.
-pub type EventSignal = Arc<watch::Sender<u64>>;
-
-/// How long a caught-up stream waits before looking at the event log again
-/// even without a signal.
-const EVENT_POLL: Duration = Duration::from_secs(5);
-
-/// Waits, for a caught-up stream, until a new event is signalled. Returns
-/// false when the stream must end: its client went away, or the server is
-/// shutting down (the client is told to resume from its cursor).
-pub async fn wait_for_events<T>(
-    signal: &mut watch::Receiver<u64>,
-    tx: &mpsc::Sender<std::result::Result<T, Status>>,
-    stop: &mut watch::Receiver<bool>,
-) -> bool {
-    tokio::select! {
-        _ = signal.changed() => true,
-        _ = tx.closed() => false,
-        _ = async { drop(stop.wait_for(|s| *s).await) } => {
-            let _ = tx.send(Err(Status::unavailable("the server is shutting down; resume from your cursor"))).await;
-            false
-        }
-        _ = tokio::time::sleep(EVENT_POLL) => true,
-    }
-}
-
 /// `niix.v1.Findings` over the store.
 #[derive(Clone)]
 pub struct FindingsService {
@@ -82,12 +58,6 @@ pub struct FindingsService {
     gate: Gate,
     events: EventSignal,
     stop: watch::Receiver<bool>,
-}
-
-/// Converts a time to a protobuf timestamp.
-pub fn timestamp(t: SystemTime) -> prost_types::Timestamp {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    prost_types::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
 }
 
 fn system_time(t: &prost_types::Timestamp) -> SystemTime {
@@ -323,7 +293,7 @@ impl FindingsService {
 
     /// Opens stored plane `index` of a scan for reading by rows (blocking).
     pub fn open_plane(&self, record: &ScanRecord, index: usize) -> Result<niix_inference::pipeline::PlaneInput> {
-        crate::analysis::stored_plane(record, index, self.blobs.as_ref())
+        crate::plane::stored_plane(record, index, self.blobs.as_ref())
     }
 
     /// The anomaly map of a scan's newest MACHINE report (8-bit, one value
@@ -500,7 +470,7 @@ pub fn render_scan(
     let machine = latest(reports, ReportType::Machine).map(|(_, r)| r.clone());
     // A partner's downsampled share is drawn at its size, regions scaled down.
     let factor = record.planes.get(index).map_or(1, |p| p.downsampled.max(1));
-    let mut input = crate::analysis::stored_plane(record, index, blobs)?;
+    let mut input = crate::plane::stored_plane(record, index, blobs)?;
     // Regions and map are in the coordinates of the analysed plane; planes
     // of one scan share them when they have the same size.
     let analysed = machine.as_ref().and_then(|m| planes_size(record, m.plane_index as usize));

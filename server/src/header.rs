@@ -4,9 +4,10 @@ use niix_proto::v1::{ConveyanceType, IntensityRelationship, PlaneDescriptor, Pla
 use prost::Message;
 use sha2::{Digest, Sha256};
 
-use crate::config::Limits;
+pub use crate::digest::is_sha256_hex;
 use crate::error::{Error, Result};
 use crate::iso6346;
+use crate::limits::Limits;
 
 /// Parses a scan id and returns it in canonical form (lowercase, hyphenated).
 pub fn canonical_scan_id(id: &str) -> Result<String> {
@@ -50,11 +51,6 @@ pub fn normalise(header: &mut ScanHeader) {
             d.value = d.value.trim().to_string();
         }
     }
-}
-
-/// True for a lowercase hex SHA-256.
-pub fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// The decoder for a plane encoding (`None` for UNSPECIFIED or unknown).

@@ -7,6 +7,12 @@
 //! [`findings`] (what officers query). [`server`] wires the services
 //! together; [`cli`] is the `niix` command line; [`web`] is the officer
 //! console in the browser.
+//!
+//! Modules form layers that import only downwards, with no import circle
+//! (checked by `scripts/layers.py` in `make test`): domain types ([`limits`],
+//! [`digest`], [`scope`]) -> the store ([`store`], [`audit`], [`error`]) ->
+//! what services share ([`header`], [`events`], [`plane`], [`overlay`]) ->
+//! the services -> the edges. See docs/architecture.md.
 
 pub mod adjudication;
 pub mod analysis;
@@ -18,15 +24,18 @@ pub mod config;
 pub mod conn;
 pub mod digest;
 pub mod error;
+pub mod events;
 pub mod exchange;
 pub mod findings;
 pub mod header;
 pub mod health;
 pub mod ingest;
 pub mod iso6346;
+pub mod limits;
 pub mod metrics;
 pub mod oip;
 pub mod overlay;
+pub mod plane;
 pub mod reflection;
 pub mod scope;
 pub mod server;

@@ -28,8 +28,8 @@ use prost::bytes::Bytes;
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 
-use crate::config::Limits;
 use crate::error::{Error, Result, blocking};
+use crate::limits::Limits;
 
 /// Largest `ModelInfer` request, in bytes: the whole scan arrives in one
 /// message and is held in memory while it is analysed (at most

@@ -1,6 +1,6 @@
 //! What an analyst sees: a plane windowed to 8 bits, downsampled, with the
 //! anomaly map as a translucent heat layer and the regions boxed and
-//! labelled. Also the 8-bit PNG form in which anomaly maps are stored.
+//! labelled.
 //!
 //! A stored plane is read row by row ([`render_plane`]): once for the
 //! automatic window's histogram, once to window and box-average the rows
@@ -47,31 +47,6 @@ pub struct Overlay {
     pub height: u32,
     /// The window used.
     pub window: (u16, u16),
-}
-
-/// The stored anomaly map: score 0..1 as 8-bit grey.
-pub fn encode_map_png(map: &Array2<f32>) -> Vec<u8> {
-    let (h, w) = map.dim();
-    let bytes: Vec<u8> = map.iter().map(|s| (s.clamp(0.0, 1.0) * 255.0).round() as u8).collect();
-    let mut out = Vec::new();
-    let mut enc = png::Encoder::new(&mut out, w as u32, h as u32);
-    enc.set_color(png::ColorType::Grayscale);
-    enc.set_depth(png::BitDepth::Eight);
-    let mut writer = enc.write_header().expect("writing PNG to memory");
-    writer.write_image_data(&bytes).expect("writing PNG to memory");
-    writer.finish().expect("writing PNG to memory");
-    out
-}
-
-/// Reads a stored anomaly map back (values 0..255).
-pub fn decode_map_png(bytes: &[u8]) -> Result<Array2<u8>> {
-    let bad = |e: png::DecodingError| Error::Internal(format!("stored anomaly map: {e}"));
-    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes)).read_info().map_err(bad)?;
-    let mut buf = vec![0u8; reader.output_buffer_size().unwrap_or(0)];
-    let info = reader.next_frame(&mut buf).map_err(bad)?;
-    buf.truncate(info.buffer_size());
-    Array2::from_shape_vec((info.height as usize, info.width as usize), buf)
-        .map_err(|e| Error::Internal(format!("stored anomaly map: {e}")))
 }
 
 /// The 0.5th and 99.5th percentiles of the plane.
@@ -403,14 +378,5 @@ mod tests {
                 .sum();
             assert_eq!(u32::from(rgb[(oy * 4 + ox) * 3]), (sum + 2) / 4, "pixel {ox},{oy}");
         }
-    }
-
-    #[test]
-    fn maps_round_trip_through_png() {
-        let m = Array2::from_shape_fn((3, 4), |(y, x)| (y * 4 + x) as f32 / 11.0);
-        let back = decode_map_png(&encode_map_png(&m)).unwrap();
-        assert_eq!(back.dim(), (3, 4));
-        assert_eq!(back[[2, 3]], 255);
-        assert_eq!(back[[0, 0]], 0);
     }
 }

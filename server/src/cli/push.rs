@@ -14,7 +14,7 @@ use serde_json::json;
 
 use super::{ServerArg, enum_word};
 use crate::client::{self, PlaneHints, Progress, PushOptions, Quiet};
-use crate::findings::timestamp;
+use crate::events::timestamp;
 
 /// What was scanned, as the CLI spells it.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]

@@ -7,8 +7,8 @@ use niix_inference::decode::{DecodeError, DecodeLimits, decode_rows};
 use niix_inference::pipeline::PlaneInput;
 use niix_proto::v1::PlaneImage;
 
-use crate::analysis::stored_plane;
 use crate::error::{Error, Result};
+use crate::plane::stored_plane;
 use crate::store::{BlobStore, ScanRecord};
 
 /// The smallest integer factor that brings `width` down to at most `max_width`.

@@ -14,8 +14,8 @@ pub mod keys;
 pub mod outbox;
 pub mod receive;
 pub mod render;
+pub mod terms;
 
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -28,78 +28,20 @@ use niix_proto::v1::{
     SubscribeRequest,
 };
 use prost::Message;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+pub use terms::{
+    CHUNK_BYTES, DEFAULT_MAX_RECEIVE_MESSAGE_BYTES, DEFAULT_MAX_RECEIVES_PER_ISSUER, ExchangeConfig, Issuer,
+    MAX_MESSAGE_BYTES, package_id,
+};
+
 use crate::audit::{Caller, Gate};
-use crate::config::Limits;
 use crate::error::{Error, Result, blocking};
-use crate::findings::{EventSignal, timestamp, wait_for_events};
+use crate::events::{EventSignal, timestamp, wait_for_events};
+use crate::limits::Limits;
 use crate::store::{BlobStore, MetadataStore, StoredEvent};
-
-/// Largest exchange message this server sends or a puller accepts (a
-/// package with downsampled planes, or a chunk).
-pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
-/// Default largest `Receive` message: a package (header at most 64 KiB,
-/// reports, an overlay PNG 1024 px wide, up to 8 downsampled planes 512 px
-/// wide) or a 1 MiB plane chunk. See docs/exchange.md.
-pub const DEFAULT_MAX_RECEIVE_MESSAGE_BYTES: usize = 16 << 20;
-/// Default number of `Receive` streams one issuer may have open at once.
-pub const DEFAULT_MAX_RECEIVES_PER_ISSUER: usize = 2;
-/// Plane bytes per `PlaneChunk`.
-pub const CHUNK_BYTES: usize = 1 << 20;
-
-/// The `[exchange]` section of the configuration.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct ExchangeConfig {
-    /// This administration's id in packages, e.g. "NL".
-    pub administration: String,
-    /// The Ed25519 signing key (`niix keys init`).
-    pub signing_key: Option<PathBuf>,
-    /// One entry per partner this administration shares with.
-    pub agreements: Vec<Agreement>,
-    /// Partner administrations whose pushed packages are accepted.
-    pub issuers: Vec<Issuer>,
-    /// Largest message an issuer may send to `Receive`, in bytes; a larger
-    /// one is refused (RESOURCE_EXHAUSTED) from its length prefix, before
-    /// its bytes are read.
-    pub max_receive_message_bytes: usize,
-    /// `Receive` streams one issuer may have open at once; more get
-    /// RESOURCE_EXHAUSTED (its outbox retries).
-    pub max_receives_per_issuer: usize,
-}
-
-impl Default for ExchangeConfig {
-    fn default() -> Self {
-        ExchangeConfig {
-            administration: String::new(),
-            signing_key: None,
-            agreements: Vec::new(),
-            issuers: Vec::new(),
-            max_receive_message_bytes: DEFAULT_MAX_RECEIVE_MESSAGE_BYTES,
-            max_receives_per_issuer: DEFAULT_MAX_RECEIVES_PER_ISSUER,
-        }
-    }
-}
-
-/// A partner administration allowed to push packages here.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Issuer {
-    /// Its id, as in its packages and as its caller identity here (an
-    /// `[auth]` token or certificate with role partner).
-    pub administration: String,
-    /// Its public key (hex, from its `niix keys show`).
-    pub public_key: String,
-}
-
-/// Package id of a partner's package at a sequence.
-pub fn package_id(issuer: &str, recipient: &str, sequence: u64) -> String {
-    format!("{issuer}.{recipient}.{sequence}")
-}
 
 /// Makes and signs packages, serves the feed, and receives pushed packages.
 #[derive(Clone)]
@@ -107,14 +49,12 @@ pub struct ExchangeService {
     meta: Arc<dyn MetadataStore>,
     blobs: Arc<dyn BlobStore>,
     config: Arc<ExchangeConfig>,
-    /// Ingest limits, applied to received scans too.
-    limits: Arc<Limits>,
     key: Option<Arc<SigningKey>>,
     gate: Gate,
     events: EventSignal,
     stop: watch::Receiver<bool>,
     renderings: Arc<render::Renderings>,
-    receive_slots: receive::ReceiveSlots,
+    inbox: receive::Inbox,
 }
 
 impl ExchangeService {
@@ -148,22 +88,13 @@ impl ExchangeService {
         }
         anyhow::ensure!(config.max_receives_per_issuer > 0, "[exchange] max_receives_per_issuer must be at least 1");
         anyhow::ensure!(
-            config.max_receive_message_bytes > crate::exchange::CHUNK_BYTES,
+            config.max_receive_message_bytes > CHUNK_BYTES,
             "[exchange] max_receive_message_bytes must be more than a 1 MiB plane chunk"
         );
         let renderings = Arc::new(render::Renderings::new(gate.metrics().package_renders.clone()));
-        Ok(ExchangeService {
-            meta,
-            blobs,
-            config: Arc::new(config),
-            limits: Arc::new(limits),
-            key,
-            gate,
-            events,
-            stop,
-            renderings,
-            receive_slots: receive::ReceiveSlots::default(),
-        })
+        let config = Arc::new(config);
+        let inbox = receive::Inbox::new(meta.clone(), blobs.clone(), config.clone(), Arc::new(limits), events.clone());
+        Ok(ExchangeService { meta, blobs, config, key, gate, events, stop, renderings, inbox })
     }
 
     /// The configuration it runs with.
@@ -201,11 +132,15 @@ impl ExchangeService {
         let mut reports = vec![event.report.clone()];
         agreement.redact(&mut meta, &mut reports);
         let overlay_png = match agreement.content {
-            Content::FindingsOverlay => self.overlay(&record, event.report.plane_index)?,
+            Content::FindingsOverlay => {
+                self.renderings.overlay(self.meta.as_ref(), self.blobs.as_ref(), &record, event.report.plane_index)?
+            }
             _ => Vec::new(),
         };
         let plane_images = match agreement.content {
-            Content::FindingsPlanes => self.plane_images(&record, agreement.plane_width)?,
+            Content::FindingsPlanes => {
+                self.renderings.plane_images(self.blobs.as_ref(), &record, agreement.plane_width)?
+            }
             _ => Vec::new(),
         };
         let full_planes = agreement.content == Content::FullPlanes
@@ -214,7 +149,12 @@ impl ExchangeService {
         // Full planes go out as pixels only, and the package signs what goes out.
         let planes = match full_planes {
             true => (0..record.planes.len())
-                .map(|i| Ok(render::pixel_descriptor(&record.header.planes[i], &self.pixel_plane(&record, i)?)))
+                .map(|i| {
+                    Ok(render::pixel_descriptor(
+                        &record.header.planes[i],
+                        &self.renderings.pixel_plane(self.blobs.as_ref(), &record, i)?,
+                    ))
+                })
                 .collect::<Result<Vec<_>>>()?,
             false => record.header.planes.clone(),
         };
@@ -461,7 +401,7 @@ impl Exchange for ExchangeService {
         request: Request<Streaming<ReceiveRequest>>,
     ) -> std::result::Result<Response<ReceiveReceipt>, Status> {
         let caller = Caller::of(&request);
-        let (result, object) = receive::receive(self, &caller, request.into_inner()).await;
+        let (result, object) = self.inbox.receive(&caller, request.into_inner()).await;
         self.gate.reply(&caller, "Receive", &object, result).await
     }
 }

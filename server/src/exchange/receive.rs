@@ -24,13 +24,14 @@ use prost::Message;
 use sha2::{Digest, Sha256};
 use tonic::Streaming;
 
-use super::{ExchangeConfig, ExchangeService, keys, package_id};
+use super::{ExchangeConfig, keys, package_id};
 use crate::audit::Caller;
-use crate::config::Limits;
 use crate::error::{Error, Result, blocking};
+use crate::events::EventSignal;
 use crate::header::{canonical_scan_id, fingerprint, is_sha256_hex};
 use crate::ingest::planes::{PlaneSink, check_plane_bytes};
-use crate::store::{PlaneDigest, ReceiveOutcome, ReceivedPackage, ScanRecord};
+use crate::limits::Limits;
+use crate::store::{BlobStore, MetadataStore, PlaneDigest, ReceiveOutcome, ReceivedPackage, ScanRecord};
 
 /// Most pixels of an image a package carries (a downsampled plane or the
 /// overlay): 16 Mi pixels, at most 48 MiB decoded.
@@ -91,10 +92,51 @@ impl Drop for ReceiveSlot {
     }
 }
 
+/// Where partners' pushed packages come in: checks who sends, verifies
+/// each package's signature and content against this server's limits, and
+/// stores its scan and reports as received.
+#[derive(Clone)]
+pub struct Inbox {
+    meta: Arc<dyn MetadataStore>,
+    blobs: Arc<dyn BlobStore>,
+    config: Arc<ExchangeConfig>,
+    /// Ingest limits, applied to received scans too.
+    limits: Arc<Limits>,
+    events: EventSignal,
+    receive_slots: ReceiveSlots,
+}
+
+impl Inbox {
+    /// An inbox over the store, under `config`'s issuers and sizes.
+    pub fn new(
+        meta: Arc<dyn MetadataStore>,
+        blobs: Arc<dyn BlobStore>,
+        config: Arc<ExchangeConfig>,
+        limits: Arc<Limits>,
+        events: EventSignal,
+    ) -> Self {
+        Inbox { meta, blobs, config, limits, events, receive_slots: ReceiveSlots::default() }
+    }
+
+    fn config(&self) -> &ExchangeConfig {
+        &self.config
+    }
+
+    /// Handles one `Receive` call; returns the result and the object to
+    /// audit (the package id, once known).
+    pub async fn receive(
+        &self,
+        caller: &Caller,
+        stream: Streaming<ReceiveRequest>,
+    ) -> (Result<ReceiveReceipt>, String) {
+        receive(self, caller, stream).await
+    }
+}
+
 /// Handles one `Receive` call; returns the result and the object to audit
 /// (the package id, once known).
-pub async fn receive(
-    svc: &ExchangeService,
+async fn receive(
+    svc: &Inbox,
     caller: &Caller,
     mut stream: Streaming<ReceiveRequest>,
 ) -> (Result<ReceiveReceipt>, String) {
@@ -227,7 +269,7 @@ pub fn verify_package(
 }
 
 async fn store(
-    svc: &ExchangeService,
+    svc: &Inbox,
     package: ResultPackage,
     content: PackageContent,
     mut stream: Streaming<ReceiveRequest>,

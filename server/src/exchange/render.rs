@@ -23,10 +23,10 @@ use prometheus_client::metrics::counter::Counter;
 use prost::Message;
 use sha2::{Digest, Sha256};
 
-use super::{ExchangeService, images};
+use super::images;
 use crate::error::{Error, Result};
 use crate::findings::render_scan;
-use crate::store::{BlobStore, PlaneDigest, ScanRecord};
+use crate::store::{BlobStore, MetadataStore, PlaneDigest, ScanRecord};
 
 /// Renderings running at once (each decodes planes).
 pub const RENDER_PERMITS: usize = 2;
@@ -163,23 +163,29 @@ impl Drop for Permit<'_> {
     }
 }
 
-/// Package content of the exchange service, through its renderings.
-impl ExchangeService {
+/// Package content, each piece rendered once through the cache.
+impl Renderings {
     /// The overlay of `plane_index` with the scan's reports, rendered once.
-    pub(super) fn overlay(&self, record: &ScanRecord, plane_index: u32) -> Result<Vec<u8>> {
-        let all = self.meta.reports(&record.scan_id)?;
+    pub fn overlay(
+        &self,
+        meta: &dyn MetadataStore,
+        blobs: &dyn BlobStore,
+        record: &ScanRecord,
+        plane_index: u32,
+    ) -> Result<Vec<u8>> {
+        let all = meta.reports(&record.scan_id)?;
         let mut hasher = Sha256::new();
         all.iter().for_each(|r| hasher.update(r.encode_length_delimited_to_vec()));
         let drawn = hex::encode(hasher.finalize());
         let key = Key::Overlay { scan_id: record.scan_id.clone(), plane_index, reports: drawn };
-        let rendered = self.renderings.get(key, || {
+        let rendered = self.get(key, || {
             let req = RenderOverlayRequest {
                 scan_id: record.scan_id.clone(),
                 plane_index,
                 max_width: 1024,
                 ..Default::default()
             };
-            Ok(Rendering::Overlay(render_scan(self.blobs.as_ref(), record, &all, &req)?.png))
+            Ok(Rendering::Overlay(render_scan(blobs, record, &all, &req)?.png))
         })?;
         match rendered {
             Rendering::Overlay(png) => Ok(png),
@@ -188,11 +194,9 @@ impl ExchangeService {
     }
 
     /// Every plane downsampled to at most `max_width`, rendered once.
-    pub(super) fn plane_images(&self, record: &ScanRecord, max_width: u32) -> Result<Vec<PlaneImage>> {
+    pub fn plane_images(&self, blobs: &dyn BlobStore, record: &ScanRecord, max_width: u32) -> Result<Vec<PlaneImage>> {
         let key = Key::PlaneImages { scan_id: record.scan_id.clone(), max_width };
-        let rendered = self
-            .renderings
-            .get(key, || Ok(Rendering::PlaneImages(images::plane_images(self.blobs.as_ref(), record, max_width)?)))?;
+        let rendered = self.get(key, || Ok(Rendering::PlaneImages(images::plane_images(blobs, record, max_width)?)))?;
         match rendered {
             Rendering::PlaneImages(v) => Ok(v),
             other => Err(Error::Internal(format!("plane image cache holds {other:?}"))),
@@ -200,11 +204,10 @@ impl ExchangeService {
     }
 
     /// The pixel-only copy of plane `index`, in the blob store, made once.
-    pub(super) fn pixel_plane(&self, record: &ScanRecord, index: usize) -> Result<PlaneDigest> {
+    pub fn pixel_plane(&self, blobs: &dyn BlobStore, record: &ScanRecord, index: usize) -> Result<PlaneDigest> {
         let sha256 = record.planes.get(index).map(|p| p.sha256.clone()).unwrap_or_default();
-        let rendered = self.renderings.get(Key::PixelPlane { sha256 }, || {
-            Ok(Rendering::PixelPlane(pixel_plane(self.blobs.as_ref(), record, index)?))
-        })?;
+        let rendered =
+            self.get(Key::PixelPlane { sha256 }, || Ok(Rendering::PixelPlane(pixel_plane(blobs, record, index)?)))?;
         match rendered {
             Rendering::PixelPlane(d) => Ok(d),
             other => Err(Error::Internal(format!("pixel plane cache holds {other:?}"))),

@@ -25,9 +25,9 @@ use niix_proto::v1::upload_status::State;
 use niix_proto::v1::{PlaneProgress, PlaneReceipt, PushScanRequest, ScanHeader, ScanReceipt, ScanStatus, UploadStatus};
 use tokio::sync::{Notify, Semaphore, watch};
 
-use crate::config::Limits;
 use crate::error::{Error, Result, blocking};
 use crate::header;
+use crate::limits::Limits;
 use crate::metrics::{GaugeGuard, Metrics, ReceivedLabels};
 use crate::scope::SiteScope;
 use crate::store::{BlobStore, CommitOutcome, MetadataStore, PendingUpload, PlaneDigest, ScanRecord};
@@ -207,7 +207,7 @@ impl Ingest {
             None => check.repo.serving().into_iter().next(),
         };
         let Some(model) = model else { return Ok(None) };
-        let kinds: Vec<String> = header.planes.iter().map(|p| crate::analysis::plane_kind_name(p.kind)).collect();
+        let kinds: Vec<String> = header.planes.iter().map(|p| crate::plane::plane_kind_name(p.kind)).collect();
         let kinds: Vec<&str> = kinds.iter().map(String::as_str).collect();
         let Err(e) = select_planes(&model.manifest, &kinds) else { return Ok(None) };
         let why = format!(

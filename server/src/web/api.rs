@@ -210,7 +210,7 @@ fn enum_value<F: Fn(&str) -> Option<i32>>(what: &str, prefix: &str, value: &str,
 fn timestamp_arg(what: &str, v: &str) -> Result<prost_types::Timestamp, Error> {
     let t = humantime::parse_rfc3339_weak(v)
         .map_err(|e| Error::InvalidArgument(format!("{what} {v:?} is not a time like 2026-12-07T10:00:00Z: {e}")))?;
-    Ok(crate::findings::timestamp(t))
+    Ok(crate::events::timestamp(t))
 }
 
 /// The `verdict` filter: `none` (not adjudicated) or a verdict. It is not a
