@@ -212,7 +212,7 @@ fn check_lengths(mut src: impl BufRead, size: u64) -> Result<Option<PixelData>, 
         };
     }
     let Some(ts) = TransferSyntaxRegistry.get(&ts_uid) else { return Ok(None) };
-    let room = || (size.saturating_sub(read.get()), "bytes follow it");
+    let room = || (size.saturating_sub(read.get()), "follow it");
     walk(src, ts, &read, room, true)
 }
 
