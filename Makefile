@@ -46,14 +46,19 @@ layers:
 ## generated from proto/ (grpcio-tools) act as a client (server/tests/interop.rs);
 ## grpcio-reflection, -health-checking, -status and tritonclient check the gRPC
 ## conventions and the Open Inference Protocol (server/tests/interop_grpc.rs).
-PYENV := .niix/venv/.interop2-ready
+## The encoders write DICOS DX in the transfer syntaxes niix must read or refuse
+## (fixtures/dicos/make_syntaxes.py): pylibjpeg-openjpeg (OpenJPEG) for JPEG 2000,
+## pyjpegls (CharLS) for JPEG-LS, through pydicom; imagecodecs (libjpeg-turbo) for
+## JPEG Lossless with a chosen predictor, which pydicom cannot encode.
+PYENV := .niix/venv/.syntax-ready
 pyenv: $(PYENV)
 $(PYENV):
 	python3.11 -m venv .niix/venv
 	.niix/venv/bin/pip install --quiet "pydicom==3.0.2" "numpy>=1.26,<3" "pydicos==1.3.0" \
 		"grpcio==1.85.4" "grpcio-tools==1.85.4" "protobuf==7.36.2" \
 		"grpcio-reflection==1.85.1" "grpcio-health-checking==1.85.1" "grpcio-status==1.85.1" \
-		"tritonclient[grpc]==2.41.0"
+		"tritonclient[grpc]==2.41.0" \
+		"pylibjpeg==2.1.0" "pylibjpeg-openjpeg==2.6.0" "pyjpegls==1.5.1" "imagecodecs==2026.3.6"
 	touch $(PYENV)
 
 ## The ONNX Runtime shared library, from the PyPI wheel (see scripts/).

@@ -20,7 +20,7 @@ use prost::Message;
 /// Decoder limits for the plane targets: 1 MiB per TIFF strip, band of tiles
 /// or PNG row, so that a decompression bomb must be refused by these limits
 /// long before the fuzzer's 2 GiB RSS limit.
-pub const PLANE_LIMITS: DecodeLimits = DecodeLimits { max_chunk_bytes: 1 << 20 };
+pub const PLANE_LIMITS: DecodeLimits = DecodeLimits { max_chunk_bytes: 1 << 20, max_frame_pixels: 1 << 20 };
 
 /// Samples (rows, for zero-width planes) a plane target accepts before its
 /// sink stops the decode, as the server's sink stops at a write error: keeps

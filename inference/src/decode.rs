@@ -16,26 +16,14 @@ pub enum Encoding {
     Tiff,
     /// Non-interlaced single-channel grey PNG, 8 or 16 bits.
     Png,
-    /// A NEMA DICOS DX object (DICOM Part 10), uncompressed or RLE lossless.
-    /// Decoded whole (DICOM pixel data is not row-addressable when compressed).
+    /// A NEMA DICOS DX object (DICOM Part 10) in a lossless transfer syntax
+    /// (see [`crate::dicos`]): uncompressed, deflated and RLE are read row by
+    /// row; JPEG Lossless, JPEG-LS and JPEG 2000 frames are decoded whole,
+    /// within [`DecodeLimits::max_frame_pixels`].
     Dicos,
 }
 
-/// Limits that protect the decoder from hostile files.
-#[derive(Debug, Clone, Copy)]
-pub struct DecodeLimits {
-    /// Largest decoded TIFF strip or band of tiles, or PNG row (with its
-    /// ancillary chunks), in bytes.
-    pub max_chunk_bytes: usize,
-}
-
-impl Default for DecodeLimits {
-    fn default() -> Self {
-        DecodeLimits { max_chunk_bytes: 64 << 20 }
-    }
-}
-
-pub use crate::decode_shared::DecodeError;
+pub use crate::decode_shared::{DecodeError, DecodeLimits};
 use crate::decode_shared::{RowSink, check_dims};
 
 fn tiff_err(e: tiff::TiffError, limits: &DecodeLimits) -> DecodeError {
@@ -79,7 +67,7 @@ where
         Encoding::Tiff => decode_tiff(reader, width, height, limits, &mut emit),
         Encoding::Png => decode_png(reader, width, height, limits, &mut emit),
         Encoding::Dicos => {
-            crate::dicos::decode_rows(reader, width, height, &mut emit)?;
+            crate::dicos::decode_rows(reader, width, height, limits, &mut emit)?;
             Ok(PlaneInfo { bits_per_sample: 16 })
         }
     }
@@ -404,7 +392,7 @@ mod tests {
     fn a_strip_beyond_the_limit_is_too_large() {
         let px = pattern(64, 64);
         let t = tiff_bytes(64, 64, &px, Some(64));
-        let limits = DecodeLimits { max_chunk_bytes: 1024 };
+        let limits = DecodeLimits { max_chunk_bytes: 1024, ..Default::default() };
         let err = decode_rows(Cursor::new(t), Encoding::Tiff, 64, 64, &limits, |_, _| Ok(())).unwrap_err();
         assert!(matches!(err, DecodeError::TooLarge(_)), "{err}");
     }
@@ -412,7 +400,7 @@ mod tests {
     #[test]
     fn a_png_row_beyond_the_limit_is_too_large() {
         let px = pattern(1024, 2);
-        let limits = DecodeLimits { max_chunk_bytes: 1024 };
+        let limits = DecodeLimits { max_chunk_bytes: 1024, ..Default::default() };
         let p = png_bytes(1024, 2, &px);
         let err = decode_rows(Cursor::new(p), Encoding::Png, 1024, 2, &limits, |_, _| Ok(())).unwrap_err();
         assert!(matches!(err, DecodeError::TooLarge(_)), "{err}");

@@ -1,5 +1,14 @@
 //! NEMA DICOS DX objects (DICOM Part 10 files, `.dcs`): reading the plane
-//! they hold, uncompressed or RLE lossless, with dicom-rs.
+//! they hold, with dicom-rs for the attributes.
+//!
+//! Transfer syntaxes (see `dicos_syntax` for the full list): uncompressed
+//! (implicit or explicit VR, little or big endian), deflated explicit VR and
+//! RLE Lossless are read row by row, whatever the plane's size; JPEG Lossless
+//! (.57, .70), JPEG-LS Lossless (.80) and JPEG 2000 Lossless (.90) frames are
+//! decoded whole, within [`DecodeLimits::max_frame_pixels`], after their
+//! codestream header is checked against the object's attributes. Lossy
+//! syntaxes, and lossy streams in a lossless syntax, are refused. So are CT
+//! volumes: niix analyses DX projections only.
 
 use std::cell::Cell;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
@@ -7,18 +16,42 @@ use std::rc::Rc;
 
 use dicom_core::Tag;
 use dicom_dictionary_std::{tags, uids};
-use dicom_encoding::Endianness;
 use dicom_encoding::decode::{Decode, file_header_decoder};
 use dicom_object::file::{OpenFileOptions, ReadPreamble};
 use dicom_parser::dataset::{DataSetReader, DataToken};
 use dicom_transfer_syntax_registry::{TransferSyntaxIndex, TransferSyntaxRegistry};
 
-use crate::decode_shared::{DecodeError, RowSink, check_dims};
+use crate::decode_shared::{DecodeError, DecodeLimits, RowSink, check_dims};
+use crate::dicos_syntax::{Syntax, check_budget, decode_frame, max_frame_bytes, syntax_of};
 
 /// SOP class of DX for presentation.
 pub const DX_PRESENTATION: &str = "1.2.840.10008.5.1.4.1.1.501.2.1";
 /// SOP class of DX for processing.
 pub const DX_PROCESSING: &str = "1.2.840.10008.5.1.4.1.1.501.2.2";
+
+/// SOP classes of CT volumes, refused by name: out of scope.
+const CT_CLASSES: &[(&str, &str)] = &[
+    ("1.2.840.10008.5.1.4.1.1.501.1", "DICOS CT Image"),
+    ("1.2.840.10008.5.1.4.1.1.2", "CT Image"),
+    ("1.2.840.10008.5.1.4.1.1.2.1", "Enhanced CT Image"),
+    ("1.2.840.10008.5.1.4.1.1.2.2", "Legacy Converted Enhanced CT Image"),
+];
+
+/// Refuses a CT volume with a message that says so.
+fn refuse_ct(sop_class: &str) -> Result<(), DecodeError> {
+    match CT_CLASSES.iter().find(|(uid, _)| *uid == sop_class) {
+        Some((uid, name)) => Err(DecodeError::Mismatch(format!(
+            "SOP class {uid} is a {name}, a CT volume: niix analyses DICOS DX projection images only, and CT \
+             volumes are out of scope (docs/protocol.md); send the scanner's DX projections"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Most bytes of attributes inflated from a deflated data set before its
+/// pixel data: dicom-rs holds them in memory, so a deflate bomb in the
+/// attributes is cut here. Real DX headers are a few kilobytes.
+const MAX_DEFLATED_ATTRIBUTES: u64 = 16 << 20;
 
 /// What a DX object says about its plane.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,6 +86,9 @@ enum PixelData {
     Native { at: u64, len: u64 },
     /// Encapsulated: its items (offset table, then fragments) start at `at`.
     Encapsulated { at: u64 },
+    /// A native value of `len` bytes at `at` in the inflated data set,
+    /// whose deflate stream starts at `dataset_at` in the object.
+    Deflated { dataset_at: u64, at: u64, len: u64 },
 }
 
 /// A DX object's attributes, read up to its pixel data (not the pixels).
@@ -117,14 +153,14 @@ fn check_lengths(mut src: impl BufRead, size: u64) -> Result<Option<PixelData>, 
     src.consume(skip);
     let read = Rc::new(Cell::new(skip as u64));
     let mut src = Counted { inner: src, read: read.clone() };
-    let fits = |tag: Tag, len: Option<u32>| {
-        let (len, left) = (u64::from(len.unwrap_or(0)), size.saturating_sub(read.get()));
+    let truncated = || malformed("the file meta group is truncated");
+    let meta_fits = |tag: Tag, len: u32| {
+        let (len, left) = (u64::from(len), size.saturating_sub(read.get()));
         if len > left {
             return Err(malformed(format!("element {tag} declares {len} bytes but only {left} follow it")));
         }
         Ok(())
     };
-    let truncated = || malformed("the file meta group is truncated");
     // The meta group is read as dicom-object reads it: its group length
     // first, then elements until that many bytes are read.
     let decoder = file_header_decoder();
@@ -135,27 +171,70 @@ fn check_lengths(mut src: impl BufRead, size: u64) -> Result<Option<PixelData>, 
     let mut group = [0u8; 4];
     src.read_exact(&mut group).map_err(|_| truncated())?;
     let group_end = read.get() + u64::from(u32::from_le_bytes(group));
-    let mut ts_uid = String::new();
+    let (mut ts_uid, mut sop_class) = (String::new(), String::new());
     while read.get() < group_end {
         let (header, _) = decoder.decode_header(&mut src).map_err(malformed)?;
         let Some(len) = header.len.get() else { return Err(malformed("a file meta element has no length")) };
-        fits(header.tag, Some(len))?;
+        meta_fits(header.tag, len)?;
         let mut value = Vec::new();
         (&mut src).take(u64::from(len)).read_to_end(&mut value)?;
         if value.len() != len as usize {
             return Err(truncated());
         }
-        if header.tag == tags::TRANSFER_SYNTAX_UID {
-            ts_uid = String::from_utf8_lossy(&value).trim_end_matches(|c: char| c.is_whitespace() || c == '\0').into();
+        let uid = || String::from_utf8_lossy(&value).trim_end_matches(|c: char| c.is_whitespace() || c == '\0').into();
+        match header.tag {
+            tags::TRANSFER_SYNTAX_UID => ts_uid = uid(),
+            tags::MEDIA_STORAGE_SOP_CLASS_UID => sop_class = uid(),
+            _ => {}
         }
     }
-    let Some(ts) = TransferSyntaxRegistry.get(&ts_uid) else { return Ok(None) };
-    if !ts.is_codec_free() && !ts.is_encapsulated_pixel_data() {
-        return Err(DecodeError::Mismatch(format!(
-            "transfer syntax {ts_uid} ({}) is not accepted; niix reads uncompressed and RLE lossless DICOS",
-            ts.name()
-        )));
+    refuse_ct(&sop_class)?;
+    let syntax = syntax_of(&ts_uid)?;
+    if syntax == Syntax::Deflated {
+        // The rest of the file is one raw deflate stream holding an explicit
+        // VR little endian data set: walk it inflated, with the attributes
+        // before the pixel data bounded, since its length is unknown.
+        let dataset_at = read.get();
+        let inflated = Rc::new(Cell::new(0u64));
+        let inner = flate2::read::DeflateDecoder::new(src).take(MAX_DEFLATED_ATTRIBUTES);
+        let src = Counted { inner, read: inflated.clone() };
+        let ts = TransferSyntaxRegistry.get(uids::EXPLICIT_VR_LITTLE_ENDIAN).expect("explicit VR LE is built in");
+        let room = || (MAX_DEFLATED_ATTRIBUTES.saturating_sub(inflated.get()), "inflated attribute bytes niix reads");
+        // dicom-object inflates the same stream up to the pixel data: where
+        // the walk found none within the bound, it must not start.
+        return match walk(src, ts, &inflated, room, false)? {
+            Some(PixelData::Native { at, len }) => Ok(Some(PixelData::Deflated { dataset_at, at, len })),
+            Some(other) => Ok(Some(other)),
+            None => Err(malformed(format!(
+                "the deflated data set holds no Pixel Data within its first {} MiB",
+                MAX_DEFLATED_ATTRIBUTES >> 20
+            ))),
+        };
     }
+    let Some(ts) = TransferSyntaxRegistry.get(&ts_uid) else { return Ok(None) };
+    let room = || (size.saturating_sub(read.get()), "follow it");
+    walk(src, ts, &read, room, true)
+}
+
+/// Walks a data set's element, sequence and item headers up to the root
+/// Pixel Data, refusing a declared length over what `room` allows (the
+/// bytes left, and what they are, for the message); `read` counts the bytes
+/// taken from `src`. Pixel Data's own length is checked only if
+/// `check_pixels` (a deflated one is streamed, never allocated).
+fn walk(
+    src: impl Read,
+    ts: &dicom_encoding::TransferSyntax,
+    read: &Cell<u64>,
+    room: impl Fn() -> (u64, &'static str),
+    check_pixels: bool,
+) -> Result<Option<PixelData>, DecodeError> {
+    let fits = |tag: Tag, len: Option<u32>| {
+        let (len, (left, what)) = (u64::from(len.unwrap_or(0)), room());
+        if len > left {
+            return Err(malformed(format!("element {tag} declares {len} bytes but only {left} {what}")));
+        }
+        Ok(())
+    };
     let Ok(tokens) = DataSetReader::new_with_ts(src, ts) else { return Ok(None) };
     // Sequences open around the current token: Pixel Data inside one (an
     // icon image) is not the plane.
@@ -163,7 +242,9 @@ fn check_lengths(mut src: impl BufRead, size: u64) -> Result<Option<PixelData>, 
     for token in tokens {
         match token {
             Ok(DataToken::ElementHeader(h)) => {
-                fits(h.tag, h.len.get())?;
+                if check_pixels || depth != 0 || h.tag != tags::PIXEL_DATA {
+                    fits(h.tag, h.len.get())?;
+                }
                 if depth == 0 && h.tag == tags::PIXEL_DATA {
                     let len = u64::from(h.len.get().unwrap_or(0));
                     return Ok(Some(PixelData::Native { at: read.get(), len }));
@@ -236,13 +317,17 @@ pub fn probe(reader: impl Read + Seek) -> Result<DxInfo, DecodeError> {
 /// as 16-bit samples; returns its attributes.
 ///
 /// The object's size is checked against the descriptor's `width x height`
-/// before any pixel is read, and the pixels are decoded a row at a time
-/// (uncompressed, or RLE Lossless with its segments read side by side), so
-/// memory stays at a few rows whatever size the object declares.
+/// before any pixel is read. Uncompressed, deflated and RLE Lossless pixels
+/// are decoded a row at a time (RLE with its segments read side by side),
+/// so memory stays at a few rows whatever size the object declares. A JPEG
+/// Lossless, JPEG-LS or JPEG 2000 frame is decoded whole: its size is
+/// checked against `limits.max_frame_pixels` first, and its codestream
+/// header against the object's attributes, before it is decoded.
 pub fn decode_rows<R: Read + Seek>(
     mut reader: R,
     width: u32,
     height: u32,
+    limits: &DecodeLimits,
     emit: &mut RowSink<'_>,
 ) -> Result<DxInfo, DecodeError> {
     let Object { obj, start, pixels } = open(&mut reader)?;
@@ -265,29 +350,53 @@ pub fn decode_rows<R: Read + Seek>(
         )));
     }
     let ts_uid = obj.meta().transfer_syntax().trim_end_matches('\0').trim().to_string();
-    let native = TransferSyntaxRegistry.get(&ts_uid).filter(|ts| ts.is_codec_free());
+    let syntax = syntax_of(&ts_uid)?;
     let end = reader.seek(SeekFrom::End(0))?;
     let pixel_count = u64::from(width) * u64::from(height);
     let rows = Rows { width: width as usize, height, bytes: bits as usize / 8 };
-    match (pixels, native) {
-        (Some(PixelData::Native { at, len }), Some(ts)) => {
+    let short = |len: u64| {
+        DecodeError::Mismatch(format!(
+            "pixel data holds {len} bytes for {width}x{height} pixels of {bits} bits allocated"
+        ))
+    };
+    match (pixels, syntax) {
+        (Some(PixelData::Native { at, len }), Syntax::Native { big_endian }) => {
             if len < pixel_count * (bits / 8) {
-                return Err(DecodeError::Mismatch(format!(
-                    "pixel data holds {len} bytes for {width}x{height} pixels of {bits} bits allocated"
-                )));
+                return Err(short(len));
             }
             reader.seek(SeekFrom::Start(start + at))?;
-            let big = ts.endianness() == Endianness::Big;
-            rows.native(BufReader::with_capacity(1 << 20, reader), big, emit)?;
+            rows.native(BufReader::with_capacity(1 << 20, reader), big_endian, emit)?;
         }
-        (Some(PixelData::Encapsulated { at }), _) if ts_uid == uids::RLE_LOSSLESS => {
+        (Some(PixelData::Deflated { dataset_at, at, len }), Syntax::Deflated) => {
+            if len < pixel_count * (bits / 8) {
+                return Err(short(len));
+            }
+            reader.seek(SeekFrom::Start(start + dataset_at))?;
+            let mut inflated =
+                BufReader::with_capacity(1 << 20, flate2::read::DeflateDecoder::new(BufReader::new(reader)));
+            if std::io::copy(&mut (&mut inflated).take(at), &mut std::io::sink())? != at {
+                return Err(malformed("the deflated data set ends before its pixel data"));
+            }
+            rows.native(inflated, false, emit)?;
+        }
+        (Some(PixelData::Encapsulated { at }), Syntax::Rle) => {
             let (from, len) = rle_fragment(&mut reader, start + at, end)?;
             rows.rle(&mut reader, from, len, emit)?;
         }
+        (Some(PixelData::Encapsulated { at }), Syntax::Frame(codec)) => {
+            check_budget(width, height, codec, limits)?;
+            let data = frame_bytes(&mut reader, start + at, end, max_frame_bytes(pixel_count, bits / 8))?;
+            let samples = decode_frame(codec, &data, width, height, bits as u32)?;
+            drop(data);
+            for (y, row) in samples.chunks_exact(width as usize).enumerate() {
+                emit(y as u32, row)?;
+            }
+        }
         (None, _) => return Err(malformed("the object has no Pixel Data")),
-        _ => {
+        (Some(_), _) => {
             return Err(DecodeError::Mismatch(format!(
-                "pixel data in transfer syntax {ts_uid} cannot be decoded; niix reads uncompressed and RLE lossless DICOS"
+                "the pixel data is not encoded as transfer syntax {ts_uid} says (native where it should be \
+                 encapsulated, or the reverse)"
             )));
         }
     }
@@ -301,11 +410,61 @@ pub fn decode(mut reader: impl Read + Seek) -> Result<(DxInfo, Vec<u16>), Decode
     let info = probe(&mut reader)?;
     reader.seek(SeekFrom::Start(start))?;
     let mut samples = Vec::new();
-    decode_rows(reader, info.width, info.height, &mut |_, row| {
+    decode_rows(reader, info.width, info.height, &DecodeLimits::default(), &mut |_, row| {
         samples.extend_from_slice(row);
         Ok(())
     })?;
     Ok((info, samples))
+}
+
+/// Reads the fragments of encapsulated pixel data whose items start at
+/// `at` (after the Basic Offset Table item) into one buffer: a single
+/// frame's codestream, which toolkits may split across fragments. `end` is
+/// the end of the file; more than `max` bytes in all are refused before
+/// they are read.
+fn frame_bytes<R: Read + Seek>(reader: &mut R, at: u64, end: u64, max: u64) -> Result<Vec<u8>, DecodeError> {
+    reader.seek(SeekFrom::Start(at))?;
+    let mut src = BufReader::new(reader);
+    let (mut pos, mut items, mut data) = (at, 0u64, Vec::new());
+    loop {
+        let mut head = [0u8; 8];
+        src.read_exact(&mut head).map_err(|_| malformed("the encapsulated pixel data ends before its delimiter"))?;
+        pos += 8;
+        let tag = Tag(u16::from_le_bytes([head[0], head[1]]), u16::from_le_bytes([head[2], head[3]]));
+        let len = u64::from(u32::from_le_bytes([head[4], head[5], head[6], head[7]]));
+        match (tag.group(), tag.element()) {
+            (0xFFFE, 0xE0DD) => break,
+            (0xFFFE, 0xE000) => {
+                let left = end.saturating_sub(pos);
+                if len > left {
+                    return Err(malformed(format!("element {tag} declares {len} bytes but only {left} follow it")));
+                }
+                if items == 0 {
+                    // The Basic Offset Table.
+                    src.seek_relative(len as i64)?;
+                } else {
+                    if data.len() as u64 + len > max {
+                        return Err(malformed(format!(
+                            "its compressed frame holds more than {max} bytes, more than a lossless frame of its \
+                             size needs"
+                        )));
+                    }
+                    let before = data.len();
+                    (&mut src).take(len).read_to_end(&mut data)?;
+                    if (data.len() - before) as u64 != len {
+                        return Err(malformed("the encapsulated pixel data ends inside a fragment"));
+                    }
+                }
+                items += 1;
+                pos += len;
+            }
+            _ => return Err(malformed(format!("the encapsulated pixel data holds {tag} where an item belongs"))),
+        }
+    }
+    if items < 2 {
+        return Err(malformed("the encapsulated pixel data holds no fragment"));
+    }
+    Ok(data)
 }
 
 /// Finds the one fragment of encapsulated pixel data whose items start at
@@ -697,7 +856,7 @@ mod tests {
         });
         let mut rows = 0;
         let mut got = Vec::new();
-        decode_rows(Cursor::new(&bytes), w.into(), h.into(), &mut |y, row| {
+        decode_rows(Cursor::new(&bytes), w.into(), h.into(), &DecodeLimits::default(), &mut |y, row| {
             assert_eq!((y, row.len()), (rows, usize::from(w)));
             rows += 1;
             got.extend_from_slice(row);
@@ -714,7 +873,8 @@ mod tests {
         // 60000x60000 with a pixel data of 12 samples: decoding would fail,
         // so a Mismatch proves it was never tried.
         let bytes = dx(60000, 60000, &[1; 12]);
-        let err = decode_rows(Cursor::new(&bytes), 64, 64, &mut |_, _| panic!("no row")).unwrap_err();
+        let err = decode_rows(Cursor::new(&bytes), 64, 64, &DecodeLimits::default(), &mut |_, _| panic!("no row"))
+            .unwrap_err();
         assert!(
             matches!(err, DecodeError::Mismatch(ref m) if m.contains("60000x60000 pixels but the plane descriptor says 64x64")),
             "{err}"
@@ -733,7 +893,7 @@ mod tests {
     #[test]
     fn an_empty_plane_is_refused() {
         let bytes = dx(0, 0, &[]);
-        let err = decode_rows(Cursor::new(&bytes), 0, 0, &mut |_, _| Ok(())).unwrap_err();
+        let err = decode_rows(Cursor::new(&bytes), 0, 0, &DecodeLimits::default(), &mut |_, _| Ok(())).unwrap_err();
         assert!(matches!(err, DecodeError::Malformed { .. }), "{err}");
     }
 }

@@ -2,7 +2,7 @@
 //! regions, through ONNX Runtime.
 //!
 //! - [`decode`]: streaming decoders (raw u16, TIFF, PNG) with bounded memory,
-//!   and [`dicos`] for NEMA DICOS DX objects.
+//!   and [`dicos`] for NEMA DICOS DX objects in any lossless transfer syntax.
 //! - [`runtime`]: finding and starting ONNX Runtime (`libonnxruntime.so.1.31.1`).
 //! - [`manifest`] and [`model`]: a model version and its `model.toml`, checked
 //!   against each other at load.
@@ -18,6 +18,7 @@
 pub mod decode;
 pub mod decode_shared;
 pub mod dicos;
+mod dicos_syntax;
 pub mod fit;
 pub mod manifest;
 pub mod model;

@@ -524,3 +524,89 @@ fn aborted_and_sparse_reports_pass_the_dicos_toolkit_too() {
         assert_eq!(pydicom["abort_reason"], *reason, "{i}");
     }
 }
+
+/// Issue #27, item 4: a DICOS DX plane in every transfer syntax the issue
+/// names, written by outside encoders (the DICOS toolkit's default JPEG
+/// Lossless, pydicom with CharLS, OpenJPEG and its own RLE and deflate,
+/// libjpeg-turbo for JPEG Lossless with predictors 7 and 1), is described by
+/// `niix push`'s probe, ingested and analysed by the real server, and
+/// decodes to the source samples exactly. Lossy syntaxes, lossy streams in a
+/// lossless syntax, a codestream whose size disagrees with Rows and Columns,
+/// and the toolkit's CT volume are refused with INVALID_ARGUMENT and a
+/// message that says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dicos_in_every_lossless_syntax_decodes_exactly_and_lossy_or_ct_is_refused() {
+    use niix_inference::decode::{DecodeError, DecodeLimits, Encoding, decode_rows};
+    use niix_proto::v1::ScanStatus;
+    use std::io::Cursor;
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("syntaxes");
+    let m = run_json(&repo().join("fixtures/dicos/make_syntaxes.py"), &[out.to_str().unwrap()]);
+    let (w, h) = (m["width"].as_u64().unwrap() as u32, m["height"].as_u64().unwrap() as u32);
+    let source: Vec<u16> = std::fs::read(out.join("source.u16"))
+        .unwrap()
+        .chunks_exact(2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        .collect();
+    assert_eq!(source.len(), (w * h) as usize);
+    let files = m["files"].as_object().unwrap();
+    let exact: Vec<&str> =
+        files.values().filter(|f| f["expect"] == "exact").map(|f| f["ts"].as_str().unwrap()).collect();
+    let named = ["1.2", "1.2.1", "1.2.1.99", "1.2.5", "1.2.4.57", "1.2.4.70", "1.2.4.80", "1.2.4.90"];
+    for ts in named.map(|s| format!("1.2.840.10008.{s}")) {
+        assert!(exact.contains(&ts.as_str()), "no file in {ts}: {exact:?}");
+    }
+    assert_eq!(files["pydicos"]["ts"], "1.2.840.10008.1.2.4.70", "the DICOS toolkit's default syntax");
+
+    let server = start(&dir.path().join("data")).await;
+    let ch = channel(&server).await;
+    for (name, f) in files {
+        let (path, ts) = (Path::new(f["path"].as_str().unwrap()), f["ts"].as_str().unwrap());
+        let bytes = std::fs::read(path).unwrap();
+        let id = new_id();
+        if f["expect"] == "exact" {
+            let (_, samples) =
+                niix_inference::dicos::decode(Cursor::new(&bytes)).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(samples == source, "{name} ({ts}) does not decode to the source samples");
+            let d = niix::client::describe_plane(path, PlaneKind::HighEnergy, &Default::default())
+                .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            assert_eq!((d.width, d.height, d.bits_stored), (w, h, 16), "{name}");
+            push_messages(&ch, messages(&header(&id, d), &[&bytes], 1 << 16))
+                .await
+                .unwrap_or_else(|e| panic!("{name} ({ts}): {}", e.message()));
+            let f = wait_analysed(&ch, &id).await;
+            assert_eq!(f.status, ScanStatus::Analyzed as i32, "{name} ({ts}): {f:?}");
+        } else {
+            // As a client that does not probe the file would describe it;
+            // the size lie as the object itself declares it (64x96).
+            let (dw, dh) = if name == "j2k-size-lie" { (h, w) } else { (w, h) };
+            let d = plane(PlaneEncoding::Dicos, dw, dh, &bytes);
+            let err = push_messages(&ch, messages(&header(&id, d), &[&bytes], 1 << 16)).await.unwrap_err();
+            let want = match name.as_str() {
+                "ct" => "a DICOS CT Image, a CT volume: niix analyses DICOS DX projection images only",
+                "j2k-size-lie" => "codestream is 96x64 pixels but the object's Columns and Rows say 64x96",
+                _ => "niix refuses lossy pixel data, because an analysis of pixels a codec has altered is not evidence",
+            };
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{name}: {}", err.message());
+            assert!(err.message().contains(want), "{name} ({ts}): {}", err.message());
+            if !name.ends_with("-as-lossless") && name != "j2k-size-lie" {
+                // The transfer syntax (or SOP class) alone refuses it: niix
+                // push says so before sending a byte.
+                let err = niix::client::describe_plane(path, PlaneKind::HighEnergy, &Default::default()).unwrap_err();
+                assert!(format!("{err:#}").contains(want), "{name}: {err:#}");
+            }
+        }
+    }
+    let lossy = std::fs::read(files["jpeg-baseline"]["path"].as_str().unwrap()).unwrap();
+    let err = niix_inference::dicos::probe(Cursor::new(lossy)).unwrap_err();
+    assert!(err.to_string().contains("transfer syntax 1.2.840.10008.1.2.4.50 (JPEG Baseline (Process 1)) is lossy"));
+
+    // A compressed frame is decoded whole: over the whole-frame budget it is
+    // refused from the object's attributes, before a byte of it is read.
+    let toolkit = std::fs::read(files["pydicos"]["path"].as_str().unwrap()).unwrap();
+    let small = DecodeLimits { max_frame_pixels: u64::from(w * h) - 1, ..Default::default() };
+    let err = decode_rows(Cursor::new(&toolkit), Encoding::Dicos, w, h, &small, |_, _| panic!("no row")).unwrap_err();
+    assert!(matches!(err, DecodeError::TooLarge(ref m) if m.contains("pixel limit for compressed frames")), "{err}");
+    server.shutdown().await.unwrap();
+}
