@@ -53,6 +53,24 @@ fn refuse_ct(sop_class: &str) -> Result<(), DecodeError> {
 /// attributes is cut here. Real DX headers are a few kilobytes.
 const MAX_DEFLATED_ATTRIBUTES: u64 = 16 << 20;
 
+/// Plane names Image Type may carry, normalised.
+const PLANE_NAMES: [&str; 5] = ["single_energy", "high_energy", "low_energy", "z_effective", "backscatter"];
+
+/// The plane an Image Type names. DICOS puts it in value 3
+/// (`ORIGINAL\PRIMARY\HIGH ENERGY`); the DICOS toolkit writes and requires
+/// it in value 2 (`ORIGINAL\HIGH ENERGY`). The first of values 3 and 2 that
+/// is a known plane name wins; otherwise value 3 as written (normalised),
+/// so an unknown name still reaches the caller's message.
+pub fn plane_kind_of_image_type(values: &[String]) -> Option<String> {
+    let norm = |k: &String| k.trim().to_ascii_lowercase().replace([' ', '-'], "_");
+    [values.get(2), values.get(1)]
+        .into_iter()
+        .flatten()
+        .map(norm)
+        .find(|k| PLANE_NAMES.contains(&k.as_str()))
+        .or_else(|| values.get(2).map(norm))
+}
+
 /// What a DX object says about its plane.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DxInfo {
@@ -62,7 +80,8 @@ pub struct DxInfo {
     pub height: u32,
     /// Bits Stored.
     pub bits_stored: u32,
-    /// Image Type value 3 in lower case with `_` (e.g. `high_energy`), if present.
+    /// The plane Image Type names, in lower case with `_` (e.g. `high_energy`):
+    /// see [`plane_kind_of_image_type`].
     pub kind: Option<String>,
     /// Pixel Spacing (row spacing = y, column spacing = x), millimetres.
     pub pixel_spacing_mm: Option<(f64, f64)>,
@@ -284,8 +303,7 @@ fn info_of(obj: &dicom_object::DefaultDicomObject) -> Result<DxInfo, DecodeError
         .ok()
         .flatten()
         .and_then(|e| e.to_multi_str().ok().map(|v| v.to_vec()))
-        .and_then(|v| v.get(2).cloned())
-        .map(|k| k.trim().to_ascii_lowercase().replace([' ', '-'], "_"));
+        .and_then(|v| plane_kind_of_image_type(&v));
     let pixel_spacing_mm = obj
         .element_opt(tags::PIXEL_SPACING)
         .ok()
@@ -895,5 +913,18 @@ mod tests {
         let bytes = dx(0, 0, &[]);
         let err = decode_rows(Cursor::new(&bytes), 0, 0, &DecodeLimits::default(), &mut |_, _| Ok(())).unwrap_err();
         assert!(matches!(err, DecodeError::Malformed { .. }), "{err}");
+    }
+
+    #[test]
+    fn the_plane_kind_is_read_from_image_type_value_3_or_the_toolkits_value_2() {
+        let v = |x: &[&str]| x.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            plane_kind_of_image_type(&v(&["ORIGINAL", "PRIMARY", "HIGH ENERGY"])).as_deref(),
+            Some("high_energy")
+        );
+        assert_eq!(plane_kind_of_image_type(&v(&["ORIGINAL", "LOW ENERGY"])).as_deref(), Some("low_energy"));
+        assert_eq!(plane_kind_of_image_type(&v(&["ORIGINAL", "LOW ENERGY", "PRIMARY"])).as_deref(), Some("low_energy"));
+        assert_eq!(plane_kind_of_image_type(&v(&["ORIGINAL", "PRIMARY", "MYSTERY"])).as_deref(), Some("mystery"));
+        assert_eq!(plane_kind_of_image_type(&v(&["ORIGINAL", "PRIMARY"])), None);
     }
 }
