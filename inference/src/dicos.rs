@@ -435,15 +435,20 @@ pub fn decode(mut reader: impl Read + Seek) -> Result<(DxInfo, Vec<u16>), Decode
     Ok((info, samples))
 }
 
-/// Reads the fragments of encapsulated pixel data whose items start at
-/// `at` (after the Basic Offset Table item) into one buffer: a single
-/// frame's codestream, which toolkits may split across fragments. `end` is
-/// the end of the file; more than `max` bytes in all are refused before
-/// they are read.
-fn frame_bytes<R: Read + Seek>(reader: &mut R, at: u64, end: u64, max: u64) -> Result<Vec<u8>, DecodeError> {
+/// Walks the items of encapsulated pixel data that start at `at`, up to
+/// its delimiter; `end` is the end of the file. Each item's declared length
+/// is checked against the bytes left before `on_item(index, offset,
+/// length, reader)` sees it (index 0 is the Basic Offset Table); `on_item`
+/// consumes exactly `length` bytes. Returns how many items there were.
+fn encapsulated_items<R: Read + Seek>(
+    reader: &mut R,
+    at: u64,
+    end: u64,
+    mut on_item: impl FnMut(u64, u64, u64, &mut BufReader<&mut R>) -> Result<(), DecodeError>,
+) -> Result<u64, DecodeError> {
     reader.seek(SeekFrom::Start(at))?;
     let mut src = BufReader::new(reader);
-    let (mut pos, mut items, mut data) = (at, 0u64, Vec::new());
+    let (mut pos, mut items) = (at, 0u64);
     loop {
         let mut head = [0u8; 8];
         src.read_exact(&mut head).map_err(|_| malformed("the encapsulated pixel data ends before its delimiter"))?;
@@ -451,34 +456,45 @@ fn frame_bytes<R: Read + Seek>(reader: &mut R, at: u64, end: u64, max: u64) -> R
         let tag = Tag(u16::from_le_bytes([head[0], head[1]]), u16::from_le_bytes([head[2], head[3]]));
         let len = u64::from(u32::from_le_bytes([head[4], head[5], head[6], head[7]]));
         match (tag.group(), tag.element()) {
-            (0xFFFE, 0xE0DD) => break,
+            (0xFFFE, 0xE0DD) => return Ok(items),
             (0xFFFE, 0xE000) => {
                 let left = end.saturating_sub(pos);
                 if len > left {
                     return Err(malformed(format!("element {tag} declares {len} bytes but only {left} follow it")));
                 }
-                if items == 0 {
-                    // The Basic Offset Table.
-                    src.seek_relative(len as i64)?;
-                } else {
-                    if data.len() as u64 + len > max {
-                        return Err(malformed(format!(
-                            "its compressed frame holds more than {max} bytes, more than a lossless frame of its \
-                             size needs"
-                        )));
-                    }
-                    let before = data.len();
-                    (&mut src).take(len).read_to_end(&mut data)?;
-                    if (data.len() - before) as u64 != len {
-                        return Err(malformed("the encapsulated pixel data ends inside a fragment"));
-                    }
-                }
+                on_item(items, pos, len, &mut src)?;
                 items += 1;
                 pos += len;
             }
             _ => return Err(malformed(format!("the encapsulated pixel data holds {tag} where an item belongs"))),
         }
     }
+}
+
+/// The compressed bytes of the one frame of encapsulated pixel data whose
+/// items start at `at`: its fragments joined, since toolkits may split a
+/// frame's codestream across fragments. `end` is the end of the file; more
+/// than `max` bytes in all are refused before they are read.
+fn frame_bytes<R: Read + Seek>(reader: &mut R, at: u64, end: u64, max: u64) -> Result<Vec<u8>, DecodeError> {
+    let mut data = Vec::new();
+    let items = encapsulated_items(reader, at, end, |index, _, len, src| {
+        if index == 0 {
+            // The Basic Offset Table.
+            src.seek_relative(len as i64)?;
+            return Ok(());
+        }
+        if data.len() as u64 + len > max {
+            return Err(malformed(format!(
+                "its compressed frame holds more than {max} bytes, more than a lossless frame of its size needs"
+            )));
+        }
+        let before = data.len();
+        src.take(len).read_to_end(&mut data)?;
+        if (data.len() - before) as u64 != len {
+            return Err(malformed("the encapsulated pixel data ends inside a fragment"));
+        }
+        Ok(())
+    })?;
     if items < 2 {
         return Err(malformed("the encapsulated pixel data holds no fragment"));
     }
@@ -489,33 +505,15 @@ fn frame_bytes<R: Read + Seek>(reader: &mut R, at: u64, end: u64, max: u64) -> R
 /// `at` (after the Basic Offset Table item); `end` is the end of the file.
 /// Returns its offset and length.
 fn rle_fragment<R: Read + Seek>(reader: &mut R, at: u64, end: u64) -> Result<(u64, u64), DecodeError> {
-    reader.seek(SeekFrom::Start(at))?;
-    let mut src = BufReader::new(reader);
-    let (mut pos, mut items, mut first) = (at, 0u64, None);
-    loop {
-        let mut head = [0u8; 8];
-        src.read_exact(&mut head).map_err(|_| malformed("the encapsulated pixel data ends before its delimiter"))?;
-        pos += 8;
-        let tag = Tag(u16::from_le_bytes([head[0], head[1]]), u16::from_le_bytes([head[2], head[3]]));
-        let len = u64::from(u32::from_le_bytes([head[4], head[5], head[6], head[7]]));
-        match (tag.group(), tag.element()) {
-            (0xFFFE, 0xE0DD) => break,
-            (0xFFFE, 0xE000) => {
-                let left = end.saturating_sub(pos);
-                if len > left {
-                    return Err(malformed(format!("element {tag} declares {len} bytes but only {left} follow it")));
-                }
-                // The first item is the Basic Offset Table; fragments follow.
-                if items == 1 {
-                    first = Some((pos, len));
-                }
-                items += 1;
-                pos += len;
-                src.seek_relative(len as i64)?;
-            }
-            _ => return Err(malformed(format!("the encapsulated pixel data holds {tag} where an item belongs"))),
+    let mut first = None;
+    let items = encapsulated_items(reader, at, end, |index, pos, len, src| {
+        // The first item is the Basic Offset Table; fragments follow.
+        if index == 1 {
+            first = Some((pos, len));
         }
-    }
+        src.seek_relative(len as i64)?;
+        Ok(())
+    })?;
     match (items.saturating_sub(1), first) {
         (1, Some(fragment)) => Ok(fragment),
         (n, _) => Err(DecodeError::Mismatch(format!("a DX plane has one frame; this one has {n} RLE fragments"))),
