@@ -9,6 +9,8 @@
 //! - [`repository`]: `models/<name>/<version>/`, newest valid version serves,
 //!   hot reload.
 //! - [`tiling`]: the tile grid and the stitching rule.
+//! - [`onnx_graph`]: reading and editing a model's ONNX graph (the site
+//!   head's weights are written back into it).
 //! - [`pipeline`]: decode -> transform -> tile -> batch -> run -> stitch ->
 //!   threshold -> regions.
 //!
@@ -21,6 +23,7 @@ pub mod dicos;
 pub mod fit;
 pub mod manifest;
 pub mod model;
+pub mod onnx_graph;
 pub mod pipeline;
 pub mod regions;
 pub mod repository;
