@@ -11,6 +11,8 @@
 //! - [`tiling`]: the tile grid and the stitching rule.
 //! - [`onnx_graph`]: reading and editing a model's ONNX graph (the site
 //!   head's weights are written back into it).
+//! - [`site_head`]: the site head's trainer (an MLP over ndarray, hand-written
+//!   backpropagation and Adam).
 //! - [`pipeline`]: decode -> transform -> tile -> batch -> run -> stitch ->
 //!   threshold -> regions.
 //!
@@ -28,5 +30,6 @@ pub mod pipeline;
 pub mod regions;
 pub mod repository;
 pub mod runtime;
+pub mod site_head;
 pub mod structure;
 pub mod tiling;
