@@ -13,6 +13,8 @@
 //!   head's weights are written back into it).
 //! - [`site_head`]: the site head's trainer (an MLP over ndarray, hand-written
 //!   backpropagation and Adam).
+//! - [`tip`]: threat image projection, objects rendered into a site's own
+//!   scans in attenuation, with the cell labels the site head trains on.
 //! - [`pipeline`]: decode -> transform -> tile -> batch -> run -> stitch ->
 //!   threshold -> regions.
 //!
@@ -33,3 +35,4 @@ pub mod runtime;
 pub mod site_head;
 pub mod structure;
 pub mod tiling;
+pub mod tip;
