@@ -1,7 +1,9 @@
 //! Compiles `niix/v1/*.proto` and the Open Inference Protocol
 //! (`inference/open_inference.proto`) with a vendored `protoc`, so a fresh
 //! machine needs nothing preinstalled. Also writes the file descriptor sets
-//! that the server's gRPC reflection service publishes.
+//! that the server's gRPC reflection service publishes. Also compiles ONNX's
+//! own `onnx/onnx-ml.proto` (vendored, see NOTICE) into `niix_proto::onnx`,
+//! so the model fit can edit graphs: messages only, no service.
 
 use std::path::PathBuf;
 
@@ -37,6 +39,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Plane tensors arrive as slices of tonic's receive buffer, not copies.
         .bytes(".inference.ModelInferRequest.raw_input_contents")
         .file_descriptor_set_path(out.join("inference_descriptor.bin"))
-        .compile_protos(&[PathBuf::from(oip)], &[PathBuf::from("."), include])?;
+        .compile_protos(&[PathBuf::from(oip)], &[PathBuf::from("."), include.clone()])?;
+
+    // ONNX model files: proto2 messages, no services, so no gRPC client or
+    // server. `raw_data` (the weights) stays a Vec<u8>: the fit edits it.
+    let onnx = "onnx/onnx-ml.proto";
+    println!("cargo:rerun-if-changed={onnx}");
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(false)
+        .compile_protos(&[PathBuf::from(onnx)], &[PathBuf::from("."), include])?;
     Ok(())
 }

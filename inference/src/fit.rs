@@ -118,16 +118,27 @@ impl FeatureGraph {
     }
 }
 
-/// A deterministic pseudo-random index stream (SplitMix64).
-struct Picker(u64);
+/// A deterministic pseudo-random stream (SplitMix64), seeded by its field.
+pub(crate) struct Picker(pub(crate) u64);
 
 impl Picker {
-    fn next(&mut self, n: usize) -> usize {
+    /// The next 64 random bits.
+    pub(crate) fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        ((z ^ (z >> 31)) % n as u64) as usize
+        z ^ (z >> 31)
+    }
+
+    /// An index below `n`.
+    pub(crate) fn next(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
+    /// A uniform value in [0, 1).
+    pub(crate) fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 }
 

@@ -9,6 +9,12 @@
 //! - [`repository`]: `models/<name>/<version>/`, newest valid version serves,
 //!   hot reload.
 //! - [`tiling`]: the tile grid and the stitching rule.
+//! - [`onnx_graph`]: reading and editing a model's ONNX graph (the site
+//!   head's weights are written back into it).
+//! - [`site_head`]: the site head's trainer (an MLP over ndarray, hand-written
+//!   backpropagation and Adam).
+//! - [`tip`]: threat image projection, objects rendered into a site's own
+//!   scans in attenuation, with the cell labels the site head trains on.
 //! - [`pipeline`]: decode -> transform -> tile -> batch -> run -> stitch ->
 //!   threshold -> regions.
 //!
@@ -22,9 +28,12 @@ mod dicos_syntax;
 pub mod fit;
 pub mod manifest;
 pub mod model;
+pub mod onnx_graph;
 pub mod pipeline;
 pub mod regions;
 pub mod repository;
 pub mod runtime;
+pub mod site_head;
 pub mod structure;
 pub mod tiling;
+pub mod tip;

@@ -21,6 +21,16 @@ pub mod oip {
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("inference_descriptor");
 }
 
+/// ONNX's model format (package `onnx`, from the vendored
+/// `onnx/onnx-ml.proto`, Apache-2.0, see NOTICE): the messages of a `.onnx`
+/// file, so that a fit can read and rewrite a model graph. `-ml` is the
+/// superset of `onnx.proto`, so no field of a model decodes as unknown (prost
+/// would drop it on re-encoding).
+#[allow(clippy::all, missing_docs)]
+pub mod onnx {
+    tonic::include_proto!("onnx");
+}
+
 pub mod codec;
 
 /// Largest message a stock gRPC peer accepts (and niix's ingest and findings
