@@ -346,3 +346,127 @@ async fn with_tls_the_console_serves_https_and_its_cookie_is_secure() {
     assert!(!String::from_utf8_lossy(&raw).contains("officer console"));
     server.shutdown().await.unwrap();
 }
+
+/// One HTTP/1.1 exchange over TLS with `client` (trusting the test CA,
+/// with or without a client certificate); returns the raw answer.
+async fn https(client: &rustls::ClientConfig, at: SocketAddr, request: &str) -> String {
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client.clone()));
+    let tcp = TcpStream::connect(at).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.expect("a TLS handshake");
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    let _ = tls.read_to_end(&mut raw).await; // the server may close without close_notify
+    String::from_utf8_lossy(&raw).into_owned()
+}
+
+fn post_login(body: &str) -> String {
+    format!(
+        "POST /api/login HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_officer_signs_in_with_a_client_certificate_and_a_partner_certificate_cannot() {
+    use niix::auth::CertificateConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki { dir: dir.path().to_path_buf() };
+    let (ca_cert, ca_issuer) = ca("NL customs CA");
+    let (server_cert, server_key) = leaf("localhost", &ca_issuer);
+    let (officer_cert, officer_key) = leaf("officer-cert", &ca_issuer);
+    let (partner_cert, partner_key) = leaf("DE", &ca_issuer);
+    let (stranger_cert, stranger_key) = leaf("stranger", &ca_issuer);
+    let mut config = config(&dir.path().join("data"), Limits::default());
+    config.auth = tokens(&TOKENS[..1]);
+    let cert = |identity: &str, role, der: &[u8]| CertificateConfig {
+        identity: identity.into(),
+        role,
+        sha256: sha256(der),
+        sites: vec![],
+    };
+    config.auth.certificates = vec![
+        cert("officer-cert", Role::Officer, officer_cert.der()),
+        cert("DE-cert", Role::Partner, partner_cert.der()),
+    ];
+    config.analysis.enabled = false;
+    config.tls = Some(niix::config::TlsConfig {
+        cert: pki.write("server.pem", &server_cert.pem()),
+        key: pki.write("server.key", &server_key.serialize_pem()),
+        client_ca: Some(pki.write("ca.pem", &ca_cert.pem())),
+    });
+    let server = niix::server::start(config).await.unwrap();
+    let web = server.web_addr.unwrap();
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca_cert.der().clone()).unwrap();
+    let builder = || {
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots.clone())
+    };
+    let with = |cert: &rcgen::Certificate, key: &rcgen::KeyPair| {
+        let key = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        builder().with_client_auth_cert(vec![cert.der().clone()], key).unwrap()
+    };
+    let (officer, partner, stranger) =
+        (with(&officer_cert, &officer_key), with(&partner_cert, &partner_key), with(&stranger_cert, &stranger_key));
+    let anonymous = builder().with_no_client_auth();
+    let status = |raw: &str| raw.split(' ').nth(1).unwrap_or_default().parse::<u16>().unwrap_or_default();
+    let certificate = "{\"certificate\":true}";
+
+    // The page learns that the browser presented a certificate.
+    let probe = "GET /api/certificate HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    assert!(https(&officer, web, probe).await.contains("\"presented\":true"));
+    assert!(https(&anonymous, web, probe).await.contains("\"presented\":false"));
+
+    // The officer's certificate signs in without a token, as its identity.
+    let a = https(&officer, web, &post_login(certificate)).await;
+    assert_eq!(status(&a), 200, "{a}");
+    assert!(a.contains("\"identity\":\"officer-cert\"") && a.contains("\"role\":\"officer\""), "{a}");
+    let set = a.lines().find(|l| l.to_ascii_lowercase().starts_with("set-cookie:")).unwrap();
+    assert!(set.contains("; Secure") && set.contains("HttpOnly") && set.contains("SameSite=Strict"), "{set}");
+    let cookie = set.split_once(':').unwrap().1.split(';').next().unwrap().trim().to_string();
+    // The session then works like a token's (the cookie is what counts).
+    let list = format!("GET /api/scans HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nCookie: {cookie}\r\n\r\n");
+    assert_eq!(status(&https(&anonymous, web, &list).await), 200);
+
+    // A partner's certificate, one the server does not know, and none at all cannot.
+    let p = https(&partner, web, &post_login(certificate)).await;
+    assert_eq!(status(&p), 403, "{p}");
+    assert!(p.contains("DE-cert (role partner) may not sign in to the officer console"), "{p}");
+    assert!(!p.to_ascii_lowercase().contains("set-cookie"), "{p}");
+    let s = https(&stranger, web, &post_login(certificate)).await;
+    assert_eq!(status(&s), 401, "{s}");
+    assert!(s.contains("client certificate is not known"), "{s}");
+    let n = https(&anonymous, web, &post_login(certificate)).await;
+    assert_eq!(status(&n), 401, "{n}");
+    assert!(n.contains("presented no client certificate"), "{n}");
+    // A certificate is no token: with the certificate flag off, the token decides.
+    assert_eq!(status(&https(&officer, web, &post_login("{\"token\":\"guess\"}")).await), 401);
+    // The token still signs in over the same TLS port, without a certificate.
+    assert_eq!(status(&https(&anonymous, web, &post_login("{\"token\":\"tok-officer\"}")).await), 200);
+    // A sign-in that is not JSON (what a cross-site form sends) is refused.
+    let form = "POST /api/login HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+                Content-Type: text/plain\r\nContent-Length: 19\r\n\r\n{\"certificate\":true}";
+    assert_eq!(status(&https(&officer, web, form).await), 400);
+    server.shutdown().await.unwrap();
+
+    let meta = niix::store::SqliteMetadata::open(&dir.path().join("data").join("niix.db")).unwrap();
+    let log: Vec<(String, String, String, String)> = meta
+        .audit_records(0, 100_000)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.entry.action == "ConsoleLogin")
+        .map(|r| (r.entry.identity, r.entry.object, r.entry.outcome, r.entry.role))
+        .collect();
+    let has = |who: &str, object: &str, outcome: &str| {
+        log.iter().any(|(w, o, out, _)| (w.as_str(), o.as_str(), out.as_str()) == (who, object, outcome))
+    };
+    assert!(has("officer-cert", "certificate", "OK"), "{log:?}");
+    assert!(has("DE-cert", "certificate", "PermissionDenied"), "{log:?}");
+    assert!(has("unauthenticated", "certificate", "Unauthenticated"), "{log:?}");
+    assert!(has("officer-1", "", "OK"), "{log:?}");
+}

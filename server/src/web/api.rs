@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{ConnectInfo, Path, RawQuery, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -23,7 +23,7 @@ use tokio_stream::StreamExt;
 
 use super::session::{COOKIE, Session};
 use super::tiles::{self, TileSpec};
-use super::{ApiError, Web, assets};
+use super::{ApiError, ClientCertificate, Web, assets};
 use crate::audit::Caller;
 use crate::auth::Role;
 use crate::error::{Error, blocking};
@@ -39,6 +39,7 @@ pub fn router(web: Web) -> Router {
         .route("/app.js", get(|| async { page("text/javascript; charset=utf-8", assets::APP_JS) }))
         .route("/app.css", get(|| async { page("text/css; charset=utf-8", assets::APP_CSS) }))
         .route("/api/login", post(login))
+        .route("/api/certificate", get(certificate))
         .route("/api/logout", post(logout))
         .route("/api/session", get(current))
         .route("/api/scans", get(list))
@@ -81,10 +82,15 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Error> 
         .map_err(|e| Error::InvalidArgument(format!("the request body is not the JSON expected: {e}")))
 }
 
+/// `{"token": ...}`, or `{"certificate": true}` to sign in with the
+/// connection's client certificate (mutual TLS).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LoginRequest {
+    #[serde(default)]
     token: String,
+    #[serde(default)]
+    certificate: bool,
 }
 
 fn session_json(s: &Session, ttl_secs: u64) -> Value {
@@ -103,18 +109,48 @@ fn can_adjudicate(c: &Caller) -> bool {
     c.role == Role::Officer.name() || c.identity.starts_with("local@")
 }
 
-/// POST /api/login `{"token": ...}`: checks the token like a gRPC call to
-/// the Findings service (officer or admin), starts a session, sets its cookie.
-async fn login(State(web): State<Web>, body: Bytes) -> ApiResult {
+/// POST /api/login `{"token": ...}` or `{"certificate": true}`: checks the
+/// token, or the client certificate the connection presented, like a gRPC
+/// call to the Findings service (officer or admin), starts a session, sets
+/// its cookie. The body must be JSON (`content-type: application/json`),
+/// which a cross-site form cannot send: a browser that holds a certificate
+/// is not signed in by another site's page.
+async fn login(
+    State(web): State<Web>,
+    ConnectInfo(presented): ConnectInfo<ClientCertificate>,
+    request_headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    let json = request_headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json")));
+    if !json {
+        return Err(Error::InvalidArgument("sign in with a JSON body (content-type: application/json)".into()).into());
+    }
     let req: LoginRequest = parse_json(&body)?;
     let mut headers = HeaderMap::new();
-    let checked = match HeaderValue::from_str(&format!("Bearer {}", req.token.trim())) {
-        Ok(v) => {
-            headers.insert(header::AUTHORIZATION, v);
-            web.auth.check("/niix.v1.Findings/ListScans", &headers, None)
+    let checked = match (req.certificate, presented.0.as_deref()) {
+        (true, Some(fingerprint)) => web.auth.check("/niix.v1.Findings/ListScans", &headers, Some(fingerprint)),
+        (true, None) => {
+            let e = Error::Unauthenticated(
+                "this connection presented no client certificate: the console asks for one only over TLS with \
+                 [tls] client_ca configured, and the browser must have the certificate installed; or sign in with \
+                 your token"
+                    .into(),
+            );
+            let who = Caller { identity: "unauthenticated".into(), role: "none".into() };
+            return Err(web.audited::<()>(&who, "ConsoleLogin", "certificate", Err(e)).await.unwrap_err());
         }
-        Err(_) => Err((None, tonic::Status::unauthenticated("bad token"))),
+        (false, _) => match HeaderValue::from_str(&format!("Bearer {}", req.token.trim())) {
+            Ok(v) => {
+                headers.insert(header::AUTHORIZATION, v);
+                web.auth.check("/niix.v1.Findings/ListScans", &headers, None)
+            }
+            Err(_) => Err((None, tonic::Status::unauthenticated("bad token"))),
+        },
     };
+    let method = if req.certificate { "certificate" } else { "" };
     let (caller, scope) = match checked {
         Ok(Some(c)) => {
             let scope = web.auth.scope(&c.identity);
@@ -130,16 +166,21 @@ async fn login(State(web): State<Web>, body: Bytes) -> ApiResult {
                      administrations and scanners use the gRPC API",
                     c.identity, c.role
                 )),
+                _ if req.certificate => Error::Unauthenticated(
+                    "this client certificate is not known to the server ([[auth.certificates]]): ask the \
+                     administrator to register its fingerprint, or sign in with your token"
+                        .into(),
+                ),
                 _ => Error::Unauthenticated(
                     "this token is not known to the server: check it, or ask the administrator for an officer token"
                         .into(),
                 ),
             };
-            return Err(web.audited::<()>(&who, "ConsoleLogin", "", Err(e)).await.unwrap_err());
+            return Err(web.audited::<()>(&who, "ConsoleLogin", method, Err(e)).await.unwrap_err());
         }
     };
     let created = web.sessions.create(caller.clone(), scope);
-    let (id, session) = web.audited(&caller, "ConsoleLogin", "", created).await?;
+    let (id, session) = web.audited(&caller, "ConsoleLogin", method, created).await?;
     let ttl = web.sessions.ttl().as_secs();
     let secure = if web.secure_cookie { "; Secure" } else { "" };
     let cookie = format!("{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={ttl}{secure}");
@@ -147,6 +188,12 @@ async fn login(State(web): State<Web>, body: Bytes) -> ApiResult {
     r.headers_mut()
         .insert(header::SET_COOKIE, HeaderValue::from_str(&cookie).map_err(|e| Error::Internal(e.to_string()))?);
     Ok(r)
+}
+
+/// GET /api/certificate: whether this connection presented a client
+/// certificate (the sign-in page then offers to sign in with it).
+async fn certificate(ConnectInfo(presented): ConnectInfo<ClientCertificate>) -> Response {
+    json_response(StatusCode::OK, json!({ "presented": presented.0.is_some() }))
 }
 
 /// POST /api/logout: ends the session and clears its cookie.

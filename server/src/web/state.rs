@@ -18,6 +18,12 @@ use crate::findings::FindingsService;
 /// Tiles rendered at once (each uses a core while it decodes).
 const RENDERS_AT_ONCE: usize = 2;
 
+/// The client certificate a console connection presented under mutual TLS
+/// (its SHA-256 fingerprint), or `None`; handlers take it as
+/// `ConnectInfo<ClientCertificate>`.
+#[derive(Debug, Clone, Default)]
+pub struct ClientCertificate(pub Option<String>);
+
 /// What every console handler shares.
 #[derive(Clone)]
 pub struct Web {

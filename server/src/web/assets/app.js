@@ -15,6 +15,7 @@ async function api(method, path, body) {
 function showLogin(msg) {
   $('console').hidden = true; $('login').hidden = false; $('logout').hidden = true; $('who').textContent = '';
   $('login-error').textContent = msg || '';
+  fetch('/api/certificate').then((r) => r.json()).then((c) => { $('cert-login').hidden = !c.presented; }).catch(() => {});
 }
 function signedIn(s) {
   csrf = s.csrf; $('who').textContent = `— ${s.identity} (${s.role})`; $('logout').hidden = false;
@@ -23,6 +24,11 @@ function signedIn(s) {
 $('login-form').addEventListener('submit', async (e) => {
   e.preventDefault();
   try { signedIn(await api('POST', '/api/login', { token: $('token').value })); $('token').value = ''; }
+  catch (err) { $('login-error').textContent = err.message; }
+});
+// Over mutual TLS the browser may have presented an officer's certificate.
+$('cert-button').addEventListener('click', async () => {
+  try { signedIn(await api('POST', '/api/login', { certificate: true })); }
   catch (err) { $('login-error').textContent = err.message; }
 });
 $('logout').addEventListener('click', async () => { await api('POST', '/api/logout').catch(() => {}); showLogin('signed out'); });
