@@ -470,3 +470,146 @@ async fn an_officer_signs_in_with_a_client_certificate_and_a_partner_certificate
     assert!(has("unauthenticated", "certificate", "Unauthenticated"), "{log:?}");
     assert!(has("officer-1", "", "OK"), "{log:?}");
 }
+
+/// The material class a tile pixel was drawn in: black heavy, (near) grey
+/// air, else the strongest of orange (red), green and blue.
+fn drawn_class(rgb: [u8; 3]) -> niix::web::tiles::Material {
+    use niix::web::tiles::Material;
+    let (max, min) = (*rgb.iter().max().unwrap(), *rgb.iter().min().unwrap());
+    if max < 8 {
+        Material::Heavy
+    } else if u16::from(min) * 10 > u16::from(max) * 9 {
+        Material::Air
+    } else if rgb[0] == max {
+        Material::Organic
+    } else if rgb[1] == max {
+        Material::Mixed
+    } else {
+        Material::Inorganic
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn material_colouring_tells_organic_metal_and_heavy_regions_of_a_synthetic_scan_apart() {
+    use niix::web::tiles::{HEAVY_ATTENUATION, Material, TILE};
+    use niix_proto::v1::scan_ingest_client::ScanIngestClient;
+    use niix_proto::v1::{PlaneEncoding, PlaneKind};
+    use niix_synth::physics::{self, HIGH, LOW};
+    use niix_synth::rng::Rng;
+    use niix_synth::scene::{self, AnomalyKind, CargoKind, Conveyance};
+    use std::collections::HashMap;
+
+    // A container of cartons at niix synth's 6/4 MV scanner (the trailer
+    // family's scene and physics), with two steel blocks and organic bricks
+    // hidden in it. Seed 12 makes one block 7 cm of steel and the other
+    // 25 cm, more than the beam gets through; the scene's areal densities are
+    // the ground truth of what each pixel's ray crossed.
+    let (len, hgt) = (3072usize, 1024usize);
+    let kinds = [AnomalyKind::MetalBlock, AnomalyKind::MetalBlock, AnomalyKind::OrganicBricks];
+    let s = scene::build(&mut Rng::new(12, 0), len, hgt, Conveyance::Container, &kinds, CargoKind::Cartons);
+    let mut noise = Rng::new(12, 1);
+    let gain: Vec<f64> = (0..hgt).map(|_| 1.0 + 0.004 * noise.normal()).collect();
+    let layers = [s.layers.steel.as_slice(), s.layers.organic.as_slice(), s.layers.mineral.as_slice()];
+    let bytes = |v: Vec<u16>| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let high = bytes(physics::expose(HIGH, layers, len, &gain, &mut noise));
+    let low = bytes(physics::expose(LOW, layers, len, &gain, &mut noise));
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), Limits::default());
+    config.auth = tokens(&TOKENS);
+    config.analysis.enabled = false;
+    let server = niix::server::start(config).await.unwrap();
+    let web = server.web_addr.unwrap();
+    let scanner = niix::client::authed(channel(&server).await, Some("tok-scanner")).unwrap();
+    let plane_of = |kind: PlaneKind, raw: &[u8]| {
+        let mut p = plane(PlaneEncoding::RawU16le, len as u32, hgt as u32, raw);
+        p.kind = kind as i32;
+        (p.pixel_spacing_x_mm, p.pixel_spacing_y_mm) = (s.layers.mm, s.layers.mm);
+        p
+    };
+    let mut h = header(&new_id(), plane_of(PlaneKind::HighEnergy, &high));
+    h.planes.push(plane_of(PlaneKind::LowEnergy, &low));
+    let id = ScanIngestClient::new(scanner)
+        .push_scan(tokio_stream::iter(messages(&h, &[&high, &low], 1 << 20)))
+        .await
+        .unwrap()
+        .into_inner()
+        .scan_id;
+    let (cookie, _) = session_of(&login(web, "tok-officer").await);
+    let me = [("cookie", cookie.as_str())];
+
+    // The boxes' insides (the colours average over 5 pixels), and the
+    // full-resolution tiles over them in material colours, fetched as the
+    // viewer does.
+    let inside = |r: &scene::Rect| {
+        ((r.x0.ceil() as usize + 3, r.x1.floor() as usize - 3), (r.y0.ceil() as usize + 3, r.y1.floor() as usize - 3))
+    };
+    let t = TILE as usize;
+    let mut tiles: HashMap<(usize, usize), (usize, Vec<u8>)> = HashMap::new();
+    for (r, _) in &s.truth {
+        let ((x0, x1), (y0, y1)) = inside(r);
+        for ty in y0 / t..=(y1 - 1) / t {
+            for tx in x0 / t..=(x1 - 1) / t {
+                if tiles.contains_key(&(tx, ty)) {
+                    continue;
+                }
+                let a = http(web, "GET", &format!("/api/scans/{id}/tiles/0/0/{tx}/{ty}.png?material=1"), &me, "").await;
+                assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+                let mut reader = png::Decoder::new(std::io::Cursor::new(a.body)).read_info().unwrap();
+                assert_eq!(reader.info().color_type, png::ColorType::Rgb);
+                let width = reader.info().width as usize;
+                let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+                reader.next_frame(&mut buf).unwrap();
+                tiles.insert((tx, ty), (width, buf));
+            }
+        }
+    }
+    let drawn = |x: usize, y: usize| -> Material {
+        let (width, buf) = &tiles[&(x / t, y / t)];
+        let i = ((y % t) * width + x % t) * 3;
+        drawn_class([buf[i], buf[i + 1], buf[i + 2]])
+    };
+
+    // What each pixel's ray crossed decides the class it must be drawn in:
+    // beyond the beam's reach heavy; nearly all steel inorganic; nearly all
+    // organic matter organic. Mixed rays are left out.
+    let expected = |i: usize| {
+        let (st, or, mi) = (f64::from(layers[0][i]), f64::from(layers[1][i]), f64::from(layers[2][i]));
+        let p = -physics::transmission(HIGH, st, or, mi).ln() as f32;
+        let total = st + or + mi;
+        if p > HEAVY_ATTENUATION + 0.5 {
+            Some(Material::Heavy)
+        } else if p < HEAVY_ATTENUATION - 0.5 && st > 0.85 * total {
+            Some(Material::Inorganic)
+        } else if p > 0.3 && or > 0.85 * total {
+            Some(Material::Organic)
+        } else {
+            None
+        }
+    };
+    let mut seen: Vec<(AnomalyKind, Material, usize, usize)> = Vec::new();
+    for (r, kind) in &s.truth {
+        let ((x0, x1), (y0, y1)) = inside(r);
+        let mut by_class: HashMap<Material, (usize, usize)> = HashMap::new();
+        for y in y0..y1 {
+            for x in x0..x1 {
+                let i = y * len + x;
+                let Some(want) = expected(i) else { continue };
+                let e = by_class.entry(want).or_default();
+                e.0 += 1;
+                e.1 += usize::from(drawn(x, y) == want);
+            }
+        }
+        let (&class, &(judged, right)) = by_class.iter().max_by_key(|(_, (n, _))| *n).expect("pixels to judge");
+        seen.push((*kind, class, judged, right));
+    }
+    for (kind, class, judged, right) in &seen {
+        assert!(*judged >= 400, "{kind:?}: only {judged} pixels of one material: {seen:?}");
+        assert!(*right * 100 >= *judged * 95, "{kind:?} ({class:?}): {right} of {judged} pixels right: {seen:?}");
+    }
+    let classes: Vec<(AnomalyKind, Material)> = seen.iter().map(|(k, c, _, _)| (*k, *c)).collect();
+    assert!(classes.contains(&(AnomalyKind::OrganicBricks, Material::Organic)), "{classes:?}");
+    assert!(classes.contains(&(AnomalyKind::MetalBlock, Material::Inorganic)), "{classes:?}");
+    assert!(classes.contains(&(AnomalyKind::MetalBlock, Material::Heavy)), "{classes:?}");
+    server.shutdown().await.unwrap();
+}

@@ -645,20 +645,21 @@ fn render(web: &Web, record: &crate::store::ScanRecord, spec: &TileSpec) -> Resu
         })?,
         false => (spec.plane, spec.plane),
     };
-    let auto = || -> Result<(u16, u16), Error> {
-        if let Some(w) = web.tiles.window(&record.scan_id, first) {
+    // The automatic window of a plane: its 0.5th to 99.5th percentile.
+    let auto = |plane: usize| -> Result<(u16, u16), Error> {
+        if let Some(w) = web.tiles.window(&record.scan_id, plane) {
             return Ok(w);
         }
-        let d = &record.header.planes[first];
-        let f = record.planes.get(first).map_or(1, |p| p.downsampled.max(1));
+        let d = &record.header.planes[plane];
+        let f = record.planes.get(plane).map_or(1, |p| p.downsampled.max(1));
         let top = tiles::top_level(d.width.div_ceil(f), d.height.div_ceil(f));
-        let w = crate::overlay::auto_window(&samples(first, top, 0, 0)?);
-        web.tiles.put_window(&record.scan_id, first, w);
+        let w = crate::overlay::auto_window(&samples(plane, top, 0, 0)?);
+        web.tiles.put_window(&record.scan_id, plane, w);
         Ok(w)
     };
     let window = match spec.window {
         Some(w) => w,
-        None => auto()?,
+        None => auto(first)?,
     };
     // The band of BAND tiles around the one asked for, in one pass.
     let x0 = spec.x / BAND * BAND;
@@ -673,7 +674,7 @@ fn render(web: &Web, record: &crate::store::ScanRecord, spec: &TileSpec) -> Resu
     let mut wanted = None;
     for (i, high) in highs.iter().enumerate() {
         let sharp;
-        let high = match spec.edge {
+        let shade = match spec.edge {
             true => {
                 sharp = tiles::enhance_edges(high);
                 &sharp
@@ -685,10 +686,12 @@ fn render(web: &Web, record: &crate::store::ScanRecord, spec: &TileSpec) -> Resu
                 let low = lows.get(i).filter(|l| l.dim() == high.dim()).ok_or_else(|| {
                     Error::FailedPrecondition("the high- and low-energy planes differ in size".into())
                 })?;
-                // The automatic window's top is the plane's unattenuated (air) level.
-                tiles::material_png(high, low, auto()?.1, window, spec.gamma, spec.invert)?
+                // Classes from the planes as measured; edges only sharpen the shading.
+                // The automatic window's top is a plane's unattenuated (air) level.
+                let air = (auto(first)?.1, auto(second)?.1);
+                tiles::material_png(high, low, shade, air, window, spec.gamma, spec.invert)?
             }
-            None => tiles::grey_png(high, window, spec.gamma, spec.invert)?,
+            None => tiles::grey_png(shade, window, spec.gamma, spec.invert)?,
         };
         let png = Arc::new(png);
         let at = TileSpec { x: x0 + i as u32, ..spec.clone() };
