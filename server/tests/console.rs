@@ -164,6 +164,7 @@ async fn an_officer_signs_in_sees_a_scan_live_views_tiles_and_adjudicates_under_
     let d = d.json();
     assert_eq!(d["planes"][0]["width"], 256);
     assert_eq!(d["planes"][0]["levels"], 1);
+    assert!(d["partner"].is_null(), "an own scan: {d}");
     let regions = d["machine"]["regions"].as_array().unwrap().clone();
     assert!(!regions.is_empty(), "{d}");
 
@@ -612,4 +613,102 @@ async fn material_colouring_tells_organic_metal_and_heavy_regions_of_a_synthetic
     assert!(classes.contains(&(AnomalyKind::MetalBlock, Material::Inorganic)), "{classes:?}");
     assert!(classes.contains(&(AnomalyKind::MetalBlock, Material::Heavy)), "{classes:?}");
     server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partners_scan_is_marked_with_its_origin_redacted_and_shown_as_signed() {
+    use niix::exchange::{Agreement, Content, ExchangeConfig, Issuer, PushTarget, Redact, keys};
+    let tmp = tempfile::tempdir().unwrap();
+    let (nl_key_file, nl_public) = keys::init(&tmp.path().join("nl-keys")).unwrap();
+
+    // DE receives NL's packages; its officer works in the console.
+    let mut de_config = config(&tmp.path().join("de"), Limits::default());
+    de_config.analysis.enabled = false;
+    de_config.auth = tokens(&[("NL", Role::Partner, "t-nl"), ("de-officer", Role::Officer, "t-off")]);
+    de_config.exchange = ExchangeConfig {
+        administration: "DE".into(),
+        issuers: vec![Issuer { administration: "NL".into(), public_key: nl_public }],
+        ..Default::default()
+    };
+    let de = niix::server::start(de_config).await.unwrap();
+    let web = de.web_addr.unwrap();
+
+    // NL shares planes downsampled to 64 pixels wide (4:1), without plates
+    // and container numbers, and pushes them to DE.
+    let token_file = tmp.path().join("nl-at-de.token");
+    std::fs::write(&token_file, "t-nl\n").unwrap();
+    let mut nl_config = config(&tmp.path().join("nl"), Limits::default());
+    nl_config.web.listen = None;
+    nl_config.exchange = ExchangeConfig {
+        administration: "NL".into(),
+        signing_key: Some(nl_key_file),
+        agreements: vec![Agreement {
+            name: "NL-DE-2026".into(),
+            partner: "DE".into(),
+            content: Content::FindingsPlanes,
+            plane_width: 64,
+            redact: vec![Redact::VehiclePlate, Redact::ContainerNumbers],
+            push: Some(PushTarget {
+                endpoint: format!("http://{}", de.addr),
+                ca: None,
+                cert: None,
+                key: None,
+                domain: None,
+                token_file: Some(token_file),
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let nl = niix::server::start(nl_config).await.unwrap();
+    let nl_conn =
+        niix::client::authed(niix::client::connect(&format!("http://{}", nl.addr)).await.unwrap(), None).unwrap();
+    push_container(&nl_conn, "NLRTM-01", "AB-123-C", true).await;
+
+    let (cookie, _) = session_of(&login(web, "t-off").await);
+    let me = [("cookie", cookie.as_str())];
+    let mut scans = Vec::new();
+    for _ in 0..600 {
+        scans = http(web, "GET", "/api/scans", &me, "").await.json()["scans"].as_array().unwrap().clone();
+        if !scans.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The queue marks it with its origin; the redacted fields are empty.
+    let row = scans.first().expect("NL's scan arrives at DE").clone();
+    assert_eq!(row["origin"], "NL");
+    assert_eq!(row["vehicle_plate"], "");
+    assert_eq!(row["container_numbers"], serde_json::json!([]));
+    assert_eq!(row["decision"], "alarm", "NL's machine decision, as signed");
+    let id = row["scan_id"].as_str().unwrap().to_string();
+
+    // The viewer: how it was shared, and the plane as signed, 4:1.
+    let d = http(web, "GET", &format!("/api/scans/{id}"), &me, "").await.json();
+    let p = &d["partner"];
+    assert_eq!((p["origin"].as_str(), p["agreement"].as_str()), (Some("NL"), Some("NL-DE-2026")), "{d}");
+    assert_eq!((p["image"].as_str(), p["downsampled"].as_u64()), (Some("downsampled"), Some(4)), "{d}");
+    assert!(p["package_id"].as_str().unwrap().starts_with("NL.DE."), "{d}");
+    let plane = &d["planes"][0];
+    assert_eq!(
+        (plane["width"].as_u64(), plane["height"].as_u64(), plane["downsampled"].as_u64()),
+        (Some(64), Some(32), Some(4))
+    );
+    assert_eq!(plane["pixel_spacing_mm"][0].as_f64(), Some(16.0), "4 mm pixels, 4 to 1");
+    assert!(d["scan"]["vehicle_plate"] == "" && d["scan"]["container_numbers"] == serde_json::json!([]), "{d}");
+    // Regions stay in the scanned plane's pixels (the viewer divides by 4).
+    let region = &d["machine"]["regions"][0];
+    assert!(region["x"].as_u64().unwrap() >= 64, "{region}");
+
+    // Tiles come from the downsampled plane: the dense block (100..140,
+    // 40..70 as scanned) is dark at (25..35, 10..17).
+    let tile = http(web, "GET", &format!("/api/scans/{id}/tiles/0/0/0/0.png?wl=0&wh=40000"), &me, "").await;
+    assert_eq!(tile.status, 200, "{}", String::from_utf8_lossy(&tile.body));
+    let mut reader = png::Decoder::new(std::io::Cursor::new(tile.body)).read_info().unwrap();
+    assert_eq!((reader.info().width, reader.info().height), (64, 32));
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    reader.next_frame(&mut buf).unwrap();
+    assert!(buf[13 * 64 + 30] < 40 && buf[2 * 64 + 2] > 150, "{} {}", buf[13 * 64 + 30], buf[2 * 64 + 2]);
+    nl.shutdown().await.unwrap();
+    de.shutdown().await.unwrap();
 }

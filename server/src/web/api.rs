@@ -15,7 +15,8 @@ use axum::routing::{get, post};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use niix_proto::v1::{
     AdjudicateRequest, AlarmDecision, ExportTdrRequest, FindingsEvent, FindingsEventKind, ListScansRequest, PlaneKind,
-    Region, RegionVerdict, ReportType, Scan, ScanStatus, ThreatReport, Verdict, WatchFindingsRequest,
+    Region, RegionVerdict, RenderOverlayRequest, ReportType, Scan, ScanStatus, ThreatReport, Verdict,
+    WatchFindingsRequest,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -48,6 +49,7 @@ pub fn router(web: Web) -> Router {
         .route("/api/scans/{id}/adjudicate", post(adjudicate))
         .route("/api/scans/{id}/tdr", get(tdr))
         .route("/api/scans/{id}/heatmap.png", get(heatmap))
+        .route("/api/scans/{id}/overlay.png", get(overlay))
         .route("/api/scans/{id}/tiles/{plane}/{level}/{x}/{tile}", get(tile))
         .fallback(|| async { ApiError(Error::NotFound("the console has no such page or endpoint".into())) })
         .layer(axum::middleware::map_response(security_headers))
@@ -417,6 +419,7 @@ async fn detail(State(web): State<Web>, headers: HeaderMap, Path(id): Path<Strin
                 })
             })
             .collect();
+        let shared = web.findings.shared(&id, &s.scope).await?;
         let kinds: Vec<i32> = scan.planes.iter().filter_map(|p| p.descriptor.as_ref().map(|d| d.kind)).collect();
         let dual = kinds.contains(&(PlaneKind::HighEnergy as i32)) && kinds.contains(&(PlaneKind::LowEnergy as i32));
         let m = scan.metadata.clone().unwrap_or_default();
@@ -429,11 +432,35 @@ async fn detail(State(web): State<Web>, headers: HeaderMap, Path(id): Path<Strin
             "tile_size": tiles::TILE,
             "machine": latest(&reports, ReportType::Machine).map(|(_, r)| report_json(r)),
             "operator": latest(&reports, ReportType::Operator).map(|(_, r)| report_json(r)),
+            "partner": shared.map(|p| partner_json(&scan, &p)),
         }))
     }
     .await;
     let body = web.audited(&s.caller, "GetScan", &id, result).await?;
     Ok(json_response(StatusCode::OK, body))
+}
+
+/// How a partner shared a foreign scan, for the viewer's banner: what
+/// image it holds as signed (`full_planes`, `downsampled` n x n, the
+/// partner's `overlay`, or `none`: findings only).
+fn partner_json(scan: &Scan, p: &crate::findings::Shared) -> Value {
+    let held = scan.planes.iter().map(|p| p.downsampled.max(1)).max();
+    let image = match (held, p.overlay) {
+        (Some(1), _) => "full_planes",
+        (Some(_), _) => "downsampled",
+        (None, true) => "overlay",
+        (None, false) if p.full_planes => "full_planes_pending",
+        (None, false) => "none",
+    };
+    json!({
+        "origin": scan.origin,
+        "first_origin": (!p.first_origin.is_empty()).then_some(&p.first_origin),
+        "agreement": p.agreement,
+        "package_id": p.package_id,
+        "issued_at": seconds(&p.issued_at),
+        "image": image,
+        "downsampled": held.filter(|f| *f > 1),
+    })
 }
 
 #[derive(Deserialize)]
@@ -561,6 +588,16 @@ async fn heatmap(State(web): State<Web>, headers: HeaderMap, Path(id): Path<Stri
     };
     let png = blocking(move || tiles::heat_png(&map)).await?;
     Ok(([(header::CONTENT_TYPE, "image/png"), (header::CACHE_CONTROL, "private, max-age=3600")], png).into_response())
+}
+
+/// GET /api/scans/{id}/overlay.png: the scan's overlay as RenderOverlay
+/// draws it; for a foreign scan held without planes, the overlay its
+/// partner signed (agreement content `findings_overlay`).
+async fn overlay(State(web): State<Web>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
+    let (_, s) = web.session(&headers)?;
+    let r = web.findings.overlay(RenderOverlayRequest { scan_id: id.clone(), ..Default::default() }, &s.scope).await;
+    let r = web.audited(&s.caller, "RenderOverlay", &id, r).await?;
+    Ok(([(header::CONTENT_TYPE, "image/png"), (header::CACHE_CONTROL, "private, max-age=3600")], r.png).into_response())
 }
 
 /// Display parameters of a tile request.

@@ -54,7 +54,7 @@ function drawQueue() {
     if (s.decision === 'alarm') tr.classList.add('alarm');
     const when = new Date((s.received_at || 0) * 1000).toISOString().replace('T', ' ').slice(0, 19);
     const ids = [...s.container_numbers, s.vehicle_plate].filter(Boolean).join(' ');
-    for (const [cls, v] of [['', when], ['', s.site_id], ['', ids], ['', s.origin || 'own'], ['', s.status], ['decision', s.decision || ''], ['', s.decision ? s.score.toFixed(2) : ''], ['verdict', s.verdict || '']]) {
+    for (const [cls, v] of [['', when], ['', s.site_id], ['', ids], s.origin ? ['origin foreign', `${s.origin} (partner)`] : ['origin', 'own'], ['', s.status], ['decision', s.decision || ''], ['', s.decision ? s.score.toFixed(2) : ''], ['verdict', s.verdict || '']]) {
       const td = document.createElement('td'); td.textContent = v; if (cls) td.className = cls; tr.appendChild(td);
     }
     tr.addEventListener('click', () => { sel = i; openScan(s.scan_id); });
@@ -73,7 +73,7 @@ function listen() {
 
 // Viewer: a canvas drawing the tile pyramid of the chosen plane.
 const T = 256;
-let heat = null;
+let heat = null, overlayImg = null;
 let scan = null, view = { scale: 1, x: 0, y: 0 }, tileImgs = new Map(), verdicts = {}, scanVerdict = null, regionSel = 0;
 async function openScan(id) {
   scan = await api('GET', '/api/scans/' + encodeURIComponent(id));
@@ -85,6 +85,15 @@ async function openScan(id) {
   $('meta').textContent = [`site ${s.site_id} ${s.lane_id}`, [...s.container_numbers, s.vehicle_plate].filter(Boolean).join(' '),
     s.declarations.join(' '), `scanned ${when(s.scan_time)}`, `origin ${s.origin || 'own'}`, scan.scanner || '', scan.remarks || '']
     .filter((x) => x && x.trim()).join(' · ');
+  const pa = scan.partner;
+  $('partner').hidden = !pa;
+  if (pa) {
+    const image = { full_planes: 'the full planes', downsampled: `planes downsampled ${pa.downsampled}:1`, overlay: 'the overlay image only',
+      full_planes_pending: 'full planes (not received yet)', none: 'findings only, no image' }[pa.image] || pa.image;
+    $('partner').textContent = `Received from ${pa.origin}${pa.first_origin ? ` (scanned by ${pa.first_origin})` : ''} under agreement ${pa.agreement}, `
+      + `package ${pa.package_id} signed ${when(pa.issued_at)}: shown as signed, ${image}. Fields the agreement withholds are not shown.`;
+  }
+  overlayImg = null;
   $('plane').textContent = '';
   scan.planes.forEach((p) => { const o = document.createElement('option'); o.value = p.index; o.textContent = `${p.index}: ${p.kind} ${p.width}x${p.height}`; $('plane').appendChild(o); });
   $('material').disabled = !scan.dual_energy;
@@ -98,7 +107,24 @@ async function openScan(id) {
 function plane() { return scan.planes[Number($('plane').value) || 0]; }
 function fit() {
   const st = $('stage'), p = plane();
+  if (!p) return;
   view.scale = Math.min(st.clientWidth / p.width, st.clientHeight / p.height); view.x = 0; view.y = 0;
+}
+// A foreign scan held without planes: the partner's signed overlay, or a note.
+function drawWithoutPlanes(g, c) {
+  if (scan.partner && scan.partner.image === 'overlay') {
+    if (!overlayImg) { overlayImg = new Image(); overlayImg.onload = draw; overlayImg.src = `/api/scans/${encodeURIComponent(scan.scan.scan_id)}/overlay.png`; }
+    if (overlayImg.complete && overlayImg.naturalWidth) {
+      const k = Math.min(c.width / overlayImg.naturalWidth, c.height / overlayImg.naturalHeight);
+      g.drawImage(overlayImg, 0, 0, overlayImg.naturalWidth * k, overlayImg.naturalHeight * k);
+    }
+    document.body.dataset.pending = overlayImg.complete ? 0 : 1;
+  } else {
+    g.fillStyle = '#ccc'; g.font = '16px sans-serif';
+    g.fillText('No image: the sharing agreement gives findings only.', 20, 40);
+    document.body.dataset.pending = 0;
+  }
+  $('zoom').textContent = '';
 }
 function tileQuery() {
   const q = new URLSearchParams();
@@ -114,6 +140,10 @@ function draw() {
   const st = $('stage'), c = $('canvas'), p = plane();
   c.width = st.clientWidth; c.height = st.clientHeight;
   const g = c.getContext('2d'); g.fillStyle = '#000'; g.fillRect(0, 0, c.width, c.height);
+  if (!p) { drawWithoutPlanes(g, c); return; }
+  // Regions and the heat map are in pixels of the plane as scanned; a
+  // partner's downsampled share is f times smaller.
+  const f = p.downsampled || 1;
   const top = p.levels - 1;
   const level = Math.max(0, Math.min(top, Math.floor(Math.log2(1 / view.scale))));
   const span = T * (1 << level), q = tileQuery();
@@ -137,7 +167,7 @@ function draw() {
     if (heat.complete && heat.naturalWidth) {
       g.globalAlpha = Number($('opacity').value) / 100;
       g.imageSmoothingEnabled = true;
-      const s = m.heatmap_stride;
+      const s = m.heatmap_stride / f;
       g.drawImage(heat, -view.x * view.scale, -view.y * view.scale, heat.naturalWidth * s * view.scale, heat.naturalHeight * s * view.scale);
       g.globalAlpha = 1;
     }
@@ -147,9 +177,9 @@ function draw() {
       const v = verdicts[r.id];
       g.strokeStyle = v === 'dismissed' ? '#888' : v === 'confirmed' ? '#f33' : i === regionSel ? '#ff0' : '#f90';
       g.lineWidth = 2;
-      g.strokeRect((r.x - view.x) * view.scale, (r.y - view.y) * view.scale, r.width * view.scale, r.height * view.scale);
+      g.strokeRect((r.x / f - view.x) * view.scale, (r.y / f - view.y) * view.scale, r.width / f * view.scale, r.height / f * view.scale);
       g.fillStyle = g.strokeStyle; g.font = '12px sans-serif';
-      g.fillText(`#${r.id} ${r.max_score.toFixed(2)} ${r.category}`, (r.x - view.x) * view.scale, (r.y - view.y) * view.scale - 3);
+      g.fillText(`#${r.id} ${r.max_score.toFixed(2)} ${r.category}`, (r.x / f - view.x) * view.scale, (r.y / f - view.y) * view.scale - 3);
     });
   }
   // Images still loading (the end-to-end test waits for 0).
