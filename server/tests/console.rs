@@ -582,7 +582,7 @@ async fn material_colouring_tells_organic_metal_and_heavy_regions_of_a_synthetic
             Some(Material::Heavy)
         } else if p < HEAVY_ATTENUATION - 0.5 && st > 0.85 * total {
             Some(Material::Inorganic)
-        } else if p > 0.3 && or > 0.85 * total {
+        } else if p > 0.3 && p < HEAVY_ATTENUATION - 0.5 && or > 0.85 * total {
             Some(Material::Organic)
         } else {
             None

@@ -220,8 +220,8 @@ impl Material {
 /// to nothing (transmission above 95 %): air.
 pub const AIR_ATTENUATION: f32 = 0.05;
 /// High-energy attenuation above which too little got through to tell the
-/// material (transmission below 0.5 %, about 17 cm of steel at 6 MV): heavy.
-pub const HEAVY_ATTENUATION: f32 = 5.3;
+/// material (transmission below 0.25 %, about 20 cm of steel at 6 MV): heavy.
+pub const HEAVY_ATTENUATION: f32 = 6.0;
 
 /// The material class of a ray from its attenuations at both energies,
 /// `p_high = ln(I0/I_high)` and `p_low = ln(I0/I_low)`, by the ratio
@@ -484,6 +484,7 @@ mod tests {
             assert_eq!(class(a, 0.0, 0.0), Material::Inorganic, "{a} g/cm2 steel");
         }
         // Organic behind a thick steel plate reads mixed; 25 cm of steel is impenetrable.
+        assert_eq!(class(0.0, 150.0, 0.0), Material::Organic);
         assert_eq!(class(30.0, 20.0, 0.0), Material::Mixed);
         assert_eq!(class(200.0, 0.0, 0.0), Material::Heavy);
         assert_eq!(class(0.2, 0.0, 0.0), Material::Air);

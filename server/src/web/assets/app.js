@@ -43,8 +43,12 @@ function filters() {
 async function loadQueue(reset) {
   const q = filters(); if (!reset && next) q.set('page_token', next);
   const page = await api('GET', '/api/scans?' + q);
+  // A live reload keeps the selected scan selected.
+  const keep = reset && rows[sel] ? rows[sel].scan_id : null;
   if (reset) { rows = []; sel = 0; }
-  rows = rows.concat(page.scans); next = page.next_page_token; $('more').hidden = !next; drawQueue();
+  rows = rows.concat(page.scans); next = page.next_page_token; $('more').hidden = !next;
+  if (keep) sel = Math.max(0, rows.findIndex((r) => r.scan_id === keep));
+  drawQueue();
 }
 function drawQueue() {
   const tb = $('scans'); tb.textContent = '';
@@ -248,6 +252,7 @@ document.addEventListener('keydown', (e) => {
     if (e.key === 'j') { sel = Math.min(rows.length - 1, sel + 1); drawQueue(); }
     else if (e.key === 'k') { sel = Math.max(0, sel - 1); drawQueue(); }
     else if (e.key === 'Enter') openScan(rows[sel].scan_id);
+    else if (e.key === '/') { e.preventDefault(); $('filters').querySelector('input').focus(); }
     return;
   }
   if (!scan) return;
