@@ -13,7 +13,7 @@ ORT_LIB := .niix/onnxruntime/libonnxruntime.so.1.31.1
 ## Fetch what is missing, build, and serve on the embedded store.
 run: onnxruntime release
 	mkdir -p $(DATA) $(MODELS)
-	@echo "officer console: http://$(WEB_LISTEN)/ (no tokens configured: any token signs in as this workstation)"
+	@echo "niix prints the officer console's address and the token to sign in with below"
 	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" ./target/release/niix serve --listen $(LISTEN) --web-listen $(WEB_LISTEN) --data $(DATA) --models $(MODELS)
 
 ## Build and run every test, plus format and lint checks (what CI runs), and

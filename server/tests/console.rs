@@ -712,3 +712,32 @@ async fn a_partners_scan_is_marked_with_its_origin_redacted_and_shown_as_signed(
     nl.shutdown().await.unwrap();
     de.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn without_configured_tokens_only_the_printed_workstation_token_signs_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), Limits::default());
+    config.analysis.enabled = false;
+    let server = niix::server::start(config).await.unwrap();
+    let web = server.web_addr.unwrap();
+    let token = server.console_token.clone().expect("a workstation token when no tokens are configured");
+    assert_eq!(token.len(), 32);
+    let guess = login(web, "anything").await;
+    assert_eq!(guess.status, 401);
+    assert!(guess.json()["error"].as_str().unwrap().contains("the token `niix serve` printed"));
+    let a = login(web, &token).await;
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    assert_eq!(
+        (a.json()["identity"].as_str(), a.json()["can_adjudicate"].as_bool()),
+        (Some("local@console"), Some(true))
+    );
+    server.shutdown().await.unwrap();
+
+    // With tokens configured there is no workstation token.
+    let mut config = common::config(dir.path(), Limits::default());
+    config.auth = tokens(&TOKENS);
+    config.analysis.enabled = false;
+    let server = niix::server::start(config).await.unwrap();
+    assert!(server.console_token.is_none());
+    server.shutdown().await.unwrap();
+}

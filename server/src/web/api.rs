@@ -158,8 +158,21 @@ async fn login(
             let scope = web.auth.scope(&c.identity);
             (c, scope)
         }
-        // No authentication configured: one workstation on loopback.
-        Ok(None) => (Caller { identity: "local@console".into(), role: Role::Admin.name().into() }, SiteScope::all()),
+        // No authentication configured: one workstation on loopback, whose
+        // user has the token `niix serve` printed.
+        Ok(None) => {
+            let printed = web.workstation_token().unwrap_or_default().as_bytes();
+            if req.certificate || printed.is_empty() || !super::state::same(req.token.trim().as_bytes(), printed) {
+                let e = Error::Unauthenticated(
+                    "this server has no tokens configured: sign in with the token `niix serve` printed beside the \
+                     console's address when it started (`make run` shows it)"
+                        .into(),
+                );
+                let who = Caller { identity: "unauthenticated".into(), role: "none".into() };
+                return Err(web.audited::<()>(&who, "ConsoleLogin", method, Err(e)).await.unwrap_err());
+            }
+            (Caller { identity: "local@console".into(), role: Role::Admin.name().into() }, SiteScope::all())
+        }
         Err((caller, status)) => {
             let who = caller.clone().unwrap_or(Caller { identity: "unauthenticated".into(), role: "none".into() });
             let e = match (status.code(), caller) {
