@@ -206,7 +206,7 @@ console-test: onnxruntime
 	$(CONSOLE_DEPS)
 	cd web-tests && npm ci --no-audit --no-fund
 	$(CARGO) build -p niix-server --bin niix
-	cd web-tests && NIIX_BIN="$(CURDIR)/target/debug/niix" ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" SCREENSHOTS="$(SCREENSHOTS)" node console.e2e.mjs
+	cd web-tests && NIIX_BIN="$(CURDIR)/target/debug/niix" ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" SCREENSHOTS="$(if $(SCREENSHOTS),$(abspath $(SCREENSHOTS)))" node console.e2e.mjs
 
 ## Officer console numbers (click to first screen, tile latency rendered and
 ## cached, RSS per session) from headless Chromium against the release binary.

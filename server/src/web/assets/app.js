@@ -112,7 +112,9 @@ function plane() { return scan.planes[Number($('plane').value) || 0]; }
 function fit() {
   const st = $('stage'), p = plane();
   if (!p) return;
-  view.scale = Math.min(st.clientWidth / p.width, st.clientHeight / p.height); view.x = 0; view.y = 0;
+  view.scale = Math.min(st.clientWidth / p.width, st.clientHeight / p.height);
+  // Centred in the stage.
+  view.x = -(st.clientWidth / view.scale - p.width) / 2; view.y = -(st.clientHeight / view.scale - p.height) / 2;
 }
 // A foreign scan held without planes: the partner's signed overlay, or a note.
 function drawWithoutPlanes(g, c) {
