@@ -679,18 +679,63 @@ async fn tile(
     let png = match web.tiles.get(&record.scan_id, &spec) {
         Some(png) => png,
         None => {
-            let _permit = web.renders.acquire().await.map_err(|_| Error::Unavailable("shutting down".into()))?;
-            let w = web.clone();
-            let spec = spec.clone();
-            blocking(move || render(&w, &record, &spec)).await?
+            // One render per block: requests for its other tiles wait, then
+            // find theirs in the cache.
+            let (origin, shape) = block(&record, &spec)?;
+            let key = format!("{}/{:?}", record.scan_id, TileSpec { x: origin.0, y: origin.1, ..spec.clone() });
+            let flight = web.tiles.flight(&key);
+            let rendered = async {
+                let _turn = flight.lock().await;
+                if let Some(png) = web.tiles.get(&record.scan_id, &spec) {
+                    return Ok(png);
+                }
+                let _permit = web.renders.acquire().await.map_err(|_| Error::Unavailable("shutting down".into()))?;
+                let w = web.clone();
+                let spec = spec.clone();
+                blocking(move || render(&w, &record, &spec, origin, shape)).await
+            }
+            .await;
+            web.tiles.land(&key, flight);
+            rendered?
         }
     };
     Ok(([(header::CONTENT_TYPE, "image/png"), (header::CACHE_CONTROL, "private, max-age=3600")], png.as_ref().clone())
         .into_response())
 }
 
-/// Renders (and caches) one tile (blocking).
-fn render(web: &Web, record: &crate::store::ScanRecord, spec: &TileSpec) -> Result<Arc<Vec<u8>>, Error> {
+/// The block of tiles rendered with the tile of `spec` ([`tiles::block_of`]).
+fn block(record: &crate::store::ScanRecord, spec: &TileSpec) -> Result<(tiles::Cell, tiles::Cell), Error> {
+    let d = record.header.planes.get(spec.plane).ok_or_else(|| {
+        Error::NotFound(format!("plane {} does not exist; the scan has {}", spec.plane, record.header.planes.len()))
+    })?;
+    let f = record.planes.get(spec.plane).map_or(1, |p| p.downsampled.max(1));
+    let (w, h) = (d.width.div_ceil(f), d.height.div_ceil(f));
+    let top = tiles::top_level(w, h);
+    if spec.level > top {
+        return Err(Error::InvalidArgument(format!(
+            "level {} does not exist; this plane has levels 0..={top}",
+            spec.level
+        )));
+    }
+    let span = u64::from(tiles::TILE) << spec.level;
+    if u64::from(spec.x) * span >= u64::from(w) || u64::from(spec.y) * span >= u64::from(h) {
+        return Err(Error::NotFound(format!(
+            "tile {},{} of level {} lies outside the {w}x{h} plane",
+            spec.x, spec.y, spec.level
+        )));
+    }
+    Ok(tiles::block_of(w, h, spec.level, spec.x, spec.y))
+}
+
+/// Renders (and caches) the tiles of the block at `origin` of `shape`
+/// tiles, and returns the one of `spec` (blocking).
+fn render(
+    web: &Web,
+    record: &crate::store::ScanRecord,
+    spec: &TileSpec,
+    origin: (u32, u32),
+    shape: (u32, u32),
+) -> Result<Arc<Vec<u8>>, Error> {
     let planes = record.header.planes.len();
     if spec.plane >= planes {
         return Err(Error::NotFound(format!("plane {} does not exist; the scan has {planes}", spec.plane)));
@@ -730,18 +775,17 @@ fn render(web: &Web, record: &crate::store::ScanRecord, spec: &TileSpec) -> Resu
         Some(w) => w,
         None => auto(first)?,
     };
-    // The band of BAND tiles around the one asked for, in one pass.
-    let x0 = spec.x / BAND * BAND;
-    let band = |plane: usize| -> Result<Vec<ndarray::Array2<u16>>, Error> {
+    // The block of tiles around the one asked for, in one pass.
+    let band = |plane: usize| -> Result<Vec<(tiles::Cell, ndarray::Array2<u16>)>, Error> {
         let mut input = web.findings.open_plane(record, plane)?;
-        Ok(tiles::split_band(&tiles::band_samples(&mut input, spec.level, x0, spec.y, BAND)?))
+        Ok(tiles::split_block(&tiles::block_samples(&mut input, spec.level, origin, shape)?))
     };
     let (highs, lows) = match spec.material {
         true => (band(first)?, Some(band(second)?)),
         false => (band(spec.plane)?, None),
     };
     let mut wanted = None;
-    for (i, high) in highs.iter().enumerate() {
+    for (i, ((dx, dy), high)) in highs.iter().enumerate() {
         let sharp;
         let shade = match spec.edge {
             true => {
@@ -752,7 +796,7 @@ fn render(web: &Web, record: &crate::store::ScanRecord, spec: &TileSpec) -> Resu
         };
         let png = match &lows {
             Some(lows) => {
-                let low = lows.get(i).filter(|l| l.dim() == high.dim()).ok_or_else(|| {
+                let low = lows.get(i).map(|(_, l)| l).filter(|l| l.dim() == high.dim()).ok_or_else(|| {
                     Error::FailedPrecondition("the high- and low-energy planes differ in size".into())
                 })?;
                 // Classes from the planes as measured; edges only sharpen the shading.
@@ -763,17 +807,14 @@ fn render(web: &Web, record: &crate::store::ScanRecord, spec: &TileSpec) -> Resu
             None => tiles::grey_png(shade, window, spec.gamma, spec.invert)?,
         };
         let png = Arc::new(png);
-        let at = TileSpec { x: x0 + i as u32, ..spec.clone() };
+        let at = TileSpec { x: origin.0 + dx, y: origin.1 + dy, ..spec.clone() };
         web.tiles.put(&record.scan_id, &at, png.clone());
-        if at.x == spec.x {
+        if (at.x, at.y) == (spec.x, spec.y) {
             wanted = Some(png);
         }
     }
-    wanted.ok_or_else(|| Error::NotFound(format!("tile {} lies outside the plane", spec.x)))
+    wanted.ok_or_else(|| Error::NotFound(format!("tile {},{} lies outside the plane", spec.x, spec.y)))
 }
-
-/// Tiles of one tile row rendered together (see [`tiles::band_samples`]).
-const BAND: u32 = 8;
 
 #[cfg(test)]
 mod tests {

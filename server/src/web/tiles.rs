@@ -83,7 +83,7 @@ struct Grid {
     out_h: usize,
 }
 
-fn grid(width: u32, height: u32, level: u32, x: u32, y: u32, count: u32) -> Result<Grid> {
+fn grid(width: u32, height: u32, level: u32, x: u32, y: u32, (cols, rows): (u32, u32)) -> Result<Grid> {
     let top = top_level(width, height);
     if level > top {
         return Err(Error::InvalidArgument(format!("level {level} does not exist; this plane has levels 0..={top}")));
@@ -94,9 +94,35 @@ fn grid(width: u32, height: u32, level: u32, x: u32, y: u32, count: u32) -> Resu
     if x0 >= u64::from(width) || y0 >= u64::from(height) {
         return Err(Error::NotFound(format!("tile {x},{y} of level {level} lies outside the {width}x{height} plane")));
     }
-    let out_w = (u64::from(width) - x0).div_ceil(step).min(u64::from(TILE * count.max(1))) as usize;
-    let out_h = (u64::from(height) - y0).div_ceil(step).min(u64::from(TILE)) as usize;
+    let out_w = (u64::from(width) - x0).div_ceil(step).min(u64::from(TILE) * u64::from(cols.max(1))) as usize;
+    let out_h = (u64::from(height) - y0).div_ceil(step).min(u64::from(TILE) * u64::from(rows.max(1))) as usize;
     Ok(Grid { x0, y0, step, out_w, out_h })
+}
+
+/// A tile's column and row, or a block's columns and rows.
+pub type Cell = (u32, u32);
+
+/// Output pixels of a pyramid level up to which the whole level is rendered
+/// in one pass over the plane (12 bytes each while summing): at the zoom of
+/// a whole-scan view every tile of the level is asked for at once, and each
+/// pass reads the plane from its top.
+pub const WHOLE_LEVEL_PIXELS: u64 = 1 << 20;
+/// Tile columns of one row rendered together below that.
+pub const BAND: u32 = 8;
+
+/// The block of tiles rendered together with tile (`x`, `y`) of `level` of
+/// a `width x height` plane: its first column and row and its columns and
+/// rows. The whole level when it is small ([`WHOLE_LEVEL_PIXELS`]), else
+/// the [`BAND`] tiles of the tile's row around it.
+pub fn block_of(width: u32, height: u32, level: u32, x: u32, y: u32) -> (Cell, Cell) {
+    let step = 1u64.checked_shl(level).unwrap_or(u64::MAX);
+    let (w, h) = (u64::from(width).div_ceil(step), u64::from(height).div_ceil(step));
+    if w * h <= WHOLE_LEVEL_PIXELS {
+        let tiles = |n: u64| n.div_ceil(u64::from(TILE)) as u32;
+        ((0, 0), (tiles(w), tiles(h)))
+    } else {
+        ((x / BAND * BAND, y), (BAND, 1))
+    }
 }
 
 /// The tile's 16-bit samples (box averages), read by rows from `plane`.
@@ -106,13 +132,11 @@ pub fn tile_samples(
     x: u32,
     y: u32,
 ) -> Result<Array2<u16>> {
-    band_samples(plane, level, x, y, 1)
+    block_samples(plane, level, (x, y), (1, 1))
 }
 
 /// The samples of `count` neighbouring tiles of one tile row, from tile
-/// column `x` on (fewer at the plane's edge), in one pass over the rows:
-/// the viewer asks for the neighbours next, and a plane's rows are read
-/// from its top whichever tile is wanted. Split with [`split_band`].
+/// column `x` on (fewer at the plane's edge), in one pass over the rows.
 pub fn band_samples(
     plane: &mut niix_inference::pipeline::PlaneInput,
     level: u32,
@@ -120,7 +144,20 @@ pub fn band_samples(
     y: u32,
     count: u32,
 ) -> Result<Array2<u16>> {
-    let g = grid(plane.width, plane.height, level, x, y, count)?;
+    block_samples(plane, level, (x, y), (count, 1))
+}
+
+/// The samples of a block of `cols x rows` tiles from tile (`x`, `y`) on
+/// (fewer at the plane's edges), in one pass over the rows: the viewer asks
+/// for the neighbours next, and a plane's rows are read from its top
+/// whichever tile is wanted. Split with [`split_block`].
+pub fn block_samples(
+    plane: &mut niix_inference::pipeline::PlaneInput,
+    level: u32,
+    (x, y): (u32, u32),
+    shape: (u32, u32),
+) -> Result<Array2<u16>> {
+    let g = grid(plane.width, plane.height, level, x, y, shape)?;
     let mut sums = vec![0u64; g.out_w * g.out_h];
     let mut counts = vec![0u32; g.out_w * g.out_h];
     let y_end = (g.y0 + g.step * g.out_h as u64).min(u64::from(plane.height));
@@ -160,10 +197,22 @@ pub fn band_samples(
 
 /// A band of [`band_samples`] cut into its tiles, left to right.
 pub fn split_band(band: &Array2<u16>) -> Vec<Array2<u16>> {
-    let w = band.ncols();
-    (0..w.div_ceil(TILE as usize))
-        .map(|i| band.slice(ndarray::s![.., i * TILE as usize..((i + 1) * TILE as usize).min(w)]).to_owned())
-        .collect()
+    split_block(band).into_iter().map(|(_, t)| t).collect()
+}
+
+/// A block of [`block_samples`] cut into its tiles, row by row, each with
+/// its column and row within the block.
+pub fn split_block(block: &Array2<u16>) -> Vec<(Cell, Array2<u16>)> {
+    let (h, w) = block.dim();
+    let t = TILE as usize;
+    let mut out = Vec::new();
+    for j in 0..h.div_ceil(t) {
+        for i in 0..w.div_ceil(t) {
+            let tile = block.slice(ndarray::s![j * t..((j + 1) * t).min(h), i * t..((i + 1) * t).min(w)]).to_owned();
+            out.push(((i as u32, j as u32), tile));
+        }
+    }
+    out
 }
 
 /// Edge enhancement: adds the sample's difference from its four
@@ -351,10 +400,13 @@ pub fn dual_energy(record: &ScanRecord) -> Option<(usize, usize)> {
     Some((find(PlaneKind::HighEnergy)?, find(PlaneKind::LowEnergy)?))
 }
 
-/// A bounded least-recently-used cache of rendered tiles and plane windows.
+/// A bounded least-recently-used cache of rendered tiles and plane windows,
+/// and the blocks being rendered (so that the tiles of one block asked for
+/// at once are rendered once: the later requests wait for the first).
 #[derive(Debug, Default)]
 pub struct TileCache {
     inner: Mutex<CacheInner>,
+    flights: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 #[derive(Debug, Default)]
@@ -394,6 +446,21 @@ impl TileCache {
             if let Some((gone, _)) = c.tiles.remove(&oldest) {
                 c.bytes -= gone.len();
             }
+        }
+    }
+
+    /// The lock of the render of block `key` (see [`block_of`]): hold it
+    /// while checking the cache and rendering, then [`Self::land`] it.
+    pub fn flight(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.flights.lock().unwrap_or_else(|p| p.into_inner()).entry(key.to_string()).or_default().clone()
+    }
+
+    /// Forgets the lock of block `key` once nobody else waits for it.
+    pub fn land(&self, key: &str, flight: Arc<tokio::sync::Mutex<()>>) {
+        let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+        // Held by the table and by `flight`: nobody else waits.
+        if Arc::strong_count(&flight) <= 2 {
+            flights.remove(key);
         }
     }
 
@@ -453,6 +520,13 @@ mod tests {
         assert_eq!(band.len(), 3);
         assert_eq!(band[1], tile_samples(&mut raw_plane(600, 20), 0, 1, 0).unwrap());
         assert_eq!(band[2].dim(), (20, 88));
+        // A block of 2x2 tiles is the four tiles.
+        let block = split_block(&block_samples(&mut raw_plane(600, 300), 0, (1, 0), (2, 2)).unwrap());
+        assert_eq!(block.len(), 4);
+        assert_eq!(block[3].0, (1, 1));
+        assert_eq!(block[3].1, tile_samples(&mut raw_plane(600, 300), 0, 2, 1).unwrap());
+        assert_eq!(block_of(2048, 6144, 2, 1, 4), ((0, 0), (2, 6)), "512x1536: the whole level");
+        assert_eq!(block_of(2048, 6144, 0, 3, 9), ((0, 9), (BAND, 1)), "level 0: a band");
         let e = tile_samples(&mut raw_plane(300, 20), 0, 2, 0).unwrap_err();
         assert!(matches!(e, Error::NotFound(_)), "{e}");
         let e = tile_samples(&mut raw_plane(300, 20), 3, 0, 0).unwrap_err();
