@@ -249,6 +249,7 @@ impl FindingsService {
             min_score: req.min_score,
             container_number,
             declaration_reference: non_empty(req.declaration_reference),
+            vehicle_plate: Some(crate::store::plate_key(&req.vehicle_plate)).filter(|p| !p.is_empty()),
         };
         let filters = filters_digest(&query);
         if !req.page_token.is_empty() {

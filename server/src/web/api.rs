@@ -286,18 +286,6 @@ fn verdict_filter(q: Option<&str>) -> Result<Option<i32>, Error> {
     }
 }
 
-/// A vehicle plate as compared: upper case, without spaces and dashes.
-fn plate_key(p: &str) -> String {
-    p.chars().filter(|c| c.is_ascii_alphanumeric()).map(|c| c.to_ascii_uppercase()).collect()
-}
-
-/// The `plate` filter: scans whose vehicle plate contains it (case, spaces
-/// and dashes ignored). Like `verdict` it thins each page (the store indexes
-/// container numbers and declarations, not plates).
-fn plate_filter(q: Option<&str>) -> Option<String> {
-    query_pairs(q).into_iter().find(|(k, v)| k == "plate" && !v.trim().is_empty()).map(|(_, v)| plate_key(&v))
-}
-
 /// The ListScans request of the console's query string.
 fn list_request(q: Option<&str>) -> Result<ListScansRequest, Error> {
     let mut r = ListScansRequest { page_size: 50, ..Default::default() };
@@ -320,7 +308,8 @@ fn list_request(q: Option<&str>) -> Result<ListScansRequest, Error> {
             "from" => r.scan_time_from = Some(timestamp_arg("from", &v)?),
             "to" => r.scan_time_to = Some(timestamp_arg("to", &v)?),
             "page_token" => r.page_token = v,
-            "verdict" | "plate" => {} // applied to each page by `list`
+            "plate" => r.vehicle_plate = v,
+            "verdict" => {} // applied to each page by `list`
             "page_size" => {
                 r.page_size =
                     v.parse().map_err(|_| Error::InvalidArgument(format!("page_size {v:?} is not a number")))?
@@ -403,16 +392,9 @@ async fn list(State(web): State<Web>, headers: HeaderMap, RawQuery(q): RawQuery)
     let result = async {
         let req = list_request(q.as_deref())?;
         let wanted = verdict_filter(q.as_deref())?;
-        let plate = plate_filter(q.as_deref());
         let page = web.findings.list(req, &s.scope).await?;
         let mut scans = Vec::with_capacity(page.scans.len());
         for scan in &page.scans {
-            if let Some(p) = &plate {
-                let has = scan.metadata.as_ref().map(|m| plate_key(&m.vehicle_plate)).unwrap_or_default();
-                if has.is_empty() || !has.contains(p.as_str()) {
-                    continue;
-                }
-            }
             let reports = web.findings.findings(&scan.scan_id, &s.scope).await.map(|f| f.reports).unwrap_or_default();
             let verdict = operator_verdict(&reports);
             if wanted.is_none_or(|w| w == verdict.unwrap_or(0)) {
@@ -833,9 +815,7 @@ mod tests {
         assert_eq!(verdict_filter(Some("verdict=confirmed")).unwrap(), Some(Verdict::Confirmed as i32));
         assert_eq!(verdict_filter(Some("site=x")).unwrap(), None);
         assert!(verdict_filter(Some("verdict=maybe")).is_err());
-        assert_eq!(plate_filter(Some("plate=ab-123%20c")).as_deref(), Some("AB123C"));
-        assert_eq!(plate_filter(Some("plate=")), None);
-        assert!(list_request(Some("plate=AB")).is_ok());
+        assert_eq!(list_request(Some("plate=ab-123%20c")).unwrap().vehicle_plate, "ab-123 c");
         let t = tile_spec(0, 1, 2, "3.png", Some("wl=100&wh=2000&gamma=0.5&invert=1&material=1")).unwrap();
         assert_eq!((t.y, t.window, t.gamma, t.invert, t.material), (3, Some((100, 2000)), 0.5, true, true));
         assert!(tile_spec(0, 0, 0, "x.png", None).is_err());
