@@ -13,10 +13,12 @@ ORT_LIB := .niix/onnxruntime/libonnxruntime.so.1.31.1
 ## Fetch what is missing, build, and serve on the embedded store.
 run: onnxruntime release
 	mkdir -p $(DATA) $(MODELS)
-	@echo "officer console: http://$(WEB_LISTEN)/ (no tokens configured: any token signs in as this workstation)"
+	@echo "niix prints the officer console's address and the token to sign in with below"
 	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" ./target/release/niix serve --listen $(LISTEN) --web-listen $(WEB_LISTEN) --data $(DATA) --models $(MODELS)
 
-## Build and run every test, plus format and lint checks (what CI runs).
+## Build and run every test, plus format and lint checks (what CI runs), and
+## the officer console end to end in headless Chromium (console-test: installs
+## Chromium and Node with apt when missing, playwright-core with npm ci).
 ## The fuzz targets (their own workspace in fuzz/) are type-checked on stable
 ## so they cannot rot; scripts/fuzz.sh runs them (make reliability).
 test: onnxruntime pyenv
@@ -26,6 +28,7 @@ test: onnxruntime pyenv
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" $(CARGO) test --workspace
 	$(MAKE) fuzz-check
+	$(MAKE) console-test
 
 ## The fuzz targets (fuzz/, its own workspace and lock file) on the stable
 ## toolchain, so that they cannot rot: clippy type-checks the libFuzzer
@@ -198,17 +201,21 @@ reliability: onnxruntime pyenv release
 		--model cargo-patchcore --max-rss-growth-mib $(SOAK_RSS_GROWTH_MIB)
 
 ## The officer console end to end in headless Chromium (web-tests/): installs
-## Debian's chromium (apt) and the pinned playwright-core (npm ci), builds niix,
-## SCREENSHOTS=docs/images refreshes the README's screenshots.
+## Debian's chromium (and Node.js with npm, when missing) with apt and the
+## pinned playwright-core with npm ci, builds niix (make test has just built
+## it), SCREENSHOTS=docs/images refreshes the README's screenshots.
+CONSOLE_DEPS = command -v chromium >/dev/null && command -v npm >/dev/null || \
+	(apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium \
+	$$(command -v npm >/dev/null || echo nodejs npm))
 console-test: onnxruntime
-	command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium)
+	$(CONSOLE_DEPS)
 	cd web-tests && npm ci --no-audit --no-fund
 	$(CARGO) build -p niix-server --bin niix
-	cd web-tests && NIIX_BIN="$(CURDIR)/target/debug/niix" ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" SCREENSHOTS="$(SCREENSHOTS)" node console.e2e.mjs
+	cd web-tests && NIIX_BIN="$(CURDIR)/target/debug/niix" ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" SCREENSHOTS="$(if $(SCREENSHOTS),$(abspath $(SCREENSHOTS)))" node console.e2e.mjs
 
 ## Officer console numbers (click to first screen, tile latency rendered and
 ## cached, RSS per session) from headless Chromium against the release binary.
 console-bench: onnxruntime release
-	command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium)
+	$(CONSOLE_DEPS)
 	cd web-tests && npm ci --no-audit --no-fund
 	cd web-tests && NIIX_BIN="$(CURDIR)/target/release/niix" ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" node console.bench.mjs

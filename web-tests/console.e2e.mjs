@@ -12,7 +12,7 @@
 import { chromium } from 'playwright-core';
 import { spawn, execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { mkdtempSync, writeFileSync, readdirSync } from 'node:fs';
+import { mkdtempSync, writeFileSync, readdirSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import net from 'node:net';
@@ -78,14 +78,71 @@ try {
   await page.waitForSelector('#console:not([hidden])');
   assert.match(await page.textContent('#who'), /officer-e2e/);
 
-  // A scanner pushes a dual-energy scan; it appears without reload.
+  // A scanner pushes two dual-energy scans; they appear without reload.
   const synth = join(tmp, 'synth');
-  niix(['synth', '--out', synth, '--count', '1', '--seed', '1']);
-  const high = join(synth, readdirSync(synth).find((f) => f.endsWith('.high.tif')));
-  const pushed = niix(['push', '--server', `http://127.0.0.1:${grpc}`, '--token', tokens.scanner, '--low-energy', high.replace('.high.tif', '.low.tif'), high]);
-  const id = pushed.match(/scan (\S+) stored/)[1];
+  niix(['synth', '--out', synth, '--count', '2', '--seed', '1']);
+  const highs = readdirSync(synth).filter((f) => f.endsWith('.high.tif')).sort().map((f) => join(synth, f));
+  // With the metadata a scanner sends: site, container, plate, declaration.
+  const info = (high) => JSON.parse(readFileSync(high.replace('.high.tif', '.json'), 'utf8'));
+  const mrn = (i) => `26NL00000000E2E00${i}`;
+  const push = (high, i) => {
+    const m = info(high);
+    const args = ['push', '--server', `http://127.0.0.1:${grpc}`, '--token', tokens.scanner, '--low-energy', high.replace('.high.tif', '.low.tif'),
+      '--site', m.site_id, '--lane', 'L1', '--plate', m.vehicle_plate, '--mrn', mrn(i), '--pixel-spacing', String(m.pixel_spacing_mm), '--energy-kv', '6000'];
+    if (m.container_number) args.push('--container', m.container_number);
+    return niix([...args, high]).match(/scan (\S+) stored/)[1];
+  };
+  const other = push(highs[1], 1);
+  const id = push(highs[0], 0);
+  const { vehicle_plate: plate, container_number: container } = info(highs[0]);
   await page.waitForSelector(`tr[data-id="${id}"] td.decision:text("alarm")`, { timeout: 120000 });
+  await page.waitForSelector(`tr[data-id="${other}"] td.decision:text-matches("alarm|clear|unknown")`, { timeout: 120000 });
   await page.screenshot({ path: join(images, 'console-queue.png') });
+
+  // Queue filters, paging and keyboard navigation.
+  const listed = () => page.$$eval('#scans tr', (trs) => trs.map((t) => t.dataset.id));
+  const filter = async (fields) => {
+    for (const [name, value] of Object.entries(fields)) {
+      await page.$eval(`#filters [name="${name}"]`, (el, v) => {
+        if (el.tagName === 'SELECT' && ![...el.options].some((o) => o.value === v)) el.add(new Option(v, v));
+        el.value = v;
+      }, value);
+    }
+    const answered = page.waitForResponse((r) => r.url().includes('/api/scans?'));
+    await page.click('#filters button[type=submit]');
+    await answered;
+    await page.evaluate(() => document.activeElement.blur());
+  };
+  await filter({ page_size: '1' });
+  assert.equal((await listed()).length, 1);
+  assert.equal(await page.isVisible('#more'), true, 'a cursor to the next page');
+  const more = page.waitForResponse((r) => r.url().includes('page_token='));
+  await page.click('#more');
+  await more;
+  await page.waitForFunction(() => document.querySelectorAll('#scans tr').length === 2);
+  assert.deepEqual(new Set(await listed()), new Set([id, other]));
+  await filter({ page_size: '50' });
+  const order = await listed();
+  await page.keyboard.press('j');
+  assert.equal(await page.getAttribute(`tr[data-id="${order[1]}"]`, 'class').then((c) => /sel/.test(c)), true, 'j moves down');
+  await page.keyboard.press('k');
+  assert.equal(await page.getAttribute(`tr[data-id="${order[0]}"]`, 'class').then((c) => /sel/.test(c)), true, 'k moves up');
+  await filter({ decision: 'clear' });
+  assert.equal((await listed()).includes(id), false, 'an alarm is not among the clear scans');
+  await filter({ decision: 'alarm' });
+  assert.equal((await listed()).includes(id), true);
+  const tomorrow = new Date(Date.now() + 86400000).toISOString().slice(0, 16);
+  await filter({ decision: '', from: tomorrow });
+  assert.deepEqual(await listed(), [], 'nothing scanned after tomorrow');
+  await filter({ from: '', plate: plate.toLowerCase() });
+  assert.deepEqual(await listed(), [id], `the plate ${plate} finds its scan`);
+  await filter({ plate: '', declaration: mrn(1) });
+  assert.deepEqual(await listed(), [other], 'the MRN finds its scan');
+  if (container) {
+    await filter({ declaration: '', container });
+    assert.deepEqual(await listed(), [id], `the container ${container} finds its scan`);
+  }
+  await filter({ declaration: '', container: '', plate });
 
   // Open it with the keyboard, zoom, material colouring and heat map.
   await page.keyboard.press('Enter');
@@ -125,6 +182,15 @@ try {
   const given = (op.regions || []).filter((r) => r.verdict && !/UNSPECIFIED/i.test(String(r.verdict)))
     .map((r) => [r.id, String(r.verdict).replace(/^VERDICT_/i, '').toLowerCase()]);
   assert.deepEqual(given, [[1, 'dismissed'], [2, 'confirmed']]);
+
+  // Back in the queue the verdict filter finds it adjudicated.
+  await page.keyboard.press('Escape');
+  await page.waitForSelector('#queue:not([hidden])');
+  await filter({ plate: '', verdict: 'confirmed' });
+  assert.deepEqual(await listed(), [id]);
+  assert.equal(await page.textContent(`tr[data-id="${id}"] td.verdict`), 'confirmed');
+  await filter({ verdict: 'none' });
+  assert.deepEqual(await listed(), [other]);
   console.log(`console e2e: OK (scan ${id}; screenshots in ${images})`);
 } finally {
   if (browser) await browser.close();

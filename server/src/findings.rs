@@ -249,6 +249,7 @@ impl FindingsService {
             min_score: req.min_score,
             container_number,
             declaration_reference: non_empty(req.declaration_reference),
+            vehicle_plate: Some(crate::store::plate_key(&req.vehicle_plate)).filter(|p| !p.is_empty()),
         };
         let filters = filters_digest(&query);
         if !req.page_token.is_empty() {
@@ -289,6 +290,31 @@ impl FindingsService {
     /// officer console renders tiles from it through [`Self::open_plane`]).
     pub async fn scan_record(&self, scan_id: &str, scope: &SiteScope) -> Result<(ScanRecord, Vec<ThreatReport>)> {
         self.record(scan_id, scope).await
+    }
+
+    /// How a foreign scan was shared: the newest package its partner sent,
+    /// without its image bytes; `None` for this administration's own scans.
+    pub async fn shared(&self, scan_id: &str, scope: &SiteScope) -> Result<Option<Shared>> {
+        let (record, _) = self.record(scan_id, scope).await?;
+        if record.origin.is_empty() {
+            return Ok(None);
+        }
+        let (meta, blobs) = (self.meta.clone(), self.blobs.clone());
+        blocking(move || {
+            let Some(p) = meta.received_packages(&record.scan_id)?.pop() else { return Ok(None) };
+            let content = read_package(blobs.as_ref(), &p)?;
+            Ok(Some(Shared {
+                package_id: content.package_id,
+                issuer: content.issuer,
+                agreement: content.agreement,
+                issued_at: content.issued_at,
+                full_planes: content.full_planes,
+                downsampled: content.plane_images.iter().map(|i| i.factor).max(),
+                overlay: !content.overlay_png.is_empty(),
+                first_origin: content.origin,
+            }))
+        })
+        .await
     }
 
     /// Opens stored plane `index` of a scan for reading by rows (blocking).
@@ -530,6 +556,37 @@ pub fn render_scan(
     })
 }
 
+/// How a partner shared a foreign scan ([`FindingsService::shared`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shared {
+    /// The newest package's id.
+    pub package_id: String,
+    /// The administration that signed it.
+    pub issuer: String,
+    /// The sharing agreement it names.
+    pub agreement: String,
+    /// When it was issued.
+    pub issued_at: Option<prost_types::Timestamp>,
+    /// The agreement shares the planes as scanned.
+    pub full_planes: bool,
+    /// The agreement shares the planes averaged over n x n blocks: the largest n.
+    pub downsampled: Option<u32>,
+    /// The agreement shares an overlay PNG (and no planes).
+    pub overlay: bool,
+    /// The administration that scanned it, when the issuer re-shared it.
+    pub first_origin: String,
+}
+
+/// The signed content of a stored received package.
+fn read_package(blobs: &dyn BlobStore, p: &crate::store::ReceivedPackage) -> Result<PackageContent> {
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut blobs.open(&p.package_sha256)?, &mut bytes)
+        .map_err(|e| Error::Internal(format!("reading received package {}: {e}", p.package_id)))?;
+    ResultPackage::decode(bytes.as_slice())
+        .and_then(|pkg| PackageContent::decode(pkg.content.as_slice()))
+        .map_err(|e| Error::Internal(format!("stored package {} does not decode: {e}", p.package_id)))
+}
+
 /// The newest overlay PNG a partner shared for a foreign scan held without
 /// its planes (agreement content `findings_overlay`), as it was signed.
 fn shared_overlay(
@@ -538,12 +595,7 @@ fn shared_overlay(
     scan_id: &str,
 ) -> Result<Option<RenderOverlayResponse>> {
     for p in meta.received_packages(scan_id)?.iter().rev() {
-        let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut blobs.open(&p.package_sha256)?, &mut bytes)
-            .map_err(|e| Error::Internal(format!("reading received package {}: {e}", p.package_id)))?;
-        let content = ResultPackage::decode(bytes.as_slice())
-            .and_then(|pkg| PackageContent::decode(pkg.content.as_slice()))
-            .map_err(|e| Error::Internal(format!("stored package {} does not decode: {e}", p.package_id)))?;
+        let content = read_package(blobs, p)?;
         if content.overlay_png.is_empty() {
             continue;
         }

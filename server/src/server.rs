@@ -111,6 +111,8 @@ pub struct RunningServer {
     pub metrics_addr: Option<SocketAddr>,
     /// The officer console's address actually bound, if enabled.
     pub web_addr: Option<SocketAddr>,
+    /// Without authentication: the token that signs in to the console.
+    pub console_token: Option<String>,
     stop: watch::Sender<bool>,
     abandon: watch::Sender<bool>,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -195,7 +197,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         (Some(_), Some(tls)) => Some(crate::web::tls::acceptor(tls)?),
         _ => None,
     };
-    let console = crate::web::Web::new(findings.clone(), web_auth, gate.clone(), &config.web, web_tls.is_some());
+    let console = crate::web::Web::new(findings.clone(), web_auth, gate.clone(), &config.web, web_tls.is_some())?;
+    let console_token = config.web.listen.and(console.workstation_token().map(str::to_string));
     let mut ingest = Ingest::new(meta.clone(), blobs, config.limits.clone(), metrics.clone(), abandon_rx, wake)
         .with_min_free_bytes(config.storage.min_free_bytes);
     if let Some(repo) = &repo {
@@ -333,7 +336,17 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         None => None,
     };
     tracing::info!(%addr, ?metrics_addr, ?web_addr, data = %config.data_dir.display(), "niix serving");
-    Ok(RunningServer { addr, metrics_addr, web_addr, stop, abandon, grpc, background, grace: config.shutdown_grace })
+    Ok(RunningServer {
+        addr,
+        metrics_addr,
+        web_addr,
+        console_token,
+        stop,
+        abandon,
+        grpc,
+        background,
+        grace: config.shutdown_grace,
+    })
 }
 
 /// The checkpoint the server keeps of its own audit log, under the data

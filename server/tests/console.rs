@@ -164,6 +164,7 @@ async fn an_officer_signs_in_sees_a_scan_live_views_tiles_and_adjudicates_under_
     let d = d.json();
     assert_eq!(d["planes"][0]["width"], 256);
     assert_eq!(d["planes"][0]["levels"], 1);
+    assert!(d["partner"].is_null(), "an own scan: {d}");
     let regions = d["machine"]["regions"].as_array().unwrap().clone();
     assert!(!regions.is_empty(), "{d}");
 
@@ -344,5 +345,399 @@ async fn with_tls_the_console_serves_https_and_its_cookie_is_secure() {
     let mut raw = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut raw)).await;
     assert!(!String::from_utf8_lossy(&raw).contains("officer console"));
+    server.shutdown().await.unwrap();
+}
+
+/// One HTTP/1.1 exchange over TLS with `client` (trusting the test CA,
+/// with or without a client certificate); returns the raw answer.
+async fn https(client: &rustls::ClientConfig, at: SocketAddr, request: &str) -> String {
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client.clone()));
+    let tcp = TcpStream::connect(at).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.expect("a TLS handshake");
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    let _ = tls.read_to_end(&mut raw).await; // the server may close without close_notify
+    String::from_utf8_lossy(&raw).into_owned()
+}
+
+fn post_login(body: &str) -> String {
+    format!(
+        "POST /api/login HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_officer_signs_in_with_a_client_certificate_and_a_partner_certificate_cannot() {
+    use niix::auth::CertificateConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki { dir: dir.path().to_path_buf() };
+    let (ca_cert, ca_issuer) = ca("NL customs CA");
+    let (server_cert, server_key) = leaf("localhost", &ca_issuer);
+    let (officer_cert, officer_key) = leaf("officer-cert", &ca_issuer);
+    let (partner_cert, partner_key) = leaf("DE", &ca_issuer);
+    let (stranger_cert, stranger_key) = leaf("stranger", &ca_issuer);
+    let mut config = config(&dir.path().join("data"), Limits::default());
+    config.auth = tokens(&TOKENS[..1]);
+    let cert = |identity: &str, role, der: &[u8]| CertificateConfig {
+        identity: identity.into(),
+        role,
+        sha256: sha256(der),
+        sites: vec![],
+    };
+    config.auth.certificates = vec![
+        cert("officer-cert", Role::Officer, officer_cert.der()),
+        cert("DE-cert", Role::Partner, partner_cert.der()),
+    ];
+    config.analysis.enabled = false;
+    config.tls = Some(niix::config::TlsConfig {
+        cert: pki.write("server.pem", &server_cert.pem()),
+        key: pki.write("server.key", &server_key.serialize_pem()),
+        client_ca: Some(pki.write("ca.pem", &ca_cert.pem())),
+    });
+    let server = niix::server::start(config).await.unwrap();
+    let web = server.web_addr.unwrap();
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca_cert.der().clone()).unwrap();
+    let builder = || {
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots.clone())
+    };
+    let with = |cert: &rcgen::Certificate, key: &rcgen::KeyPair| {
+        let key = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        builder().with_client_auth_cert(vec![cert.der().clone()], key).unwrap()
+    };
+    let (officer, partner, stranger) =
+        (with(&officer_cert, &officer_key), with(&partner_cert, &partner_key), with(&stranger_cert, &stranger_key));
+    let anonymous = builder().with_no_client_auth();
+    let status = |raw: &str| raw.split(' ').nth(1).unwrap_or_default().parse::<u16>().unwrap_or_default();
+    let certificate = "{\"certificate\":true}";
+
+    // The page learns that the browser presented a certificate.
+    let probe = "GET /api/certificate HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    assert!(https(&officer, web, probe).await.contains("\"presented\":true"));
+    assert!(https(&anonymous, web, probe).await.contains("\"presented\":false"));
+
+    // The officer's certificate signs in without a token, as its identity.
+    let a = https(&officer, web, &post_login(certificate)).await;
+    assert_eq!(status(&a), 200, "{a}");
+    assert!(a.contains("\"identity\":\"officer-cert\"") && a.contains("\"role\":\"officer\""), "{a}");
+    let set = a.lines().find(|l| l.to_ascii_lowercase().starts_with("set-cookie:")).unwrap();
+    assert!(set.contains("; Secure") && set.contains("HttpOnly") && set.contains("SameSite=Strict"), "{set}");
+    let cookie = set.split_once(':').unwrap().1.split(';').next().unwrap().trim().to_string();
+    // The session then works like a token's (the cookie is what counts).
+    let list = format!("GET /api/scans HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nCookie: {cookie}\r\n\r\n");
+    assert_eq!(status(&https(&anonymous, web, &list).await), 200);
+
+    // A partner's certificate, one the server does not know, and none at all cannot.
+    let p = https(&partner, web, &post_login(certificate)).await;
+    assert_eq!(status(&p), 403, "{p}");
+    assert!(p.contains("DE-cert (role partner) may not sign in to the officer console"), "{p}");
+    assert!(!p.to_ascii_lowercase().contains("set-cookie"), "{p}");
+    let s = https(&stranger, web, &post_login(certificate)).await;
+    assert_eq!(status(&s), 401, "{s}");
+    assert!(s.contains("client certificate is not known"), "{s}");
+    let n = https(&anonymous, web, &post_login(certificate)).await;
+    assert_eq!(status(&n), 401, "{n}");
+    assert!(n.contains("presented no client certificate"), "{n}");
+    // A certificate is no token: with the certificate flag off, the token decides.
+    assert_eq!(status(&https(&officer, web, &post_login("{\"token\":\"guess\"}")).await), 401);
+    // The token still signs in over the same TLS port, without a certificate.
+    assert_eq!(status(&https(&anonymous, web, &post_login("{\"token\":\"tok-officer\"}")).await), 200);
+    // A sign-in that is not JSON (what a cross-site form sends) is refused.
+    let form = "POST /api/login HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+                Content-Type: text/plain\r\nContent-Length: 19\r\n\r\n{\"certificate\":true}";
+    assert_eq!(status(&https(&officer, web, form).await), 400);
+    server.shutdown().await.unwrap();
+
+    let meta = niix::store::SqliteMetadata::open(&dir.path().join("data").join("niix.db")).unwrap();
+    let log: Vec<(String, String, String, String)> = meta
+        .audit_records(0, 100_000)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.entry.action == "ConsoleLogin")
+        .map(|r| (r.entry.identity, r.entry.object, r.entry.outcome, r.entry.role))
+        .collect();
+    let has = |who: &str, object: &str, outcome: &str| {
+        log.iter().any(|(w, o, out, _)| (w.as_str(), o.as_str(), out.as_str()) == (who, object, outcome))
+    };
+    assert!(has("officer-cert", "certificate", "OK"), "{log:?}");
+    assert!(has("DE-cert", "certificate", "PermissionDenied"), "{log:?}");
+    assert!(has("unauthenticated", "certificate", "Unauthenticated"), "{log:?}");
+    assert!(has("officer-1", "", "OK"), "{log:?}");
+}
+
+/// The material class a tile pixel was drawn in: black heavy, (near) grey
+/// air, else the strongest of orange (red), green and blue.
+fn drawn_class(rgb: [u8; 3]) -> niix::web::tiles::Material {
+    use niix::web::tiles::Material;
+    let (max, min) = (*rgb.iter().max().unwrap(), *rgb.iter().min().unwrap());
+    if max < 8 {
+        Material::Heavy
+    } else if u16::from(min) * 10 > u16::from(max) * 9 {
+        Material::Air
+    } else if rgb[0] == max {
+        Material::Organic
+    } else if rgb[1] == max {
+        Material::Mixed
+    } else {
+        Material::Inorganic
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn material_colouring_tells_organic_metal_and_heavy_regions_of_a_synthetic_scan_apart() {
+    use niix::web::tiles::{HEAVY_ATTENUATION, Material, TILE};
+    use niix_proto::v1::scan_ingest_client::ScanIngestClient;
+    use niix_proto::v1::{PlaneEncoding, PlaneKind};
+    use niix_synth::physics::{self, HIGH, LOW};
+    use niix_synth::rng::Rng;
+    use niix_synth::scene::{self, AnomalyKind, CargoKind, Conveyance};
+    use std::collections::HashMap;
+
+    // A container of cartons at niix synth's 6/4 MV scanner (the trailer
+    // family's scene and physics), with two steel blocks and organic bricks
+    // hidden in it. Seed 12 makes one block 7 cm of steel and the other
+    // 25 cm, more than the beam gets through; the scene's areal densities are
+    // the ground truth of what each pixel's ray crossed.
+    let (len, hgt) = (3072usize, 1024usize);
+    let kinds = [AnomalyKind::MetalBlock, AnomalyKind::MetalBlock, AnomalyKind::OrganicBricks];
+    let s = scene::build(&mut Rng::new(12, 0), len, hgt, Conveyance::Container, &kinds, CargoKind::Cartons);
+    let mut noise = Rng::new(12, 1);
+    let gain: Vec<f64> = (0..hgt).map(|_| 1.0 + 0.004 * noise.normal()).collect();
+    let layers = [s.layers.steel.as_slice(), s.layers.organic.as_slice(), s.layers.mineral.as_slice()];
+    let bytes = |v: Vec<u16>| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let high = bytes(physics::expose(HIGH, layers, len, &gain, &mut noise));
+    let low = bytes(physics::expose(LOW, layers, len, &gain, &mut noise));
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), Limits::default());
+    config.auth = tokens(&TOKENS);
+    config.analysis.enabled = false;
+    let server = niix::server::start(config).await.unwrap();
+    let web = server.web_addr.unwrap();
+    let scanner = niix::client::authed(channel(&server).await, Some("tok-scanner")).unwrap();
+    let plane_of = |kind: PlaneKind, raw: &[u8]| {
+        let mut p = plane(PlaneEncoding::RawU16le, len as u32, hgt as u32, raw);
+        p.kind = kind as i32;
+        (p.pixel_spacing_x_mm, p.pixel_spacing_y_mm) = (s.layers.mm, s.layers.mm);
+        p
+    };
+    let mut h = header(&new_id(), plane_of(PlaneKind::HighEnergy, &high));
+    h.planes.push(plane_of(PlaneKind::LowEnergy, &low));
+    let id = ScanIngestClient::new(scanner)
+        .push_scan(tokio_stream::iter(messages(&h, &[&high, &low], 1 << 20)))
+        .await
+        .unwrap()
+        .into_inner()
+        .scan_id;
+    let (cookie, _) = session_of(&login(web, "tok-officer").await);
+    let me = [("cookie", cookie.as_str())];
+
+    // The boxes' insides (the colours average over 5 pixels), and the
+    // full-resolution tiles over them in material colours, fetched as the
+    // viewer does.
+    let inside = |r: &scene::Rect| {
+        ((r.x0.ceil() as usize + 3, r.x1.floor() as usize - 3), (r.y0.ceil() as usize + 3, r.y1.floor() as usize - 3))
+    };
+    let t = TILE as usize;
+    let mut tiles: HashMap<(usize, usize), (usize, Vec<u8>)> = HashMap::new();
+    for (r, _) in &s.truth {
+        let ((x0, x1), (y0, y1)) = inside(r);
+        for ty in y0 / t..=(y1 - 1) / t {
+            for tx in x0 / t..=(x1 - 1) / t {
+                if tiles.contains_key(&(tx, ty)) {
+                    continue;
+                }
+                let a = http(web, "GET", &format!("/api/scans/{id}/tiles/0/0/{tx}/{ty}.png?material=1"), &me, "").await;
+                assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+                let mut reader = png::Decoder::new(std::io::Cursor::new(a.body)).read_info().unwrap();
+                assert_eq!(reader.info().color_type, png::ColorType::Rgb);
+                let width = reader.info().width as usize;
+                let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+                reader.next_frame(&mut buf).unwrap();
+                tiles.insert((tx, ty), (width, buf));
+            }
+        }
+    }
+    let drawn = |x: usize, y: usize| -> Material {
+        let (width, buf) = &tiles[&(x / t, y / t)];
+        let i = ((y % t) * width + x % t) * 3;
+        drawn_class([buf[i], buf[i + 1], buf[i + 2]])
+    };
+
+    // What each pixel's ray crossed decides the class it must be drawn in:
+    // beyond the beam's reach heavy; nearly all steel inorganic; nearly all
+    // organic matter organic. Mixed rays are left out.
+    let expected = |i: usize| {
+        let (st, or, mi) = (f64::from(layers[0][i]), f64::from(layers[1][i]), f64::from(layers[2][i]));
+        let p = -physics::transmission(HIGH, st, or, mi).ln() as f32;
+        let total = st + or + mi;
+        if p > HEAVY_ATTENUATION + 0.5 {
+            Some(Material::Heavy)
+        } else if p < HEAVY_ATTENUATION - 0.5 && st > 0.85 * total {
+            Some(Material::Inorganic)
+        } else if p > 0.3 && p < HEAVY_ATTENUATION - 0.5 && or > 0.85 * total {
+            Some(Material::Organic)
+        } else {
+            None
+        }
+    };
+    let mut seen: Vec<(AnomalyKind, Material, usize, usize)> = Vec::new();
+    for (r, kind) in &s.truth {
+        let ((x0, x1), (y0, y1)) = inside(r);
+        let mut by_class: HashMap<Material, (usize, usize)> = HashMap::new();
+        for y in y0..y1 {
+            for x in x0..x1 {
+                let i = y * len + x;
+                let Some(want) = expected(i) else { continue };
+                let e = by_class.entry(want).or_default();
+                e.0 += 1;
+                e.1 += usize::from(drawn(x, y) == want);
+            }
+        }
+        let (&class, &(judged, right)) = by_class.iter().max_by_key(|(_, (n, _))| *n).expect("pixels to judge");
+        seen.push((*kind, class, judged, right));
+    }
+    for (kind, class, judged, right) in &seen {
+        assert!(*judged >= 400, "{kind:?}: only {judged} pixels of one material: {seen:?}");
+        assert!(*right * 100 >= *judged * 95, "{kind:?} ({class:?}): {right} of {judged} pixels right: {seen:?}");
+    }
+    let classes: Vec<(AnomalyKind, Material)> = seen.iter().map(|(k, c, _, _)| (*k, *c)).collect();
+    assert!(classes.contains(&(AnomalyKind::OrganicBricks, Material::Organic)), "{classes:?}");
+    assert!(classes.contains(&(AnomalyKind::MetalBlock, Material::Inorganic)), "{classes:?}");
+    assert!(classes.contains(&(AnomalyKind::MetalBlock, Material::Heavy)), "{classes:?}");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partners_scan_is_marked_with_its_origin_redacted_and_shown_as_signed() {
+    use niix::exchange::{Agreement, Content, ExchangeConfig, Issuer, PushTarget, Redact, keys};
+    let tmp = tempfile::tempdir().unwrap();
+    let (nl_key_file, nl_public) = keys::init(&tmp.path().join("nl-keys")).unwrap();
+
+    // DE receives NL's packages; its officer works in the console.
+    let mut de_config = config(&tmp.path().join("de"), Limits::default());
+    de_config.analysis.enabled = false;
+    de_config.auth = tokens(&[("NL", Role::Partner, "t-nl"), ("de-officer", Role::Officer, "t-off")]);
+    de_config.exchange = ExchangeConfig {
+        administration: "DE".into(),
+        issuers: vec![Issuer { administration: "NL".into(), public_key: nl_public }],
+        ..Default::default()
+    };
+    let de = niix::server::start(de_config).await.unwrap();
+    let web = de.web_addr.unwrap();
+
+    // NL shares planes downsampled to 64 pixels wide (4:1), without plates
+    // and container numbers, and pushes them to DE.
+    let token_file = tmp.path().join("nl-at-de.token");
+    std::fs::write(&token_file, "t-nl\n").unwrap();
+    let mut nl_config = config(&tmp.path().join("nl"), Limits::default());
+    nl_config.web.listen = None;
+    nl_config.exchange = ExchangeConfig {
+        administration: "NL".into(),
+        signing_key: Some(nl_key_file),
+        agreements: vec![Agreement {
+            name: "NL-DE-2026".into(),
+            partner: "DE".into(),
+            content: Content::FindingsPlanes,
+            plane_width: 64,
+            redact: vec![Redact::VehiclePlate, Redact::ContainerNumbers],
+            push: Some(PushTarget {
+                endpoint: format!("http://{}", de.addr),
+                ca: None,
+                cert: None,
+                key: None,
+                domain: None,
+                token_file: Some(token_file),
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let nl = niix::server::start(nl_config).await.unwrap();
+    let nl_conn =
+        niix::client::authed(niix::client::connect(&format!("http://{}", nl.addr)).await.unwrap(), None).unwrap();
+    push_container(&nl_conn, "NLRTM-01", "AB-123-C", true).await;
+
+    let (cookie, _) = session_of(&login(web, "t-off").await);
+    let me = [("cookie", cookie.as_str())];
+    let mut scans = Vec::new();
+    for _ in 0..600 {
+        scans = http(web, "GET", "/api/scans", &me, "").await.json()["scans"].as_array().unwrap().clone();
+        if !scans.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The queue marks it with its origin; the redacted fields are empty.
+    let row = scans.first().expect("NL's scan arrives at DE").clone();
+    assert_eq!(row["origin"], "NL");
+    assert_eq!(row["vehicle_plate"], "");
+    assert_eq!(row["container_numbers"], serde_json::json!([]));
+    assert_eq!(row["decision"], "alarm", "NL's machine decision, as signed");
+    let id = row["scan_id"].as_str().unwrap().to_string();
+
+    // The viewer: how it was shared, and the plane as signed, 4:1.
+    let d = http(web, "GET", &format!("/api/scans/{id}"), &me, "").await.json();
+    let p = &d["partner"];
+    assert_eq!((p["origin"].as_str(), p["agreement"].as_str()), (Some("NL"), Some("NL-DE-2026")), "{d}");
+    assert_eq!((p["image"].as_str(), p["downsampled"].as_u64()), (Some("downsampled"), Some(4)), "{d}");
+    assert!(p["package_id"].as_str().unwrap().starts_with("NL.DE."), "{d}");
+    let plane = &d["planes"][0];
+    assert_eq!(
+        (plane["width"].as_u64(), plane["height"].as_u64(), plane["downsampled"].as_u64()),
+        (Some(64), Some(32), Some(4))
+    );
+    assert_eq!(plane["pixel_spacing_mm"][0].as_f64(), Some(16.0), "4 mm pixels, 4 to 1");
+    assert!(d["scan"]["vehicle_plate"] == "" && d["scan"]["container_numbers"] == serde_json::json!([]), "{d}");
+    // Regions stay in the scanned plane's pixels (the viewer divides by 4).
+    let region = &d["machine"]["regions"][0];
+    assert!(region["x"].as_u64().unwrap() >= 64, "{region}");
+
+    // Tiles come from the downsampled plane: the dense block (100..140,
+    // 40..70 as scanned) is dark at (25..35, 10..17).
+    let tile = http(web, "GET", &format!("/api/scans/{id}/tiles/0/0/0/0.png?wl=0&wh=40000"), &me, "").await;
+    assert_eq!(tile.status, 200, "{}", String::from_utf8_lossy(&tile.body));
+    let mut reader = png::Decoder::new(std::io::Cursor::new(tile.body)).read_info().unwrap();
+    assert_eq!((reader.info().width, reader.info().height), (64, 32));
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    reader.next_frame(&mut buf).unwrap();
+    assert!(buf[13 * 64 + 30] < 40 && buf[2 * 64 + 2] > 150, "{} {}", buf[13 * 64 + 30], buf[2 * 64 + 2]);
+    nl.shutdown().await.unwrap();
+    de.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn without_configured_tokens_only_the_printed_workstation_token_signs_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), Limits::default());
+    config.analysis.enabled = false;
+    let server = niix::server::start(config).await.unwrap();
+    let web = server.web_addr.unwrap();
+    let token = server.console_token.clone().expect("a workstation token when no tokens are configured");
+    assert_eq!(token.len(), 32);
+    let guess = login(web, "anything").await;
+    assert_eq!(guess.status, 401);
+    assert!(guess.json()["error"].as_str().unwrap().contains("the token `niix serve` printed"));
+    let a = login(web, &token).await;
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    assert_eq!(
+        (a.json()["identity"].as_str(), a.json()["can_adjudicate"].as_bool()),
+        (Some("local@console"), Some(true))
+    );
+    server.shutdown().await.unwrap();
+
+    // With tokens configured there is no workstation token.
+    let mut config = common::config(dir.path(), Limits::default());
+    config.auth = tokens(&TOKENS);
+    config.analysis.enabled = false;
+    let server = niix::server::start(config).await.unwrap();
+    assert!(server.console_token.is_none());
     server.shutdown().await.unwrap();
 }

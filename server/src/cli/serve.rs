@@ -67,10 +67,17 @@ impl ServeArgs {
 /// Runs the server until SIGINT/SIGTERM.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.config()?;
+    let scheme = if config.tls.is_some() { "https" } else { "http" };
     let running = server::start(config).await?;
     eprintln!("niix listening on {} (metrics: {:?}); Ctrl-C to stop", running.addr, running.metrics_addr);
     if let Some(web) = running.web_addr {
-        eprintln!("officer console: http://{web}/");
+        match &running.console_token {
+            Some(token) => eprintln!(
+                "officer console: {scheme}://{web}/  sign in with the token {token} \
+                 (no tokens are configured: it signs you in as this workstation; a new one at each start)"
+            ),
+            None => eprintln!("officer console: {scheme}://{web}/  sign in with your officer token"),
+        }
     }
     server::termination().await;
     tracing::info!("shutting down");

@@ -159,6 +159,14 @@ pub struct ScanQuery {
     pub container_number: Option<String>,
     /// Only scans with this declaration reference value.
     pub declaration_reference: Option<String>,
+    /// Only scans with this vehicle plate, as [`plate_key`] writes it.
+    pub vehicle_plate: Option<String>,
+}
+
+/// A vehicle plate as the store indexes and compares it: its letters and
+/// digits, upper case ("ab-123 c" and "AB-123-C" are both `AB123C`).
+pub fn plate_key(plate: &str) -> String {
+    plate.chars().filter(|c| c.is_alphanumeric()).flat_map(char::to_uppercase).collect()
 }
 
 /// One audited action, before it is chained.

@@ -13,7 +13,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
     AuditEntry, AuditRecord, CommitOutcome, MetadataStore, OutboxState, PendingUpload, PlaneDigest, ReceiveOutcome,
-    ReceivedPackage, ScanQuery, ScanRecord, StoreError, StoreResult, StoredEvent,
+    ReceivedPackage, ScanQuery, ScanRecord, StoreError, StoreResult, StoredEvent, plate_key,
 };
 
 /// Schema migrations, oldest first. Never edit one that has shipped: append.
@@ -119,6 +119,14 @@ const MIGRATIONS: &[&str] = &[
     // this index finds an object's seal. Rows stored before are sealed by
     // the migration.
     "CREATE INDEX audit_by_object ON audit (object, seq);",
+    // 7: officers find a scan by its vehicle plate (letters and digits,
+    // upper case: `plate_key`); scans stored before are indexed by the
+    // migration.
+    "CREATE TABLE scan_plates (
+        plate   TEXT NOT NULL,
+        scan_id TEXT NOT NULL REFERENCES scans (scan_id) ON DELETE CASCADE,
+        PRIMARY KEY (plate, scan_id)
+    ) STRICT, WITHOUT ROWID;",
 ];
 
 /// Identity and role of the records the server writes about itself.
@@ -145,6 +153,15 @@ fn after_migration(tx: &rusqlite::Transaction<'_>, version: usize) -> StoreResul
             .collect::<Result<_, _>>()?;
         for (seq, id, bytes) in reports {
             seal_report(tx, &id, seq, &bytes)?;
+        }
+    }
+    if version == 7 {
+        let rows: Vec<(String, Vec<u8>)> = tx
+            .prepare("SELECT scan_id, header FROM scans")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        for (id, header) in rows {
+            index_plate(tx, &id, &decode_header(&header)?)?;
         }
     }
     if version == 3 {
@@ -190,6 +207,15 @@ fn index_lookups(tx: &rusqlite::Transaction<'_>, scan_id: &str, header: &ScanHea
     Ok(())
 }
 
+/// The row that lets officers find a scan by its vehicle plate (schema 7 on).
+fn index_plate(tx: &rusqlite::Transaction<'_>, scan_id: &str, header: &ScanHeader) -> StoreResult<()> {
+    let plate = plate_key(header.metadata.as_ref().map(|m| m.vehicle_plate.as_str()).unwrap_or_default());
+    if !plate.is_empty() {
+        tx.execute("INSERT OR IGNORE INTO scan_plates (plate, scan_id) VALUES (?1, ?2)", params![plate, scan_id])?;
+    }
+    Ok(())
+}
+
 /// Read-only connections kept beside the writer: in WAL mode readers do not
 /// block each other or the writer, so queries from many officers run in
 /// parallel.
@@ -225,7 +251,8 @@ fn insert_scan(tx: &rusqlite::Transaction<'_>, scan: &ScanRecord) -> StoreResult
     )?;
     insert_planes(tx, scan)?;
     seal_scan(tx, scan)?;
-    index_lookups(tx, &scan.scan_id, &scan.header)
+    index_lookups(tx, &scan.scan_id, &scan.header)?;
+    index_plate(tx, &scan.scan_id, &scan.header)
 }
 
 fn insert_planes(tx: &rusqlite::Transaction<'_>, scan: &ScanRecord) -> StoreResult<()> {
@@ -901,6 +928,9 @@ impl MetadataStore for SqliteMetadata {
         if let Some(r) = &q.declaration_reference {
             filter(&lookup_filter(&conn, "scan_declarations", "reference", r, q.limit)?, vec![r.clone().into()]);
         }
+        if let Some(p) = &q.vehicle_plate {
+            filter(&lookup_filter(&conn, "scan_plates", "plate", p, q.limit)?, vec![p.clone().into()]);
+        }
         sql.push_str(" ORDER BY scan_time_us DESC, scan_id DESC LIMIT ?");
         args.push((q.limit as i64).into());
         let mut stmt = conn.prepare_cached(&sql)?;
@@ -1076,6 +1106,23 @@ mod tests {
     }
 
     #[test]
+    fn scans_are_found_by_plate_whatever_its_case_spaces_and_dashes() {
+        let db = SqliteMetadata::in_memory().unwrap();
+        for (i, plate) in ["AB-123-C", "ab 123 c", "XY-999-Z", ""].iter().enumerate() {
+            let mut r = record(&format!("s{i}"), "NLRTM", i as i64);
+            r.header.metadata.as_mut().unwrap().vehicle_plate = plate.to_string();
+            db.commit_scan(&r).unwrap();
+        }
+        let found = |plate: &str| {
+            let q = ScanQuery { limit: 10, vehicle_plate: Some(plate_key(plate)), ..Default::default() };
+            db.list_scans(&q).unwrap().into_iter().map(|r| r.scan_id).collect::<Vec<_>>()
+        };
+        assert_eq!(found("ab123C"), ["s1", "s0"]);
+        assert_eq!(found("XY 999 Z"), ["s2"]);
+        assert!(found("AB-123").is_empty());
+    }
+
+    #[test]
     fn listing_by_site_scope_takes_each_site_and_the_sites_under_it() {
         let db = SqliteMetadata::in_memory().unwrap();
         for (i, site) in ["NLRTM", "NLRTM-01", "NLRTMX", "BEANR-02", "BEANR-01"].iter().enumerate() {
@@ -1196,18 +1243,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("meta.db");
         let db = SqliteMetadata::open(&path).unwrap();
-        db.commit_scan(&record("a", "S1", 1)).unwrap();
+        let mut a = record("a", "S1", 1);
+        a.header.metadata.as_mut().unwrap().vehicle_plate = "AB-12-C".into();
+        db.commit_scan(&a).unwrap();
         db.add_report("a", &ThreatReport::default(), None).unwrap();
         drop(db);
-        // Back to schema 5, as a database of the previous release: no seals.
+        // Back to schema 5, as a database of the previous release: no seals,
+        // no plate index.
         Connection::open(&path)
             .unwrap()
-            .execute_batch("DROP INDEX audit_by_object; DELETE FROM audit; PRAGMA user_version = 5;")
+            .execute_batch(
+                "DROP INDEX audit_by_object; DELETE FROM audit; DROP TABLE scan_plates; PRAGMA user_version = 5;",
+            )
             .unwrap();
         let db = SqliteMetadata::open(&path).unwrap();
         assert_eq!(db.schema_version().unwrap() as usize, MIGRATIONS.len());
         db.verify_scan("a").unwrap();
         assert_eq!(db.audit_records(0, 10).unwrap().len(), 2, "one scan seal, one report seal");
+        let q = ScanQuery { limit: 10, vehicle_plate: Some("AB12C".into()), ..Default::default() };
+        assert_eq!(db.list_scans(&q).unwrap().len(), 1, "the plate migration indexes scans stored before");
     }
 
     #[test]

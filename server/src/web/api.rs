@@ -8,14 +8,15 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{ConnectInfo, Path, RawQuery, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use niix_proto::v1::{
     AdjudicateRequest, AlarmDecision, ExportTdrRequest, FindingsEvent, FindingsEventKind, ListScansRequest, PlaneKind,
-    Region, RegionVerdict, ReportType, Scan, ScanStatus, ThreatReport, Verdict, WatchFindingsRequest,
+    Region, RegionVerdict, RenderOverlayRequest, ReportType, Scan, ScanStatus, ThreatReport, Verdict,
+    WatchFindingsRequest,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -23,7 +24,7 @@ use tokio_stream::StreamExt;
 
 use super::session::{COOKIE, Session};
 use super::tiles::{self, TileSpec};
-use super::{ApiError, Web, assets};
+use super::{ApiError, ClientCertificate, Web, assets};
 use crate::audit::Caller;
 use crate::auth::Role;
 use crate::error::{Error, blocking};
@@ -39,6 +40,7 @@ pub fn router(web: Web) -> Router {
         .route("/app.js", get(|| async { page("text/javascript; charset=utf-8", assets::APP_JS) }))
         .route("/app.css", get(|| async { page("text/css; charset=utf-8", assets::APP_CSS) }))
         .route("/api/login", post(login))
+        .route("/api/certificate", get(certificate))
         .route("/api/logout", post(logout))
         .route("/api/session", get(current))
         .route("/api/scans", get(list))
@@ -47,6 +49,7 @@ pub fn router(web: Web) -> Router {
         .route("/api/scans/{id}/adjudicate", post(adjudicate))
         .route("/api/scans/{id}/tdr", get(tdr))
         .route("/api/scans/{id}/heatmap.png", get(heatmap))
+        .route("/api/scans/{id}/overlay.png", get(overlay))
         .route("/api/scans/{id}/tiles/{plane}/{level}/{x}/{tile}", get(tile))
         .fallback(|| async { ApiError(Error::NotFound("the console has no such page or endpoint".into())) })
         .layer(axum::middleware::map_response(security_headers))
@@ -81,10 +84,15 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Error> 
         .map_err(|e| Error::InvalidArgument(format!("the request body is not the JSON expected: {e}")))
 }
 
+/// `{"token": ...}`, or `{"certificate": true}` to sign in with the
+/// connection's client certificate (mutual TLS).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LoginRequest {
+    #[serde(default)]
     token: String,
+    #[serde(default)]
+    certificate: bool,
 }
 
 fn session_json(s: &Session, ttl_secs: u64) -> Value {
@@ -103,25 +111,68 @@ fn can_adjudicate(c: &Caller) -> bool {
     c.role == Role::Officer.name() || c.identity.starts_with("local@")
 }
 
-/// POST /api/login `{"token": ...}`: checks the token like a gRPC call to
-/// the Findings service (officer or admin), starts a session, sets its cookie.
-async fn login(State(web): State<Web>, body: Bytes) -> ApiResult {
+/// POST /api/login `{"token": ...}` or `{"certificate": true}`: checks the
+/// token, or the client certificate the connection presented, like a gRPC
+/// call to the Findings service (officer or admin), starts a session, sets
+/// its cookie. The body must be JSON (`content-type: application/json`),
+/// which a cross-site form cannot send: a browser that holds a certificate
+/// is not signed in by another site's page.
+async fn login(
+    State(web): State<Web>,
+    ConnectInfo(presented): ConnectInfo<ClientCertificate>,
+    request_headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    let json = request_headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json")));
+    if !json {
+        return Err(Error::InvalidArgument("sign in with a JSON body (content-type: application/json)".into()).into());
+    }
     let req: LoginRequest = parse_json(&body)?;
     let mut headers = HeaderMap::new();
-    let checked = match HeaderValue::from_str(&format!("Bearer {}", req.token.trim())) {
-        Ok(v) => {
-            headers.insert(header::AUTHORIZATION, v);
-            web.auth.check("/niix.v1.Findings/ListScans", &headers, None)
+    let checked = match (req.certificate, presented.0.as_deref()) {
+        (true, Some(fingerprint)) => web.auth.check("/niix.v1.Findings/ListScans", &headers, Some(fingerprint)),
+        (true, None) => {
+            let e = Error::Unauthenticated(
+                "this connection presented no client certificate: the console asks for one only over TLS with \
+                 [tls] client_ca configured, and the browser must have the certificate installed; or sign in with \
+                 your token"
+                    .into(),
+            );
+            let who = Caller { identity: "unauthenticated".into(), role: "none".into() };
+            return Err(web.audited::<()>(&who, "ConsoleLogin", "certificate", Err(e)).await.unwrap_err());
         }
-        Err(_) => Err((None, tonic::Status::unauthenticated("bad token"))),
+        (false, _) => match HeaderValue::from_str(&format!("Bearer {}", req.token.trim())) {
+            Ok(v) => {
+                headers.insert(header::AUTHORIZATION, v);
+                web.auth.check("/niix.v1.Findings/ListScans", &headers, None)
+            }
+            Err(_) => Err((None, tonic::Status::unauthenticated("bad token"))),
+        },
     };
+    let method = if req.certificate { "certificate" } else { "" };
     let (caller, scope) = match checked {
         Ok(Some(c)) => {
             let scope = web.auth.scope(&c.identity);
             (c, scope)
         }
-        // No authentication configured: one workstation on loopback.
-        Ok(None) => (Caller { identity: "local@console".into(), role: Role::Admin.name().into() }, SiteScope::all()),
+        // No authentication configured: one workstation on loopback, whose
+        // user has the token `niix serve` printed.
+        Ok(None) => {
+            let printed = web.workstation_token().unwrap_or_default().as_bytes();
+            if req.certificate || printed.is_empty() || !super::state::same(req.token.trim().as_bytes(), printed) {
+                let e = Error::Unauthenticated(
+                    "this server has no tokens configured: sign in with the token `niix serve` printed beside the \
+                     console's address when it started (`make run` shows it)"
+                        .into(),
+                );
+                let who = Caller { identity: "unauthenticated".into(), role: "none".into() };
+                return Err(web.audited::<()>(&who, "ConsoleLogin", method, Err(e)).await.unwrap_err());
+            }
+            (Caller { identity: "local@console".into(), role: Role::Admin.name().into() }, SiteScope::all())
+        }
         Err((caller, status)) => {
             let who = caller.clone().unwrap_or(Caller { identity: "unauthenticated".into(), role: "none".into() });
             let e = match (status.code(), caller) {
@@ -130,16 +181,21 @@ async fn login(State(web): State<Web>, body: Bytes) -> ApiResult {
                      administrations and scanners use the gRPC API",
                     c.identity, c.role
                 )),
+                _ if req.certificate => Error::Unauthenticated(
+                    "this client certificate is not known to the server ([[auth.certificates]]): ask the \
+                     administrator to register its fingerprint, or sign in with your token"
+                        .into(),
+                ),
                 _ => Error::Unauthenticated(
                     "this token is not known to the server: check it, or ask the administrator for an officer token"
                         .into(),
                 ),
             };
-            return Err(web.audited::<()>(&who, "ConsoleLogin", "", Err(e)).await.unwrap_err());
+            return Err(web.audited::<()>(&who, "ConsoleLogin", method, Err(e)).await.unwrap_err());
         }
     };
     let created = web.sessions.create(caller.clone(), scope);
-    let (id, session) = web.audited(&caller, "ConsoleLogin", "", created).await?;
+    let (id, session) = web.audited(&caller, "ConsoleLogin", method, created).await?;
     let ttl = web.sessions.ttl().as_secs();
     let secure = if web.secure_cookie { "; Secure" } else { "" };
     let cookie = format!("{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={ttl}{secure}");
@@ -147,6 +203,12 @@ async fn login(State(web): State<Web>, body: Bytes) -> ApiResult {
     r.headers_mut()
         .insert(header::SET_COOKIE, HeaderValue::from_str(&cookie).map_err(|e| Error::Internal(e.to_string()))?);
     Ok(r)
+}
+
+/// GET /api/certificate: whether this connection presented a client
+/// certificate (the sign-in page then offers to sign in with it).
+async fn certificate(ConnectInfo(presented): ConnectInfo<ClientCertificate>) -> Response {
+    json_response(StatusCode::OK, json!({ "presented": presented.0.is_some() }))
 }
 
 /// POST /api/logout: ends the session and clears its cookie.
@@ -246,6 +308,7 @@ fn list_request(q: Option<&str>) -> Result<ListScansRequest, Error> {
             "from" => r.scan_time_from = Some(timestamp_arg("from", &v)?),
             "to" => r.scan_time_to = Some(timestamp_arg("to", &v)?),
             "page_token" => r.page_token = v,
+            "plate" => r.vehicle_plate = v,
             "verdict" => {} // applied to each page by `list`
             "page_size" => {
                 r.page_size =
@@ -370,6 +433,7 @@ async fn detail(State(web): State<Web>, headers: HeaderMap, Path(id): Path<Strin
                 })
             })
             .collect();
+        let shared = web.findings.shared(&id, &s.scope).await?;
         let kinds: Vec<i32> = scan.planes.iter().filter_map(|p| p.descriptor.as_ref().map(|d| d.kind)).collect();
         let dual = kinds.contains(&(PlaneKind::HighEnergy as i32)) && kinds.contains(&(PlaneKind::LowEnergy as i32));
         let m = scan.metadata.clone().unwrap_or_default();
@@ -382,11 +446,35 @@ async fn detail(State(web): State<Web>, headers: HeaderMap, Path(id): Path<Strin
             "tile_size": tiles::TILE,
             "machine": latest(&reports, ReportType::Machine).map(|(_, r)| report_json(r)),
             "operator": latest(&reports, ReportType::Operator).map(|(_, r)| report_json(r)),
+            "partner": shared.map(|p| partner_json(&scan, &p)),
         }))
     }
     .await;
     let body = web.audited(&s.caller, "GetScan", &id, result).await?;
     Ok(json_response(StatusCode::OK, body))
+}
+
+/// How a partner shared a foreign scan, for the viewer's banner: what
+/// image it holds as signed (`full_planes`, `downsampled` n x n, the
+/// partner's `overlay`, or `none`: findings only).
+fn partner_json(scan: &Scan, p: &crate::findings::Shared) -> Value {
+    let held = scan.planes.iter().map(|p| p.downsampled.max(1)).max();
+    let image = match (held, p.overlay) {
+        (Some(1), _) => "full_planes",
+        (Some(_), _) => "downsampled",
+        (None, true) => "overlay",
+        (None, false) if p.full_planes => "full_planes_pending",
+        (None, false) => "none",
+    };
+    json!({
+        "origin": scan.origin,
+        "first_origin": (!p.first_origin.is_empty()).then_some(&p.first_origin),
+        "agreement": p.agreement,
+        "package_id": p.package_id,
+        "issued_at": seconds(&p.issued_at),
+        "image": image,
+        "downsampled": held.filter(|f| *f > 1),
+    })
 }
 
 #[derive(Deserialize)]
@@ -516,6 +604,16 @@ async fn heatmap(State(web): State<Web>, headers: HeaderMap, Path(id): Path<Stri
     Ok(([(header::CONTENT_TYPE, "image/png"), (header::CACHE_CONTROL, "private, max-age=3600")], png).into_response())
 }
 
+/// GET /api/scans/{id}/overlay.png: the scan's overlay as RenderOverlay
+/// draws it; for a foreign scan held without planes, the overlay its
+/// partner signed (agreement content `findings_overlay`).
+async fn overlay(State(web): State<Web>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
+    let (_, s) = web.session(&headers)?;
+    let r = web.findings.overlay(RenderOverlayRequest { scan_id: id.clone(), ..Default::default() }, &s.scope).await;
+    let r = web.audited(&s.caller, "RenderOverlay", &id, r).await?;
+    Ok(([(header::CONTENT_TYPE, "image/png"), (header::CACHE_CONTROL, "private, max-age=3600")], r.png).into_response())
+}
+
 /// Display parameters of a tile request.
 fn tile_spec(plane: usize, level: u32, x: u32, tile: &str, q: Option<&str>) -> Result<TileSpec, Error> {
     let y = tile
@@ -563,18 +661,63 @@ async fn tile(
     let png = match web.tiles.get(&record.scan_id, &spec) {
         Some(png) => png,
         None => {
-            let _permit = web.renders.acquire().await.map_err(|_| Error::Unavailable("shutting down".into()))?;
-            let w = web.clone();
-            let spec = spec.clone();
-            blocking(move || render(&w, &record, &spec)).await?
+            // One render per block: requests for its other tiles wait, then
+            // find theirs in the cache.
+            let (origin, shape) = block(&record, &spec)?;
+            let key = format!("{}/{:?}", record.scan_id, TileSpec { x: origin.0, y: origin.1, ..spec.clone() });
+            let flight = web.tiles.flight(&key);
+            let rendered = async {
+                let _turn = flight.lock().await;
+                if let Some(png) = web.tiles.get(&record.scan_id, &spec) {
+                    return Ok(png);
+                }
+                let _permit = web.renders.acquire().await.map_err(|_| Error::Unavailable("shutting down".into()))?;
+                let w = web.clone();
+                let spec = spec.clone();
+                blocking(move || render(&w, &record, &spec, origin, shape)).await
+            }
+            .await;
+            web.tiles.land(&key, flight);
+            rendered?
         }
     };
     Ok(([(header::CONTENT_TYPE, "image/png"), (header::CACHE_CONTROL, "private, max-age=3600")], png.as_ref().clone())
         .into_response())
 }
 
-/// Renders (and caches) one tile (blocking).
-fn render(web: &Web, record: &crate::store::ScanRecord, spec: &TileSpec) -> Result<Arc<Vec<u8>>, Error> {
+/// The block of tiles rendered with the tile of `spec` ([`tiles::block_of`]).
+fn block(record: &crate::store::ScanRecord, spec: &TileSpec) -> Result<(tiles::Cell, tiles::Cell), Error> {
+    let d = record.header.planes.get(spec.plane).ok_or_else(|| {
+        Error::NotFound(format!("plane {} does not exist; the scan has {}", spec.plane, record.header.planes.len()))
+    })?;
+    let f = record.planes.get(spec.plane).map_or(1, |p| p.downsampled.max(1));
+    let (w, h) = (d.width.div_ceil(f), d.height.div_ceil(f));
+    let top = tiles::top_level(w, h);
+    if spec.level > top {
+        return Err(Error::InvalidArgument(format!(
+            "level {} does not exist; this plane has levels 0..={top}",
+            spec.level
+        )));
+    }
+    let span = u64::from(tiles::TILE) << spec.level;
+    if u64::from(spec.x) * span >= u64::from(w) || u64::from(spec.y) * span >= u64::from(h) {
+        return Err(Error::NotFound(format!(
+            "tile {},{} of level {} lies outside the {w}x{h} plane",
+            spec.x, spec.y, spec.level
+        )));
+    }
+    Ok(tiles::block_of(w, h, spec.level, spec.x, spec.y))
+}
+
+/// Renders (and caches) the tiles of the block at `origin` of `shape`
+/// tiles, and returns the one of `spec` (blocking).
+fn render(
+    web: &Web,
+    record: &crate::store::ScanRecord,
+    spec: &TileSpec,
+    origin: (u32, u32),
+    shape: (u32, u32),
+) -> Result<Arc<Vec<u8>>, Error> {
     let planes = record.header.planes.len();
     if spec.plane >= planes {
         return Err(Error::NotFound(format!("plane {} does not exist; the scan has {planes}", spec.plane)));
@@ -598,35 +741,35 @@ fn render(web: &Web, record: &crate::store::ScanRecord, spec: &TileSpec) -> Resu
         })?,
         false => (spec.plane, spec.plane),
     };
-    let auto = || -> Result<(u16, u16), Error> {
-        if let Some(w) = web.tiles.window(&record.scan_id, first) {
+    // The automatic window of a plane: its 0.5th to 99.5th percentile.
+    let auto = |plane: usize| -> Result<(u16, u16), Error> {
+        if let Some(w) = web.tiles.window(&record.scan_id, plane) {
             return Ok(w);
         }
-        let d = &record.header.planes[first];
-        let f = record.planes.get(first).map_or(1, |p| p.downsampled.max(1));
+        let d = &record.header.planes[plane];
+        let f = record.planes.get(plane).map_or(1, |p| p.downsampled.max(1));
         let top = tiles::top_level(d.width.div_ceil(f), d.height.div_ceil(f));
-        let w = crate::overlay::auto_window(&samples(first, top, 0, 0)?);
-        web.tiles.put_window(&record.scan_id, first, w);
+        let w = crate::overlay::auto_window(&samples(plane, top, 0, 0)?);
+        web.tiles.put_window(&record.scan_id, plane, w);
         Ok(w)
     };
     let window = match spec.window {
         Some(w) => w,
-        None => auto()?,
+        None => auto(first)?,
     };
-    // The band of BAND tiles around the one asked for, in one pass.
-    let x0 = spec.x / BAND * BAND;
-    let band = |plane: usize| -> Result<Vec<ndarray::Array2<u16>>, Error> {
+    // The block of tiles around the one asked for, in one pass.
+    let band = |plane: usize| -> Result<Vec<(tiles::Cell, ndarray::Array2<u16>)>, Error> {
         let mut input = web.findings.open_plane(record, plane)?;
-        Ok(tiles::split_band(&tiles::band_samples(&mut input, spec.level, x0, spec.y, BAND)?))
+        Ok(tiles::split_block(&tiles::block_samples(&mut input, spec.level, origin, shape)?))
     };
     let (highs, lows) = match spec.material {
         true => (band(first)?, Some(band(second)?)),
         false => (band(spec.plane)?, None),
     };
     let mut wanted = None;
-    for (i, high) in highs.iter().enumerate() {
+    for (i, ((dx, dy), high)) in highs.iter().enumerate() {
         let sharp;
-        let high = match spec.edge {
+        let shade = match spec.edge {
             true => {
                 sharp = tiles::enhance_edges(high);
                 &sharp
@@ -635,26 +778,25 @@ fn render(web: &Web, record: &crate::store::ScanRecord, spec: &TileSpec) -> Resu
         };
         let png = match &lows {
             Some(lows) => {
-                let low = lows.get(i).filter(|l| l.dim() == high.dim()).ok_or_else(|| {
+                let low = lows.get(i).map(|(_, l)| l).filter(|l| l.dim() == high.dim()).ok_or_else(|| {
                     Error::FailedPrecondition("the high- and low-energy planes differ in size".into())
                 })?;
-                // The automatic window's top is the plane's unattenuated (air) level.
-                tiles::material_png(high, low, auto()?.1, window, spec.gamma, spec.invert)?
+                // Classes from the planes as measured; edges only sharpen the shading.
+                // The automatic window's top is a plane's unattenuated (air) level.
+                let air = (auto(first)?.1, auto(second)?.1);
+                tiles::material_png(high, low, shade, air, window, spec.gamma, spec.invert)?
             }
-            None => tiles::grey_png(high, window, spec.gamma, spec.invert)?,
+            None => tiles::grey_png(shade, window, spec.gamma, spec.invert)?,
         };
         let png = Arc::new(png);
-        let at = TileSpec { x: x0 + i as u32, ..spec.clone() };
+        let at = TileSpec { x: origin.0 + dx, y: origin.1 + dy, ..spec.clone() };
         web.tiles.put(&record.scan_id, &at, png.clone());
-        if at.x == spec.x {
+        if (at.x, at.y) == (spec.x, spec.y) {
             wanted = Some(png);
         }
     }
-    wanted.ok_or_else(|| Error::NotFound(format!("tile {} lies outside the plane", spec.x)))
+    wanted.ok_or_else(|| Error::NotFound(format!("tile {},{} lies outside the plane", spec.x, spec.y)))
 }
-
-/// Tiles of one tile row rendered together (see [`tiles::band_samples`]).
-const BAND: u32 = 8;
 
 #[cfg(test)]
 mod tests {
@@ -673,6 +815,7 @@ mod tests {
         assert_eq!(verdict_filter(Some("verdict=confirmed")).unwrap(), Some(Verdict::Confirmed as i32));
         assert_eq!(verdict_filter(Some("site=x")).unwrap(), None);
         assert!(verdict_filter(Some("verdict=maybe")).is_err());
+        assert_eq!(list_request(Some("plate=ab-123%20c")).unwrap().vehicle_plate, "ab-123 c");
         let t = tile_spec(0, 1, 2, "3.png", Some("wl=100&wh=2000&gamma=0.5&invert=1&material=1")).unwrap();
         assert_eq!((t.y, t.window, t.gamma, t.invert, t.material), (3, Some((100, 2000)), 0.5, true, true));
         assert!(tile_spec(0, 0, 0, "x.png", None).is_err());

@@ -31,7 +31,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::conn::{GuardedListener, Timeouts};
-pub use state::{ApiError, Web};
+pub use state::{ApiError, ClientCertificate, Web};
 
 /// Refuses console addresses that would expose it, by the gRPC port's
 /// rules: off loopback it needs authentication (tokens) and TLS (`[tls]`,
@@ -81,7 +81,7 @@ pub async fn serve(
     mut stop: watch::Receiver<bool>,
     background: &mut Vec<JoinHandle<()>>,
 ) -> anyhow::Result<SocketAddr> {
-    let app = api::router(web);
+    let app = api::router(web).into_make_service_with_connect_info::<ClientCertificate>();
     let listener = TcpListener::bind(at).await.with_context(|| format!("binding the officer console address {at}"))?;
     let bound = listener.local_addr()?;
     let listener = GuardedListener::new(listener, guards.timeouts, guards.timed_out, guards.cap);

@@ -43,7 +43,7 @@ pub struct Sessions {
 }
 
 /// 256 random bits, hex.
-fn random_id() -> Result<String> {
+pub(super) fn random_id() -> Result<String> {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes).map_err(|e| Error::Internal(format!("no randomness for a session id: {e}")))?;
     Ok(hex::encode(bytes))

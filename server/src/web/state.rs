@@ -18,6 +18,12 @@ use crate::findings::FindingsService;
 /// Tiles rendered at once (each uses a core while it decodes).
 const RENDERS_AT_ONCE: usize = 2;
 
+/// The client certificate a console connection presented under mutual TLS
+/// (its SHA-256 fingerprint), or `None`; handlers take it as
+/// `ConnectInfo<ClientCertificate>`.
+#[derive(Debug, Clone, Default)]
+pub struct ClientCertificate(pub Option<String>);
+
 /// What every console handler shares.
 #[derive(Clone)]
 pub struct Web {
@@ -28,6 +34,9 @@ pub struct Web {
     pub(super) tiles: Arc<TileCache>,
     pub(super) renders: Arc<Semaphore>,
     pub(super) secure_cookie: bool,
+    /// On a server without authentication: the one token that signs in
+    /// (as this workstation), made at start and printed by `niix serve`.
+    pub(super) workstation_token: Option<String>,
 }
 
 impl Web {
@@ -39,8 +48,12 @@ impl Web {
         gate: Gate,
         config: &crate::config::WebConfig,
         secure_cookie: bool,
-    ) -> Self {
-        Web {
+    ) -> Result<Self, Error> {
+        let workstation_token = match auth.enabled() {
+            true => None,
+            false => Some(super::session::random_id()?[..32].to_string()),
+        };
+        Ok(Web {
             findings,
             auth,
             gate,
@@ -48,7 +61,15 @@ impl Web {
             tiles: Arc::new(TileCache::default()),
             renders: Arc::new(Semaphore::new(RENDERS_AT_ONCE)),
             secure_cookie,
-        }
+            workstation_token,
+        })
+    }
+
+    /// The token that signs in on a server without authentication (no
+    /// `[[auth.tokens]]` or certificates): random, made at start, good until
+    /// the server stops. `None` when callers authenticate.
+    pub fn workstation_token(&self) -> Option<&str> {
+        self.workstation_token.as_deref()
     }
 
     /// The signed-in session of a request (its cookie), or UNAUTHENTICATED.
@@ -96,7 +117,7 @@ impl Web {
 }
 
 /// Compares secrets without stopping at the first difference.
-fn same(a: &[u8], b: &[u8]) -> bool {
+pub(super) fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

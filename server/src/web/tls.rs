@@ -2,25 +2,36 @@
 //! (the gRPC port's). Handshakes run in their own tasks, each bounded by
 //! the connection's handshake timeout, so a slow client does not hold up
 //! the others' accepts.
+//!
+//! With `[tls] client_ca` the console, like the gRPC port, asks for a
+//! client certificate from that CA (optional: officers with tokens still
+//! connect) and hands its fingerprint to the handlers as a
+//! [`ClientCertificate`]; signing in with it maps it to an identity through
+//! `[[auth.certificates]]`, as over gRPC.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
+use axum::extract::connect_info::Connected;
+use axum::serve::IncomingStream;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
+use super::state::ClientCertificate;
 use crate::config::TlsConfig;
 use crate::conn::{Guarded, GuardedListener};
 
 /// Handshakes finished but not yet taken by the server.
 const READY: usize = 64;
 
-/// The console's TLS settings from the `[tls]` PEM files (HTTP/1.1, no
-/// client certificates: officers sign in with tokens).
+/// The console's TLS settings from the `[tls]` PEM files (HTTP/1.1); with
+/// `client_ca`, client certificates from that CA are asked for (and
+/// verified) but not required.
 pub fn acceptor(tls: &TlsConfig) -> anyhow::Result<TlsAcceptor> {
     let certs = CertificateDer::pem_file_iter(&tls.cert)
         .and_then(|i| i.collect::<Result<Vec<_>, _>>())
@@ -28,12 +39,28 @@ pub fn acceptor(tls: &TlsConfig) -> anyhow::Result<TlsAcceptor> {
     let key =
         PrivateKeyDer::from_pem_file(&tls.key).with_context(|| format!("reading the key {}", tls.key.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .context("the [tls] certificate and key for the officer console")?;
+        .context("TLS protocol versions")?;
+    let builder = match &tls.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(ca)
+                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                .with_context(|| format!("reading the client CA {}", ca.display()))?
+            {
+                roots.add(cert).with_context(|| format!("a certificate of the client CA {}", ca.display()))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .allow_unauthenticated()
+                .build()
+                .with_context(|| format!("client certificates of {} for the officer console", ca.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config =
+        builder.with_single_cert(certs, key).context("the [tls] certificate and key for the officer console")?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
@@ -67,6 +94,23 @@ impl TlsListener {
             }
         });
         Ok(TlsListener { local, ready })
+    }
+}
+
+/// The SHA-256 fingerprint of a certificate (DER), as `[[auth.certificates]]` lists it.
+fn fingerprint(cert: &CertificateDer<'_>) -> String {
+    hex::encode(Sha256::digest(cert.as_ref()))
+}
+
+impl Connected<IncomingStream<'_, TlsListener>> for ClientCertificate {
+    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
+        ClientCertificate(stream.io().get_ref().1.peer_certificates().and_then(|c| c.first()).map(fingerprint))
+    }
+}
+
+impl Connected<IncomingStream<'_, GuardedListener>> for ClientCertificate {
+    fn connect_info(_: IncomingStream<'_, GuardedListener>) -> Self {
+        ClientCertificate(None)
     }
 }
 

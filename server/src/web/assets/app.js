@@ -15,6 +15,7 @@ async function api(method, path, body) {
 function showLogin(msg) {
   $('console').hidden = true; $('login').hidden = false; $('logout').hidden = true; $('who').textContent = '';
   $('login-error').textContent = msg || '';
+  fetch('/api/certificate').then((r) => r.json()).then((c) => { $('cert-login').hidden = !c.presented; }).catch(() => {});
 }
 function signedIn(s) {
   csrf = s.csrf; $('who').textContent = `— ${s.identity} (${s.role})`; $('logout').hidden = false;
@@ -23,6 +24,11 @@ function signedIn(s) {
 $('login-form').addEventListener('submit', async (e) => {
   e.preventDefault();
   try { signedIn(await api('POST', '/api/login', { token: $('token').value })); $('token').value = ''; }
+  catch (err) { $('login-error').textContent = err.message; }
+});
+// Over mutual TLS the browser may have presented an officer's certificate.
+$('cert-button').addEventListener('click', async () => {
+  try { signedIn(await api('POST', '/api/login', { certificate: true })); }
   catch (err) { $('login-error').textContent = err.message; }
 });
 $('logout').addEventListener('click', async () => { await api('POST', '/api/logout').catch(() => {}); showLogin('signed out'); });
@@ -37,8 +43,12 @@ function filters() {
 async function loadQueue(reset) {
   const q = filters(); if (!reset && next) q.set('page_token', next);
   const page = await api('GET', '/api/scans?' + q);
+  // A live reload keeps the selected scan selected.
+  const keep = reset && rows[sel] ? rows[sel].scan_id : null;
   if (reset) { rows = []; sel = 0; }
-  rows = rows.concat(page.scans); next = page.next_page_token; $('more').hidden = !next; drawQueue();
+  rows = rows.concat(page.scans); next = page.next_page_token; $('more').hidden = !next;
+  if (keep) sel = Math.max(0, rows.findIndex((r) => r.scan_id === keep));
+  drawQueue();
 }
 function drawQueue() {
   const tb = $('scans'); tb.textContent = '';
@@ -48,7 +58,7 @@ function drawQueue() {
     if (s.decision === 'alarm') tr.classList.add('alarm');
     const when = new Date((s.received_at || 0) * 1000).toISOString().replace('T', ' ').slice(0, 19);
     const ids = [...s.container_numbers, s.vehicle_plate].filter(Boolean).join(' ');
-    for (const [cls, v] of [['', when], ['', s.site_id], ['', ids], ['', s.origin || 'own'], ['', s.status], ['decision', s.decision || ''], ['', s.decision ? s.score.toFixed(2) : ''], ['verdict', s.verdict || '']]) {
+    for (const [cls, v] of [['', when], ['', s.site_id], ['', ids], s.origin ? ['origin foreign', `${s.origin} (partner)`] : ['origin', 'own'], ['', s.status], ['decision', s.decision || ''], ['', s.decision ? s.score.toFixed(2) : ''], ['verdict', s.verdict || '']]) {
       const td = document.createElement('td'); td.textContent = v; if (cls) td.className = cls; tr.appendChild(td);
     }
     tr.addEventListener('click', () => { sel = i; openScan(s.scan_id); });
@@ -67,7 +77,7 @@ function listen() {
 
 // Viewer: a canvas drawing the tile pyramid of the chosen plane.
 const T = 256;
-let heat = null;
+let heat = null, overlayImg = null;
 let scan = null, view = { scale: 1, x: 0, y: 0 }, tileImgs = new Map(), verdicts = {}, scanVerdict = null, regionSel = 0;
 async function openScan(id) {
   scan = await api('GET', '/api/scans/' + encodeURIComponent(id));
@@ -79,6 +89,15 @@ async function openScan(id) {
   $('meta').textContent = [`site ${s.site_id} ${s.lane_id}`, [...s.container_numbers, s.vehicle_plate].filter(Boolean).join(' '),
     s.declarations.join(' '), `scanned ${when(s.scan_time)}`, `origin ${s.origin || 'own'}`, scan.scanner || '', scan.remarks || '']
     .filter((x) => x && x.trim()).join(' · ');
+  const pa = scan.partner;
+  $('partner').hidden = !pa;
+  if (pa) {
+    const image = { full_planes: 'the full planes', downsampled: `planes downsampled ${pa.downsampled}:1`, overlay: 'the overlay image only',
+      full_planes_pending: 'full planes (not received yet)', none: 'findings only, no image' }[pa.image] || pa.image;
+    $('partner').textContent = `Received from ${pa.origin}${pa.first_origin ? ` (scanned by ${pa.first_origin})` : ''} under agreement ${pa.agreement}, `
+      + `package ${pa.package_id} signed ${when(pa.issued_at)}: shown as signed, ${image}. Fields the agreement withholds are not shown.`;
+  }
+  overlayImg = null;
   $('plane').textContent = '';
   scan.planes.forEach((p) => { const o = document.createElement('option'); o.value = p.index; o.textContent = `${p.index}: ${p.kind} ${p.width}x${p.height}`; $('plane').appendChild(o); });
   $('material').disabled = !scan.dual_energy;
@@ -92,7 +111,26 @@ async function openScan(id) {
 function plane() { return scan.planes[Number($('plane').value) || 0]; }
 function fit() {
   const st = $('stage'), p = plane();
-  view.scale = Math.min(st.clientWidth / p.width, st.clientHeight / p.height); view.x = 0; view.y = 0;
+  if (!p) return;
+  view.scale = Math.min(st.clientWidth / p.width, st.clientHeight / p.height);
+  // Centred in the stage.
+  view.x = -(st.clientWidth / view.scale - p.width) / 2; view.y = -(st.clientHeight / view.scale - p.height) / 2;
+}
+// A foreign scan held without planes: the partner's signed overlay, or a note.
+function drawWithoutPlanes(g, c) {
+  if (scan.partner && scan.partner.image === 'overlay') {
+    if (!overlayImg) { overlayImg = new Image(); overlayImg.onload = draw; overlayImg.src = `/api/scans/${encodeURIComponent(scan.scan.scan_id)}/overlay.png`; }
+    if (overlayImg.complete && overlayImg.naturalWidth) {
+      const k = Math.min(c.width / overlayImg.naturalWidth, c.height / overlayImg.naturalHeight);
+      g.drawImage(overlayImg, 0, 0, overlayImg.naturalWidth * k, overlayImg.naturalHeight * k);
+    }
+    document.body.dataset.pending = overlayImg.complete ? 0 : 1;
+  } else {
+    g.fillStyle = '#ccc'; g.font = '16px sans-serif';
+    g.fillText('No image: the sharing agreement gives findings only.', 20, 40);
+    document.body.dataset.pending = 0;
+  }
+  $('zoom').textContent = '';
 }
 function tileQuery() {
   const q = new URLSearchParams();
@@ -108,6 +146,10 @@ function draw() {
   const st = $('stage'), c = $('canvas'), p = plane();
   c.width = st.clientWidth; c.height = st.clientHeight;
   const g = c.getContext('2d'); g.fillStyle = '#000'; g.fillRect(0, 0, c.width, c.height);
+  if (!p) { drawWithoutPlanes(g, c); return; }
+  // Regions and the heat map are in pixels of the plane as scanned; a
+  // partner's downsampled share is f times smaller.
+  const f = p.downsampled || 1;
   const top = p.levels - 1;
   const level = Math.max(0, Math.min(top, Math.floor(Math.log2(1 / view.scale))));
   const span = T * (1 << level), q = tileQuery();
@@ -131,7 +173,7 @@ function draw() {
     if (heat.complete && heat.naturalWidth) {
       g.globalAlpha = Number($('opacity').value) / 100;
       g.imageSmoothingEnabled = true;
-      const s = m.heatmap_stride;
+      const s = m.heatmap_stride / f;
       g.drawImage(heat, -view.x * view.scale, -view.y * view.scale, heat.naturalWidth * s * view.scale, heat.naturalHeight * s * view.scale);
       g.globalAlpha = 1;
     }
@@ -141,9 +183,9 @@ function draw() {
       const v = verdicts[r.id];
       g.strokeStyle = v === 'dismissed' ? '#888' : v === 'confirmed' ? '#f33' : i === regionSel ? '#ff0' : '#f90';
       g.lineWidth = 2;
-      g.strokeRect((r.x - view.x) * view.scale, (r.y - view.y) * view.scale, r.width * view.scale, r.height * view.scale);
+      g.strokeRect((r.x / f - view.x) * view.scale, (r.y / f - view.y) * view.scale, r.width / f * view.scale, r.height / f * view.scale);
       g.fillStyle = g.strokeStyle; g.font = '12px sans-serif';
-      g.fillText(`#${r.id} ${r.max_score.toFixed(2)} ${r.category}`, (r.x - view.x) * view.scale, (r.y - view.y) * view.scale - 3);
+      g.fillText(`#${r.id} ${r.max_score.toFixed(2)} ${r.category}`, (r.x / f - view.x) * view.scale, (r.y / f - view.y) * view.scale - 3);
     });
   }
   // Images still loading (the end-to-end test waits for 0).
@@ -212,6 +254,7 @@ document.addEventListener('keydown', (e) => {
     if (e.key === 'j') { sel = Math.min(rows.length - 1, sel + 1); drawQueue(); }
     else if (e.key === 'k') { sel = Math.max(0, sel - 1); drawQueue(); }
     else if (e.key === 'Enter') openScan(rows[sel].scan_id);
+    else if (e.key === '/') { e.preventDefault(); $('filters').querySelector('input').focus(); }
     return;
   }
   if (!scan) return;
