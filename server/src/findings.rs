@@ -123,6 +123,30 @@ fn filters_digest(query: &ScanQuery) -> String {
     hex::encode(&sha2::Sha256::digest(format!("{filters:?}").as_bytes())[..8])
 }
 
+/// Longest vehicle plate filter, in characters.
+const MAX_PLATE_FILTER: usize = 32;
+
+/// The store key of a ListScans plate filter: `None` when none was given.
+/// A plate with no letter or digit cannot match any scan, and saying so
+/// beats dropping the filter and answering with every scan.
+fn plate_filter(plate: &str) -> Result<Option<String>> {
+    if plate.trim().is_empty() {
+        return Ok(None);
+    }
+    if plate.chars().count() > MAX_PLATE_FILTER {
+        return Err(Error::InvalidArgument(format!(
+            "vehicle_plate filter is longer than {MAX_PLATE_FILTER} characters"
+        )));
+    }
+    let key = crate::store::plate_key(plate);
+    if key.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "vehicle_plate filter {plate:?} has no letter or digit; plates are matched on their letters and digits"
+        )));
+    }
+    Ok(Some(key))
+}
+
 fn non_empty(s: String) -> Option<String> {
     let s = s.trim().to_string();
     (!s.is_empty()).then_some(s)
@@ -249,7 +273,7 @@ impl FindingsService {
             min_score: req.min_score,
             container_number,
             declaration_reference: non_empty(req.declaration_reference),
-            vehicle_plate: Some(crate::store::plate_key(&req.vehicle_plate)).filter(|p| !p.is_empty()),
+            vehicle_plate: plate_filter(&req.vehicle_plate)?,
         };
         let filters = filters_digest(&query);
         if !req.page_token.is_empty() {
@@ -623,7 +647,19 @@ impl Findings for FindingsService {
         let caller = Caller::of(&request);
         let scope = SiteScope::of(&request);
         let req = request.into_inner();
-        let object = format!("site={}", req.site_id);
+        // Searches for a container, declaration or plate are what an audit
+        // of who looked for whom needs; the gate bounds the record's size.
+        let object = [
+            ("site", &req.site_id),
+            ("container", &req.container_number),
+            ("declaration", &req.declaration_reference),
+            ("plate", &req.vehicle_plate),
+        ]
+        .iter()
+        .filter(|(name, v)| *name == "site" || !v.is_empty())
+        .map(|(name, v)| format!("{name}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ");
         let result = self.list(req, &scope).await;
         self.gate.reply(&caller, "ListScans", &object, result).await
     }
@@ -697,5 +733,19 @@ impl Findings for FindingsService {
         let id = req.scan_id.clone();
         let result = self.export_tdr(req, &scope).await;
         self.gate.reply(&caller, "ExportTdr", &id, result).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plate_filters_are_normalised_bounded_and_never_dropped_silently() {
+        assert_eq!(plate_filter("").unwrap(), None);
+        assert_eq!(plate_filter(" ").unwrap(), None);
+        assert_eq!(plate_filter("ab-12 cd").unwrap(), Some(crate::store::plate_key("AB12CD")));
+        assert!(matches!(plate_filter("---"), Err(Error::InvalidArgument(_))));
+        assert!(matches!(plate_filter(&"A".repeat(MAX_PLATE_FILTER + 1)), Err(Error::InvalidArgument(_))));
     }
 }

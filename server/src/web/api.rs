@@ -95,20 +95,21 @@ struct LoginRequest {
     certificate: bool,
 }
 
-fn session_json(s: &Session, ttl_secs: u64) -> Value {
+fn session_json(web: &Web, s: &Session, ttl_secs: u64) -> Value {
     json!({
         "identity": s.caller.identity,
         "role": s.caller.role,
         "csrf": s.csrf,
         "expires_in_seconds": ttl_secs,
-        "can_adjudicate": can_adjudicate(&s.caller),
+        "can_adjudicate": can_adjudicate(web, &s.caller),
     })
 }
 
-/// Only officers adjudicate (as over gRPC); the local admin of a server
-/// without authentication does too, as over gRPC.
-fn can_adjudicate(c: &Caller) -> bool {
-    c.role == Role::Officer.name() || c.identity.starts_with("local@")
+/// Only officers adjudicate (as over gRPC); on a server without
+/// authentication the local user does too, as over gRPC. Decided by the
+/// server's authentication, never by an identity's name.
+fn can_adjudicate(web: &Web, c: &Caller) -> bool {
+    c.role == Role::Officer.name() || !web.auth.enabled()
 }
 
 /// POST /api/login `{"token": ...}` or `{"certificate": true}`: checks the
@@ -199,7 +200,7 @@ async fn login(
     let ttl = web.sessions.ttl().as_secs();
     let secure = if web.secure_cookie { "; Secure" } else { "" };
     let cookie = format!("{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={ttl}{secure}");
-    let mut r = json_response(StatusCode::OK, session_json(&session, ttl));
+    let mut r = json_response(StatusCode::OK, session_json(&web, &session, ttl));
     r.headers_mut()
         .insert(header::SET_COOKIE, HeaderValue::from_str(&cookie).map_err(|e| Error::Internal(e.to_string()))?);
     Ok(r)
@@ -227,7 +228,7 @@ async fn logout(State(web): State<Web>, headers: HeaderMap) -> ApiResult {
 async fn current(State(web): State<Web>, headers: HeaderMap) -> ApiResult {
     let (_, session) = web.session(&headers)?;
     let left = session.expires.saturating_duration_since(std::time::Instant::now()).as_secs();
-    Ok(json_response(StatusCode::OK, session_json(&session, left)))
+    Ok(json_response(StatusCode::OK, session_json(&web, &session, left)))
 }
 
 /// Percent-decoded `key=value` pairs of a query string.
@@ -506,7 +507,7 @@ fn verdict_arg(v: &str) -> Result<i32, Error> {
 async fn adjudicate(State(web): State<Web>, headers: HeaderMap, Path(id): Path<String>, body: Bytes) -> ApiResult {
     let (_, s) = web.session_for_change(&headers)?;
     let result = async {
-        if !can_adjudicate(&s.caller) {
+        if !can_adjudicate(&web, &s.caller) {
             return Err(Error::PermissionDenied(format!(
                 "{} (role {}) may not adjudicate; it needs the role officer",
                 s.caller.identity, s.caller.role
@@ -667,7 +668,7 @@ async fn tile(
             let key = format!("{}/{:?}", record.scan_id, TileSpec { x: origin.0, y: origin.1, ..spec.clone() });
             let flight = web.tiles.flight(&key);
             let rendered = async {
-                let _turn = flight.lock().await;
+                let _turn = flight.lock.lock().await;
                 if let Some(png) = web.tiles.get(&record.scan_id, &spec) {
                     return Ok(png);
                 }
@@ -677,7 +678,7 @@ async fn tile(
                 blocking(move || render(&w, &record, &spec, origin, shape)).await
             }
             .await;
-            web.tiles.land(&key, flight);
+            drop(flight);
             rendered?
         }
     };

@@ -471,18 +471,13 @@ impl TileCache {
     }
 
     /// The lock of the render of block `key` (see [`block_of`]): hold it
-    /// while checking the cache and rendering, then [`Self::land`] it.
-    pub fn flight(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.flights.lock().unwrap_or_else(|p| p.into_inner()).entry(key.to_string()).or_default().clone()
-    }
-
-    /// Forgets the lock of block `key` once nobody else waits for it.
-    pub fn land(&self, key: &str, flight: Arc<tokio::sync::Mutex<()>>) {
-        let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
-        // Held by the table and by `flight`: nobody else waits.
-        if Arc::strong_count(&flight) <= 2 {
-            flights.remove(key);
-        }
+    /// while checking the cache and rendering. The table forgets the lock
+    /// when the last [`Flight`] of the block is dropped, whether the render
+    /// finished or its request went away, so the table holds only blocks
+    /// being rendered or waited for.
+    pub fn flight(&self, key: &str) -> Flight<'_> {
+        let lock = self.flights.lock().unwrap_or_else(|p| p.into_inner()).entry(key.to_string()).or_default().clone();
+        Flight { cache: self, key: key.to_string(), lock }
     }
 
     /// Bytes of tiles held.
@@ -505,9 +500,39 @@ impl TileCache {
     }
 }
 
+/// One request's share of a block's render lock ([`TileCache::flight`]).
+pub struct Flight<'a> {
+    cache: &'a TileCache,
+    key: String,
+    /// The lock itself: render while holding it.
+    pub lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Drop for Flight<'_> {
+    fn drop(&mut self) {
+        let mut flights = self.cache.flights.lock().unwrap_or_else(|p| p.into_inner());
+        // Held by the table and by this flight: nobody else waits.
+        if Arc::strong_count(&self.lock) <= 2 {
+            flights.remove(&self.key);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_block_lock_is_forgotten_when_its_last_request_goes_away() {
+        let cache = TileCache::default();
+        let (a, b) = (cache.flight("s/1"), cache.flight("s/1"));
+        assert!(Arc::ptr_eq(&a.lock, &b.lock), "requests for one block share its lock");
+        drop(a);
+        assert_eq!(cache.flights.lock().unwrap().len(), 1, "still waited for");
+        // A request dropped before its render finished (client gone) lands too.
+        drop(b);
+        assert!(cache.flights.lock().unwrap().is_empty());
+    }
     use niix_inference::decode::Encoding;
     use niix_inference::pipeline::PlaneInput;
 
