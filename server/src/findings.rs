@@ -58,7 +58,13 @@ pub struct FindingsService {
     gate: Gate,
     events: EventSignal,
     stop: watch::Receiver<bool>,
+    /// Received packages read and decoded at once (each costs about three
+    /// times its size, up to the exchange's 64 MiB message cap).
+    package_reads: Arc<tokio::sync::Semaphore>,
 }
+
+/// Received packages read at once, over every caller.
+const PACKAGE_READS: usize = 2;
 
 fn system_time(t: &prost_types::Timestamp) -> SystemTime {
     UNIX_EPOCH + Duration::new(t.seconds.max(0) as u64, t.nanos.clamp(0, 999_999_999) as u32)
@@ -183,7 +189,14 @@ impl FindingsService {
         events: EventSignal,
         stop: watch::Receiver<bool>,
     ) -> Self {
-        FindingsService { meta, blobs, gate, events, stop }
+        FindingsService {
+            meta,
+            blobs,
+            gate,
+            events,
+            stop,
+            package_reads: Arc::new(tokio::sync::Semaphore::new(PACKAGE_READS)),
+        }
     }
 
     async fn record(&self, scan_id: &str, scope: &SiteScope) -> Result<(ScanRecord, Vec<ThreatReport>)> {
@@ -324,6 +337,7 @@ impl FindingsService {
             return Ok(None);
         }
         let (meta, blobs) = (self.meta.clone(), self.blobs.clone());
+        let _permit = self.package_read().await?;
         blocking(move || {
             let Some(p) = meta.received_packages(&record.scan_id)?.pop() else { return Ok(None) };
             let content = read_package(blobs.as_ref(), &p)?;
@@ -339,6 +353,11 @@ impl FindingsService {
             }))
         })
         .await
+    }
+
+    /// A turn to read a received package ([`PACKAGE_READS`] at once).
+    async fn package_read(&self) -> Result<tokio::sync::SemaphorePermit<'_>> {
+        self.package_reads.acquire().await.map_err(|_| Error::Unavailable("the server is shutting down".into()))
     }
 
     /// Opens stored plane `index` of a scan for reading by rows (blocking).
@@ -378,6 +397,10 @@ impl FindingsService {
     pub async fn overlay(&self, req: RenderOverlayRequest, scope: &SiteScope) -> Result<RenderOverlayResponse> {
         let (record, reports) = self.record(&req.scan_id, scope).await?;
         let (meta, blobs) = (self.meta.clone(), self.blobs.clone());
+        let _permit = match !record.origin.is_empty() && record.planes.is_empty() {
+            true => Some(self.package_read().await?),
+            false => None,
+        };
         blocking(move || {
             if !record.origin.is_empty()
                 && record.planes.is_empty()
