@@ -580,4 +580,12 @@ fn fit_trains_a_site_head_within_budget_whose_version_serves_and_ranks_anomalies
     eprintln!("site head: AUROC {auroc:.3}, anomalous {anomalous:?}, normal max {normal_max:.3}");
     assert!(auroc >= 0.8, "AUROC {auroc}: {report}");
     assert!(median(&anomalous) > normal_max, "anomalous median {} <= normal max {normal_max}", median(&anomalous));
+
+    // A later fit without --train-head keeps the trained head as it is.
+    let later = models.join("cargo-patchcore/2");
+    let (_, log) = succeed(model_fit(&tmp.path().join("normal"), &version, &later));
+    assert!(!log.contains("site head"), "{log}");
+    for f in ["model.onnx", "features.onnx"] {
+        assert_eq!(std::fs::read(later.join(f)).unwrap(), std::fs::read(version.join(f)).unwrap(), "{f}");
+    }
 }
