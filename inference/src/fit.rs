@@ -11,16 +11,20 @@ use ndarray::{Array1, Array2, Array4, ArrayView2, s};
 use ort::session::Session;
 use ort::value::TensorRef;
 
-use crate::manifest::{FitSpec, Manifest};
+use crate::manifest::Manifest;
 use crate::model::ModelError;
 use crate::pipeline::{AnalysisError, ModelInput, fill_tile};
 use crate::runtime::{Threads, environment};
 use crate::tiling::Grid;
 
+/// Rows of a scan's cells `[cells, D]` and each row's map cell (row, column).
+pub type CellRows = (Array2<f32>, Vec<(usize, usize)>);
+
 /// The feature graph of a fittable model.
 pub struct FeatureGraph {
     manifest: Manifest,
-    spec: FitSpec,
+    /// The graph output it reads.
+    output: String,
     /// Tile pixels per feature cell, learnt at load.
     stride: usize,
     /// Feature dimension D.
@@ -42,12 +46,25 @@ impl FeatureGraph {
         let graph = dir.join(&spec.features);
         let bytes =
             std::fs::read(&graph).map_err(|e| ModelError::File { path: graph.clone(), reason: e.to_string() })?;
+        FeatureGraph::from_bytes(manifest, &bytes, &spec.output, &graph, threads)
+    }
+
+    /// A feature graph held in memory (e.g. [`crate::onnx_graph::training_graph`]'s
+    /// bytes), reading `output` (`[N, D, h, w]`); `origin` names it in errors.
+    pub fn from_bytes(
+        manifest: Manifest,
+        bytes: &[u8],
+        output: &str,
+        origin: &Path,
+        threads: Threads,
+    ) -> Result<FeatureGraph, ModelError> {
+        let graph = origin.to_path_buf();
         let env = environment()?;
         let build = || -> Result<Session, ort::Error> {
             Session::builder(&env)?
                 .with_intra_threads(threads.intra_op)?
                 .with_inter_threads(threads.inter_op)?
-                .commit_from_memory(&bytes)
+                .commit_from_memory(bytes)
         };
         let session = build().map_err(|e| ModelError::File {
             path: graph.clone(),
@@ -63,15 +80,14 @@ impl FeatureGraph {
             let out = session
                 .run(ort::inputs![manifest.input.name.as_str() => input])
                 .map_err(|e| bad(format!("a trial run failed: {e}")))?;
-            let (shape, _) = out[spec.output.as_str()]
-                .try_extract_tensor::<f32>()
-                .map_err(|e| bad(format!("output {:?}: {e}", spec.output)))?;
+            let (shape, _) =
+                out[output].try_extract_tensor::<f32>().map_err(|e| bad(format!("output {output:?}: {e}")))?;
             match shape.to_vec().as_slice() {
-                [_, d, h, _] if *h > 0 && side % *h as usize == 0 => (side / *h as usize, *d as usize),
-                other => return Err(bad(format!("output {:?} is {other:?}, not [N, D, h, w]", spec.output))),
+                [_, d, h, _] if *h > 0 && side.is_multiple_of(*h as usize) => (side / *h as usize, *d as usize),
+                other => return Err(bad(format!("output {output:?} is {other:?}, not [N, D, h, w]"))),
             }
         };
-        Ok(FeatureGraph { manifest, spec, stride, dim, session: Mutex::new(session) })
+        Ok(FeatureGraph { manifest, output: output.to_string(), stride, dim, session: Mutex::new(session) })
     }
 
     /// The manifest it was loaded with.
@@ -79,10 +95,25 @@ impl FeatureGraph {
         &self.manifest
     }
 
+    /// Tile pixels per map cell.
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+
+    /// Values per cell.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
     /// The feature vector of every map cell of a scan (decoded by
     /// [`crate::pipeline::model_input`] with this graph's manifest), each taken from the tile
     /// that owns it under the stitching rule: `[cells, D]`.
     pub fn scan_features(&self, input: &ModelInput) -> Result<Array2<f32>, AnalysisError> {
+        Ok(self.scan_cells(input)?.0)
+    }
+
+    /// [`FeatureGraph::scan_features`], with each row's map cell (row, column).
+    pub fn scan_cells(&self, input: &ModelInput) -> Result<CellRows, AnalysisError> {
         let m = &self.manifest;
         let ModelInput { data, pad, size: (h, w), .. } = input;
         let (h, w) = (*h, *w);
@@ -91,6 +122,7 @@ impl FeatureGraph {
         let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
         let (stride, dim) = (self.stride, self.dim);
         let mut rows: Vec<f32> = Vec::new();
+        let mut cells = Vec::new();
         let grid = Grid::new(h, w, side, m.input.overlap, stride);
         let map_side = side / stride;
         let mut batch = Array4::<f32>::zeros((m.input.batch, channels, side, side));
@@ -100,7 +132,7 @@ impl FeatureGraph {
             }
             let view = batch.slice(s![..group.len(), .., .., ..]);
             let out = session.run(ort::inputs![m.input.name.as_str() => TensorRef::from_array_view(view)?])?;
-            let (_, values) = out[self.spec.output.as_str()].try_extract_tensor::<f32>()?;
+            let (_, values) = out[self.output.as_str()].try_extract_tensor::<f32>()?;
             let per_tile = dim * map_side * map_side;
             for (i, tile) in group.iter().enumerate() {
                 let t = &values[i * per_tile..(i + 1) * per_tile];
@@ -109,12 +141,33 @@ impl FeatureGraph {
                     for mx in tile.own_cols.0..tile.own_cols.1 {
                         let cell = (my - ty) * map_side + (mx - tx);
                         rows.extend((0..dim).map(|d| t[d * map_side * map_side + cell]));
+                        cells.push((my, mx));
                     }
                 }
             }
         }
-        let cells = rows.len() / dim;
-        Ok(Array2::from_shape_vec((cells, dim), rows).expect("whole rows pushed"))
+        let count = rows.len() / dim;
+        Ok((Array2::from_shape_vec((count, dim), rows).expect("whole rows pushed"), cells))
+    }
+
+    /// The output of whole tiles `[n, channels, side, side]`, run `batch` at
+    /// a time: `[n, D, side / stride, side / stride]`.
+    pub fn run_tiles(&self, tiles: ndarray::ArrayView4<'_, f32>) -> Result<Array4<f32>, AnalysisError> {
+        let m = &self.manifest;
+        let map_side = m.input.tile / self.stride;
+        let n = tiles.shape()[0];
+        let mut out = Array4::<f32>::zeros((n, self.dim, map_side, map_side));
+        let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        for start in (0..n).step_by(m.input.batch.max(1)) {
+            let end = (start + m.input.batch.max(1)).min(n);
+            let view = tiles.slice(s![start..end, .., .., ..]);
+            let result = session.run(ort::inputs![m.input.name.as_str() => TensorRef::from_array_view(view)?])?;
+            let (_, values) = result[self.output.as_str()].try_extract_tensor::<f32>()?;
+            let got = ndarray::ArrayView4::from_shape((end - start, self.dim, map_side, map_side), values)
+                .expect("the output shape the trial run found");
+            out.slice_mut(s![start..end, .., .., ..]).assign(&got);
+        }
+        Ok(out)
     }
 }
 

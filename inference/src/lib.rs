@@ -13,6 +13,8 @@
 //!   head's weights are written back into it).
 //! - [`site_head`]: the site head's trainer (an MLP over ndarray, hand-written
 //!   backpropagation and Adam).
+//! - [`site_fit`]: `niix model fit --train-head`: training cells from clean
+//!   passes, TIP windows and mining, two rounds, the trained graph.
 //! - [`tip`]: threat image projection, objects rendered into a site's own
 //!   scans in attenuation, with the cell labels the site head trains on.
 //! - [`pipeline`]: decode -> transform -> tile -> batch -> run -> stitch ->
@@ -33,6 +35,7 @@ pub mod pipeline;
 pub mod regions;
 pub mod repository;
 pub mod runtime;
+pub mod site_fit;
 pub mod site_head;
 pub mod structure;
 pub mod tiling;

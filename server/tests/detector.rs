@@ -510,3 +510,82 @@ fn fit_and_eval_read_a_sites_own_ground_truth_with_unknown_fields_and_kinds() {
     let said = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success() && said.contains("synth-32-00003.json: anomaly 0"), "{said}");
 }
+
+/// `niix model fit --train-head` (docs/notes/site-training-plan.md, §6 step
+/// 5): on a small synth set the fit trains the site head within its budget
+/// from the site's own normal scans and objects projected into them, writes
+/// a version whose graph carries the trained head and that ONNX Runtime
+/// serves, and that version ranks anomalous scans above normal ones.
+#[test]
+fn fit_trains_a_site_head_within_budget_whose_version_serves_and_ranks_anomalies_above_normal_scans() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The base with a coreset of 256, so the bank fits a small set.
+    let base = tmp.path().join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    for f in ["model.onnx", "features.onnx", "model.toml"] {
+        std::fs::copy(fixtures().join("patchcore").join(f), base.join(f)).unwrap();
+    }
+    let manifest = std::fs::read_to_string(base.join("model.toml")).unwrap();
+    assert_eq!(manifest.matches("coreset = 4096").count(), 1);
+    std::fs::write(base.join("model.toml"), manifest.replace("coreset = 4096", "coreset = 256")).unwrap();
+
+    let small = Some(("512", "1536"));
+    let (normal, test) = (tmp.path().join("normal"), tmp.path().join("test"));
+    synth(&normal, "40", "16", "0", small);
+    // 8 anomalous and 8 normal scans the fit never sees.
+    synth(&test, "41", "8", "1", small);
+    synth(&test, "42", "8", "0", small);
+    assert_eq!(normal_scans(&test), 8);
+
+    let models = tmp.path().join("models");
+    let version = models.join("cargo-patchcore/1");
+    let mut fit = model_fit(&normal, &base, &version);
+    fit.args(["--train-head", "--windows", "6", "--epochs", "8", "--budget", "2m"]);
+    let (out, log) = succeed(fit);
+    assert!(out.contains("threshold"), "{out}");
+    assert!(log.contains("site head trained within the budget of 2m"), "{log}");
+    assert!(log.contains("round 2, 8 of 8 epochs"), "{log}");
+    // 16 scans, every third held out: 11 fitted, 6 windows each.
+    assert!(log.contains("from 66 TIP windows"), "{log}");
+    let positives: usize = log
+        .split(" positive and ")
+        .next()
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(positives >= 66, "every window has an object: {log}");
+
+    // The graph carries the trained head, without the Python heads' int8 branches.
+    let graph =
+        niix_inference::onnx_graph::OnnxModel::from_bytes(&std::fs::read(version.join("model.onnx")).unwrap()).unwrap();
+    assert_eq!(graph.0.producer_name.as_deref(), Some("niix model fit"));
+    let record = graph.metadata("site_head").unwrap_or_default().to_string();
+    assert!(record.contains("scans=11 windows=6 epochs=8 seed=0") && record.contains("weights_sha256="), "{record}");
+    assert_eq!(graph.nodes_of("QLinearConv").count(), 0);
+    let b2 = graph.initializer("site_b2").unwrap();
+    assert_ne!(b2[[0]], niix_inference::onnx_graph::UNTRAINED_LOGIT, "the head was trained");
+    let manifest = std::fs::read_to_string(version.join("model.toml")).unwrap();
+    assert!(manifest.contains("Site-trained detector") && manifest.contains("on 11 normal scans"), "{manifest}");
+    assert!(!manifest.contains("\ntail = "), "an inherited tail is dropped: {manifest}");
+
+    // It loads and serves through ONNX Runtime, and ranks anomalous scans above normal ones.
+    let report = eval(&test, &models);
+    assert_eq!(report["scans"], 16, "{report}");
+    let auroc = report["auroc"].as_f64().unwrap();
+    let score = |r: &serde_json::Value| r["score"].as_f64().unwrap();
+    let (anomalous, normal): (Vec<_>, Vec<_>) =
+        report["per_scan"].as_array().unwrap().iter().partition(|r| !r["anomalies"].as_array().unwrap().is_empty());
+    let anomalous: Vec<f64> = anomalous.into_iter().map(score).collect();
+    let normal_max = normal.into_iter().map(score).fold(f64::MIN, f64::max);
+    eprintln!("site head: AUROC {auroc:.3}, anomalous {anomalous:?}, normal max {normal_max:.3}");
+    assert!(auroc >= 0.8, "AUROC {auroc}: {report}");
+    assert!(median(&anomalous) > normal_max, "anomalous median {} <= normal max {normal_max}", median(&anomalous));
+
+    // A later fit without --train-head keeps the trained head as it is.
+    let later = models.join("cargo-patchcore/2");
+    let (_, log) = succeed(model_fit(&tmp.path().join("normal"), &version, &later));
+    assert!(!log.contains("site head"), "{log}");
+    for f in ["model.onnx", "features.onnx"] {
+        assert_eq!(std::fs::read(later.join(f)).unwrap(), std::fs::read(version.join(f)).unwrap(), "{f}");
+    }
+}

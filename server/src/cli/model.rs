@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
 use ndarray::{Array2, concatenate};
 use niix_inference::decode::{Encoding, probe};
 use niix_inference::fit::{
@@ -15,9 +16,14 @@ use niix_inference::fit::{
 };
 use niix_inference::manifest::Manifest;
 use niix_inference::model::Model;
+use niix_inference::onnx_graph::site;
 use niix_inference::pipeline::{ModelInput, PlaneInput, Timings, analyze, model_input};
 use niix_inference::regions::Region;
 use niix_inference::runtime::Threads;
+use niix_inference::site_fit::{
+    CALIBRATION_SCANS, SiteGraphs, SiteOptions, SiteRecord, SiteTrainer, plan_budget, site_graphs, trained_model,
+};
+use niix_inference::site_head::{SiteHead, TrainReport};
 use niix_inference::structure::StructureFit;
 use niix_synth::truth::{GroundTruth, TruthBox};
 
@@ -72,6 +78,38 @@ pub struct FitArgs {
     /// with fewer held-out scans build on.
     #[arg(long, value_name = "DIR")]
     pub held_out: Vec<PathBuf>,
+    /// Train the site head on these scans (docs/notes/site-training-plan.md):
+    /// the base's heads are replaced by a small network over each cell's
+    /// features and plane statistics, trained here on the fitted scans
+    /// (negatives) and on windows of them with projected objects
+    /// (positives), with hard negatives mined after a first round. Without
+    /// it the base's heads are kept as they are.
+    #[arg(long)]
+    pub train_head: bool,
+    /// With --train-head: epochs of the final round (the first runs half as many).
+    #[arg(long, default_value_t = 20, requires = "train_head")]
+    pub epochs: usize,
+    /// With --train-head: the time the fit should take (e.g. `30m`). Past
+    /// 80 % of it in projection the fit uses fewer windows and mines every
+    /// second scan; training stops at it, keeping the weights it has.
+    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration, requires = "train_head")]
+    pub budget: std::time::Duration,
+    /// With --train-head: windows with projected objects per fitted scan.
+    #[arg(long, default_value_t = 12, requires = "train_head")]
+    pub windows: usize,
+    /// With --train-head: hard negatives mined per scan after the first round.
+    #[arg(long, default_value_t = 24, requires = "train_head")]
+    pub mine: usize,
+    /// With --train-head: weight of the memory bank's distance term beside the site head.
+    #[arg(long, default_value_t = 0.28, requires = "train_head")]
+    pub distance_weight: f32,
+    /// With --train-head: pixel spacing in mm of scans whose NAME.json
+    /// gives none (`pixel_spacing_mm`); sizes the projected objects.
+    #[arg(long, default_value_t = 2.0, requires = "train_head")]
+    pub pixel_mm: f32,
+    /// With --train-head: seed of the windows, objects, samples and the head's weights.
+    #[arg(long, default_value_t = 0, requires = "train_head")]
+    pub seed: u64,
 }
 
 /// Arguments of `niix eval`.
@@ -109,6 +147,8 @@ struct ScanFiles {
     /// The low-energy plane; none for a single-energy scan.
     low: Option<PathBuf>,
     info: Option<GroundTruth>,
+    /// `pixel_spacing_mm` of its `NAME.json`, if it gives one.
+    pixel_mm: Option<f32>,
 }
 
 /// The scans of a directory, by name: `NAME.high.tif` / `NAME.low.tif`
@@ -129,10 +169,18 @@ fn scan_files(dir: &Path) -> anyhow::Result<Vec<ScanFiles>> {
         };
         let json = dir.join(format!("{name}.json"));
         let info = json.exists().then(|| niix_synth::truth::read_truth(&json)).transpose()?;
-        out.push(ScanFiles { name: name.to_string(), high: path, low, info });
+        let pixel_mm = json.exists().then(|| pixel_spacing(&json)).flatten();
+        out.push(ScanFiles { name: name.to_string(), high: path, low, info, pixel_mm });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
+}
+
+/// The `pixel_spacing_mm` a `NAME.json` gives, if any (a positive number).
+fn pixel_spacing(json: &Path) -> Option<f32> {
+    let text = std::fs::read_to_string(json).ok()?;
+    let value: serde_json::Value = serde_json::from_str(&text).ok()?;
+    value.get("pixel_spacing_mm")?.as_f64().filter(|v| *v > 0.0).map(|v| v as f32)
 }
 
 /// The scans of a directory that are normal: those whose `NAME.json`, if
@@ -266,25 +314,84 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
         Ok(())
     };
 
+    // With --train-head: the site head composed onto the base, and the
+    // training graph every scan runs through instead of the features graph.
+    let mut site = if args.train_head { Some(SiteFit::start(&base, graph.manifest(), &args)?) } else { None };
+    let started = Instant::now();
+    if let Some(site) = site.as_mut() {
+        let mut bands = Vec::new();
+        let mut planes = Vec::new();
+        for (_, s) in fitted.iter().take(CALIBRATION_SCANS) {
+            let input = s.input(graph.manifest())?;
+            bands.push(SiteTrainer::calibration_band(&input));
+            planes = input.planes.clone();
+        }
+        let cal = site.trainer.calibrate(&bands, &planes)?;
+        eprintln!(
+            "site head: material ratio measured in {} of {} attenuation bins, noise I0 {:?} (from {} scans)",
+            cal.ratio.iter().filter(|r| r.is_some()).count(),
+            cal.ratio.len(),
+            cal.photons.iter().map(|p| p.round()).collect::<Vec<_>>(),
+            bands.len()
+        );
+    }
+
     // Every scan is decoded once, for the structure model and, with the seed
     // of its patch sample, for the memory bank: each fitted scan, and with
-    // --bank-library each library scan too.
-    let started = Instant::now();
+    // --bank-library each library scan too. With --train-head the same pass
+    // gives the site head's negatives, and each fitted scan its TIP windows.
     let mut pool: Vec<Array2<f32>> = Vec::new();
-    let fitted_scans = fitted.iter().map(|(i, s)| (s, Some(*i as u64 + 1)));
-    let library_scans = library.iter().enumerate().map(|(j, s)| (s, args.bank_library.then_some(10_000 + j as u64)));
-    for (s, bank_seed) in fitted_scans.chain(library_scans) {
+    let fitted_scans = fitted.iter().map(|(i, s)| (s, Some(*i as u64 + 1), true));
+    let library_scans =
+        library.iter().enumerate().map(|(j, s)| (s, args.bank_library.then_some(10_000 + j as u64), false));
+    let bar = progress_bar(fitted.len() as u64, "features");
+    let mut windows = args.windows;
+    let mut mine_every = 1;
+    let mut done = 0;
+    for (s, bank_seed, is_fitted) in fitted_scans.chain(library_scans) {
         if bank_seed.is_none() && structure_spec.is_none() {
             continue;
         }
         let input = s.input(graph.manifest())?;
         if let Some(seed) = bank_seed {
-            let features = graph.scan_features(&input).with_context(|| format!("features of {}", s.name))?;
+            let features = match site.as_mut() {
+                Some(site) => {
+                    let features =
+                        site.trainer.add_clean(&input, seed).with_context(|| format!("clean pass of {}", s.name))?;
+                    if is_fitted {
+                        let mm = s.pixel_mm.unwrap_or(args.pixel_mm);
+                        site.trainer
+                            .add_windows(&input, windows, mm, seed)
+                            .with_context(|| format!("TIP windows of {}", s.name))?;
+                    }
+                    features
+                }
+                None => graph.scan_features(&input).with_context(|| format!("features of {}", s.name))?,
+            };
             pool.push(cover_rows(features.view(), spec.samples_per_scan, seed));
-            eprintln!("  {} ({} cells)", s.name, features.nrows());
+            bar.suspend(|| eprintln!("  {} ({} cells)", s.name, features.nrows()));
         }
         add_to_structure(&input, &s.name)?;
+        if is_fitted {
+            done += 1;
+            bar.inc(1);
+            if done == 3 && args.train_head {
+                let plan = plan_budget(started.elapsed(), done, fitted.len(), args.budget, windows);
+                if plan.lowered {
+                    bar.suspend(|| {
+                        eprintln!(
+                            "site head: the fit projects to {:.0} s, past 80 % of the budget {:.0} s: {} windows per scan from now on, mining every second scan",
+                            plan.projected.as_secs_f64(),
+                            args.budget.as_secs_f64(),
+                            plan.windows
+                        )
+                    });
+                }
+                (windows, mine_every) = (plan.windows, plan.mine_every);
+            }
+        }
     }
+    bar.finish_and_clear();
     let views: Vec<_> = pool.iter().map(|p| p.view()).collect();
     let pool = concatenate(ndarray::Axis(0), &views)?;
     let bank = coreset(pool.view(), spec.coreset, 7);
@@ -300,6 +407,12 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
         eprintln!("structure model: {structure_scans} scans, {:.1} % of the blocks are fixed structure", fixed * 100.0);
         model
     });
+
+    // The site head: a first round, hard negatives mined, a second round.
+    let trained = match site.as_mut() {
+        Some(site) => Some(train_site_head(site, &fitted, graph.manifest(), mine_every, started, &args)?),
+        None => None,
+    };
 
     // Write the version under a temporary name.
     let parent = args.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -327,8 +440,36 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
         (st.height, st.width) = model.size();
         st.file = Some(file);
     }
-    for file in ["model.onnx", spec.features.as_str()] {
-        std::fs::copy(base.join(file), tmp.join(file)).with_context(|| format!("copying {file}"))?;
+    match site.as_ref().zip(trained.as_ref()) {
+        Some((site, (head, epochs))) => {
+            let record = SiteRecord { scans: fitted.len(), windows, epochs: *epochs, seed: args.seed };
+            let model = trained_model(&site.graphs.composed, head, args.distance_weight, &record)
+                .context("writing the trained site head into the graph")?;
+            std::fs::write(tmp.join("model.onnx"), model.to_bytes())?;
+            // The training graph gives `features` as the base's did, and `head_input`.
+            std::fs::write(tmp.join(&spec.features), site.graphs.training.to_bytes())?;
+            // A tail measured with other heads on other data says nothing of this one.
+            if let Some(fit) = manifest.fit.as_mut() {
+                (fit.tail, fit.tail_scans) = (None, None);
+            }
+            manifest.description = format!(
+                "Site-trained detector: ImageNet EfficientNet-Lite0 features of both energy planes seen at 1/4 \
+                 resolution (one cell per 32 px), scored by a site head (a 142-64-1 network over each cell's \
+                 features, their 7x7 mean and 10 pooled plane statistics) trained by `niix model fit --train-head` \
+                 on {} normal scans with {windows} windows of projected objects each ({} epochs, seed {}), plus {} x \
+                 the nearest-neighbour distance to a memory bank of normal cargo patches, measured against the \
+                 bank's own spacing around that patch",
+                fitted.len(),
+                epochs,
+                args.seed,
+                args.distance_weight
+            );
+        }
+        None => {
+            for file in ["model.onnx", spec.features.as_str()] {
+                std::fs::copy(base.join(file), tmp.join(file)).with_context(|| format!("copying {file}"))?;
+            }
+        }
     }
     std::fs::write(tmp.join("model.toml"), toml::to_string(&manifest)?)?;
 
@@ -344,7 +485,9 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
         scores.push(a.raw_score);
         eprintln!("  held out {}: highest score {:.3}", s.name, a.raw_score);
     }
-    let (threshold, rule) = fit_threshold(&scores, spec.false_alarm_rate, spec.tail);
+    // A site-trained head sets its threshold from its own held-out scans only.
+    let tail = if trained.is_some() { None } else { spec.tail };
+    let (threshold, rule) = fit_threshold(&scores, spec.false_alarm_rate, tail);
     let how = match rule {
         ThresholdRule::Quantile { tail } => {
             let fit = manifest.fit.as_mut().expect("FeatureGraph::load checks [fit]");
@@ -414,6 +557,102 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
         bank.ncols()
     );
     Ok(())
+}
+
+/// The site head being trained in a fit: the composed graphs and the trainer.
+struct SiteFit {
+    graphs: SiteGraphs,
+    trainer: SiteTrainer,
+}
+
+impl SiteFit {
+    /// Composes the site head onto `base/model.onnx` and loads its training graph.
+    fn start(base: &Path, manifest: &Manifest, args: &FitArgs) -> anyhow::Result<SiteFit> {
+        anyhow::ensure!(args.epochs > 0, "--epochs must be at least 1");
+        anyhow::ensure!(args.pixel_mm > 0.0, "--pixel-mm must be positive");
+        let path = base.join("model.onnx");
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let graphs = site_graphs(&bytes).with_context(|| format!("adding the site head to {}", path.display()))?;
+        let graph = FeatureGraph::from_bytes(
+            manifest.clone(),
+            &graphs.training.to_bytes(),
+            site::HEAD_INPUT,
+            &path,
+            Threads::default(),
+        )?;
+        let options = SiteOptions {
+            windows: args.windows,
+            epochs: args.epochs,
+            mine: args.mine,
+            distance_weight: args.distance_weight,
+            seed: args.seed,
+        };
+        let trainer = SiteTrainer::new(graph, options).context("--train-head")?;
+        Ok(SiteFit { graphs, trainer })
+    }
+}
+
+/// A bar on stderr (drawn on a terminal only) for one phase of the fit.
+fn progress_bar(len: u64, phase: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(ProgressStyle::with_template("{msg} {pos}/{len} [{eta}]").expect("static template"));
+    bar.set_message(phase.to_string());
+    bar
+}
+
+/// Round 1, mining every `mine_every`-th fitted scan, round 2 from the same
+/// seed on everything; training stops at `started + --budget`. The head and
+/// the epochs round 2 ran.
+fn train_site_head(
+    site: &mut SiteFit,
+    fitted: &[(usize, ScanFiles)],
+    manifest: &Manifest,
+    mine_every: usize,
+    started: Instant,
+    args: &FitArgs,
+) -> anyhow::Result<(SiteHead, usize)> {
+    let deadline = started + args.budget;
+    let c = site.trainer.counts();
+    eprintln!(
+        "site head: {} clean negatives; {} positive and {} negative cells from {} TIP windows",
+        c.negatives, c.positives, c.window_negatives, c.windows
+    );
+    let round = |site: &SiteFit, number: usize, epochs: usize| -> anyhow::Result<(SiteHead, TrainReport)> {
+        let bar = progress_bar(epochs as u64, &format!("train {number}/2 epoch"));
+        let mut progress = |epoch: usize, loss: f64| {
+            bar.set_position(epoch as u64);
+            bar.set_message(format!("train {number}/2 loss {loss:.3} epoch"));
+        };
+        let result = site.trainer.train(epochs, Some(deadline), &mut progress).context("training the site head")?;
+        bar.finish_and_clear();
+        eprintln!("site head: round {number}, {} of {epochs} epochs, loss {:.4}", result.1.epochs, result.1.loss);
+        Ok(result)
+    };
+    let (first, _) = round(site, 1, (args.epochs / 2).max(1))?;
+    let bar = progress_bar(fitted.len() as u64, "mining");
+    let mut hard = 0;
+    let mut mined = 0;
+    for (k, (_, s)) in fitted.iter().enumerate() {
+        bar.inc(1);
+        if k % mine_every != 0 || Instant::now() >= deadline {
+            continue;
+        }
+        let input = s.input(manifest)?;
+        hard += site.trainer.mine(&first, &input, args.mine).with_context(|| format!("mining {}", s.name))?;
+        mined += 1;
+    }
+    bar.finish_and_clear();
+    eprintln!("site head: {hard} hard negatives mined from {mined} of {} scans", fitted.len());
+    let (head, report) = round(site, 2, args.epochs)?;
+    let spent = started.elapsed();
+    eprintln!(
+        "site head trained {} the budget of {}: {:.1} s since the fit began{}",
+        if report.stopped_early { "up to" } else { "within" },
+        humantime::format_duration(args.budget),
+        spent.as_secs_f64(),
+        if report.stopped_early { ", stopped at the deadline with the last weights" } else { "" }
+    );
+    Ok((head, report.epochs))
 }
 
 /// Writes constant `name`'s values into `dir` and sets its shape in `manifest` to theirs.
