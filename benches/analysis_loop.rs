@@ -22,12 +22,27 @@ struct Args {
     /// Analyses to run.
     #[arg(long, default_value_t = 5)]
     runs: usize,
+    /// Keep the scan's two TIFFs in this directory, and reuse them when they
+    /// are there (so a profile of the loop is not mostly `niix synth`).
+    #[arg(long)]
+    scan_dir: Option<std::path::PathBuf>,
 }
 
 fn main() {
     let a = Args::parse();
-    let dir = tempfile::tempdir_in(workspace().join("target")).expect("temp dir");
-    let (high, low) = synth_planes(dir.path(), 1, 0, &niix_synth::Options { anomaly_rate: 1.0, ..Default::default() });
+    let tmp = tempfile::tempdir_in(workspace().join("target")).expect("temp dir");
+    let dir = a.scan_dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    let (high, low) = match (dir.join("high.tif"), dir.join("low.tif")) {
+        (h, l) if h.is_file() && l.is_file() => (h, l),
+        (h, l) => {
+            std::fs::create_dir_all(&dir).expect("scan dir");
+            let options = niix_synth::Options { anomaly_rate: 1.0, ..Default::default() };
+            let (sh, sl) = synth_planes(&dir, 1, 0, &options);
+            std::fs::rename(sh, &h).expect("renaming the high plane");
+            std::fs::rename(sl, &l).expect("renaming the low plane");
+            (h, l)
+        }
+    };
     let model =
         Model::load(&workspace().join(format!("fixtures/models/{}/1", a.model)), &a.model, 1, Threads::default())
             .expect("a bundled model");
