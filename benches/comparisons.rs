@@ -18,6 +18,9 @@
 //!   `own_vs_python_non_onnx_*` the same against the baseline's; `niix_vs_raw_ort_*`
 //!   the analysis against ONNX Runtime alone on the same tiles, which also
 //!   counts what the overlapped stages take from ONNX Runtime's cores.
+//! - `cpu_vs_python_*`: CPU seconds (all threads, ONNX Runtime's included)
+//!   per analysis, niix over the baseline: the work each side does, which
+//!   other tenants of a shared machine disturb less than wall time.
 //! - `ingest_vs_raw_copy`: push throughput of a 1 GiB plane to a `niix serve`
 //!   child over loopback (hashing and fsync included), divided by a plain
 //!   loopback TCP socket-to-file copy of the same bytes with fsync.
@@ -117,6 +120,10 @@ struct Compared {
     /// The baseline's best time, and the part outside ONNX Runtime; `None`
     /// when it could not run.
     python: Option<(f64, f64)>,
+    /// Mean process CPU seconds (all threads, ONNX Runtime's included) per
+    /// analysis on each side; the baseline's when it ran.
+    niix_cpu: f64,
+    python_cpu: Option<f64>,
     /// `Some(why)` when the two disagree (or the check could not run).
     differs: Option<String>,
     timings: Timings,
@@ -144,6 +151,7 @@ fn compare_with_python(name: &str, high: &Path, low: &Path, work: &Path) -> Comp
     let dir = workspace().join(format!("fixtures/models/{name}/1"));
     let model = Model::load(&dir, name, 1, Threads::default()).expect("a bundled model");
     let raw_ort = best((0..REPEAT).map(|_| raw_ort_seconds(&model, high, low)));
+    let cpu0 = ProcessCpu::of("self");
     let runs: Vec<_> = (0..5)
         .map(|_| {
             let t0 = Instant::now();
@@ -151,9 +159,19 @@ fn compare_with_python(name: &str, high: &Path, low: &Path, work: &Path) -> Comp
             (t0.elapsed().as_secs_f64(), a)
         })
         .collect();
+    let niix_cpu = ProcessCpu::of("self").since(cpu0).seconds / runs.len() as f64;
     let (niix, a) = runs.into_iter().min_by(|x, y| x.0.total_cmp(&y.0)).expect("five runs");
     let niix_own = (a.timings.total - a.timings.infer).as_secs_f64();
-    let mut out = Compared { niix, niix_own, raw_ort, python: None, differs: None, timings: a.timings };
+    let mut out = Compared {
+        niix,
+        niix_own,
+        raw_ort,
+        python: None,
+        niix_cpu,
+        python_cpu: None,
+        differs: None,
+        timings: a.timings,
+    };
     drop(model);
 
     std::fs::create_dir_all(work).expect("work dir");
@@ -188,6 +206,7 @@ fn compare_with_python(name: &str, high: &Path, low: &Path, work: &Path) -> Comp
     let v: serde_json::Value = serde_json::from_slice(&baseline).expect("pipeline.py --json prints JSON");
     let (total, infer) = (v["seconds"].as_f64(), v["timings"]["infer"].as_f64());
     out.python = total.zip(infer).map(|(t, i)| (t, t - i));
+    out.python_cpu = v["cpu_seconds_mean"].as_f64();
     let check = Command::new(&py)
         .arg(workspace().join("benches/baselines/check_equal.py"))
         .args([&niix_json, &py_json])
@@ -340,6 +359,16 @@ async fn main() {
                     figures.push((format!("python_non_onnx_seconds_{label}"), format!("{py_own:.3}")));
                     figures.push((ratio.into(), format!("{:.2}", py / c.niix)));
                     figures.push((format!("own_vs_python_non_onnx_{label}"), format!("{:.2}", c.niix_own / py_own)));
+                    if let Some(py_cpu) = c.python_cpu {
+                        figures.push((
+                            format!("cpu_vs_python_{label}"),
+                            format!(
+                                "{:.2} (niix {:.3} s, Python {py_cpu:.3} s of CPU per analysis)",
+                                c.niix_cpu / py_cpu,
+                                c.niix_cpu
+                            ),
+                        ));
+                    }
                 }
                 (_, Some(why)) => {
                     eprintln!("\n!!! {name}: niix and the Python baseline DIFFER; no ratio is printed:\n{why}\n");

@@ -86,8 +86,9 @@ pub struct Timings {
     /// Intensity transform into the channel tensor, when timed on its own
     /// ([`transform`]); zero in [`analyze`], where it is part of `tile`.
     pub transform: Duration,
-    /// Copying tiles into batches through the lookup tables (on the tiler
-    /// thread, overlapped).
+    /// Copying tiles into batches out of the transformed bands (on the tiler
+    /// thread, overlapped; the transform itself, as rows enter the bands, is
+    /// not in it).
     pub tile: Duration,
     /// ONNX Runtime.
     pub infer: Duration,
