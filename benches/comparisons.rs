@@ -6,8 +6,21 @@
 //! - `overhead_vs_raw_ort`: push to findings available through gRPC for one
 //!   2048x6144 dual-energy scan, divided by the time ONNX Runtime alone
 //!   spends on the same tiles (same model, same process run).
-//! - `speedup_vs_python`: `benches/baselines/pipeline.py` (Pillow + numpy +
-//!   onnxruntime) on the same scan and model, divided by niix's analysis.
+//! - `speedup_vs_python` (demo model) and `speedup_vs_python_shipped`
+//!   (`cargo-patchcore`): `benches/baselines/pipeline.py` (Pillow, numpy,
+//!   scipy.ndimage, onnxruntime with the same threads) on the same scan and
+//!   model, divided by niix's `analyze`. Printed only when
+//!   `benches/baselines/check_equal.py` finds the two results equal (scores
+//!   within 1e-4, identical boxes, score maps equal at 8 bits); otherwise the
+//!   figure says REFUSED and the differences are printed.
+//! - `niix_own_seconds_*`: niix's analysis wall time outside ONNX Runtime
+//!   (total minus the time inside `Model::run`), and
+//!   `own_vs_python_non_onnx_*` the same against the baseline's; `niix_vs_raw_ort_*`
+//!   the analysis against ONNX Runtime alone on the same tiles, which also
+//!   counts what the overlapped stages take from ONNX Runtime's cores.
+//! - `cpu_vs_python_*`: CPU seconds (all threads, ONNX Runtime's included)
+//!   per analysis, niix over the baseline: the work each side does, which
+//!   other tenants of a shared machine disturb less than wall time.
 //! - `ingest_vs_raw_copy`: push throughput of a 1 GiB plane to a `niix serve`
 //!   child over loopback (hashing and fsync included), divided by a plain
 //!   loopback TCP socket-to-file copy of the same bytes with fsync.
@@ -97,21 +110,120 @@ fn best(xs: impl IntoIterator<Item = f64>) -> f64 {
     xs.into_iter().fold(f64::INFINITY, f64::min)
 }
 
-/// The Python baseline's best time on the scan with the demo model it mirrors.
-fn python_seconds(high: &Path, low: &Path) -> Option<f64> {
+/// One model's analysis by niix and by the Python baseline on the same scan.
+struct Compared {
+    /// niix's best `analyze` wall time, and the part of it outside ONNX Runtime.
+    niix: f64,
+    niix_own: f64,
+    /// ONNX Runtime alone on the same tiles (best of [`REPEAT`]).
+    raw_ort: f64,
+    /// The baseline's best time, and the part outside ONNX Runtime; `None`
+    /// when it could not run.
+    python: Option<(f64, f64)>,
+    /// Mean process CPU seconds (all threads, ONNX Runtime's included) per
+    /// analysis on each side; the baseline's when it ran.
+    niix_cpu: f64,
+    python_cpu: Option<f64>,
+    /// `Some(why)` when the two disagree (or the check could not run).
+    differs: Option<String>,
+    timings: Timings,
+}
+
+/// niix's findings as `check_equal.py` reads them.
+fn findings_json(a: &niix_inference::pipeline::Analysis) -> serde_json::Value {
+    let regions: Vec<serde_json::Value> = a
+        .regions
+        .iter()
+        .map(|r| {
+            serde_json::json!({"id": r.id, "x": r.x, "y": r.y, "width": r.width, "height": r.height,
+                "area_px": r.area, "max_score": r.max_score, "mean_score": r.mean_score})
+        })
+        .collect();
+    serde_json::json!({"decision": if a.alarm { "ALARM" } else { "CLEAR" }, "score": a.score, "regions": regions})
+}
+
+/// Runs `model` through niix (best of 5 `analyze` calls) and through
+/// `benches/baselines/pipeline.py` (best of 5 in one process), then
+/// `check_equal.py` on their findings and score maps (scores within 1e-4,
+/// identical boxes, maps equal at 8 bits): a ratio between the two is only
+/// worth printing if they found the same.
+fn compare_with_python(name: &str, high: &Path, low: &Path, work: &Path) -> Compared {
+    let dir = workspace().join(format!("fixtures/models/{name}/1"));
+    let model = Model::load(&dir, name, 1, Threads::default()).expect("a bundled model");
+    let raw_ort = best((0..REPEAT).map(|_| raw_ort_seconds(&model, high, low)));
+    let cpu0 = ProcessCpu::of("self");
+    let runs: Vec<_> = (0..5)
+        .map(|_| {
+            let t0 = Instant::now();
+            let a = analyze(&model, planes(high, low)).expect("analysis");
+            (t0.elapsed().as_secs_f64(), a)
+        })
+        .collect();
+    let niix_cpu = ProcessCpu::of("self").since(cpu0).seconds / runs.len() as f64;
+    let (niix, a) = runs.into_iter().min_by(|x, y| x.0.total_cmp(&y.0)).expect("five runs");
+    let niix_own = (a.timings.total - a.timings.infer).as_secs_f64();
+    let mut out = Compared {
+        niix,
+        niix_own,
+        raw_ort,
+        python: None,
+        niix_cpu,
+        python_cpu: None,
+        differs: None,
+        timings: a.timings,
+    };
+    drop(model);
+
+    std::fs::create_dir_all(work).expect("work dir");
+    let (niix_json, niix_map) = (work.join("niix.json"), work.join("niix-map.png"));
+    let (py_json, py_map) = (work.join("python.json"), work.join("python-map.npy"));
+    std::fs::write(&niix_json, findings_json(&a).to_string()).expect("writing niix.json");
+    std::fs::write(&niix_map, niix::plane::encode_map_png(&a.map)).expect("writing the niix map");
     let py = workspace().join(".niix/venv/bin/python");
-    let out = Command::new(py)
+    let baseline = Command::new(&py)
         .arg(workspace().join("benches/baselines/pipeline.py"))
-        .args(["--model", workspace().join("fixtures/models/demo-local-contrast/1").to_str()?])
-        .args(["--plane", high.to_str()?, "--plane", low.to_str()?, "--repeat", "5", "--json"])
+        .arg("--model")
+        .arg(&dir)
+        .arg("--plane")
+        .arg(high)
+        .arg("--plane")
+        .arg(low)
+        .args(["--repeat", "5", "--json", "--save-map"])
+        .arg(&py_map)
+        .output();
+    let baseline = match baseline {
+        Ok(o) if o.status.success() => o.stdout,
+        Ok(o) => {
+            out.differs = Some(format!("the Python baseline failed: {}", String::from_utf8_lossy(&o.stderr)));
+            return out;
+        }
+        Err(e) => {
+            out.differs = Some(format!("the Python baseline did not start ({e}): run make bench to set it up"));
+            return out;
+        }
+    };
+    std::fs::write(&py_json, &baseline).expect("writing python.json");
+    let v: serde_json::Value = serde_json::from_slice(&baseline).expect("pipeline.py --json prints JSON");
+    let (total, infer) = (v["seconds"].as_f64(), v["timings"]["infer"].as_f64());
+    out.python = total.zip(infer).map(|(t, i)| (t, t - i));
+    out.python_cpu = v["cpu_seconds_mean"].as_f64();
+    let check = Command::new(&py)
+        .arg(workspace().join("benches/baselines/check_equal.py"))
+        .args([&niix_json, &py_json])
+        .args(["--score-tol", "1e-4", "--niix-map"])
+        .arg(&niix_map)
+        .arg("--python-map")
+        .arg(&py_map)
         .output()
-        .ok()?;
-    if !out.status.success() {
-        eprintln!("python baseline failed: {}", String::from_utf8_lossy(&out.stderr));
-        return None;
+        .expect("check_equal.py runs");
+    let said = format!("{}{}", String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr))
+        .trim()
+        .to_string();
+    println!("check_equal ({name}): {said}");
+    if !check.status.success() {
+        out.differs = Some(said);
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    v["seconds"].as_f64()
+    out
 }
 
 /// An ingest-only server (analysis off), so its memory is the ingest path's.
@@ -170,7 +282,7 @@ fn raw_copy_seconds(file: &Path, out: &Path) -> f64 {
 }
 
 /// Whether to run a section: all of them unless `NIIX_BENCH_ONLY` lists some
-/// (comma-separated: `analysis`, `ingest`, `concurrent`).
+/// (comma-separated: `analysis`, `python`, `ingest`, `concurrent`).
 fn section(name: &str) -> bool {
     match std::env::var("NIIX_BENCH_ONLY") {
         Ok(only) => only.split(',').any(|s| s.trim() == name),
@@ -181,16 +293,14 @@ fn section(name: &str) -> bool {
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let tmp = tempfile::tempdir_in(workspace().join("target")).expect("temp dir");
-    let mut figures: Vec<(&str, String)> = Vec::new();
+    let mut figures: Vec<(String, String)> = Vec::new();
 
-    // --- Analysis: niix vs raw ONNX Runtime, niix vs Python.
+    let scan = || {
+        synth_planes(&tmp.path().join("scan"), 1, 0, &niix_synth::Options { anomaly_rate: 1.0, ..Default::default() })
+    };
+    // --- Analysis: niix end to end vs raw ONNX Runtime.
     if section("analysis") {
-        let (high, low) = synth_planes(
-            &tmp.path().join("scan"),
-            1,
-            0,
-            &niix_synth::Options { anomaly_rate: 1.0, ..Default::default() },
-        );
+        let (high, low) = scan();
         let model_dir = workspace().join(format!("fixtures/models/{MODEL}/1"));
         let model = Model::load(&model_dir, MODEL, 1, Threads::default()).expect("the bundled model");
         let raw = best((0..REPEAT).map(|_| raw_ort_seconds(&model, &high, &low)));
@@ -213,46 +323,63 @@ async fn main() {
             v
         });
         server.shutdown().await.expect("shutdown");
-        figures.push(("end_to_end_seconds", format!("{e2e:.3}")));
-        figures.push(("raw_ort_seconds", format!("{raw:.3}")));
-        figures.push(("overhead_vs_raw_ort", format!("{:.2}", e2e / raw)));
-
-        let demo = Model::load(
-            &workspace().join("fixtures/models/demo-local-contrast/1"),
-            "demo-local-contrast",
-            1,
-            Threads::default(),
-        )
-        .expect("the demo model");
-        let runs: Vec<_> = (0..5)
-            .map(|_| {
-                let t0 = Instant::now();
-                let a = analyze(&demo, planes(&high, &low)).expect("analysis");
-                (t0.elapsed().as_secs_f64(), a.timings)
-            })
-            .collect();
-        let (niix_demo, t) = runs.into_iter().min_by(|a, b| a.0.total_cmp(&b.0)).expect("five runs");
-        figures.push(("niix_analysis_seconds", format!("{niix_demo:.3}")));
-        // Where niix's time goes, in the best run (decode includes the transform).
-        for (stage, d) in [
-            ("decode", t.decode),
-            ("tile", t.tile),
-            ("infer", t.infer),
-            ("stitch", t.stitch),
-            ("postprocess", t.postprocess),
-            ("total", t.total),
-        ] {
-            println!("niix_{stage}_seconds: {:.3}", d.as_secs_f64());
-        }
-        match python_seconds(&high, &low) {
-            Some(py) => {
-                figures.push(("python_analysis_seconds", format!("{py:.3}")));
-                figures.push(("speedup_vs_python", format!("{:.2}", py / niix_demo)));
-            }
-            None => figures.push(("speedup_vs_python", "n/a (run make bench to set up the Python baseline)".into())),
-        }
+        figures.push(("end_to_end_seconds".into(), format!("{e2e:.3}")));
+        figures.push(("raw_ort_seconds".into(), format!("{raw:.3}")));
+        figures.push(("overhead_vs_raw_ort".into(), format!("{:.2}", e2e / raw)));
         drop(model);
-        drop(demo);
+    }
+    // --- niix's analysis vs the Python baseline, each model on both sides.
+    if section("python") {
+        let (high, low) = scan();
+        for (label, name) in [("demo", "demo-local-contrast"), ("shipped", MODEL)] {
+            let c = compare_with_python(name, &high, &low, &tmp.path().join(format!("compare-{label}")));
+            let t = c.timings;
+            // Where niix's time goes, in the best run (decode includes the
+            // transform; decode and tile overlap ONNX Runtime).
+            for (stage, d) in [
+                ("decode", t.decode),
+                ("tile", t.tile),
+                ("infer", t.infer),
+                ("stitch", t.stitch),
+                ("postprocess", t.postprocess),
+                ("total", t.total),
+            ] {
+                println!("niix_{stage}_seconds_{label}: {:.3}", d.as_secs_f64());
+            }
+            figures.push((format!("niix_analysis_seconds_{label}"), format!("{:.3}", c.niix)));
+            figures.push((format!("niix_own_seconds_{label}"), format!("{:.3}", c.niix_own)));
+            figures.push((
+                format!("niix_vs_raw_ort_{label}"),
+                format!("{:.2} (raw {:.3} s)", c.niix / c.raw_ort, c.raw_ort),
+            ));
+            let ratio = if label == "demo" { "speedup_vs_python" } else { "speedup_vs_python_shipped" };
+            match (c.python, &c.differs) {
+                (Some((py, py_own)), None) => {
+                    figures.push((format!("python_analysis_seconds_{label}"), format!("{py:.3}")));
+                    figures.push((format!("python_non_onnx_seconds_{label}"), format!("{py_own:.3}")));
+                    figures.push((ratio.into(), format!("{:.2}", py / c.niix)));
+                    figures.push((format!("own_vs_python_non_onnx_{label}"), format!("{:.2}", c.niix_own / py_own)));
+                    if let Some(py_cpu) = c.python_cpu {
+                        figures.push((
+                            format!("cpu_vs_python_{label}"),
+                            format!(
+                                "{:.2} (niix {:.3} s, Python {py_cpu:.3} s of CPU per analysis)",
+                                c.niix_cpu / py_cpu,
+                                c.niix_cpu
+                            ),
+                        ));
+                    }
+                }
+                (_, Some(why)) => {
+                    eprintln!("\n!!! {name}: niix and the Python baseline DIFFER; no ratio is printed:\n{why}\n");
+                    figures.push((
+                        ratio.into(),
+                        format!("REFUSED: niix and Python differ on {name} (see check_equal above)"),
+                    ));
+                }
+                (None, None) => figures.push((ratio.into(), "n/a (the Python baseline gave no time)".into())),
+            }
+        }
     }
     // --- Ingest: 1 GiB over loopback vs a plain socket-to-file copy.
     if section("ingest") {
@@ -269,15 +396,15 @@ async fn main() {
         let (server_before, client_before) = (serve.cpu(), ProcessCpu::of("self"));
         let push = push_raw(&serve.url, &big, width, height).await;
         let (server, client) = (serve.cpu().since(server_before), ProcessCpu::of("self").since(client_before));
-        figures.push(("ingest_mib_s", format!("{:.0}", gib / push)));
-        figures.push(("raw_copy_mib_s", format!("{:.0}", gib / copy)));
-        figures.push(("ingest_vs_raw_copy", format!("{:.2}", copy / push)));
-        figures.push(("ingest_peak_rss_mib", format!("{:.0}", serve.memory_mib("VmHWM"))));
+        figures.push(("ingest_mib_s".into(), format!("{:.0}", gib / push)));
+        figures.push(("raw_copy_mib_s".into(), format!("{:.0}", gib / copy)));
+        figures.push(("ingest_vs_raw_copy".into(), format!("{:.2}", copy / push)));
+        figures.push(("ingest_peak_rss_mib".into(), format!("{:.0}", serve.memory_mib("VmHWM"))));
         // Where the time goes: CPU seconds per GiB on each side (two cores: both
         // sides together cannot use more than 2x the push's wall time).
-        figures.push(("ingest_server_cpu_s_per_gib", format!("{:.2}", server.seconds)));
-        figures.push(("ingest_client_cpu_s_per_gib", format!("{:.2}", client.seconds)));
-        figures.push(("ingest_server_minor_faults_per_gib", format!("{}", server.minor_faults)));
+        figures.push(("ingest_server_cpu_s_per_gib".into(), format!("{:.2}", server.seconds)));
+        figures.push(("ingest_client_cpu_s_per_gib".into(), format!("{:.2}", client.seconds)));
+        figures.push(("ingest_server_minor_faults_per_gib".into(), format!("{}", server.minor_faults)));
         drop(serve);
         let _ = std::fs::remove_dir_all(tmp.path().join("ingest"));
     }
@@ -298,7 +425,7 @@ async fn main() {
             t.await.expect("a pusher failed");
         }
         let eight = t0.elapsed().as_secs_f64();
-        figures.push(("concurrent_ingest_efficiency", format!("{:.2}", (8.0 / eight) / (1.0 / one))));
+        figures.push(("concurrent_ingest_efficiency".into(), format!("{:.2}", (8.0 / eight) / (1.0 / one))));
         drop(serve);
     }
 

@@ -53,7 +53,7 @@ def edges(r: dict) -> tuple[int, int, int, int]:
 
 
 def max_score(r: dict) -> float:
-    return float(r.get("max_score", r["score"]))
+    return float(r["max_score"] if "max_score" in r else r["score"])
 
 
 def main() -> int:

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 r"""Reference Python pipeline: niix's scan analysis, written the way a customs
-data team would write it with Pillow + numpy + onnxruntime.
+data team would write it with Pillow + numpy + scipy.ndimage + onnxruntime.
 
 It is the baseline of the benchmark figure "speedup_vs_python" (Python
-seconds / niix seconds on the same scan). It does exactly what niix's Rust
+seconds / niix seconds on the same scan and model: the demo model and the
+shipped cargo-patchcore). It does exactly what niix's Rust
 tensor core does, with the same model, the same tiles and the same
 post-processing, so its findings equal niix's (see check_equal.py):
 
@@ -11,40 +12,51 @@ post-processing, so its findings equal niix's (see check_equal.py):
   ---------------  ----------------------------------------------------  -------------------------------------------
   manifest         read model.toml, defaults as niix                     inference/src/manifest.rs
   model            ONNX Runtime session, trial run on a blank tile to    inference/src/model.rs (Model::load, run)
-                   learn the map stride
+                   learn the map stride; [[constants]] inputs (a memory
+                   bank) fed with every batch
   select planes    per input channel the first plane kind that the scan  inference/src/pipeline.rs (select_planes)
                    has, of the channel's "a|b|c" alternatives
   decode           TIFF/PNG, 8- or 16-bit grey -> uint16 (8-bit widened  inference/src/decode.rs, pipeline.rs
-                   as is, not rescaled), full resolution, never resized  (decode_plane)
+                   as is, not rescaled), full resolution, never resized; (decode_plane)
+                   one thread per plane, as niix
   transform        65536-entry float32 lookup table per channel          pipeline.rs (lookup_table, transform)
-                   (neg_log | ratio | raw, clip, mean/std) -> [C, H, W]
+                   (neg_log | ratio | raw, clip, mean/std) -> [C, H, W],
+                   on the plane's decode thread
   tile             tile x tile tiles overlapping by >= overlap; the      inference/src/tiling.rs (Axis, Grid),
                    last one pulled back to the edge; outside the image   pipeline.rs (fill_tile)
                    padded with the transformed value of air (i0)
-  infer            `batch` tiles per ONNX Runtime call, row-major order  pipeline.rs (infer_map), model.rs (run)
+  infer            `batch` tiles per ONNX Runtime call, row-major order; pipeline.rs (infer_streaming), model.rs (run)
+                   a second thread fills the next batch meanwhile
+  structure        models with a [structure] file, on scans of its size: structure.rs (Structure::raise)
+                   register the first channel by row/column profiles,
+                   8x8 block means, excess over the normal limit beyond
+                   the cargo running on from the hold, raise the map
   stitch           each tile writes only the map cells it owns (overlap  tiling.rs (owned), pipeline.rs (stitch_tile)
                    split at its midpoint); background_weight x the map's
                    background_quantile off every cell if the weight is > 0;
                    score = clamp((v - score_min)
                    / (score_max - score_min), 0, 1)
-  post-process     cells >= threshold -> 8-connected regions; drop those  inference/src/regions.rs (find_regions),
+  post-process     cells >= threshold -> 8-connected regions             inference/src/regions.rs (find_regions),
+                   (scipy.ndimage.label); drop those
                    under min_region_area pixels; boxes in pixels clipped  pipeline.rs (analyze)
                    to the image; sort by max score desc, then (y, x);
                    scan score = max of the map; ALARM iff a region        server/src/analysis.rs (machine_report)
                    remains, else CLEAR
 
 Differences that are deliberate and do not change results:
-  * No producer thread: niix fills the next batch on a second thread while
-    ONNX Runtime runs the current one; here batches are filled in the same
-    loop (what a plain script does). The "tile" timing is therefore on the
-    critical path here and overlapped in niix.
+  * niix streams: it decodes and tiles rows as they are read, so ONNX Runtime
+    starts before the planes are decoded. Here the planes are decoded whole
+    (on two threads), then a second thread fills the next batch while ONNX
+    Runtime runs the current one (niix's tiler thread does the same); "tile"
+    is the time spent waiting for a filled batch.
   * Scores are normalised once on the stitched raw map instead of per tile
     (same float32 arithmetic per cell, so bit-identical).
-  * Connected components: numpy has no labelling function and this baseline
-    is Pillow + numpy + onnxruntime only (no scipy), so components are found on
-    horizontal runs of anomalous cells (vectorised run detection, run
-    adjacency via searchsorted, union-find by vectorised root hooking). With
-    scipy one would call scipy.ndimage.label(mask, np.ones((3, 3))).
+  * Sums whose order numpy chooses (row profiles, the registration's
+    correlations) may differ from niix's in the last bit; scores agree far
+    inside check_equal.py's tolerance. Block means and region statistics are
+    summed in niix's order.
+  * decision.smooth > 1 (a map box filter) is not mirrored: the baseline
+    refuses such a model rather than time something else.
 
 ONNX Runtime threads as niix's defaults: intra_op = number of cores,
 inter_op = 1 (inference/src/runtime.rs, Threads::default).
@@ -55,8 +67,8 @@ load (niix loads models once at start) excluded. With --repeat N the whole
 analysis runs N times and "seconds" is the best, "seconds_mean" the mean.
 
 Usage:
-  pipeline.py --model fixtures/models/demo-local-contrast/1 \
-      --plane high.tif [--plane low.tif] [--repeat N] [--json]
+  pipeline.py --model fixtures/models/cargo-patchcore/1 \
+      --plane high.tif [--plane low.tif] [--repeat N] [--json] [--save-map MAP.npy]
 A plane is FILE or KIND=FILE. Without kinds, as `niix push`: one plane is
 single_energy; two are high_energy then low_energy.
 """
@@ -73,12 +85,16 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 HIGH_THREAT_SCORE = 0.9  # server/src/analysis.rs: HIGH_THREAT at max score >= 0.9
 PLANE_KINDS = ("single_energy", "high_energy", "low_energy", "z_effective", "backscatter")
 F32 = np.float32
+POOL = ThreadPoolExecutor(2)  # plane decoders, then the batch filler
 
 
 # --------------------------------------------------------------------------
@@ -106,6 +122,9 @@ class Manifest:
     category: str
     background_weight: float
     background_quantile: float
+    smooth: int
+    constants: list[tuple[str, str, list[int]]]  # (input name, file, shape)
+    structure: dict | None  # [structure] with niix's defaults, when the model has one
 
     @staticmethod
     def load(model_dir: Path) -> "Manifest":
@@ -131,6 +150,11 @@ class Manifest:
             category=dec.get("category", "ANOMALY"),
             background_weight=float(dec.get("background_weight", 0.0)),
             background_quantile=float(dec.get("background_quantile", 0.99)),
+            smooth=int(dec.get("smooth", 1)),
+            constants=[(c["name"], c["file"], [int(d) for d in c["shape"]]) for c in m.get("constants", [])],
+            structure=(
+                {"block": 8, "max_shift": 48, "reach": 12, **m["structure"]} if "structure" in m else None
+            ),
         )
 
     def channel_kinds(self, c: int) -> list[str]:
@@ -141,6 +165,122 @@ class Manifest:
         """(mean, std) of channel c: none -> (0, 1); one value -> every channel."""
         pick = lambda v, default: default if not v else (v[0] if len(v) == 1 else v[c])  # noqa: E731
         return pick(self.mean, 0.0), pick(self.std, 1.0)
+
+
+# --------------------------------------------------------------------------
+# Structure model (inference/src/structure.rs): the conveyance's own
+# structure, per 8x8 block of the first channel, raising the map where a
+# registered scan exceeds the normal limit there.
+# --------------------------------------------------------------------------
+class Structure:
+    def __init__(self, model_dir: Path, spec: dict):
+        h, w, b = int(spec["height"]), int(spec["width"]), int(spec["block"])
+        bh, bw = h // b, w // b
+        v = np.fromfile(model_dir / spec["file"], dtype="<f4")
+        if v.size != h + w + 2 * bh * bw:
+            raise SystemExit(f"{spec['file']}: {v.size} values; {h}x{w} scans in {b}-pixel blocks need {h + w + 2 * bh * bw}")
+        self.block, self.max_shift, self.reach = b, int(spec["max_shift"]), int(spec["reach"])
+        self.margin, self.weight = F32(spec["margin"]), F32(spec["weight"])
+        self.row_profile, self.col_profile = v[:h], v[h:h + w]
+        self.limit = v[h + w:h + w + bh * bw].reshape(bh, bw)
+        self.floor = v[h + w + bh * bw:].reshape(bh, bw)
+
+    def size(self) -> tuple[int, int]:
+        return len(self.row_profile), len(self.col_profile)
+
+    @staticmethod
+    def profiles(plane: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mean of each row and each column, summed in float64."""
+        rows = (plane.sum(axis=1, dtype=np.float64) / plane.shape[1]).astype(F32)
+        cols = (plane.sum(axis=0, dtype=np.float64) / plane.shape[0]).astype(F32)
+        return rows, cols
+
+    @staticmethod
+    def best_shift(profile: np.ndarray, reference: np.ndarray, max_shift: int) -> int:
+        """The shift s (|s| <= max) with the largest correlation of first
+        differences of profile[i + s] and reference[i]; ties to the smaller |s|."""
+        n = min(len(profile), len(reference))
+        if n < 3:
+            return 0
+        g = np.diff(profile[:n]).astype(np.float64)
+        r = np.diff(reference[:n]).astype(np.float64)
+        m = min(max_shift, len(g) - 1)
+        best = (-math.inf, 0)
+        for s in range(-m, m + 1):
+            c = float(np.dot(g[max(s, 0):len(g) + min(s, 0)], r[max(-s, 0):len(r) - max(s, 0)]))
+            if c > best[0] or (c == best[0] and abs(s) < abs(best[1])):
+                best = (c, s)
+        return best[1]
+
+    def blocks(self, plane: np.ndarray, dy: int, dx: int) -> np.ndarray:
+        """Block means of the plane shifted by (dy, dx), edge pixels repeated;
+        summed in niix's order (8 pixels of a row, times 1/64, rows in turn)."""
+        h, w = plane.shape
+        b = self.block
+        bh, bw = h // b, w // b
+        ys = np.clip(np.arange(bh * b) + dy, 0, h - 1)
+        xs = np.clip(np.arange(bw * b) + dx, 0, w - 1)
+        px = np.take(plane[ys], xs, axis=1).reshape(bh * b, bw, b)
+        row_sums = px[:, :, 0].copy()
+        for k in range(1, b):
+            row_sums += px[:, :, k]
+        row_sums *= F32(1.0 / (b * b))
+        row_sums = row_sums.reshape(bh, b, bw)
+        out = np.zeros((bh, bw), F32)
+        for k in range(b):
+            out += row_sums[:, k, :]
+        return out
+
+    def cargo_running_on(self, v: np.ndarray) -> np.ndarray:
+        """Per structure block, the density of the cargo that runs on into it
+        from the hold along the length (structure.rs, cargo_running_on)."""
+        along_rows = v.shape[0] >= v.shape[1]
+        v, limit, floor = (v, self.limit, self.floor) if along_rows else (v.T, self.limit.T, self.floor.T)
+        n, reach = v.shape[0], self.reach
+        out = np.zeros(v.shape, F32)
+        if reach == 0:
+            return out if along_rows else out.T
+        pad = 2 * reach + 1
+        hold = np.zeros((n + 2 * pad, v.shape[1]), bool)
+        hold[pad:pad + n] = ~np.isfinite(limit)
+        cargo = np.zeros(hold.shape, F32)
+        cargo[pad:pad + n] = np.where(hold[pad:pad + n], np.maximum(v - floor, F32(0)), F32(0))
+        at = lambda a, off: a[pad + off:pad + off + n]  # noqa: E731  rows y + off
+        for d in (-1, 1):
+            # Smallest over `reach` rows from each row on, in direction d.
+            window = cargo.copy()
+            for j in range(1, reach):
+                window[pad:pad + n] = np.minimum(window[pad:pad + n], at(cargo, d * j))
+            found = np.zeros(v.shape, bool)
+            side = np.zeros(v.shape, F32)
+            for k in range(1, reach + 1):
+                first = at(hold, d * k) & ~found
+                side[first] = at(window, d * k)[first]
+                found |= first
+            out = np.maximum(out, np.where(found, side, F32(0)))
+        out[~np.isfinite(limit)] = 0  # only structure blocks
+        return out if along_rows else out.T
+
+    def raise_map(self, score_map: np.ndarray, stride: int, plane: np.ndarray) -> None:
+        rows, cols = self.profiles(plane)
+        dy = self.best_shift(rows, self.row_profile, self.max_shift)
+        dx = self.best_shift(cols, self.col_profile, self.max_shift)
+        v = self.blocks(plane, dy, dx)
+        cargo = self.cargo_running_on(v)
+        e = np.maximum(v - self.limit - cargo, F32(0))
+        ep = np.pad(e, ((0, 1), (0, 1)), mode="edge")
+        e = np.minimum(np.minimum(ep[:-1, :-1], ep[1:, :-1]), np.minimum(ep[:-1, 1:], ep[1:, 1:]))
+        lift = self.weight * np.maximum(e - self.margin, F32(0))
+        by, bx = np.nonzero(lift > 0)
+        if by.size == 0:
+            return
+        mh, mw = score_map.shape
+        half = self.block // 2
+        cy = np.minimum(np.maximum(by * self.block + dy + half, 0) // stride, mh - 1)
+        cx = np.minimum(np.maximum(bx * self.block + dx + half, 0) // stride, mw - 1)
+        add = np.zeros_like(score_map)
+        np.maximum.at(add, (cy, cx), lift[by, bx])
+        score_map += add
 
 
 # --------------------------------------------------------------------------
@@ -155,6 +295,14 @@ class Model:
         so.intra_op_num_threads = intra_op or len(os.sched_getaffinity(0))  # niix: available_parallelism
         so.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(model_dir / "model.onnx"), so, providers=["CPUExecutionProvider"])
+        # Constant inputs (a memory bank), fed with every batch as niix does.
+        self.constants = {
+            name: np.fromfile(model_dir / file, dtype="<f4").reshape(shape) for name, file, shape in m.constants
+        }
+        if m.smooth > 1:
+            raise SystemExit(f"decision.smooth {m.smooth}: this baseline does not mirror niix's map smoothing")
+        st = m.structure
+        self.structure = Structure(model_dir, st) if st is not None and st.get("file") else None
         # niix runs the model once on a blank tile to learn the map stride.
         blank = np.zeros((1, len(m.channels), m.tile, m.tile), F32)
         h, w = self.run(blank).shape[1:]
@@ -166,7 +314,7 @@ class Model:
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """One ONNX Runtime call: [n, C, tile, tile] -> maps [n, h, w]."""
-        (out,) = self.session.run([self.manifest.output_name], {self.manifest.input_name: batch})
+        (out,) = self.session.run([self.manifest.output_name], {self.manifest.input_name: batch, **self.constants})
         return out.reshape(out.shape[0], out.shape[-2], out.shape[-1])  # [n,1,h,w] or [n,h,w]
 
 
@@ -290,93 +438,35 @@ def stitch(dest, tile_maps, group, stride: int) -> None:
 # Regions (regions.rs find_regions): 8-connected components of cells >= threshold
 # --------------------------------------------------------------------------
 def find_regions(score: np.ndarray, threshold: float, stride: int, min_area: int, height: int, width: int):
-    rows, cols = score.shape
     mask = ~(score < F32(threshold))  # niix skips cells `< threshold`: a NaN cell would count as anomalous
-    if not mask.any():
+    labels, k = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    if k == 0:
         return []
-    # 1. Horizontal runs of anomalous cells. Pad each row with a False column on
-    #    both sides so runs never cross rows in the flattened array.
-    W = cols + 2
-    padded = np.zeros((rows, W), np.int8)
-    padded[:, 1:-1] = mask
-    edges = np.diff(padded.ravel())
-    starts = np.flatnonzero(edges == 1) + 1  # flat index (padded) of the first cell
-    ends = np.flatnonzero(edges == -1) + 1  # one past the last cell
-    ry, rx0 = np.divmod(starts, W)
-    rx0 = rx0 - 1  # map column of the first cell
-    rx1 = ends - ry * W - 1  # one past the last map column
-    n = len(starts)
-
-    # 2. Runs touching 8-connectedly in consecutive rows: run a (row y-1) and b
-    #    (row y) touch iff a.x0 <= b.x1 and b.x0 <= a.x1 (x1 exclusive). Runs are
-    #    sorted by (row, x), so the candidates of b are a contiguous range found
-    #    by searchsorted on keys row * W + x.
-    key_start, key_end = ry * W + rx0, ry * W + rx1
-    lo = np.searchsorted(key_end, (ry - 1) * W + rx0, side="left")
-    hi = np.searchsorted(key_start, (ry - 1) * W + rx1, side="right")
-    count = np.maximum(hi - lo, 0)
-    b = np.repeat(np.arange(n), count)
-    a = np.repeat(lo, count) + (np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count))
-
-    # 3. Union-find over runs: hook the larger root under the smaller, then
-    #    compress paths, until every touching pair shares a root.
-    parent = np.arange(n)
-    while True:
-        ra, rb = parent[a], parent[b]
-        differ = ra != rb
-        if not differ.any():
-            break
-        np.minimum.at(parent, np.maximum(ra[differ], rb[differ]), np.minimum(ra[differ], rb[differ]))
-        while True:
-            nxt = parent[parent]
-            if np.array_equal(nxt, parent):
-                break
-            parent = nxt
-    roots, comp = np.unique(parent, return_inverse=True)
-    k = len(roots)
-
-    # 4. Per-run then per-component statistics.
-    length = rx1 - rx0
-    values = score[mask]  # row-major: the runs' cells, run after run
-    offsets = np.cumsum(length) - length
-    run_max = np.maximum.reduceat(values, offsets)
-    run_sum = np.add.reduceat(values.astype(np.float64), offsets)  # niix sums in f64
-    cells = np.bincount(comp, weights=length, minlength=k).astype(np.int64)
-    total = np.bincount(comp, weights=run_sum, minlength=k)
-    vmax = np.full(k, -np.inf, F32)
-    np.maximum.at(vmax, comp, run_max)
-    y0 = np.full(k, rows, np.int64)
-    np.minimum.at(y0, comp, ry)
-    y1 = np.full(k, -1, np.int64)
-    np.maximum.at(y1, comp, ry)
-    x0 = np.full(k, cols, np.int64)
-    np.minimum.at(x0, comp, rx0)
-    x1 = np.full(k, -1, np.int64)
-    np.maximum.at(x1, comp, rx1 - 1)
-
-    # 5. Keep regions of at least min_area pixels (cells x stride^2); boxes in
-    #    pixels clipped to the image; highest max score first, then (y, x).
+    lab = labels[mask]  # row-major, as niix visits the cells
+    values = score[mask]
+    cells = np.bincount(lab, minlength=k + 1)[1:]
+    total = np.bincount(lab, weights=values.astype(np.float64), minlength=k + 1)[1:]  # f64, in niix's order
+    vmax = np.full(k + 1, -np.inf, F32)
+    np.maximum.at(vmax, lab, values)
+    vmax = vmax[1:]
+    boxes = ndimage.find_objects(labels)
     area = cells * stride * stride
-    keep = np.flatnonzero(area >= min_area)
-    px, py = x0[keep] * stride, y0[keep] * stride
-    pw = np.minimum((x1[keep] + 1) * stride, width) - px
-    ph = np.minimum((y1[keep] + 1) * stride, height) - py
-    mean = (total[keep] / cells[keep]).astype(F32)
-    order = np.lexsort((px, py, -vmax[keep].astype(np.float64)))
-    return [
-        {
-            "id": i + 1,
-            "x": int(px[j]),
-            "y": int(py[j]),
-            "width": int(pw[j]),
-            "height": int(ph[j]),
-            "area_px": int(area[keep][j]),
-            "score": float(vmax[keep][j]),
-            "max_score": float(vmax[keep][j]),
-            "mean_score": float(mean[j]),
-        }
-        for i, j in enumerate(order)
-    ]
+    found = []
+    for i in np.flatnonzero(area >= min_area):
+        ys, xs = boxes[i]
+        x, y = xs.start * stride, ys.start * stride
+        found.append({
+            "x": x,
+            "y": y,
+            "width": min(xs.stop * stride, width) - x,
+            "height": min(ys.stop * stride, height) - y,
+            "area_px": int(area[i]),
+            "score": float(vmax[i]),
+            "max_score": float(vmax[i]),
+            "mean_score": float(F32(total[i] / cells[i])),
+        })
+    found.sort(key=lambda r: (-r["max_score"], r["y"], r["x"]))
+    return [{"id": i + 1, **r} for i, r in enumerate(found)]
 
 
 # --------------------------------------------------------------------------
@@ -390,38 +480,55 @@ def analyze(model: Model, planes: list[tuple[str, Path]]) -> tuple[dict, np.ndar
     kinds = [k for k, _ in planes]
     chosen = select_planes(m, kinds)
 
-    t0 = time.perf_counter()
-    decoded = {i: decode_plane(planes[i][1]) for i in dict.fromkeys(chosen)}  # each chosen plane once
-    sizes = {decoded[i].shape for i in chosen}
-    if len(sizes) > 1:
-        raise SystemExit(f"planes differ in size ({sizes}); a model needs co-registered planes")
-    timings["decode"] = time.perf_counter() - t0
-
+    # Decode and transform: one thread per plane, as niix (Pillow's decoder and
+    # numpy's gather release the GIL).
     t0 = time.perf_counter()
     tables = [lookup_table(m, c) for c in range(len(chosen))]
-    inp = transform([decoded[i] for i in chosen], tables)
     pad = air_pad(m, tables)
-    del decoded
-    timings["transform"] = time.perf_counter() - t0
+    sizes = {Image.open(planes[i][1]).size for i in chosen}
+    if len(sizes) > 1:
+        raise SystemExit(f"planes differ in size ({sizes}); a model needs co-registered planes")
+    (w, h), = sizes
+    inp = np.empty((len(chosen), h, w), F32)
 
-    _, h, w = inp.shape
+    def decode_transform(i: int) -> None:
+        plane = decode_plane(planes[i][1])
+        for c in (c for c in range(len(chosen)) if chosen[c] == i):
+            np.take(tables[c], plane, out=inp[c])
+
+    list(POOL.map(decode_transform, dict.fromkeys(chosen)))  # each chosen plane once
+    timings["decode"] = time.perf_counter() - t0  # includes the transform, as niix's
+    timings["transform"] = 0.0
+
+    # Tiles: a second thread fills the next batch while ONNX Runtime runs this
+    # one (niix's tiler thread), so only the wait for a batch is on the path.
     tiles, map_shape = grid(h, w, m.tile, m.overlap, stride)
     raw = np.empty(map_shape, F32)
     batch_size = min(m.batch, len(tiles))  # niix: the last batch may be smaller
+    groups = [tiles[g:g + batch_size] for g in range(0, len(tiles), batch_size)]
     timings["tile"] = timings["infer"] = timings["stitch"] = 0.0
-    for g in range(0, len(tiles), batch_size):
-        group = tiles[g:g + batch_size]
+    ahead = POOL.submit(fill_batch, inp, groups[0], m.tile, pad)
+    for n, group in enumerate(groups):
         t0 = time.perf_counter()
-        batch = fill_batch(inp, group, m.tile, pad)
+        batch = ahead.result()
+        if n + 1 < len(groups):
+            ahead = POOL.submit(fill_batch, inp, groups[n + 1], m.tile, pad)
         t1 = time.perf_counter()
         maps = model.run(batch)
         t2 = time.perf_counter()
         stitch(raw, maps, group, stride)
         t3 = time.perf_counter()
-        timings["tile"] += t1 - t0
+        timings["tile"] += t1 - t0  # waiting for the filler only
         timings["infer"] += t2 - t1
         timings["stitch"] += t3 - t2
+    first = inp[0] if model.structure is not None and model.structure.size() == (h, w) else None
     del inp
+
+    t0 = time.perf_counter()
+    if first is not None:
+        model.structure.raise_map(raw, stride, first)
+    del first
+    timings["structure"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     if m.background_weight > 0:
@@ -494,8 +601,11 @@ def main() -> None:
     load_seconds = time.perf_counter() - t0
 
     runs = []
+    cpu = []  # process CPU seconds (every thread: ONNX Runtime's too) per analysis
     for _ in range(max(1, a.repeat)):
+        c0 = time.process_time()
         result, score_map = analyze(model, planes)
+        cpu.append(time.process_time() - c0)
         runs.append(result)
     if a.save_map:
         np.save(a.save_map, score_map)
@@ -504,6 +614,7 @@ def main() -> None:
     out["seconds"] = min(seconds)
     out["seconds_mean"] = sum(seconds) / len(seconds)
     out["seconds_all"] = seconds
+    out["cpu_seconds_mean"] = sum(cpu) / len(cpu)
     out["repeat"] = len(runs)
     out["model_load_seconds"] = load_seconds
     out["onnxruntime"] = ort.__version__

@@ -4,12 +4,14 @@
 //! The whole scan is analysed at full resolution, tile by tile; it is never
 //! resized to the model's input (that would erase a 50-pixel object in a
 //! 6000-pixel scan). [`analyze`] streams: each plane is decoded on its own
-//! thread into rows, a tiler thread keeps one tile row of each plane (a
-//! band of 16-bit rows, reused) and fills the next batch through the
-//! channels' lookup tables while ONNX Runtime runs the current one, and
-//! each tile's map is stitched into the scan's map as it comes out. Memory
-//! is bounded by a tile row and the map (at map resolution), not by the
-//! scan. Each stage is a public function so benchmarks can time it alone.
+//! thread into rows, a tiler thread puts each row through its channels'
+//! lookup tables once, into a ring of one tile row per channel, and fills
+//! the next batch by copying rows out of it while ONNX Runtime runs the
+//! current one; each tile's map is copied straight into the scan's map as it
+//! comes out, and one pass over the map normalises it and finds its highest
+//! raw value and score. Memory is bounded by a tile row and the map (at map
+//! resolution), not by the scan. Each stage is a public function so
+//! benchmarks can time it alone.
 
 use std::io::{Read, Seek};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
@@ -21,6 +23,7 @@ use crate::decode::{DecodeError, DecodeLimits, Encoding, decode_rows};
 use crate::manifest::{Manifest, TransformKind};
 use crate::model::Model;
 use crate::regions::{Region, find_regions};
+use crate::structure::ProfileSums;
 use crate::tiling::{Grid, Tile};
 
 /// Bytes of one plane that can be read from any position.
@@ -83,8 +86,9 @@ pub struct Timings {
     /// Intensity transform into the channel tensor, when timed on its own
     /// ([`transform`]); zero in [`analyze`], where it is part of `tile`.
     pub transform: Duration,
-    /// Copying tiles into batches through the lookup tables (on the tiler
-    /// thread, overlapped).
+    /// Copying tiles into batches out of the transformed bands (on the tiler
+    /// thread, overlapped; the transform itself, as rows enter the bands, is
+    /// not in it).
     pub tile: Duration,
     /// ONNX Runtime.
     pub infer: Duration,
@@ -167,6 +171,20 @@ pub fn lookup_table(manifest: &Manifest, channel: usize) -> Vec<f32> {
         .collect()
 }
 
+/// A channel's lookup table as a fixed-size array, so that indexing it with a
+/// 16-bit sample needs no bounds check.
+fn lut(table: &[f32]) -> &[f32; 65536] {
+    table.try_into().expect("a lookup table has 65536 entries")
+}
+
+/// `dst[i] = table[src[i]]`: the intensity transform of one run of samples.
+#[inline]
+fn apply_lut(dst: &mut [f32], src: &[u16], table: &[f32; 65536]) {
+    for (d, &v) in dst.iter_mut().zip(src) {
+        *d = table[usize::from(v)];
+    }
+}
+
 /// Applies each channel's table to its plane: `[channels, height, width]`.
 pub fn transform(planes: &[&Array2<u16>], tables: &[Vec<f32>]) -> Array3<f32> {
     let (h, w) = planes[0].dim();
@@ -174,10 +192,7 @@ pub fn transform(planes: &[&Array2<u16>], tables: &[Vec<f32>]) -> Array3<f32> {
     for (c, (plane, table)) in planes.iter().zip(tables).enumerate() {
         let src = plane.as_slice().expect("decoded planes are contiguous");
         let mut dst = out.slice_mut(s![c, .., ..]);
-        let dst = dst.as_slice_mut().expect("a channel of a fresh array is contiguous");
-        for (d, &v) in dst.iter_mut().zip(src) {
-            *d = table[v as usize];
-        }
+        apply_lut(dst.as_slice_mut().expect("a channel of a fresh array is contiguous"), src, lut(table));
     }
     out
 }
@@ -199,21 +214,49 @@ pub fn fill_tile(batch: &mut Array4<f32>, slot: usize, input: ArrayView3<'_, f32
     }
 }
 
-/// Writes the owned part of one tile's raw map into the scan map; returns
-/// the highest value written.
-pub fn stitch_tile(map: &mut Array2<f32>, tile: &Tile, side: usize, stride: usize, raw: &[f32]) -> f32 {
+/// Writes the owned part of one tile's raw map (`side x side` values,
+/// row-major) into the scan map: a copy of each owned row, straight into the
+/// map.
+pub fn stitch_tile(map: &mut Array2<f32>, tile: &Tile, side: usize, stride: usize, raw: &[f32]) {
     let (ty, tx) = (tile.y / stride, tile.x / stride);
-    let mut top = f32::NEG_INFINITY;
+    let (c0, c1) = tile.own_cols;
+    let map_w = map.ncols();
+    let map = map.as_slice_mut().expect("the scan map is contiguous");
     for my in tile.own_rows.0..tile.own_rows.1 {
-        let src = &raw[(my - ty) * side..(my - ty + 1) * side];
-        let mut dst = map.slice_mut(s![my, tile.own_cols.0..tile.own_cols.1]);
-        let from = tile.own_cols.0 - tx;
-        for (d, &v) in dst.iter_mut().zip(&src[from..]) {
-            top = top.max(v);
-            *d = v;
+        let from = (my - ty) * side;
+        map[my * map_w + c0..my * map_w + c1].copy_from_slice(&raw[from + c0 - tx..from + c1 - tx]);
+    }
+}
+
+/// Largest of `values` as `fold(init, f32::max)` gives it (NaN ignored),
+/// over eight lanes so that the compiler can vectorise it.
+fn max_of(values: &[f32], init: f32) -> f32 {
+    let mut lanes = [init; 8];
+    let chunks = values.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = l.max(v);
         }
     }
-    top
+    rest.iter().chain(&lanes).copied().fold(init, f32::max)
+}
+
+/// Normalises a raw map in place as [`normalise`] does, in the same pass
+/// finding its highest raw value and its highest score (from 0):
+/// `(raw_max, score)`.
+fn normalise_with_max(map: &mut Array2<f32>, lo: f32, hi: f32) -> (f32, f32) {
+    let scale = 1.0 / (hi - lo);
+    let cells = map.as_slice_mut().expect("the scan map is contiguous");
+    let (mut raw, mut score) = (f32::NEG_INFINITY, 0.0f32);
+    for block in cells.chunks_mut(4096) {
+        raw = max_of(block, raw);
+        for v in block.iter_mut() {
+            *v = ((*v - lo) * scale).clamp(0.0, 1.0);
+        }
+        score = max_of(block, score);
+    }
+    (raw, score)
 }
 
 /// Takes `weight` times the scan's background level (the `quantile` of its
@@ -296,25 +339,32 @@ struct RowChunk {
     samples: Vec<u16>,
 }
 
-/// The rows of one plane the current tile row needs: `[top, top + filled)`,
-/// in a buffer of `tile` rows reused from one tile row to the next.
-struct Band {
+/// The rows of one plane the current tile row needs, `[top, top + filled)`,
+/// already transformed for each channel the plane feeds: a ring of `cap`
+/// rows per channel (row `y` at `y % cap`), so that each sample goes through
+/// its lookup table once however many tiles overlap it, moving down a tile
+/// row copies nothing, and a tile is filled by copying rows out of it.
+struct Band<'a> {
     rx: Receiver<RowChunk>,
+    /// Chunks' buffers go back to the decoder once copied, so it does not
+    /// allocate (and fault in) a fresh one for every 32 rows.
+    recycle: SyncSender<Vec<u16>>,
     /// A chunk partly copied into the band, and how many rows of it are.
     pending: Option<(RowChunk, usize)>,
-    samples: Vec<u16>,
+    /// Per channel fed (in channel order), its rows and its lookup table.
+    rings: Vec<(Vec<f32>, &'a [f32; 65536])>,
+    cap: usize,
     top: usize,
     filled: usize,
 }
 
-impl Band {
+impl Band<'_> {
     /// Moves the band down to start at row `top` and fills it to `bottom`
-    /// (exclusive). Rows the band had already read are kept; each new row is
-    /// also handed to `each`. False when the decoder stopped early (its
-    /// error is reported by its thread).
-    fn advance(&mut self, top: usize, bottom: usize, w: usize, mut each: impl FnMut(usize, &[u16])) -> bool {
+    /// (exclusive). Rows the band had already read are kept; each new row of
+    /// the band's first channel is also handed to `each`. False when the
+    /// decoder stopped early (its error is reported by its thread).
+    fn advance(&mut self, top: usize, bottom: usize, w: usize, mut each: impl FnMut(usize, &[f32])) -> bool {
         let drop = (top - self.top).min(self.filled);
-        self.samples.copy_within(drop * w..self.filled * w, 0);
         (self.top, self.filled) = (top, self.filled - drop);
         while self.top + self.filled < bottom {
             let (chunk, used) = match self.pending.take() {
@@ -331,44 +381,53 @@ impl Band {
             let take = (rows - skip.min(rows)).min(bottom - self.top - self.filled);
             for r in skip..skip + take {
                 let src = &chunk.samples[r * w..(r + 1) * w];
-                let at = self.filled * w;
-                self.samples[at..at + w].copy_from_slice(src);
-                each(chunk.first + r, src);
+                let y = chunk.first + r;
+                let at = (y % self.cap) * w;
+                for (ring, table) in &mut self.rings {
+                    apply_lut(&mut ring[at..at + w], src, table);
+                }
+                each(y, &self.rings[0].0[at..at + w]);
                 self.filled += 1;
             }
             if skip + take < rows {
                 self.pending = Some((chunk, skip + take));
+            } else {
+                let _ = self.recycle.try_send(chunk.samples);
             }
         }
         true
+    }
+
+    /// Transformed row `y` (which the band holds) of its `k`-th channel.
+    fn row(&self, k: usize, y: usize, w: usize) -> &[f32] {
+        let at = (y % self.cap) * w;
+        &self.rings[k].0[at..at + w]
     }
 }
 
 /// How each input channel is made from the decoded planes.
 struct Channels<'a> {
-    /// The band (distinct chosen plane) feeding each channel.
-    band_of: &'a [usize],
-    /// Each channel's lookup table.
-    tables: &'a [Vec<f32>],
+    /// The band (distinct chosen plane) feeding each channel, and the
+    /// channel's place among that band's channels.
+    band_of: &'a [(usize, usize)],
     /// Each channel's padding value (the transformed value of air).
     pad: &'a [f32],
 }
 
 /// Copies `tile` into slot `slot` of `batch` from the bands holding its
-/// rows, through each channel's lookup table; parts outside the image get
-/// the channel's padding. The same values [`fill_tile`] copies from a
-/// transformed scan.
+/// rows, already transformed; parts outside the image get the channel's
+/// padding. The same values [`fill_tile`] copies from a transformed scan.
 fn fill_tile_from_bands(
     batch: &mut Array4<f32>,
     slot: usize,
-    bands: &[Band],
+    bands: &[Band<'_>],
     channels: &Channels<'_>,
     tile: &Tile,
     (h, w): (usize, usize),
 ) {
     let side = batch.shape()[2];
     let (rows, cols) = ((tile.y + side).min(h) - tile.y, (tile.x + side).min(w) - tile.x);
-    for (c, (&b, table)) in channels.band_of.iter().zip(channels.tables).enumerate() {
+    for (c, &(b, k)) in channels.band_of.iter().enumerate() {
         let band = &bands[b];
         let mut dst = batch.slice_mut(s![slot, c, .., ..]);
         if rows < side || cols < side {
@@ -376,11 +435,7 @@ fn fill_tile_from_bands(
         }
         let dst = dst.as_slice_mut().expect("a batch slot is contiguous");
         for r in 0..rows {
-            let at = (tile.y + r - band.top) * w + tile.x;
-            let src = &band.samples[at..at + cols];
-            for (d, &v) in dst[r * side..r * side + cols].iter_mut().zip(src) {
-                *d = table[v as usize];
-            }
+            dst[r * side..r * side + cols].copy_from_slice(&band.row(k, tile.y + r, w)[tile.x..tile.x + cols]);
         }
     }
 }
@@ -388,18 +443,17 @@ fn fill_tile_from_bands(
 /// The stitched raw map of a scan.
 struct Streamed {
     map: Array2<f32>,
-    /// Its highest value.
-    raw_max: f32,
-    /// The transformed first channel, when it was asked for.
-    first: Option<Array2<f32>>,
+    /// The transformed first channel and its profiles, when asked for.
+    first: Option<(Array2<f32>, ProfileSums)>,
 }
 
 /// What the tiler thread gives back.
 struct Tiled {
     /// Time spent filling batches.
     spent: Duration,
-    /// The transformed first channel, kept whole only for a structure model.
-    first: Option<Array2<f32>>,
+    /// The transformed first channel, kept whole only for a structure
+    /// model, with its row and column profiles.
+    first: Option<(Array2<f32>, ProfileSums)>,
     /// False when a decoder stopped before its last row.
     complete: bool,
 }
@@ -427,16 +481,21 @@ fn infer_streaming(
     let map_side = side / model.stride;
     let channels = chosen.len();
     let step_rows = side - m.input.overlap;
-    let mut raw_max = f32::NEG_INFINITY;
-    // The distinct planes, in channel order, and the band feeding each channel.
+    // The distinct planes, in channel order, and the band feeding each
+    // channel with the channel's place among the band's channels.
     let mut used: Vec<usize> = Vec::new();
-    let band_of: Vec<usize> = chosen
+    let mut fed: Vec<Vec<usize>> = Vec::new();
+    let band_of: Vec<(usize, usize)> = chosen
         .iter()
-        .map(|&p| {
-            used.iter().position(|&u| u == p).unwrap_or_else(|| {
+        .enumerate()
+        .map(|(c, &p)| {
+            let b = used.iter().position(|&u| u == p).unwrap_or_else(|| {
                 used.push(p);
+                fed.push(Vec::new());
                 used.len() - 1
-            })
+            });
+            fed[b].push(c);
+            (b, fed[b].len() - 1)
         })
         .collect();
 
@@ -444,22 +503,41 @@ fn infer_streaming(
         let mut decoders = Vec::new();
         let mut bands = Vec::new();
         let mut picked: Vec<Option<&mut PlaneInput>> = planes.iter_mut().map(Some).collect();
-        for &p in &used {
+        for (&p, fed) in used.iter().zip(&fed) {
             let plane = picked[p].take().expect("each plane once");
             // Room for the rows of one tile step, so decoding the next tile
             // row overlaps with ONNX Runtime running this one.
-            let (tx, rx) = sync_channel::<RowChunk>(step_rows.div_ceil(ROWS_PER_CHUNK).max(2));
-            bands.push(Band { rx, pending: None, samples: vec![0u16; side.min(h) * w], top: 0, filled: 0 });
+            let capacity = step_rows.div_ceil(ROWS_PER_CHUNK).max(2);
+            let (tx, rx) = sync_channel::<RowChunk>(capacity);
+            let (recycle, reuse) = sync_channel::<Vec<u16>>(capacity + 2);
+            let cap = side.min(h);
+            bands.push(Band {
+                rx,
+                recycle,
+                pending: None,
+                rings: fed.iter().map(|&c| (vec![0f32; cap * w], lut(&tables[c]))).collect(),
+                cap,
+                top: 0,
+                filled: 0,
+            });
             decoders.push(scope.spawn(move || {
                 let t0 = Instant::now();
                 let (pw, ph) = (plane.width, plane.height);
-                let mut chunk = RowChunk { first: 0, samples: Vec::with_capacity(ROWS_PER_CHUNK * w) };
+                let buffer = || {
+                    reuse
+                        .try_recv()
+                        .map(|mut v| {
+                            v.clear();
+                            v
+                        })
+                        .unwrap_or_else(|_| Vec::with_capacity(ROWS_PER_CHUNK * w))
+                };
+                let mut chunk = RowChunk { first: 0, samples: buffer() };
                 let decoded =
                     decode_rows(&mut plane.reader, plane.encoding, pw, ph, &DecodeLimits::default(), |y, row| {
                         chunk.samples.extend_from_slice(row);
                         if chunk.samples.len() == ROWS_PER_CHUNK * w || y as usize + 1 == h {
-                            let next =
-                                RowChunk { first: y as usize + 1, samples: Vec::with_capacity(ROWS_PER_CHUNK * w) };
+                            let next = RowChunk { first: y as usize + 1, samples: buffer() };
                             tx.send(std::mem::replace(&mut chunk, next))
                                 .map_err(|_| "the analysis stopped".to_string())?;
                         }
@@ -478,10 +556,10 @@ fn infer_streaming(
             empty_tx.send(Array4::<f32>::zeros((batch_size, channels, side, side))).expect("capacity 2");
         }
         let tiles_ref = &tiles;
-        let channels = Channels { band_of: &band_of, tables, pad };
+        let channels = Channels { band_of: &band_of, pad };
         let tiler = scope.spawn(move || {
             let mut spent = Duration::ZERO;
-            let mut first = keep_first.then(|| Array2::<f32>::zeros((h, w)));
+            let mut first = keep_first.then(|| (Array2::<f32>::zeros((h, w)), ProfileSums::new(w)));
             let mut current: Option<(Array4<f32>, Vec<Tile>)> = None;
             let mut done = 0;
             // Tiles are row-major and batches take them in that order, so a
@@ -491,12 +569,12 @@ fn infer_streaming(
                 let top = row[0].y;
                 let bottom = (top + side).min(h);
                 for (b, band) in bands.iter_mut().enumerate() {
-                    let table = &tables[0];
-                    let ok = match first.as_mut().filter(|_| channels.band_of[0] == b) {
-                        Some(first) => band.advance(top, bottom, w, |y, src| {
-                            for (d, &v) in first.row_mut(y).iter_mut().zip(src) {
-                                *d = table[v as usize];
-                            }
+                    // Channel 0 is the first channel of its band.
+                    let ok = match first.as_mut().filter(|_| channels.band_of[0].0 == b) {
+                        Some((first, sums)) => band.advance(top, bottom, w, |y, src| {
+                            let mut dst = first.row_mut(y);
+                            dst.as_slice_mut().expect("rows of a fresh array are contiguous").copy_from_slice(src);
+                            sums.add_row(src);
                         }),
                         None => band.advance(top, bottom, w, |_, _| {}),
                     };
@@ -546,7 +624,7 @@ fn infer_streaming(
             };
             let ran = model.run(run_input, |i, raw| {
                 let t1 = Instant::now();
-                raw_max = raw_max.max(stitch_tile(&mut map, &batch.tiles[i], map_side, model.stride, raw));
+                stitch_tile(&mut map, &batch.tiles[i], map_side, model.stride, raw);
                 stitch += t1.elapsed();
             });
             timings.infer += t0.elapsed() - stitch;
@@ -580,7 +658,7 @@ fn infer_streaming(
         }
         Ok(tiled.first)
     })
-    .map(|first| Streamed { map, raw_max, first })
+    .map(|first| Streamed { map, first })
 }
 
 /// A scan turned into model input.
@@ -622,10 +700,7 @@ fn decode_transformed(
                 decode_rows(&mut plane.reader, plane.encoding, w, h, &DecodeLimits::default(), |y, row| {
                     for (channel, table) in &mut outputs {
                         let mut dst = channel.row_mut(y as usize);
-                        let dst = dst.as_slice_mut().expect("rows of a fresh array are contiguous");
-                        for (d, &v) in dst.iter_mut().zip(row) {
-                            *d = table[v as usize];
-                        }
+                        apply_lut(dst.as_slice_mut().expect("rows of a fresh array are contiguous"), row, lut(table));
                     }
                     Ok(())
                 })
@@ -676,7 +751,7 @@ pub fn model_input(
 }
 
 /// Analyses one scan with one model, streaming: memory is bounded by one
-/// tile row of the chosen planes as 16-bit samples (plus the rows of the
+/// tile row of each channel, transformed (plus the 16-bit rows of the
 /// next tile step, decoded ahead while ONNX Runtime runs) and the anomaly map,
 /// not by the scan (a structure model also keeps the transformed first
 /// channel of scans of its fitted size).
@@ -695,30 +770,28 @@ pub fn analyze(model: &Model, mut planes: Vec<PlaneInput>) -> Result<Analysis, A
     }
     let (tables, pad) = tables_and_pad(m, chosen.len());
     let keep_first = model.structure.as_ref().is_some_and(|s| s.size() == (h, w));
-    let Streamed { mut map, raw_max: mut raw_score, first } =
+    let Streamed { mut map, mut first } =
         infer_streaming(model, &mut planes, &chosen, (&tables, &pad), (h, w), keep_first, &mut timings)?;
     drop(planes);
     let t0 = Instant::now();
-    if let (Some(structure), Some(first)) = (&model.structure, &first) {
-        structure.raise(&mut map, model.stride, first.view());
-        raw_score = map.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if let (Some(structure), Some((first, sums))) = (&model.structure, first.take()) {
+        structure.raise_profiled(&mut map, model.stride, first.view(), sums.finish());
     }
     drop(first);
     if m.decision.smooth > 1 {
         map = smooth(&map, m.decision.smooth);
-        raw_score = map.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     }
     if m.decision.background_weight > 0.0 {
         let d = &m.decision;
-        let level = subtract_background(&mut map, d.background_quantile, d.background_weight);
-        raw_score -= d.background_weight * level;
+        subtract_background(&mut map, d.background_quantile, d.background_weight);
     }
-    normalise(&mut map, m.decision.score_min, m.decision.score_max);
+    // The raw score is the highest cell before normalisation (after the
+    // background is taken off: the same as the highest before, less the cut).
+    let (raw_score, score) = normalise_with_max(&mut map, m.decision.score_min, m.decision.score_max);
     timings.stitch += t0.elapsed();
 
     let t0 = Instant::now();
     let regions = find_regions(map.view(), m.decision.threshold, model.stride, m.decision.min_region_area, (h, w));
-    let score = map.iter().copied().fold(0.0f32, f32::max);
     timings.postprocess = t0.elapsed();
     timings.total = start.elapsed();
     Ok(Analysis {

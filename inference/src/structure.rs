@@ -60,20 +60,49 @@ pub struct Structure {
 #[error("structure file: {0}")]
 pub struct StructureError(pub String);
 
+/// The row and column profiles of a plane, gathered row by row (so an
+/// analysis can gather them while the rows stream past, off the path after
+/// ONNX Runtime): each row summed in f64 in order, each column's f64 sum
+/// taken over the rows in order.
+#[derive(Debug, Clone)]
+pub struct ProfileSums {
+    rows: Vec<f32>,
+    cols: Vec<f64>,
+}
+
+impl ProfileSums {
+    /// For a plane `width` columns wide.
+    pub fn new(width: usize) -> ProfileSums {
+        ProfileSums { rows: Vec::new(), cols: vec![0f64; width] }
+    }
+
+    /// Adds the next row.
+    pub fn add_row(&mut self, row: &[f32]) {
+        let mut sum = 0f64;
+        for (c, v) in self.cols.iter_mut().zip(row) {
+            sum += f64::from(*v);
+            *c += f64::from(*v);
+        }
+        self.rows.push((sum / self.cols.len().max(1) as f64) as f32);
+    }
+
+    /// The mean of each row and of each column.
+    pub fn finish(self) -> (Vec<f32>, Vec<f32>) {
+        let h = self.rows.len().max(1) as f64;
+        (self.rows, self.cols.into_iter().map(|c| (c / h) as f32).collect())
+    }
+}
+
 /// Mean of each row and of each column of `plane`.
 pub fn profiles(plane: ArrayView2<'_, f32>) -> (Vec<f32>, Vec<f32>) {
-    let (h, w) = plane.dim();
-    let mut rows = vec![0f32; h];
-    let mut cols = vec![0f64; w];
-    for (y, row) in plane.outer_iter().enumerate() {
-        let mut sum = 0f64;
-        for (x, v) in row.iter().enumerate() {
-            sum += f64::from(*v);
-            cols[x] += f64::from(*v);
+    let mut sums = ProfileSums::new(plane.ncols());
+    for row in plane.outer_iter() {
+        match row.as_slice() {
+            Some(r) => sums.add_row(r),
+            None => sums.add_row(&row.to_vec()),
         }
-        rows[y] = (sum / w.max(1) as f64) as f32;
     }
-    (rows, cols.into_iter().map(|c| (c / h.max(1) as f64) as f32).collect())
+    sums.finish()
 }
 
 /// The shift `s` (|s| <= `max`) for which `profile[i + s]` best matches
@@ -105,18 +134,35 @@ pub fn best_shift(profile: &[f32], reference: &[f32], max: usize) -> isize {
 
 /// Block means of `plane` shifted by `(dy, dx)` (edge pixels repeat):
 /// block `(by, bx)` averages pixels `by * block + dy ..` and `bx * block + dx ..`.
+/// Each block row of a pixel row is summed in order, times `1 / block²`, and
+/// added to the block's mean row after row.
 pub fn blocks(plane: ArrayView2<'_, f32>, block: usize, (dy, dx): (isize, isize)) -> Array2<f32> {
     let (h, w) = plane.dim();
     let (bh, bw) = (h / block, w / block);
     let clamp = |v: isize, n: usize| v.clamp(0, n as isize - 1) as usize;
-    let xs: Vec<usize> = (0..bw * block).map(|x| clamp(x as isize + dx, w)).collect();
     let mut out = Array2::<f32>::zeros((bh, bw));
     let scale = 1.0 / (block * block) as f32;
+    // The shifted row, edge pixels repeated: a copy of the part inside the
+    // plane between the repeats, then contiguous sums.
+    let mut shifted = vec![0f32; bw * block];
+    let inside_from = (-dx).clamp(0, (bw * block) as isize) as usize;
+    let inside_to = (w as isize - dx).clamp(inside_from as isize, (bw * block) as isize) as usize;
     for y in 0..bh * block {
         let row = plane.row(clamp(y as isize + dy, h));
+        let row = row.as_slice().map_or_else(|| std::borrow::Cow::Owned(row.to_vec()), std::borrow::Cow::Borrowed);
+        for (x, s) in shifted[..inside_from].iter_mut().enumerate() {
+            *s = row[clamp(x as isize + dx, w)];
+        }
+        if inside_to > inside_from {
+            let start = (inside_from as isize + dx) as usize;
+            shifted[inside_from..inside_to].copy_from_slice(&row[start..start + inside_to - inside_from]);
+        }
+        for (x, s) in shifted[inside_to..].iter_mut().enumerate() {
+            *s = row[clamp((inside_to + x) as isize + dx, w)];
+        }
         let mut acc = out.row_mut(y / block);
-        for (bx, chunk) in xs.chunks_exact(block).enumerate() {
-            acc[bx] += chunk.iter().map(|&x| row[x]).sum::<f32>() * scale;
+        for (a, chunk) in acc.iter_mut().zip(shifted.chunks_exact(block)) {
+            *a += chunk.iter().sum::<f32>() * scale;
         }
     }
     out
@@ -131,7 +177,18 @@ pub fn register(
     block: usize,
     max_shift: usize,
 ) -> (Array2<f32>, (isize, isize)) {
-    let (rows, cols) = profiles(plane);
+    register_profiled(plane, profiles(plane), row_profile, col_profile, block, max_shift)
+}
+
+/// [`register`] with the plane's own profiles already taken ([`ProfileSums`]).
+pub fn register_profiled(
+    plane: ArrayView2<'_, f32>,
+    (rows, cols): (Vec<f32>, Vec<f32>),
+    row_profile: &[f32],
+    col_profile: &[f32],
+    block: usize,
+    max_shift: usize,
+) -> (Array2<f32>, (isize, isize)) {
     let shift = (best_shift(&rows, row_profile, max_shift), best_shift(&cols, col_profile, max_shift));
     (blocks(plane, block, shift), shift)
 }
@@ -224,7 +281,17 @@ impl Structure {
     /// not, or where the position is not fixed structure), the smallest
     /// over each 2x2 group; and the shift used.
     pub fn excess(&self, plane: ArrayView2<'_, f32>) -> (Array2<f32>, (isize, isize)) {
-        let (v, shift) = register(plane, &self.row_profile, &self.col_profile, self.block, self.max_shift);
+        self.excess_profiled(plane, profiles(plane))
+    }
+
+    /// [`Structure::excess`] with the plane's profiles already taken.
+    pub fn excess_profiled(
+        &self,
+        plane: ArrayView2<'_, f32>,
+        profiles: (Vec<f32>, Vec<f32>),
+    ) -> (Array2<f32>, (isize, isize)) {
+        let (v, shift) =
+            register_profiled(plane, profiles, &self.row_profile, &self.col_profile, self.block, self.max_shift);
         let cargo = self.cargo_running_on(&v);
         let e = Array2::from_shape_fn(v.dim(), |i| (v[i] - self.limit[i] - cargo[i]).max(0.0));
         let (bh, bw) = e.dim();
@@ -239,7 +306,19 @@ impl Structure {
     /// cell per `stride` pixels), the largest over the blocks the cell
     /// holds, back in the scan's own frame. Returns the largest excess.
     pub fn raise(&self, map: &mut Array2<f32>, stride: usize, plane: ArrayView2<'_, f32>) -> f32 {
-        let (excess, (dy, dx)) = self.excess(plane);
+        self.raise_profiled(map, stride, plane, profiles(plane))
+    }
+
+    /// [`Structure::raise`] with the plane's profiles already taken
+    /// ([`ProfileSums`], gathered while the analysis streamed the rows).
+    pub fn raise_profiled(
+        &self,
+        map: &mut Array2<f32>,
+        stride: usize,
+        plane: ArrayView2<'_, f32>,
+        profiles: (Vec<f32>, Vec<f32>),
+    ) -> f32 {
+        let (excess, (dy, dx)) = self.excess_profiled(plane, profiles);
         let (mh, mw) = map.dim();
         let mut add = Array2::<f32>::zeros((mh, mw));
         let mut top = 0f32;
@@ -386,6 +465,27 @@ mod tests {
             let load = if (24..40).contains(&x) && (10..30).contains(&y) { cargo } else { 0.0 };
             0.1 + post + load
         })
+    }
+
+    #[test]
+    fn block_means_of_a_shifted_plane_repeat_the_edges_bit_for_bit() {
+        let plane = Array2::from_shape_fn((37, 29), |(y, x)| ((y * 31 + x * 17) % 23) as f32 * 0.37 + 0.01 * x as f32);
+        let (h, w) = plane.dim();
+        for shift in [(0, 0), (3, -5), (-7, 4), (40, -40), (-40, 40), (2, 28), (-1, -29)] {
+            let got = blocks(plane.view(), 4, shift);
+            // Pixel by pixel, in the same order of sums.
+            let px =
+                |y: isize, x: isize| plane[[y.clamp(0, h as isize - 1) as usize, x.clamp(0, w as isize - 1) as usize]];
+            let want = Array2::from_shape_fn((h / 4, w / 4), |(by, bx)| {
+                let mut acc = 0f32;
+                for y in by * 4..by * 4 + 4 {
+                    let row: f32 = (bx * 4..bx * 4 + 4).map(|x| px(y as isize + shift.0, x as isize + shift.1)).sum();
+                    acc += row * (1.0 / 16.0);
+                }
+                acc
+            });
+            assert_eq!(got, want, "shift {shift:?}");
+        }
     }
 
     #[test]
