@@ -99,6 +99,22 @@ fn audited(data: &Path, action: &str, outcome: &str) -> i64 {
         .unwrap()
 }
 
+/// Edits the scan's first stored report from ALARM to CLEAR behind the
+/// server's back, as an attacker with the database would; returns its
+/// sequence number and the edited report.
+fn clear_first_report(db: &rusqlite::Connection, id: &str) -> (i64, ThreatReport) {
+    let (seq, bytes): (i64, Vec<u8>) = db
+        .query_row("SELECT seq, report FROM reports WHERE scan_id = ?1 ORDER BY seq LIMIT 1", [id], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    let mut report = ThreatReport::decode(bytes.as_slice()).unwrap();
+    report.decision = AlarmDecision::Clear as i32;
+    db.execute("UPDATE reports SET report = ?1 WHERE seq = ?2", rusqlite::params![report.encode_to_vec(), seq])
+        .unwrap();
+    (seq, report)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_report_edited_from_alarm_to_clear_is_detected_and_never_shipped() {
     let dir = tempfile::tempdir().unwrap();
@@ -118,15 +134,7 @@ async fn a_report_edited_from_alarm_to_clear_is_detected_and_never_shipped() {
 
     // The attacker turns the machine's ALARM into CLEAR, in the report and the listing column.
     let db = rusqlite::Connection::open(data.join("niix.db")).unwrap();
-    let (seq, bytes): (i64, Vec<u8>) = db
-        .query_row("SELECT seq, report FROM reports WHERE scan_id = ?1 ORDER BY seq LIMIT 1", [&id], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .unwrap();
-    let mut report = ThreatReport::decode(bytes.as_slice()).unwrap();
-    report.decision = AlarmDecision::Clear as i32;
-    db.execute("UPDATE reports SET report = ?1 WHERE seq = ?2", rusqlite::params![report.encode_to_vec(), seq])
-        .unwrap();
+    let (seq, report) = clear_first_report(&db, &id);
     db.execute("UPDATE scans SET decision = ?1 WHERE scan_id = ?2", rusqlite::params![report.decision, id]).unwrap();
     drop(db);
 
@@ -389,15 +397,7 @@ async fn officers_are_not_shown_an_edited_report_or_header() {
 
     // The attacker turns the machine's ALARM into CLEAR in the stored report.
     let db = rusqlite::Connection::open(data.join("niix.db")).unwrap();
-    let (seq, bytes): (i64, Vec<u8>) = db
-        .query_row("SELECT seq, report FROM reports WHERE scan_id = ?1 ORDER BY seq LIMIT 1", [&id], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .unwrap();
-    let mut report = ThreatReport::decode(bytes.as_slice()).unwrap();
-    report.decision = AlarmDecision::Clear as i32;
-    db.execute("UPDATE reports SET report = ?1 WHERE seq = ?2", rusqlite::params![report.encode_to_vec(), seq])
-        .unwrap();
+    let (seq, _) = clear_first_report(&db, &id);
     drop(db);
 
     let data_loss = |r: Result<(), tonic::Status>, rpc: &str| {
