@@ -26,6 +26,9 @@ pub const SITE_HIDDEN: usize = 64;
 /// Bias of the site head's logit before training: a cell scores as clearly
 /// normal until the fit has trained the head.
 pub const UNTRAINED_LOGIT: f32 = -10.0;
+/// Weight of the memory bank's distance beside the head when a head-less
+/// base gives none (`niix model fit --distance-weight` sets its own).
+pub const DEFAULT_DISTANCE_WEIGHT: f32 = 0.28;
 
 /// Names of the site head's weights in the graph.
 pub mod site {
@@ -444,12 +447,6 @@ pub fn compose_site_head(base: &OnnxModel) -> Result<OnnxModel, GraphError> {
         return Ok(base.clone());
     }
     let mut m = base.clone();
-    let produced: HashSet<&str> = m.graph().node.iter().flat_map(|n| n.output.iter().map(String::as_str)).collect();
-    for needed in ["features", "distance_term"] {
-        if !produced.contains(needed) {
-            return Err(GraphError::Compose(format!("no node produces {needed:?}")));
-        }
-    }
     let planes = "planes";
     if !m.input_names().contains(&planes) {
         return Err(GraphError::Compose(format!("no graph input {planes:?}; the inputs are {:?}", m.input_names())));
@@ -460,13 +457,24 @@ pub fn compose_site_head(base: &OnnxModel) -> Result<OnnxModel, GraphError> {
         .iter()
         .position(|n| n.output.iter().any(|o| o == "anomaly_map"))
         .ok_or_else(|| GraphError::Compose("no node produces \"anomaly_map\"".into()))?;
-    let add_node = &m.graph().node[add];
-    if add_node.op_type() != "Add" || !add_node.input.iter().any(|i| i == "distance_term") {
+    let add_node = m.graph().node[add].clone();
+    // A head-less base (`build_patchcore.py` without `--head`) maps the
+    // distance straight through: weigh it here, as a base with heads does.
+    if add_node.op_type() == "Identity" && add_node.input.len() == 1 {
+        let distance = add_node.input[0].clone();
+        m.add_initializer("distance_weight", &ArrayD::from_elem(IxDyn(&[]), DEFAULT_DISTANCE_WEIGHT))?;
+        m.graph_mut().node[add] = node("Add", &["distance_term", site::LOGIT], &["anomaly_map"], &[]);
+        m.add_node("Mul", &[&distance, "distance_weight"], &["distance_term"], &[]);
+    } else if add_node.op_type() != "Add" || !add_node.input.iter().any(|i| i == "distance_term") {
         return Err(GraphError::Compose(format!(
-            "anomaly_map comes from {} of {:?}, not Add(distance_term, head)",
+            "anomaly_map comes from {} of {:?}, not Add(distance_term, head) or Identity(distance)",
             add_node.op_type(),
             add_node.input
         )));
+    }
+    let produced: HashSet<&str> = m.graph().node.iter().flat_map(|n| n.output.iter().map(String::as_str)).collect();
+    if !produced.contains("features") {
+        return Err(GraphError::Compose("no node produces \"features\"".into()));
     }
 
     let zeros = |shape: &[usize]| ArrayD::<f32>::zeros(IxDyn(shape));
@@ -662,6 +670,39 @@ mod tests {
         let worst = (&out[0] - &out[1]).iter().map(|d| (d - c).abs()).fold(0.0f32, f32::max);
         assert!(worst < 1e-6, "anomaly_map - distance_term is {c} within {worst}");
         assert!(out[1].iter().any(|d| *d > 0.1), "the distance term is not trivially 0");
+    }
+
+    #[test]
+    fn a_head_less_base_gets_the_site_head_and_a_weighed_distance() {
+        // What build_patchcore.py writes without --head: the relative
+        // distance mapped straight to anomaly_map.
+        let mut headless = OnnxModel::from_bytes(&fixture("model.onnx")).unwrap();
+        let add = headless.graph().node.iter().position(|n| n.output.iter().any(|o| o == "anomaly_map")).unwrap();
+        headless.graph_mut().node[add] = node("Identity", &["nn_relative_distance"], &["anomaly_map"], &[]);
+        headless.prune(&["anomaly_map"]).unwrap();
+        assert!(!headless.has_initializer("distance_weight") && headless.nodes_of("QLinearConv").count() == 0);
+
+        let composed = compose_site_head(&headless).unwrap();
+        assert_eq!(composed.initializer("distance_weight").unwrap().sum(), DEFAULT_DISTANCE_WEIGHT);
+        assert_eq!(composed.output_names(), ["anomaly_map"]);
+        assert_eq!(compose_site_head(&composed).unwrap(), composed, "composing twice changes nothing");
+        assert!(training_graph(&composed).is_ok());
+
+        let c = -1.5f32;
+        let mut m = composed;
+        m.set_initializer(site::B2, &ArrayD::from_elem(IxDyn(&[1]), c)).unwrap();
+        m.prune(&["anomaly_map", "nn_relative_distance"]).unwrap();
+        let mut s = session(&m);
+        let bank = Array2::from_shape_fn((16, 66), |(r, c)| ((r * 5 + c * 3) % 13) as f32 * 0.1).into_dyn();
+        let scale = Array1::from_elem(16, 1.0f32).into_dyn();
+        let out = run(
+            &mut s,
+            vec![("planes", tiles().into_dyn()), ("memory_bank", bank), ("bank_scale", scale)],
+            &["anomaly_map", "nn_relative_distance"],
+        );
+        let want = out[1].mapv(|d| DEFAULT_DISTANCE_WEIGHT * d + c);
+        let worst = (&out[0] - &want).iter().fold(0.0f32, |w, d| w.max(d.abs()));
+        assert!(worst < 1e-5, "anomaly_map = 0.28 x distance + {c} within {worst}");
     }
 
     #[test]

@@ -137,6 +137,13 @@ pub struct EvalArgs {
     /// on the maps without re-running the model.
     #[arg(long, value_name = "DIR")]
     pub maps: Option<PathBuf>,
+    /// Also write a downsampled picture of each scan as `DIR/NAME.png`: the
+    /// high-energy plane, ground-truth boxes in red, found regions in green.
+    #[arg(long, value_name = "DIR")]
+    pub previews: Option<PathBuf>,
+    /// With --previews: how many times smaller than the scan.
+    #[arg(long, default_value_t = 8, requires = "previews")]
+    pub preview_factor: u32,
 }
 
 /// One scan on disk.
@@ -835,7 +842,7 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     anyhow::ensure!(!scans.is_empty(), "{} holds no scans", args.data.display());
     // From the map's normalised values back to raw ones.
     let decision = &model.manifest.decision;
-    if let Some(dir) = &args.maps {
+    for dir in [&args.maps, &args.previews].into_iter().flatten() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let mut per_scan = Vec::with_capacity(scans.len());
@@ -881,6 +888,11 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
             let raw = a.map.mapv(|v| decision.raw(v));
             let path = dir.join(format!("{}.map.npy", s.name));
             std::fs::write(&path, npy(&raw)).with_context(|| format!("writing {}", path.display()))?;
+        }
+        if let Some(dir) = &args.previews {
+            let path = dir.join(format!("{}.png", s.name));
+            std::fs::write(&path, preview(s, truth, &a.regions, args.preview_factor)?)
+                .with_context(|| format!("writing {}", path.display()))?;
         }
         let peak = a.map.indexed_iter().fold(((0, 0), f32::MIN), |b, (i, v)| if *v > b.1 { (i, *v) } else { b });
         let result = ScanResult {
@@ -976,6 +988,26 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
         print_report(&report);
     }
     Ok(())
+}
+
+/// `niix eval --previews`: the scan's high-energy plane with its ground
+/// truth (red) and the regions found (green).
+fn preview(s: &ScanFiles, truth: &[TruthBox], regions: &[Region], factor: u32) -> anyhow::Result<Vec<u8>> {
+    use niix_synth::{PreviewBox, TRUTH_RGB};
+    let file = File::open(&s.high).with_context(|| format!("opening {}", s.high.display()))?;
+    let mut dec = tiff::decoder::Decoder::new(std::io::BufReader::new(file))?;
+    let (width, height) = dec.dimensions()?;
+    let high = match dec.read_image()? {
+        tiff::decoder::DecodingResult::U16(v) => v,
+        _ => anyhow::bail!("{}: not a 16-bit plane", s.high.display()),
+    };
+    // The brightest value stands in for the unattenuated beam.
+    let i0 = f64::from(high.iter().copied().max().unwrap_or(1).max(1));
+    let found =
+        regions.iter().map(|r| PreviewBox { x: r.x, y: r.y, width: r.width, height: r.height, rgb: [40, 200, 60] });
+    let truth = truth.iter().map(|t| PreviewBox { x: t.x, y: t.y, width: t.width, height: t.height, rgb: TRUTH_RGB });
+    let boxes: Vec<PreviewBox> = found.chain(truth).collect();
+    Ok(niix_synth::render_preview(&high, width, height, i0, factor, &boxes))
 }
 
 /// `niix eval`'s figures as text.
