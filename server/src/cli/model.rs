@@ -517,8 +517,13 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
                 median_plus_tail
             }
         }
-        ThresholdRule::PastTheLargest => format!(
-            "the highest of {} held-out scans plus its excess over their median (fewer than {:.0} held out and no measured tail)",
+        ThresholdRule::PastTheLargest { tail_estimate } => format!(
+            "{} of {} held-out scans (fewer than {:.0} held out and no measured tail)",
+            if tail_estimate {
+                "a normal distribution's tail fitted to the upper half"
+            } else {
+                "1% above the highest"
+            },
             scores.len(),
             1.0 / spec.false_alarm_rate
         ),
