@@ -458,7 +458,7 @@ pub fn compose_site_head(base: &OnnxModel) -> Result<OnnxModel, GraphError> {
         .position(|n| n.output.iter().any(|o| o == "anomaly_map"))
         .ok_or_else(|| GraphError::Compose("no node produces \"anomaly_map\"".into()))?;
     let add_node = m.graph().node[add].clone();
-    // A head-less base (`build_patchcore.py` without `--head`) maps the
+    // A head-less base (what `build_patchcore.py` writes, fixtures/patchcore) maps the
     // distance straight through: weigh it here, as a base with heads does.
     if add_node.op_type() == "Identity" && add_node.input.len() == 1 {
         let distance = add_node.input[0].clone();
