@@ -155,6 +155,15 @@ pub struct FitSpec {
     /// How many held-out normal scans `tail` was measured on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tail_scans: Option<usize>,
+    /// How many held-out normal scans the fit set the threshold on
+    /// (written by `niix model fit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_out_scans: Option<usize>,
+    /// The 5-95 % bootstrap interval of the false-alarm rate at the fitted
+    /// threshold, from those scans ([`crate::fit::bootstrap`]; written by
+    /// `niix model fit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub false_alarm_interval: Option<[f64; 2]>,
 }
 
 fn default_coreset() -> usize {
@@ -558,6 +567,15 @@ bank_scale = "bank_scale"
         let fit = Manifest::parse(&tailed).unwrap().fit.unwrap();
         assert_eq!((fit.tail, fit.tail_scans), (Some(1.75), Some(230)));
         assert_eq!(m.fit.as_ref().unwrap().tail, None);
+        // The fit's record of its held-out scans.
+        let recorded = fittable.replace(
+            "bank = \"memory_bank\"\n",
+            "bank = \"memory_bank\"\nheld_out_scans = 26\nfalse_alarm_interval = [0.0, 0.077]\n",
+        );
+        let m2 = Manifest::parse(&recorded).unwrap();
+        let fit = m2.fit.as_ref().unwrap();
+        assert_eq!((fit.held_out_scans, fit.false_alarm_interval), (Some(26), Some([0.0, 0.077])));
+        assert_eq!(Manifest::parse(&toml::to_string(&m2).unwrap()).unwrap(), m2);
     }
 
     #[test]
