@@ -159,10 +159,13 @@ patchcore: release
 ## 1 % quantile of normal scores off and records how far it lies above their
 ## median ([fit] tail, in .niix/tail); the shipped version is then fitted from
 ## it like any site fit, its threshold the median of its 10 held-out scans
-## plus that tail.
+## plus that tail. The single-energy model (fixtures/patchcore-se: the same
+## graphs, both channels fed from one plane) is fitted the same way from the
+## same scans, reading their high-energy planes.
 TAIL_SCANS := .niix/synth/tail3000 .niix/synth/tail3100
 model: onnxruntime release
-	rm -rf .niix/synth/normal .niix/tail/cargo-patchcore fixtures/models/cargo-patchcore/1
+	rm -rf .niix/synth/normal .niix/tail/cargo-patchcore fixtures/models/cargo-patchcore/1 \
+		.niix/tail/cargo-patchcore-se fixtures/models/cargo-patchcore-se/1
 	./target/release/niix synth --out .niix/synth/normal --count 30 --seed 100 --anomaly-rate 0
 	test -d $(HEAD_SCANS) || ./target/release/niix synth --out $(HEAD_SCANS) --count 40 --seed 500 --anomaly-rate 0
 	test -d $(HEAD_MORE) || ./target/release/niix synth --out $(HEAD_MORE) --count 80 --seed 510 --anomaly-rate 0
@@ -173,6 +176,12 @@ model: onnxruntime release
 		--library $(HEAD_SCANS) --library $(HEAD_MORE) --bank-library $(addprefix --held-out ,$(TAIL_SCANS))
 	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" ./target/release/niix model fit --normal .niix/synth/normal \
 		--base .niix/tail/cargo-patchcore/1 --out fixtures/models/cargo-patchcore/1 \
+		--library $(HEAD_SCANS) --library $(HEAD_MORE) --bank-library
+	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" ./target/release/niix model fit --normal .niix/synth/normal \
+		--base fixtures/patchcore-se --out .niix/tail/cargo-patchcore-se/1 \
+		--library $(HEAD_SCANS) --library $(HEAD_MORE) --bank-library $(addprefix --held-out ,$(TAIL_SCANS))
+	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" ./target/release/niix model fit --normal .niix/synth/normal \
+		--base .niix/tail/cargo-patchcore-se/1 --out fixtures/models/cargo-patchcore-se/1 \
 		--library $(HEAD_SCANS) --library $(HEAD_MORE) --bank-library
 
 ## The README's detector figures: 100 fresh scans (seed 300) and 40 (seed 200).

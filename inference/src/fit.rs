@@ -33,7 +33,8 @@ pub struct FeatureGraph {
 }
 
 impl FeatureGraph {
-    /// Loads `dir/<fit.features>` for the manifest `dir/model.toml`.
+    /// Loads `<fit.features>` for the manifest `dir/model.toml`, from `dir`
+    /// or the directory its `fit.graphs` names.
     pub fn load(dir: &Path, threads: Threads) -> Result<FeatureGraph, ModelError> {
         let path = dir.join("model.toml");
         let text = std::fs::read_to_string(&path)
@@ -43,7 +44,7 @@ impl FeatureGraph {
             path,
             reason: "this model has no [fit] section: it cannot be fitted to a site".into(),
         })?;
-        let graph = dir.join(&spec.features);
+        let graph = spec.graph_dir(dir).join(&spec.features);
         let bytes =
             std::fs::read(&graph).map_err(|e| ModelError::File { path: graph.clone(), reason: e.to_string() })?;
         FeatureGraph::from_bytes(manifest, &bytes, &spec.output, &graph, threads)

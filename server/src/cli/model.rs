@@ -246,6 +246,8 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
     let base = base_dir(&args.base, &args.models)?;
     let graph = FeatureGraph::load(&base, Threads::default())?;
     let spec = graph.manifest().fit.clone().expect("FeatureGraph::load checks [fit]");
+    // A template may use another template's graphs (`fit.graphs`); the version gets copies.
+    let graphs = spec.graph_dir(&base);
     let scans = normal_scans(&args.normal)?;
     anyhow::ensure!(
         scans.len() >= 4,
@@ -317,7 +319,7 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
 
     // With --train-head: the site head composed onto the base, and the
     // training graph every scan runs through instead of the features graph.
-    let mut site = if args.train_head { Some(SiteFit::start(&base, graph.manifest(), &args)?) } else { None };
+    let mut site = if args.train_head { Some(SiteFit::start(&graphs, graph.manifest(), &args)?) } else { None };
     let started = Instant::now();
     if let Some(site) = site.as_mut() {
         let mut bands = Vec::new();
@@ -423,6 +425,9 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp)?;
     let mut manifest: Manifest = graph.manifest().clone();
+    if let Some(fit) = manifest.fit.as_mut() {
+        fit.graphs = None;
+    }
     let name = args.out.parent().and_then(|p| p.file_name()).and_then(|n| n.to_str()).unwrap_or(&manifest.name);
     manifest.name = name.to_string();
     write_constant(&mut manifest, &tmp, &spec.bank, &bank)?;
@@ -468,7 +473,8 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
         }
         None => {
             for file in ["model.onnx", spec.features.as_str()] {
-                std::fs::copy(base.join(file), tmp.join(file)).with_context(|| format!("copying {file}"))?;
+                std::fs::copy(graphs.join(file), tmp.join(file))
+                    .with_context(|| format!("copying {}", graphs.join(file).display()))?;
             }
         }
     }
@@ -621,11 +627,11 @@ struct SiteFit {
 }
 
 impl SiteFit {
-    /// Composes the site head onto `base/model.onnx` and loads its training graph.
-    fn start(base: &Path, manifest: &Manifest, args: &FitArgs) -> anyhow::Result<SiteFit> {
+    /// Composes the site head onto `graph_dir/model.onnx` and loads its training graph.
+    fn start(graph_dir: &Path, manifest: &Manifest, args: &FitArgs) -> anyhow::Result<SiteFit> {
         anyhow::ensure!(args.epochs > 0, "--epochs must be at least 1");
         anyhow::ensure!(args.pixel_mm > 0.0, "--pixel-mm must be positive");
-        let path = base.join("model.onnx");
+        let path = graph_dir.join("model.onnx");
         let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
         let graphs = site_graphs(&bytes).with_context(|| format!("adding the site head to {}", path.display()))?;
         let graph = FeatureGraph::from_bytes(
