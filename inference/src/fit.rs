@@ -33,7 +33,8 @@ pub struct FeatureGraph {
 }
 
 impl FeatureGraph {
-    /// Loads `dir/<fit.features>` for the manifest `dir/model.toml`.
+    /// Loads `<fit.features>` for the manifest `dir/model.toml`, from `dir`
+    /// or the directory its `fit.graphs` names.
     pub fn load(dir: &Path, threads: Threads) -> Result<FeatureGraph, ModelError> {
         let path = dir.join("model.toml");
         let text = std::fs::read_to_string(&path)
@@ -43,7 +44,7 @@ impl FeatureGraph {
             path,
             reason: "this model has no [fit] section: it cannot be fitted to a site".into(),
         })?;
-        let graph = dir.join(&spec.features);
+        let graph = spec.graph_dir(dir).join(&spec.features);
         let bytes =
             std::fs::read(&graph).map_err(|e| ModelError::File { path: graph.clone(), reason: e.to_string() })?;
         FeatureGraph::from_bytes(manifest, &bytes, &spec.output, &graph, threads)
@@ -391,6 +392,157 @@ fn normal_quantile(p: f64) -> f64 {
     if p >= 0.5 { upper(1.0 - p) } else { -upper(p) }
 }
 
+/// How uncertain a fitted threshold is, from the held-out scores it was
+/// set on ([`bootstrap`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Uncertainty {
+    /// Held-out scans (finite scores).
+    pub scans: usize,
+    /// The threshold [`fit_threshold`] sets from them.
+    pub threshold: f32,
+    /// Of them, how many score at or above it (alarm).
+    pub alarms: usize,
+    /// 5 % and 95 % points of the threshold over the resamples.
+    pub threshold_interval: (f32, f32),
+    /// 5 % and 95 % points of the out-of-bag false-alarm rate over the
+    /// resamples: the share of the scans a resample did not draw that reach
+    /// its threshold.
+    pub false_alarm_interval: (f64, f64),
+    /// The exact one-sided 95 % upper bound (Clopper-Pearson) of the
+    /// false-alarm rate at `threshold`, with `alarms` of `scans` alarming.
+    pub false_alarm_bound: f64,
+    /// Resamples taken.
+    pub resamples: usize,
+}
+
+/// The uncertainty of the threshold [`fit_threshold`] sets from `scores`
+/// (held-out normal image scores) for a false-alarm `rate`, by the bootstrap:
+/// `resamples` times, the n scores are drawn n times with replacement (from
+/// a SplitMix64 stream seeded by `seed`, so the result is a function of the
+/// arguments), the same rule sets a threshold `t_b` on the draw, and the
+/// scores not drawn (about 37 % of them) give its false-alarm rate, the share
+/// reaching `t_b`. A resample that drew every score gives no rate. Reports
+/// the 5-95 % points of both, and the exact one-sided 95 % bound of the
+/// false-alarm rate at the threshold set on all the scores
+/// ([`clopper_pearson_upper`]).
+pub fn bootstrap(scores: &[f32], rate: f64, tail: Option<f32>, resamples: usize, seed: u64) -> Uncertainty {
+    let finite: Vec<f32> = scores.iter().copied().filter(|s| s.is_finite()).collect();
+    let n = finite.len();
+    let (threshold, _) = fit_threshold(&finite, rate, tail);
+    let alarms = finite.iter().filter(|s| **s >= threshold).count();
+    let mut thresholds = Vec::with_capacity(resamples);
+    let mut rates = Vec::with_capacity(resamples);
+    let mut pick = Picker(seed);
+    let mut drawn = vec![0usize; n];
+    let mut sample = Vec::with_capacity(n);
+    for _ in 0..if n == 0 { 0 } else { resamples } {
+        drawn.iter_mut().for_each(|d| *d = 0);
+        sample.clear();
+        for _ in 0..n {
+            let i = pick.next(n);
+            drawn[i] += 1;
+            sample.push(finite[i]);
+        }
+        let (t, _) = fit_threshold(&sample, rate, tail);
+        thresholds.push(t);
+        let out_of_bag: Vec<f32> = finite.iter().zip(&drawn).filter(|(_, d)| **d == 0).map(|(s, _)| *s).collect();
+        if !out_of_bag.is_empty() {
+            rates.push(out_of_bag.iter().filter(|s| **s >= t).count() as f64 / out_of_bag.len() as f64);
+        }
+    }
+    let thresholds: Vec<f64> = thresholds.into_iter().map(f64::from).collect();
+    let (t_lo, t_hi) = percentiles(thresholds, 0.05, 0.95);
+    Uncertainty {
+        scans: n,
+        threshold,
+        alarms,
+        threshold_interval: (t_lo as f32, t_hi as f32),
+        false_alarm_interval: percentiles(rates, 0.05, 0.95),
+        false_alarm_bound: clopper_pearson_upper(alarms, n, 0.05),
+        resamples,
+    }
+}
+
+/// The `lo` and `hi` quantiles of `values` (linear between order
+/// statistics); NaN for none.
+fn percentiles(mut values: Vec<f64>, lo: f64, hi: f64) -> (f64, f64) {
+    if values.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    values.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        let x = q * (values.len() - 1) as f64;
+        let (i, f) = (x.floor() as usize, x.fract());
+        values[i] + f * (values[(i + 1).min(values.len() - 1)] - values[i])
+    };
+    (at(lo), at(hi))
+}
+
+/// The exact (Clopper-Pearson) one-sided `1 - alpha` upper bound of a rate
+/// of which `k` of `n` trials were seen: the rate `p` at which seeing at
+/// most `k` has probability `alpha`. For `k = 0` that is
+/// `1 - alpha^(1/n)`: 10.9 % for 26 scans at 95 %. 1 for no trials or `k = n`.
+pub fn clopper_pearson_upper(k: usize, n: usize, alpha: f64) -> f64 {
+    if n == 0 || k >= n {
+        return 1.0;
+    }
+    if k == 0 {
+        return 1.0 - alpha.powf(1.0 / n as f64);
+    }
+    // P(X <= k | n, p) falls as p rises: bisect for alpha.
+    let (mut lo, mut hi) = (0.0f64, 1.0f64);
+    for _ in 0..100 {
+        let p = 0.5 * (lo + hi);
+        if binomial_cdf(k, n, p) > alpha {
+            lo = p;
+        } else {
+            hi = p;
+        }
+    }
+    0.5 * (lo + hi)
+}
+
+/// P(X <= k) for X ~ Binomial(n, p), summed in log space (no underflow for
+/// large n).
+fn binomial_cdf(k: usize, n: usize, p: f64) -> f64 {
+    if p <= 0.0 {
+        return 1.0;
+    }
+    if p >= 1.0 {
+        return if k >= n { 1.0 } else { 0.0 };
+    }
+    let (lp, lq) = (p.ln(), (-p).ln_1p());
+    // ln C(n, i) built up term by term.
+    let mut ln_choose = 0.0f64;
+    let mut terms = Vec::with_capacity(k + 1);
+    for i in 0..=k.min(n) {
+        if i > 0 {
+            ln_choose += ((n - i + 1) as f64).ln() - (i as f64).ln();
+        }
+        terms.push(ln_choose + i as f64 * lp + (n - i) as f64 * lq);
+    }
+    let top = terms.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (top + terms.iter().map(|t| (t - top).exp()).sum::<f64>().ln()).min(0.0).exp()
+}
+
+/// The fewest held-out scans that, with none of them alarming, show a
+/// false-alarm rate of at most `rate` with 95 % confidence (Clopper-Pearson):
+/// 299 for 1 %, 59 for 5 %.
+pub fn scans_to_show(rate: f64) -> usize {
+    if !(rate > 0.0 && rate < 1.0) {
+        return usize::MAX;
+    }
+    let mut n = (0.05f64.ln() / (-rate).ln_1p()).ceil().max(1.0) as usize;
+    // Guard the rounding of the closed form.
+    while n > 1 && clopper_pearson_upper(0, n - 1, 0.05) <= rate {
+        n -= 1;
+    }
+    while clopper_pearson_upper(0, n, 0.05) > rate {
+        n += 1;
+    }
+    n
+}
+
 /// The scale of each memory-bank row's distance, from the bank's own
 /// spacing (local-outlier-factor style): with `r_k` the distance from row `k`
 /// to its `neighbours`-th nearest other row and `m` the median `r_k`,
@@ -574,6 +726,54 @@ mod tests {
         // Five scans see a 20 % rate: one may alarm.
         let few = [10.0f32, 10.2, 10.4, 10.6, 11.0];
         assert!((fit_threshold(&few, 0.2, None).0 - 10.8).abs() < 1e-5);
+    }
+
+    #[test]
+    fn the_bootstrap_is_deterministic_per_seed() {
+        let scores: Vec<f32> = (0..26).map(|i| 10.0 + (i * 7 % 26) as f32 * 0.1).collect();
+        let a = bootstrap(&scores, 0.01, None, 2000, 4);
+        assert_eq!(a, bootstrap(&scores, 0.01, None, 2000, 4));
+        assert_ne!(a.threshold_interval, bootstrap(&scores, 0.01, None, 2000, 5).threshold_interval);
+        assert_eq!((a.scans, a.alarms, a.resamples), (26, 0, 2000));
+        assert_eq!(a.threshold, fit_threshold(&scores, 0.01, None).0);
+        let (lo, hi) = a.threshold_interval;
+        assert!(lo <= a.threshold && lo < hi, "{a:?}");
+        let (lo, hi) = a.false_alarm_interval;
+        assert!(0.0 <= lo && lo <= hi && hi <= 1.0, "{a:?}");
+        assert!((a.false_alarm_bound - 0.109).abs() < 5e-4, "{a:?}");
+        // Nothing to resample: no interval, and no bound below 1.
+        let none = bootstrap(&[], 0.01, None, 10, 0);
+        assert!(none.false_alarm_interval.0.is_nan() && none.false_alarm_bound == 1.0);
+    }
+
+    #[test]
+    fn the_bootstrap_interval_covers_the_rate_of_iid_scores() {
+        // 200 scores drawn from one distribution (a sum of four uniforms):
+        // at a 5 % rate the quantile rule holds, and the out-of-bag
+        // false-alarm interval covers 5 %.
+        let mut pick = Picker(11);
+        let scores: Vec<f32> = (0..200).map(|_| (0..4).map(|_| pick.unit() as f32).sum::<f32>()).collect();
+        let u = bootstrap(&scores, 0.05, None, 2000, 1);
+        let (lo, hi) = u.false_alarm_interval;
+        assert!(lo < 0.05 && 0.05 < hi, "{u:?}");
+        assert!(hi < 0.15, "200 scans pin the rate down: {u:?}");
+        assert_eq!(u.alarms, 10);
+        assert!(u.false_alarm_bound > 0.05 && u.false_alarm_bound < 0.1, "{u:?}");
+    }
+
+    #[test]
+    fn clopper_pearson_bounds_match_their_closed_forms_and_tables() {
+        // k = 0: 1 - 0.05^(1/n).
+        assert!((clopper_pearson_upper(0, 26, 0.05) - 0.1088).abs() < 1e-4);
+        assert!((clopper_pearson_upper(0, 100, 0.05) - 0.0295).abs() < 1e-4);
+        // k = 1 of 10: the 95 % quantile of Beta(2, 9), 0.3942 (tables).
+        assert!((clopper_pearson_upper(1, 10, 0.05) - 0.3942).abs() < 1e-4);
+        // k = 2 of 200: Beta(3, 198)'s 95 % quantile, 0.0311.
+        assert!((clopper_pearson_upper(2, 200, 0.05) - 0.0311).abs() < 1e-4);
+        assert_eq!(clopper_pearson_upper(5, 5, 0.05), 1.0);
+        assert_eq!(clopper_pearson_upper(0, 0, 0.05), 1.0);
+        assert_eq!(scans_to_show(0.01), 299);
+        assert_eq!(scans_to_show(0.05), 59);
     }
 
     #[test]

@@ -155,6 +155,32 @@ pub struct FitSpec {
     /// How many held-out normal scans `tail` was measured on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tail_scans: Option<usize>,
+    /// How many held-out normal scans the fit set the threshold on
+    /// (written by `niix model fit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_out_scans: Option<usize>,
+    /// The 5-95 % bootstrap interval of the false-alarm rate at the fitted
+    /// threshold, from those scans ([`crate::fit::bootstrap`]; written by
+    /// `niix model fit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub false_alarm_interval: Option<[f64; 2]>,
+    /// A template only: the directory holding `model.onnx` and `features`,
+    /// relative to the manifest's own directory, when they are another
+    /// template's (`fixtures/patchcore-se` uses `fixtures/patchcore`'s).
+    /// `niix model fit` copies the graphs into the version it writes, which
+    /// never has this key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub graphs: Option<String>,
+}
+
+impl FitSpec {
+    /// The directory holding the graphs of a model whose manifest lies in `dir`.
+    pub fn graph_dir(&self, dir: &std::path::Path) -> std::path::PathBuf {
+        match &self.graphs {
+            Some(g) => dir.join(g),
+            None => dir.to_path_buf(),
+        }
+    }
 }
 
 fn default_coreset() -> usize {
@@ -439,6 +465,12 @@ impl Manifest {
             if f.tail.is_some_and(|t| !(t.is_finite() && t >= 0.0)) {
                 return bad("fit.tail must be a finite score excess of at least 0".into());
             }
+            if f.graphs.as_deref().is_some_and(|g| g.trim().is_empty()) {
+                return bad("fit.graphs is empty: name the directory holding the graphs, or leave it out".into());
+            }
+            if !plain_file_name(&f.features) {
+                return bad(format!("fit.features {:?} must be a plain file name", f.features));
+            }
         }
         if !THREAT_CATEGORIES.contains(&d.category.as_str()) {
             return bad(format!(
@@ -558,6 +590,27 @@ bank_scale = "bank_scale"
         let fit = Manifest::parse(&tailed).unwrap().fit.unwrap();
         assert_eq!((fit.tail, fit.tail_scans), (Some(1.75), Some(230)));
         assert_eq!(m.fit.as_ref().unwrap().tail, None);
+        // The fit's record of its held-out scans, and a template's graphs elsewhere.
+        let recorded = fittable.replace(
+            "bank = \"memory_bank\"\n",
+            "bank = \"memory_bank\"\nheld_out_scans = 26\nfalse_alarm_interval = [0.0, 0.077]\ngraphs = \"../patchcore\"\n",
+        );
+        let m2 = Manifest::parse(&recorded).unwrap();
+        let fit = m2.fit.as_ref().unwrap();
+        assert_eq!((fit.held_out_scans, fit.false_alarm_interval), (Some(26), Some([0.0, 0.077])));
+        assert_eq!(
+            fit.graph_dir(std::path::Path::new("fixtures/patchcore-se")),
+            std::path::Path::new("fixtures/patchcore-se/../patchcore")
+        );
+        assert_eq!(m.fit.as_ref().unwrap().graph_dir(std::path::Path::new("d")), std::path::Path::new("d"));
+        assert_eq!(Manifest::parse(&toml::to_string(&m2).unwrap()).unwrap(), m2);
+        assert_each_refused(
+            &recorded,
+            &[
+                ("graphs = \"../patchcore\"", "graphs = \" \"", "fit.graphs"),
+                ("features = \"features.onnx\"", "features = \"../features.onnx\"", "fit.features"),
+            ],
+        );
     }
 
     #[test]

@@ -13,14 +13,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use niix_inference::model::Model;
 use niix_inference::pipeline::{self, Analysis, PlaneInput};
-use niix_inference::repository::Repository;
 use niix_proto::v1::{AlarmDecision, Algorithm, AssessmentFlag, Region, ReportType, ScanStatus, ThreatReport};
 use tokio::sync::{Notify, watch};
 
 use crate::error::{Error, Result, blocking};
 use crate::events::{EventSignal, timestamp};
 use crate::metrics::{AnalysisLabels, Metrics};
-use crate::plane::{encode_map_png, stored_plane};
+use crate::model_choice::{Chosen, FellBack, ModelChoice};
+use crate::plane::{encode_map_png, plane_kind_name, stored_plane};
 use crate::store::{BlobStore, MetadataStore, ScanRecord};
 
 /// How long an idle worker sleeps before looking at the queue again (it is
@@ -29,12 +29,12 @@ const IDLE_POLL: Duration = Duration::from_secs(2);
 /// Scores at or above this are HIGH_THREAT rather than THREAT.
 pub const HIGH_THREAT_SCORE: f32 = 0.9;
 
-/// Takes queued scans and analyses them with the repository's model.
+/// Takes queued scans and analyses each with the model [`ModelChoice`]
+/// picks for its planes.
 pub struct Analyzer {
     meta: Arc<dyn MetadataStore>,
     blobs: Arc<dyn BlobStore>,
-    repo: Arc<Repository>,
-    model_name: Option<String>,
+    choice: Arc<ModelChoice>,
     wake: Arc<Notify>,
     metrics: Metrics,
     events: EventSignal,
@@ -45,22 +45,19 @@ impl Analyzer {
     pub fn new(
         meta: Arc<dyn MetadataStore>,
         blobs: Arc<dyn BlobStore>,
-        repo: Arc<Repository>,
-        model_name: Option<String>,
+        choice: Arc<ModelChoice>,
         wake: Arc<Notify>,
         metrics: Metrics,
         events: EventSignal,
     ) -> Self {
-        Analyzer { meta, blobs, repo, model_name, wake, metrics, events }
+        Analyzer { meta, blobs, choice, wake, metrics, events }
     }
 
-    /// The model that analyses scans now: the configured one, else the only
-    /// (or first by name) serving model.
+    /// The model that analyses the scans it can read now: the configured
+    /// one, else the only (or first by name) serving model. Scans wait in
+    /// the queue while there is none.
     pub fn model(&self) -> Option<Arc<Model>> {
-        match &self.model_name {
-            Some(name) => self.repo.get(name),
-            None => self.repo.serving().into_iter().next(),
-        }
+        self.choice.primary()
     }
 
     async fn update_queue_depth(&self) {
@@ -79,7 +76,7 @@ impl Analyzer {
             }
             let model = self.model();
             if model.is_none() && !warned {
-                tracing::warn!(models = %self.repo.root().display(), "no model serving: scans stay queued until one is");
+                tracing::warn!(models = %self.choice.repo().root().display(), "no model serving: scans stay queued until one is");
                 warned = true;
             }
             let claimed = match &model {
@@ -115,28 +112,38 @@ impl Analyzer {
         }
     }
 
-    /// Analyses one claimed scan and stores its MACHINE report.
+    /// Analyses one claimed scan with `model` (the configured model), or
+    /// the fallback its planes call for, and stores its MACHINE report.
     pub async fn analyze_one(&self, model: Arc<Model>, scan_id: &str) -> Result<()> {
         let started = Instant::now();
         let (meta, blobs, id) = (self.meta.clone(), self.blobs.clone(), scan_id.to_string());
-        let run_model = model.clone();
+        let (choice, configured) = (self.choice.clone(), model.clone());
         let outcome = blocking(move || {
             let Some(record) = meta.get_scan(&id)? else {
                 return Err(Error::NotFound(format!("scan {id} vanished before analysis")));
             };
+            let kinds: Vec<String> = record.header.planes.iter().map(|p| plane_kind_name(p.kind)).collect();
+            let chosen = match choice.for_planes(&configured, &kinds.iter().map(String::as_str).collect::<Vec<_>>()) {
+                Ok(chosen) => chosen,
+                Err(why) => return Ok(Err(why)),
+            };
+            if let Some(f) = &chosen.fell_back {
+                tracing::info!(scan_id = %id, model = %chosen.model.label(), fallback_from = %f.from,
+                    reason = %f.reason, "the configured model cannot read this scan: a fallback analyses it");
+            }
             let planes = plane_inputs(&record, blobs.as_ref())?;
-            let result = pipeline::analyze(&run_model, planes);
+            let result = pipeline::analyze(&chosen.model, planes);
             // Keep the anomaly map for overlays: 8-bit grey PNG, content-addressed.
             let map = match &result {
                 Ok(a) => Some(blobs.put_blob(&encode_map_png(&a.map))?),
                 Err(_) => None,
             };
-            Ok((record, result.map(|a| (a, map))))
+            Ok(Ok((record, chosen, result.map(|a| (a, map)))))
         })
         .await;
         let elapsed = started.elapsed();
         let (report, status) = match outcome {
-            Ok((record, Ok((analysis, map)))) => {
+            Ok(Ok((record, Chosen { model, fell_back }, Ok((analysis, map))))) => {
                 let t = &analysis.timings;
                 tracing::info!(%scan_id, model = %model.label(), score = analysis.score, regions = analysis.regions.len(),
                     seconds = elapsed.as_secs_f64(), decode_s = t.decode.as_secs_f64(), infer_s = t.infer.as_secs_f64(),
@@ -144,17 +151,27 @@ impl Analyzer {
                 let mut report = machine_report(&model, &record, &analysis, elapsed);
                 report.anomaly_map_sha256 = map.unwrap_or_default();
                 report.anomaly_map_stride = analysis.stride as u32;
-                (report, ScanStatus::Analyzed)
+                (with_fallback(report, fell_back), ScanStatus::Analyzed)
             }
-            Ok((_, Err(e))) => {
+            Ok(Ok((_, Chosen { model, fell_back }, Err(e)))) => {
                 tracing::warn!(%scan_id, error = %e, "analysis aborted");
-                (abort_report(&model, e.to_string(), elapsed), ScanStatus::Failed)
+                (with_fallback(abort_report(&model, e.to_string(), elapsed), fell_back), ScanStatus::Failed)
+            }
+            // No model may read the scan's planes.
+            Ok(Err(why)) => {
+                tracing::warn!(%scan_id, error = %why, "analysis aborted");
+                (abort_report(&model, why, elapsed), ScanStatus::Failed)
             }
             Err(e) => {
                 tracing::warn!(%scan_id, error = %e, "analysis aborted");
                 (abort_report(&model, e.to_string(), elapsed), ScanStatus::Failed)
             }
         };
+        self.record(scan_id, report, status, elapsed).await
+    }
+
+    /// Counts a finished analysis and stores its report.
+    async fn record(&self, scan_id: &str, report: ThreatReport, status: ScanStatus, elapsed: Duration) -> Result<()> {
         let outcome = if status == ScanStatus::Analyzed { "analyzed" } else { "failed" };
         self.metrics.analyses.get_or_create(&AnalysisLabels { outcome: outcome.into() }).inc();
         self.metrics.analysis_seconds.observe(elapsed.as_secs_f64());
@@ -163,6 +180,14 @@ impl Analyzer {
         self.events.send_replace(seq);
         Ok(())
     }
+}
+
+/// A report of a scan another model than the configured one analysed says so.
+fn with_fallback(mut report: ThreatReport, fell_back: Option<FellBack>) -> ThreatReport {
+    if let Some(FellBack { from, reason }) = fell_back {
+        (report.fallback_from, report.fallback_reason) = (from, reason);
+    }
+    report
 }
 
 /// Opens every stored plane of a scan for the pipeline.

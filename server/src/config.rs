@@ -93,6 +93,10 @@ pub struct AnalysisConfig {
     /// Which model of the repository analyses scans; unset: the only one, or
     /// the first by name.
     pub model: Option<String>,
+    /// Which model analyses a scan whose planes cannot feed `model` (e.g. a
+    /// single-energy scan and a dual-energy model): `"auto"`, `"none"` or a
+    /// list of model names ([`crate::model_choice::Fallback`]).
+    pub fallback: crate::model_choice::Fallback,
     /// Scans analysed at once.
     pub workers: usize,
     /// How often the model repository is re-read for new versions.
@@ -111,6 +115,7 @@ impl Default for AnalysisConfig {
         AnalysisConfig {
             enabled: true,
             model: None,
+            fallback: crate::model_choice::Fallback::Auto,
             workers: 1,
             reload_interval: Duration::from_secs(10),
             threads: niix_inference::runtime::Threads::default(),
@@ -205,6 +210,9 @@ mod tests {
         assert_eq!(c.limits.staging_ttl, Duration::from_secs(5400));
         assert_eq!(c.limits.max_dimension, Limits::default().max_dimension);
         assert_eq!(c.analysis.model.as_deref(), Some("m"));
+        assert_eq!(c.analysis.fallback, crate::model_choice::Fallback::Auto);
+        let c: Config = toml::from_str("[analysis]\nfallback = [\"se\", \"other\"]\n").unwrap();
+        assert_eq!(c.analysis.fallback, crate::model_choice::Fallback::Models(vec!["se".into(), "other".into()]));
         assert_eq!(c.analysis.threads.intra_op, 2);
         assert!(c.analysis.enabled);
         assert_eq!(c.storage, StorageConfig::default());

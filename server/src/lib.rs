@@ -33,6 +33,7 @@ pub mod ingest;
 pub mod iso6346;
 pub mod limits;
 pub mod metrics;
+pub mod model_choice;
 pub mod oip;
 pub mod overlay;
 pub mod plane;

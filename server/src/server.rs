@@ -34,6 +34,7 @@ use crate::findings::FindingsService;
 use crate::health::NiixHealth;
 use crate::ingest::{Ingest, IngestService, ReadableCheck};
 use crate::metrics::Metrics;
+use crate::model_choice::ModelChoice;
 use crate::oip::InferenceService;
 use crate::reflection::{Reflection, ReflectionV1, ReflectionV1alpha};
 use crate::store::{BlobStore, FsBlobs, MetadataStore, SqliteMetadata};
@@ -203,8 +204,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         .with_min_free_bytes(config.storage.min_free_bytes);
     if let Some(repo) = &repo {
         ingest = ingest.with_readable_check(ReadableCheck {
-            repo: repo.clone(),
-            model: config.analysis.model.clone(),
+            choice: ModelChoice::new(repo.clone(), config.analysis.model.clone(), config.analysis.fallback.clone()),
             refuse: config.analysis.refuse_unreadable,
         });
     }
@@ -471,7 +471,8 @@ async fn start_analysis(
         tracing::info!(scans = requeued, "re-queued analyses interrupted by the last stop");
     }
     let wake = Arc::new(Notify::new());
-    let analyzer = Arc::new(Analyzer::new(meta, blobs, repo.clone(), a.model.clone(), wake.clone(), metrics, events));
+    let choice = Arc::new(ModelChoice::new(repo.clone(), a.model.clone(), a.fallback.clone()));
+    let analyzer = Arc::new(Analyzer::new(meta, blobs, choice, wake.clone(), metrics, events));
     for _ in 0..a.workers.max(1) {
         background.push(tokio::spawn(analyzer.clone().run_worker(stop.clone())));
     }

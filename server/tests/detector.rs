@@ -589,3 +589,64 @@ fn fit_trains_a_site_head_within_budget_whose_version_serves_and_ranks_anomalies
         assert_eq!(std::fs::read(later.join(f)).unwrap(), std::fs::read(version.join(f)).unwrap(), "{f}");
     }
 }
+
+#[test]
+fn the_single_energy_template_fits_single_and_dual_energy_scans_on_the_dual_models_graphs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (single, dual, test) = (tmp.path().join("single"), tmp.path().join("dual"), tmp.path().join("test"));
+    let small = ["--width", "512", "--height", "1536", "--anomaly-rate"];
+    let se = |out: &Path, seed: &str, rate: &str| {
+        let args = [
+            ["synth", "--out", out.to_str().unwrap(), "--seed", seed, "--count", "6", "--energies", "1"].as_slice(),
+            &small,
+            &[rate],
+        ]
+        .concat();
+        niix(&args);
+    };
+    se(&single, "40", "0");
+    se(&test, "42", "0.5");
+    synth(&dual, "41", "6", "0", Some(("512", "1536")));
+    assert!(single.join("synth-40-00000.tif").exists() && !single.join("synth-40-00000.high.tif").exists());
+
+    // The template names fixtures/patchcore's graphs instead of holding copies.
+    let template = fixtures().join("patchcore-se");
+    assert!(!template.join("model.onnx").exists() && !template.join("features.onnx").exists());
+    let models = tmp.path().join("models");
+    for (normal, version) in [(&single, "1"), (&dual, "2")] {
+        let version = models.join("cargo-patchcore-se").join(version);
+        let (_, log) = succeed(model_fit(normal, &template, &version));
+        // The version holds its own copies, byte for byte.
+        for f in ["model.onnx", "features.onnx"] {
+            let (ours, base) =
+                (std::fs::read(version.join(f)).unwrap(), std::fs::read(fixtures().join("patchcore").join(f)));
+            assert!(ours == base.unwrap(), "{f} differs from fixtures/patchcore's");
+        }
+        let manifest: toml::Table = std::fs::read_to_string(version.join("model.toml")).unwrap().parse().unwrap();
+        assert_eq!(manifest["name"].as_str(), Some("cargo-patchcore-se"));
+        let channels = manifest["input"]["channels"].as_array().unwrap();
+        assert!(channels.iter().all(|c| c.as_str() == Some("single_energy|high_energy")), "{channels:?}");
+        let fit = manifest["fit"].as_table().unwrap();
+        assert!(!fit.contains_key("graphs"), "a version holds its graphs: {fit:?}");
+        // Every third of 6 scans is held out. With 2 held-out scans the
+        // threshold's false-alarm rate is barely known, and the fit says so.
+        assert_eq!(fit["held_out_scans"].as_integer(), Some(2), "{fit:?}");
+        let interval: Vec<f64> =
+            fit["false_alarm_interval"].as_array().unwrap().iter().map(|v| v.as_float().unwrap()).collect();
+        assert!(interval.len() == 2 && 0.0 <= interval[0] && interval[0] <= interval[1] && interval[1] <= 1.0);
+        for said in [
+            "false-alarm rate aimed 1 %, 90 % interval ",
+            "from 2 held-out scans, at most 77.6 % with 95 % confidence (0 of 2 alarm)",
+            "to show <= 1 % hold out >= 299 scans",
+        ] {
+            assert!(log.contains(said), "{said:?} not in {log}");
+        }
+        let description = manifest["description"].as_str().unwrap();
+        assert!(description.contains("at most 77.6 % with 95 % confidence"), "{description}");
+    }
+
+    // The version fitted on dual-energy scans' high planes reads single-energy scans.
+    let report = eval(&test, &models);
+    assert_eq!(report["scans"], 6);
+    assert!(report["model"].as_str().unwrap().starts_with("cargo-patchcore-se version 2"), "{report}");
+}

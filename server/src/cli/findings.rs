@@ -49,7 +49,11 @@ pub fn report_json(r: &ThreatReport) -> Value {
         "abort_reason": r.abort_reason,
         "processing_seconds": r.processing_seconds,
         "plane_index": r.plane_index,
-        "model": { "name": algo.name, "version": algo.version, "sha256": algo.sha256, "demo": algo.demo },
+        "model": {
+            "name": algo.name, "version": algo.version, "sha256": algo.sha256, "demo": algo.demo,
+            "fallback_from": (!r.fallback_from.is_empty()).then_some(&r.fallback_from),
+            "fallback_reason": (!r.fallback_reason.is_empty()).then_some(&r.fallback_reason),
+        },
         "operator_id": r.operator_id,
         "operator_name": r.operator_name,
         "verdict": word::<niix_proto::v1::Verdict>(r.verdict, |t| t.as_str_name(), "VERDICT_"),
@@ -93,6 +97,9 @@ pub fn print_findings(f: &ScanFindings) {
     let algo = r.algorithm.clone().unwrap_or_default();
     let demo = if algo.demo { " [DEMO model, not a trained detector]" } else { "" };
     println!("  model {} version {} sha256 {}{demo}", algo.name, algo.version, algo.sha256);
+    if !r.fallback_from.is_empty() {
+        println!("  in place of {}: {}", r.fallback_from, r.fallback_reason);
+    }
     if r.aborted {
         println!("  analysis aborted: {}", r.abort_reason);
         return;

@@ -32,6 +32,12 @@ pub struct ServeArgs {
     /// or the first by name).
     #[arg(long, env = "NIIX_MODEL")]
     pub model: Option<String>,
+    /// Which model analyses a scan the analysis model cannot read (e.g. a
+    /// single-energy scan and a dual-energy model): `auto` (default: the
+    /// serving non-demo models that can, dual-energy first), `none` (the scan
+    /// fails), or model names separated by commas, tried in order.
+    #[arg(long, env = "NIIX_FALLBACK")]
+    pub fallback: Option<crate::model_choice::Fallback>,
     /// Accept unauthenticated clients on a non-loopback address.
     #[arg(long)]
     pub insecure: bool,
@@ -58,6 +64,9 @@ impl ServeArgs {
         }
         if let Some(m) = &self.model {
             c.analysis.model = Some(m.clone());
+        }
+        if let Some(f) = &self.fallback {
+            c.analysis.fallback = f.clone();
         }
         c.insecure |= self.insecure;
         Ok(c)

@@ -18,8 +18,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::{Stream, StreamExt};
-use niix_inference::pipeline::select_planes;
-use niix_inference::repository::Repository;
 use niix_proto::v1::push_scan_request::Part;
 use niix_proto::v1::upload_status::State;
 use niix_proto::v1::{PlaneProgress, PlaneReceipt, PushScanRequest, ScanHeader, ScanReceipt, ScanStatus, UploadStatus};
@@ -29,6 +27,7 @@ use crate::error::{Error, Result, blocking};
 use crate::header;
 use crate::limits::Limits;
 use crate::metrics::{GaugeGuard, Metrics, ReceivedLabels};
+use crate::model_choice::ModelChoice;
 use crate::scope::SiteScope;
 use crate::store::{BlobStore, CommitOutcome, MetadataStore, PendingUpload, PlaneDigest, ScanRecord};
 use planes::{PlaneSink, check_plane_bytes};
@@ -52,12 +51,10 @@ pub struct Ingest {
     readable: Option<ReadableCheck>,
 }
 
-/// Checks a pushed scan's planes against the model that would analyse it.
+/// Checks a pushed scan's planes against the models that may analyse it.
 pub struct ReadableCheck {
-    /// The model repository.
-    pub repo: Arc<Repository>,
-    /// The configured analysis model; unset: the first serving one.
-    pub model: Option<String>,
+    /// The configured analysis model and its fallbacks.
+    pub choice: ModelChoice,
     /// Refuse an unreadable scan (FAILED_PRECONDITION); else store it with
     /// a warning in the receipt.
     pub refuse: bool,
@@ -197,31 +194,27 @@ impl Ingest {
         self
     }
 
-    /// Nothing when the serving model reads the scan's planes (or no model
-    /// serves: the scan then queues); else the refusal, or with
-    /// `refuse = false` the warning for the receipt.
+    /// Nothing when the serving model, or a fallback it allows, reads the
+    /// scan's planes (or no model serves: the scan then queues); else the
+    /// refusal, or with `refuse = false` the warning for the receipt.
     fn check_readable(&self, header: &ScanHeader) -> Result<Option<String>> {
         let Some(check) = &self.readable else { return Ok(None) };
-        let model = match &check.model {
-            Some(name) => check.repo.get(name),
-            None => check.repo.serving().into_iter().next(),
-        };
-        let Some(model) = model else { return Ok(None) };
+        let Some(model) = check.choice.primary() else { return Ok(None) };
         let kinds: Vec<String> = header.planes.iter().map(|p| crate::plane::plane_kind_name(p.kind)).collect();
         let kinds: Vec<&str> = kinds.iter().map(String::as_str).collect();
-        let Err(e) = select_planes(&model.manifest, &kinds) else { return Ok(None) };
+        let Err(e) = check.choice.for_planes(&model, &kinds) else { return Ok(None) };
         let why = format!(
-            "the serving model {} cannot read this scan: {e} (it reads {:?}; ModelMetadata of \
-             inference.GRPCInferenceService lists its inputs)",
-            model.label(),
-            model.manifest.input.channels
+            "{e} ({} reads {:?}; ModelMetadata of inference.GRPCInferenceService lists a model's inputs)",
+            model.name, model.manifest.input.channels
         );
         if check.refuse {
             return Err(Error::FailedPrecondition(format!(
                 "{why}; push the planes it needs, or ask the operator to serve a model for these planes"
             )));
         }
-        Ok(Some(format!("{why}; the scan is stored and stays queued until a model that reads it serves")))
+        Ok(Some(format!(
+            "{why}; the scan is stored, and its analysis fails unless a model that reads it serves by then"
+        )))
     }
 
     /// RESOURCE_EXHAUSTED when receiving `needed` more bytes would take the
