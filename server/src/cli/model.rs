@@ -402,7 +402,7 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     let structure = structure_spec.zip(structure_fit).map(|(st, fit)| {
-        let model = fit.finish(st);
+        let model = fit.finish(st, graph.manifest().input.length_along);
         let fixed = model.limit.iter().filter(|v| v.is_finite()).count() as f64 / model.limit.len().max(1) as f64;
         eprintln!("structure model: {structure_scans} scans, {:.1} % of the blocks are fixed structure", fixed * 100.0);
         model
