@@ -8,7 +8,8 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use niix_proto::v1::declaration_reference::Kind as DeclarationKind;
 use niix_proto::v1::{
-    ConveyanceType, DeclarationReference, PlaneKind, ScanHeader, ScanMetadata, ScanReceipt, Scanner, SourceEnergy,
+    ConveyanceType, DeclarationReference, Orientation, PlaneKind, ScanHeader, ScanMetadata, ScanReceipt, Scanner,
+    SourceEnergy,
 };
 use serde_json::json;
 
@@ -44,6 +45,15 @@ impl From<Conveyance> for ConveyanceType {
             Conveyance::Vehicle => ConveyanceType::Vehicle,
         }
     }
+}
+
+/// Which image axis the conveyance's length runs along, as the CLI spells it.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LengthAlong {
+    /// Across the columns (a side-on view, usually the wider side).
+    X,
+    /// Down the rows.
+    Y,
 }
 
 /// Arguments of `niix push`.
@@ -83,6 +93,10 @@ pub struct PushArgs {
     /// What was scanned (default: container if --container is given).
     #[arg(long, value_enum)]
     pub conveyance: Option<Conveyance>,
+    /// The image axis the conveyance's length runs along (default: unstated,
+    /// so the analysis takes the image's longer side).
+    #[arg(long, value_enum)]
+    pub length_along: Option<LengthAlong>,
     /// Acquisition time, RFC 3339 (default: the file's modification time).
     #[arg(long)]
     pub scan_time: Option<String>,
@@ -166,6 +180,11 @@ impl PushArgs {
             declarations,
             source: Some(SourceEnergy { peak_kv: self.energy_kv, low_kv: 0.0 }),
             remarks: String::new(),
+            orientation: match self.length_along {
+                None => Orientation::Unspecified,
+                Some(LengthAlong::X) => Orientation::LengthAlongX,
+                Some(LengthAlong::Y) => Orientation::LengthAlongY,
+            } as i32,
         };
         let mut header = ScanHeader { scan_id: String::new(), metadata: Some(metadata), planes };
         header.scan_id = match &self.scan_id {
