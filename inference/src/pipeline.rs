@@ -748,7 +748,7 @@ fn decode_transformed(
             }
             workers.push(scope.spawn(move || {
                 let (w, h) = (plane.width, plane.height);
-                let mut strips = orientation::Strips::new(w as usize);
+                let mut strips = transpose.then(|| orientation::Strips::new(w as usize));
                 // Each strip of rows into columns of every channel the plane feeds.
                 let columns = |outputs: &mut [(ArrayViewMut2<'_, f32>, &Vec<f32>)], strip: &[u16], first: usize| {
                     for (channel, table) in outputs {
@@ -760,7 +760,7 @@ fn decode_transformed(
                     }
                 };
                 decode_rows(&mut plane.reader, plane.encoding, w, h, &DecodeLimits::default(), |y, row| {
-                    if transpose {
+                    if let Some(strips) = strips.as_mut() {
                         strips.push(row, |strip, first| columns(&mut outputs, strip, first));
                         return Ok(());
                     }
@@ -771,7 +771,9 @@ fn decode_transformed(
                     Ok(())
                 })
                 .map_err(|source| AnalysisError::Decode { kind: plane.kind.clone(), source })?;
-                strips.finish(|strip, first| columns(&mut outputs, strip, first));
+                if let Some(strips) = strips.as_mut() {
+                    strips.finish(|strip, first| columns(&mut outputs, strip, first));
+                }
                 Ok(())
             }));
         }
@@ -867,10 +869,12 @@ pub fn analyze_oriented(
     let (h, w) = if transposed { (scan_size.1, scan_size.0) } else { scan_size };
     let (mh, mw) = Grid::new(h, w, m.input.tile, m.input.overlap, model.stride).map_shape();
     if mh * mw > MAX_MAP_CELLS {
+        // Named in the scan's own frame.
+        let ((sh, sw), (mh, mw)) = (scan_size, if transposed { (mw, mh) } else { (mh, mw) });
         return Err(AnalysisError::TooLarge(format!(
-            "a {}x{} scan needs an anomaly map of {mw}x{mh} cells with model {} ({} pixels per cell); \
+            "a {sw}x{sh} scan needs an anomaly map of {mw}x{mh} cells with model {} ({} pixels per cell); \
              the analysis holds at most {MAX_MAP_CELLS} cells: use a model with a coarser map for scans this large",
-            scan_size.1, scan_size.0, model.name, model.stride
+            model.name, model.stride
         )));
     }
     let (tables, pad) = tables_and_pad(m, chosen.len());
