@@ -275,3 +275,32 @@ pub async fn run(args: PushArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Push {
+        #[command(flatten)]
+        args: PushArgs,
+    }
+
+    #[test]
+    fn length_along_states_the_orientation_and_without_it_none_is_stated() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("scan.raw");
+        std::fs::write(&raw, vec![0u8; 2 * 6 * 4]).unwrap();
+        let orientation = |extra: &[&str]| {
+            let base =
+                ["push", raw.to_str().unwrap(), "--width", "6", "--height", "4", "--scan-time", "2026-01-01T00:00:00Z"];
+            let push = Push::try_parse_from(base.iter().chain(extra)).unwrap();
+            push.args.header().unwrap().0.metadata.unwrap().orientation
+        };
+        assert_eq!(orientation(&[]), Orientation::Unspecified as i32);
+        assert_eq!(orientation(&["--length-along", "x"]), Orientation::LengthAlongX as i32);
+        assert_eq!(orientation(&["--length-along", "y"]), Orientation::LengthAlongY as i32);
+    }
+}
