@@ -9,6 +9,8 @@
 //! - [`repository`]: `models/<name>/<version>/`, newest valid version serves,
 //!   hot reload.
 //! - [`tiling`]: the tile grid and the stitching rule.
+//! - [`orientation`]: which axis a scan's length runs along, and the
+//!   transpose into a model's frame.
 //! - [`onnx_graph`]: reading and editing a model's ONNX graph (the site
 //!   head's weights are written back into it).
 //! - [`site_head`]: the site head's trainer (an MLP over ndarray, hand-written
@@ -31,6 +33,7 @@ pub mod fit;
 pub mod manifest;
 pub mod model;
 pub mod onnx_graph;
+pub mod orientation;
 pub mod pipeline;
 pub mod regions;
 pub mod repository;

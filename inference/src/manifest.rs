@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::orientation::LengthAxis;
+
 /// Plane kinds a manifest may name (lowercase protocol names).
 pub const PLANE_KINDS: &[&str] = &["single_energy", "high_energy", "low_energy", "z_effective", "backscatter"];
 /// DICOS threat categories a model's regions may carry.
@@ -82,7 +84,7 @@ pub struct StructureSpec {
     /// Cargo that runs on into the structure (a pallet against the doors
     /// overlaps the corner posts in the image) is not an excess. From a
     /// structure block, the first non-structure block within this many
-    /// blocks along the conveyance's length (the scan's longer side) is
+    /// blocks along the conveyance's length (`[input] length_along`) is
     /// found; if cargo then runs on for this many blocks, its smallest
     /// density there (above the lightest normal scan) is discounted.
     /// 0 turns the discount off.
@@ -215,6 +217,12 @@ pub struct InputSpec {
     /// Tiles per ONNX Runtime call.
     #[serde(default = "default_batch")]
     pub batch: usize,
+    /// The image axis the conveyance's length runs along in the scans the
+    /// model was made for (default `y`). A scan whose length runs along the
+    /// other axis is transposed into this frame for the analysis
+    /// ([`crate::orientation`]).
+    #[serde(default, skip_serializing_if = "LengthAxis::is_y")]
+    pub length_along: LengthAxis,
 }
 
 fn default_batch() -> usize {
@@ -515,6 +523,12 @@ min_region_area = 16
         assert_eq!((m.decision.background_weight, m.decision.background_quantile), (0.0, 0.99));
         assert_eq!(m.channel_kinds(1), vec!["low_energy", "single_energy"]);
         assert_eq!(m.normalisation(1), (0.0, 1.0));
+        assert_eq!(m.input.length_along, LengthAxis::Y);
+        // Written only when it is not the default.
+        assert!(!toml::to_string(&m).unwrap().contains("length_along"));
+        let along_x = Manifest::parse(&DEMO.replace("overlap = 32", "overlap = 32\nlength_along = \"x\"")).unwrap();
+        assert_eq!(along_x.input.length_along, LengthAxis::X);
+        assert!(toml::to_string(&along_x).unwrap().contains("length_along = \"x\""));
     }
 
     #[test]
@@ -531,6 +545,7 @@ min_region_area = 16
             ("min_region_area = 16", "min_region_area = 16\nbackground_weight = 1.0", "background_weight"),
             ("min_region_area = 16", "min_region_area = 16\nbackground_quantile = 1.0", "background_quantile"),
             ("demo = true", "demo = true\nspeed = 3", "unknown field"),
+            ("overlap = 32", "overlap = 32\nlength_along = \"z\"", "unknown variant"),
             ("[output]\nname = \"anomaly_map\"", "", "missing field"),
         ];
         assert_each_refused(DEMO, &cases);

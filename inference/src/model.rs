@@ -123,7 +123,7 @@ impl Model {
             let path = dir.join(file);
             let raw = read(&path)?;
             digest.update(&raw);
-            let fitted = Structure::from_bytes(spec, &raw)
+            let fitted = Structure::from_bytes(spec, manifest.input.length_along, &raw)
                 .map_err(|e| ModelError::File { path: path.clone(), reason: e.to_string() })?;
             structure = Some(fitted);
         }

@@ -12,16 +12,22 @@
 //! raw value and score. Memory is bounded by a tile row and the map (at map
 //! resolution), not by the scan. Each stage is a public function so
 //! benchmarks can time it alone.
+//!
+//! A scan whose conveyance runs along the other image axis than the model's
+//! (`[input] length_along`) is analysed in the model's frame: each plane is
+//! transposed as it is decoded ([`crate::orientation`]), and the map and
+//! regions are transposed back at the end.
 
 use std::io::{Read, Seek};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::{Duration, Instant};
 
-use ndarray::{Array2, Array3, Array4, ArrayView3, s};
+use ndarray::{Array2, Array3, Array4, ArrayView3, ArrayViewMut2, s};
 
 use crate::decode::{DecodeError, DecodeLimits, Encoding, decode_rows};
 use crate::manifest::{Manifest, TransformKind};
 use crate::model::Model;
+use crate::orientation::{self, LengthAxis};
 use crate::regions::{Region, find_regions};
 use crate::structure::ProfileSums;
 use crate::tiling::{Grid, Tile};
@@ -112,13 +118,18 @@ pub struct Analysis {
     pub alarm: bool,
     /// Regions, highest score first.
     pub regions: Vec<Region>,
-    /// Normalised score map, one cell per `stride` pixels.
+    /// Normalised score map, one cell per `stride` pixels, in the scan's
+    /// own frame (row-major, standard layout).
     pub map: Array2<f32>,
     /// Pixels per map cell.
     pub stride: usize,
     /// For each input channel, the index of the plane that fed it; regions
     /// are in the coordinates of the first.
     pub planes: Vec<usize>,
+    /// True when the scan's length ran along the other axis than the
+    /// model's, so it was analysed transposed (the map and regions above
+    /// are back in the scan's own frame).
+    pub transposed: bool,
     /// Stage timings.
     pub timings: Timings,
 }
@@ -458,17 +469,26 @@ struct Tiled {
     complete: bool,
 }
 
+/// The model's frame of a scan: its size (height, width) and whether it is
+/// the scan transposed.
+#[derive(Debug, Clone, Copy)]
+struct Frame {
+    size: (usize, usize),
+    transposed: bool,
+}
+
 /// Decodes the chosen planes on one thread each, tiles their rows as they
 /// arrive (one tile row, plus what the next shares with it, held at a time)
 /// on another, and runs the model over the batches as they fill; returns
 /// the stitched raw map and, when `keep_first`, the transformed first
-/// channel.
+/// channel, in the model's frame (`frame`: each plane decoded whole and
+/// transposed before its rows go on, when it is the scan transposed).
 fn infer_streaming(
     model: &Model,
     planes: &mut [PlaneInput],
     chosen: &[usize],
     (tables, pad): (&[Vec<f32>], &[f32]),
-    (h, w): (usize, usize),
+    Frame { size: (h, w), transposed }: Frame,
     keep_first: bool,
     timings: &mut Timings,
 ) -> Result<Streamed, AnalysisError> {
@@ -532,17 +552,41 @@ fn infer_streaming(
                         })
                         .unwrap_or_else(|_| Vec::with_capacity(ROWS_PER_CHUNK * w))
                 };
-                let mut chunk = RowChunk { first: 0, samples: buffer() };
-                let decoded =
+                let stopped = || "the analysis stopped".to_string();
+                let decoded = if transposed {
+                    // The model frame's first row needs the scan's last: the
+                    // plane is decoded whole, 16 bits a sample, transposed
+                    // strip by strip as it arrives, then sent on by rows.
+                    let mut whole = vec![0u16; pw as usize * ph as usize];
+                    let mut strips = orientation::Strips::new(pw as usize);
+                    let columns = |whole: &mut [u16], strip: &[u16], first: usize| {
+                        orientation::transpose_strip(strip, pw as usize, first, whole, ph as usize, |v| v)
+                    };
+                    decode_rows(&mut plane.reader, plane.encoding, pw, ph, &DecodeLimits::default(), |_, row| {
+                        strips.push(row, |strip, first| columns(&mut whole, strip, first));
+                        Ok(())
+                    })
+                    .and_then(|info| {
+                        strips.finish(|strip, first| columns(&mut whole, strip, first));
+                        for (k, rows) in whole.chunks(ROWS_PER_CHUNK * w).enumerate() {
+                            let mut samples = buffer();
+                            samples.extend_from_slice(rows);
+                            tx.send(RowChunk { first: k * ROWS_PER_CHUNK, samples })
+                                .map_err(|_| DecodeError::Sink(stopped()))?;
+                        }
+                        Ok(info)
+                    })
+                } else {
+                    let mut chunk = RowChunk { first: 0, samples: buffer() };
                     decode_rows(&mut plane.reader, plane.encoding, pw, ph, &DecodeLimits::default(), |y, row| {
                         chunk.samples.extend_from_slice(row);
                         if chunk.samples.len() == ROWS_PER_CHUNK * w || y as usize + 1 == h {
                             let next = RowChunk { first: y as usize + 1, samples: buffer() };
-                            tx.send(std::mem::replace(&mut chunk, next))
-                                .map_err(|_| "the analysis stopped".to_string())?;
+                            tx.send(std::mem::replace(&mut chunk, next)).map_err(|_| stopped())?;
                         }
                         Ok(())
-                    });
+                    })
+                };
                 (
                     decoded.map(|_| ()).map_err(|source| AnalysisError::Decode { kind: plane.kind.clone(), source }),
                     t0.elapsed(),
@@ -661,27 +705,34 @@ fn infer_streaming(
     .map(|first| Streamed { map, first })
 }
 
-/// A scan turned into model input.
+/// A scan turned into model input, in the model's frame.
 pub struct ModelInput {
-    /// `[channels, height, width]`, transformed.
+    /// `[channels, height, width]`, transformed; transposed from the scan
+    /// when `transposed`.
     pub data: Array3<f32>,
     /// Per channel, the transformed value of air (tile padding).
     pub pad: Vec<f32>,
     /// For each channel, the index of the plane that fed it.
     pub planes: Vec<usize>,
-    /// Image height and width.
+    /// Height and width of `data`: the scan's own, swapped when `transposed`.
     pub size: (usize, usize),
+    /// True when the scan's length runs along the other axis than the
+    /// model's, so `data` is the scan transposed.
+    pub transposed: bool,
 }
 
 /// Decodes each chosen plane on its own thread and writes it, row by row,
 /// through its channel's lookup table into `data` (`[channels, h, w]`).
 /// Decode and transform are one pass over the bytes, and the planes of a
-/// dual-energy scan are decoded side by side.
+/// dual-energy scan are decoded side by side. With `transpose`, `data` is
+/// `[channels, w, h]` and each strip of [`orientation::BLOCK`] decoded rows
+/// is transposed into it through the table.
 fn decode_transformed(
     planes: &mut [PlaneInput],
     chosen: &[usize],
     tables: &[Vec<f32>],
     data: &mut Array3<f32>,
+    transpose: bool,
 ) -> Result<(), AnalysisError> {
     let mut channels: Vec<_> = data.outer_iter_mut().map(Some).collect();
     std::thread::scope(|scope| {
@@ -697,15 +748,33 @@ fn decode_transformed(
             }
             workers.push(scope.spawn(move || {
                 let (w, h) = (plane.width, plane.height);
+                let mut strips = transpose.then(|| orientation::Strips::new(w as usize));
+                // Each strip of rows into columns of every channel the plane feeds.
+                let columns = |outputs: &mut [(ArrayViewMut2<'_, f32>, &Vec<f32>)], strip: &[u16], first: usize| {
+                    for (channel, table) in outputs {
+                        let dst = channel.as_slice_mut().expect("a channel of a fresh array is contiguous");
+                        let table = lut(table);
+                        orientation::transpose_strip(strip, w as usize, first, dst, h as usize, |v| {
+                            table[usize::from(v)]
+                        });
+                    }
+                };
                 decode_rows(&mut plane.reader, plane.encoding, w, h, &DecodeLimits::default(), |y, row| {
+                    if let Some(strips) = strips.as_mut() {
+                        strips.push(row, |strip, first| columns(&mut outputs, strip, first));
+                        return Ok(());
+                    }
                     for (channel, table) in &mut outputs {
                         let mut dst = channel.row_mut(y as usize);
                         apply_lut(dst.as_slice_mut().expect("rows of a fresh array are contiguous"), row, lut(table));
                     }
                     Ok(())
                 })
-                .map(|_| ())
-                .map_err(|source| AnalysisError::Decode { kind: plane.kind.clone(), source })
+                .map_err(|source| AnalysisError::Decode { kind: plane.kind.clone(), source })?;
+                if let Some(strips) = strips.as_mut() {
+                    strips.finish(|strip, first| columns(&mut outputs, strip, first));
+                }
+                Ok(())
             }));
         }
         workers.into_iter().try_for_each(|w| w.join().expect("a plane decoder panicked"))
@@ -734,44 +803,85 @@ fn tables_and_pad(m: &Manifest, channels: usize) -> (Vec<Vec<f32>>, Vec<f32>) {
 }
 
 /// Picks, decodes and transforms the planes a manifest asks for, whole
-/// (for fitting and benchmarks; [`analyze`] streams instead).
+/// (for fitting and benchmarks; [`analyze`] streams instead), with the
+/// scan's length axis from its shape ([`LengthAxis::of_scan`]).
 pub fn model_input(
     m: &Manifest,
     planes: &mut [PlaneInput],
     timings: &mut Timings,
 ) -> Result<ModelInput, AnalysisError> {
+    model_input_oriented(m, planes, None, timings)
+}
+
+/// [`model_input`] of a scan that may state its length axis: transposed
+/// into the model's frame as it is decoded when its axis is not the model's.
+pub fn model_input_oriented(
+    m: &Manifest,
+    planes: &mut [PlaneInput],
+    stated: Option<LengthAxis>,
+    timings: &mut Timings,
+) -> Result<ModelInput, AnalysisError> {
     let (chosen, (h, w)) = chosen_planes(m, planes)?;
+    let transposed = needs_transpose(m, stated, (h, w));
+    let size = if transposed { (w, h) } else { (h, w) };
     let t0 = Instant::now();
     let (tables, pad) = tables_and_pad(m, chosen.len());
-    let mut data = Array3::<f32>::zeros((chosen.len(), h, w));
-    decode_transformed(planes, &chosen, &tables, &mut data)?;
+    let mut data = Array3::<f32>::zeros((chosen.len(), size.0, size.1));
+    decode_transformed(planes, &chosen, &tables, &mut data, transposed)?;
     timings.decode = t0.elapsed();
     timings.transform = Duration::ZERO;
-    Ok(ModelInput { data, pad, planes: chosen, size: (h, w) })
+    Ok(ModelInput { data, pad, planes: chosen, size, transposed })
+}
+
+/// Whether a `height x width` scan stating `stated` (or not) runs along the
+/// other axis than the model, so that its input must be transposed.
+pub fn needs_transpose(m: &Manifest, stated: Option<LengthAxis>, size: (usize, usize)) -> bool {
+    let model = m.input.length_along;
+    LengthAxis::of_scan(stated, size, model) != model
 }
 
 /// Analyses one scan with one model, streaming: memory is bounded by one
 /// tile row of each channel, transformed (plus the 16-bit rows of the
 /// next tile step, decoded ahead while ONNX Runtime runs) and the anomaly map,
 /// not by the scan (a structure model also keeps the transformed first
-/// channel of scans of its fitted size).
-pub fn analyze(model: &Model, mut planes: Vec<PlaneInput>) -> Result<Analysis, AnalysisError> {
+/// channel of scans of its fitted size). The scan's length axis comes from
+/// its shape ([`LengthAxis::of_scan`]).
+pub fn analyze(model: &Model, planes: Vec<PlaneInput>) -> Result<Analysis, AnalysisError> {
+    analyze_oriented(model, planes, None)
+}
+
+/// [`analyze`] of a scan that may state its length axis. A scan whose
+/// length runs along the other axis than the model's is analysed in the
+/// model's frame (each plane decoded whole, 16 bits a sample, and
+/// transposed as it is decoded) and its map and regions are transposed
+/// back: the result is in the scan's own frame either way.
+pub fn analyze_oriented(
+    model: &Model,
+    mut planes: Vec<PlaneInput>,
+    stated: Option<LengthAxis>,
+) -> Result<Analysis, AnalysisError> {
     let start = Instant::now();
     let mut timings = Timings::default();
     let m = &model.manifest;
-    let (chosen, (h, w)) = chosen_planes(m, &planes)?;
+    let (chosen, scan_size) = chosen_planes(m, &planes)?;
+    let transposed = needs_transpose(m, stated, scan_size);
+    // The model's frame.
+    let (h, w) = if transposed { (scan_size.1, scan_size.0) } else { scan_size };
     let (mh, mw) = Grid::new(h, w, m.input.tile, m.input.overlap, model.stride).map_shape();
     if mh * mw > MAX_MAP_CELLS {
+        // Named in the scan's own frame.
+        let ((sh, sw), (mh, mw)) = (scan_size, if transposed { (mw, mh) } else { (mh, mw) });
         return Err(AnalysisError::TooLarge(format!(
-            "a {w}x{h} scan needs an anomaly map of {mw}x{mh} cells with model {} ({} pixels per cell); \
+            "a {sw}x{sh} scan needs an anomaly map of {mw}x{mh} cells with model {} ({} pixels per cell); \
              the analysis holds at most {MAX_MAP_CELLS} cells: use a model with a coarser map for scans this large",
             model.name, model.stride
         )));
     }
     let (tables, pad) = tables_and_pad(m, chosen.len());
     let keep_first = model.structure.as_ref().is_some_and(|s| s.size() == (h, w));
+    let frame = Frame { size: (h, w), transposed };
     let Streamed { mut map, mut first } =
-        infer_streaming(model, &mut planes, &chosen, (&tables, &pad), (h, w), keep_first, &mut timings)?;
+        infer_streaming(model, &mut planes, &chosen, (&tables, &pad), frame, keep_first, &mut timings)?;
     drop(planes);
     let t0 = Instant::now();
     if let (Some(structure), Some((first, sums))) = (&model.structure, first.take()) {
@@ -791,7 +901,14 @@ pub fn analyze(model: &Model, mut planes: Vec<PlaneInput>) -> Result<Analysis, A
     timings.stitch += t0.elapsed();
 
     let t0 = Instant::now();
-    let regions = find_regions(map.view(), m.decision.threshold, model.stride, m.decision.min_region_area, (h, w));
+    let mut regions = find_regions(map.view(), m.decision.threshold, model.stride, m.decision.min_region_area, (h, w));
+    if transposed {
+        // Back into the scan's own frame.
+        map = orientation::transposed(&map);
+        for r in &mut regions {
+            (r.x, r.y, r.width, r.height) = (r.y, r.x, r.height, r.width);
+        }
+    }
     timings.postprocess = t0.elapsed();
     timings.total = start.elapsed();
     Ok(Analysis {
@@ -802,6 +919,7 @@ pub fn analyze(model: &Model, mut planes: Vec<PlaneInput>) -> Result<Analysis, A
         map,
         stride: model.stride,
         planes: chosen,
+        transposed,
         timings,
     })
 }

@@ -28,6 +28,7 @@
 use ndarray::{Array2, ArrayView2};
 
 use crate::manifest::StructureSpec;
+use crate::orientation::LengthAxis;
 
 /// A fitted structure model.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,6 +50,9 @@ pub struct Structure {
     /// Blocks searched along the length for the cargo that runs on into
     /// a structure block (`StructureSpec::reach`).
     pub reach: usize,
+    /// The axis the conveyance's length runs along: the model's
+    /// (`[input] length_along`), in whose frame every scan is registered.
+    pub length_along: LengthAxis,
     /// Excess that is still ignored (`StructureSpec::margin`).
     pub margin: f32,
     /// Map units added per unit of excess beyond the margin (`StructureSpec::weight`).
@@ -196,8 +200,8 @@ pub fn register_profiled(
 impl Structure {
     /// Reads a fitted model: `row_profile`, `col_profile`, `limit` and
     /// `floor` concatenated, float32 little-endian, for `spec.height x
-    /// spec.width` scans.
-    pub fn from_bytes(spec: &StructureSpec, raw: &[u8]) -> Result<Structure, StructureError> {
+    /// spec.width` scans whose length runs along `length_along`.
+    pub fn from_bytes(spec: &StructureSpec, length_along: LengthAxis, raw: &[u8]) -> Result<Structure, StructureError> {
         let (h, w, b) = (spec.height, spec.width, spec.block);
         let (bh, bw) = (h / b, w / b);
         let want = (h + w + 2 * bh * bw) * 4;
@@ -218,6 +222,7 @@ impl Structure {
             limit: Array2::from_shape_vec((bh, bw), limit.to_vec()).expect("length checked"),
             floor: Array2::from_shape_vec((bh, bw), floor.to_vec()).expect("length checked"),
             reach: spec.reach,
+            length_along,
             margin: spec.margin,
             weight: spec.weight,
         })
@@ -244,8 +249,9 @@ impl Structure {
     /// little into the hold, while cargo stowed against the wall runs on
     /// for its whole length.
     fn cargo_running_on(&self, v: &Array2<f32>) -> Array2<f32> {
-        // The conveyance's length runs along the scan's longer side: make it axis 0.
-        let along_rows = v.nrows() >= v.ncols();
+        // Read along the model's length axis (a short, tall van's length
+        // runs along its shorter side): make it axis 0.
+        let along_rows = self.length_along == LengthAxis::Y;
         fn orient(a: &Array2<f32>, along_rows: bool) -> ArrayView2<'_, f32> {
             if along_rows { a.view() } else { a.t() }
         }
@@ -410,8 +416,9 @@ impl StructureFit {
     /// The model: the normal maximum at blocks dense in every scan (minimum
     /// at least `spec.min_density`) whose spread (standard deviation) stays
     /// below `spec.max_spread`; no limit elsewhere. It scores with the
-    /// spec's `reach`, `margin` and `weight`.
-    pub fn finish(self, spec: &StructureSpec) -> Structure {
+    /// spec's `reach`, `margin` and `weight`, reading cargo that runs on
+    /// along `length_along`.
+    pub fn finish(self, spec: &StructureSpec, length_along: LengthAxis) -> Structure {
         let (min_density, max_spread) = (spec.min_density, spec.max_spread);
         let n = self.count.max(1) as f64;
         let limit = Array2::from_shape_fn(self.sum.dim(), |i| {
@@ -427,6 +434,7 @@ impl StructureFit {
             limit,
             floor: self.min,
             reach: spec.reach,
+            length_along,
             margin: spec.margin,
             weight: spec.weight,
         }
@@ -515,7 +523,7 @@ mod tests {
             fit.add(scan(deck, cargo).view()).unwrap();
         }
         assert_eq!(fit.count(), 5);
-        let model = fit.finish(&spec());
+        let model = fit.finish(&spec(), LengthAxis::Y);
         assert!(model.limit.iter().any(|v| v.is_finite()), "the post is structure");
         assert!(model.limit.slice(ndarray::s![.., 5..10]).iter().all(|v| v.is_infinite()), "the hold is not");
 
@@ -542,12 +550,12 @@ mod tests {
     #[test]
     fn the_file_round_trips_and_a_wrong_size_is_refused() {
         let spec = spec();
-        let model = StructureFit::new(scan(4, 0.5).view(), 4, 8).finish(&spec);
+        let model = StructureFit::new(scan(4, 0.5).view(), 4, 8).finish(&spec, LengthAxis::Y);
         let bytes = model.to_bytes();
-        let back = Structure::from_bytes(&spec, &bytes).unwrap();
+        let back = Structure::from_bytes(&spec, LengthAxis::Y, &bytes).unwrap();
         assert_eq!(back, model);
         assert_eq!(back.to_bytes(), bytes);
-        assert!(Structure::from_bytes(&spec, &bytes[4..]).is_err());
+        assert!(Structure::from_bytes(&spec, LengthAxis::Y, &bytes[4..]).is_err());
         let mut fit = StructureFit::new(scan(4, 0.5).view(), 4, 8);
         assert!(fit.add(Array2::zeros((32, 48)).view()).is_err());
     }
@@ -570,7 +578,7 @@ mod tests {
         for (to, density) in [(70, 1.0), (40, 0.3), (76, 0.8), (0, 0.0)] {
             fit.add(end_wall(10, to, density).view()).unwrap();
         }
-        let model = fit.finish(&spec());
+        let model = fit.finish(&spec(), LengthAxis::Y);
         assert!(model.limit.slice(ndarray::s![20.., ..]).iter().all(|v| v.is_finite()), "the wall is structure");
         let top = |scan: &Array2<f32>| model.excess(scan.view()).0.iter().copied().fold(0.0, f32::max);
 
@@ -597,15 +605,21 @@ mod tests {
         let (e, _) = strict.excess(end_wall(50, 88, 1.5).view());
         assert!((e.iter().copied().fold(0.0, f32::max) - 1.5).abs() < 1e-4);
 
-        // A scan whose length runs along its columns reads the hold along them.
+        // A model whose scans run along their columns reads the hold along them.
         let wide = |a: Array2<f32>| a.reversed_axes().as_standard_layout().to_owned();
         let mut fit = StructureFit::new(wide(end_wall(10, 60, 0.5)).view(), 4, 0);
         for (to, density) in [(70, 1.0), (40, 0.3), (76, 0.8), (0, 0.0)] {
             fit.add(wide(end_wall(10, to, density)).view()).unwrap();
         }
-        let model = fit.finish(&spec());
-        let top = |scan: Array2<f32>| model.excess(wide(scan).view()).0.iter().copied().fold(0.0, f32::max);
-        assert_eq!(top(end_wall(50, 88, 1.5)), 0.0);
-        assert!((top(reaching.clone()) - 1.5).abs() < 1e-4);
+        let model = fit.finish(&spec(), LengthAxis::X);
+        let top = |model: &Structure, scan: Array2<f32>| {
+            model.excess(wide(scan).view()).0.iter().copied().fold(0.0, f32::max)
+        };
+        assert_eq!(top(&model, end_wall(50, 88, 1.5)), 0.0);
+        assert!((top(&model, reaching.clone()) - 1.5).abs() < 1e-4);
+        // The axis is the model's, not the scan's longer side: read across
+        // the length, the wall has no hold beside it and the pallet counts.
+        let across = Structure { length_along: LengthAxis::Y, ..model.clone() };
+        assert!((top(&across, end_wall(50, 88, 1.5)) - 1.5).abs() < 1e-4);
     }
 }

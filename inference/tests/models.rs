@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use niix_inference::decode::Encoding;
 use niix_inference::model::{Model, ModelError};
-use niix_inference::pipeline::{PlaneInput, analyze};
+use niix_inference::orientation::{LengthAxis, transpose, transposed};
+use niix_inference::pipeline::{PlaneInput, Timings, analyze, analyze_oriented, model_input, model_input_oriented};
+use niix_inference::regions::Region;
 use niix_inference::repository::Repository;
 use niix_inference::runtime::Threads;
 
@@ -108,6 +110,63 @@ fn a_dense_blob_becomes_one_region_around_it() {
     let flat: Vec<u16> = (0..w * h).map(|i| 30000 + (i.wrapping_mul(7919) % 97) as u16).collect();
     let a = analyze(&model, vec![raw_plane("single_energy", w, h, &flat)]).unwrap();
     assert!(!a.alarm && a.regions.is_empty(), "{:?}", a.regions);
+}
+
+/// A scan stored with its length along x (the planes transposed) is
+/// analysed in the model's frame (`length_along = "y"`): its model input is
+/// bit for bit the tall scan's, so its map is exactly the tall scan's
+/// transposed and its regions the same with x and y swapped.
+#[test]
+fn a_scan_stored_across_gives_the_map_transposed_and_the_regions_swapped() {
+    let model = load("models/demo-local-contrast/1", "demo-local-contrast").unwrap();
+    assert_eq!(model.manifest.input.length_along, LengthAxis::Y);
+    // Tall, as the model's scans: 700 wide, 1500 high, two dense blocks.
+    let (w, h) = (700u32, 1500u32);
+    let mut high: Vec<u16> = (0..w * h).map(|i| 30000 + (i.wrapping_mul(7919) % 97) as u16).collect();
+    for (bx, by, bw, bh) in [(211u32, 903u32, 40u32, 48u32), (500, 100, 64, 30)] {
+        for y in by..by + bh {
+            for x in bx..bx + bw {
+                high[(y * w + x) as usize] = 3000 + x as u16;
+            }
+        }
+    }
+    let low: Vec<u16> = high.iter().map(|v| v / 2 + 7).collect();
+    let planes = |high: &[u16], low: &[u16], (w, h): (u32, u32)| {
+        vec![raw_plane("high_energy", w, h, high), raw_plane("low_energy", w, h, low)]
+    };
+    let across = |p: &[u16]| transpose(p, h as usize, w as usize);
+    let (wide_high, wide_low) = (across(&high), across(&low));
+
+    let tall = analyze(&model, planes(&high, &low, (w, h))).unwrap();
+    assert!(!tall.transposed && tall.regions.len() == 2, "{:?}", tall.regions);
+    for stated in [Some(LengthAxis::X), None] {
+        // Stated, or taken from the longer side.
+        let wide = analyze_oriented(&model, planes(&wide_high, &wide_low, (h, w)), stated).unwrap();
+        assert!(wide.transposed, "{stated:?}");
+        assert_eq!(wide.map, transposed(&tall.map), "{stated:?}");
+        assert!(wide.map.is_standard_layout());
+        assert_eq!((wide.score, wide.raw_score, wide.alarm), (tall.score, tall.raw_score, tall.alarm));
+        let swapped: Vec<_> = tall
+            .regions
+            .iter()
+            .map(|r| Region { x: r.y, y: r.x, width: r.height, height: r.width, ..r.clone() })
+            .collect();
+        assert_eq!(wide.regions, swapped, "{stated:?}");
+    }
+    // A wide scan said to run along y is analysed as it is stored.
+    let as_stored = analyze_oriented(&model, planes(&wide_high, &wide_low, (h, w)), Some(LengthAxis::Y)).unwrap();
+    assert!(!as_stored.transposed);
+    assert_eq!(as_stored.map.dim(), (tall.map.ncols(), tall.map.nrows()));
+
+    // The whole model input, as the fit decodes it: the tall scan's, bit for bit.
+    let m = &model.manifest;
+    let mut timings = Timings::default();
+    let want = model_input(m, &mut planes(&high, &low, (w, h)), &mut timings).unwrap();
+    let got =
+        model_input_oriented(m, &mut planes(&wide_high, &wide_low, (h, w)), Some(LengthAxis::X), &mut timings).unwrap();
+    assert!(got.transposed && !want.transposed);
+    assert_eq!((got.size, got.planes.clone(), got.pad.clone()), (want.size, want.planes.clone(), want.pad.clone()));
+    assert!(got.data == want.data, "the transposed input differs from the tall scan's");
 }
 
 #[test]

@@ -12,8 +12,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use niix_inference::model::Model;
+use niix_inference::orientation::LengthAxis;
 use niix_inference::pipeline::{self, Analysis, PlaneInput};
-use niix_proto::v1::{AlarmDecision, Algorithm, AssessmentFlag, Region, ReportType, ScanStatus, ThreatReport};
+use niix_proto::v1::{
+    AlarmDecision, Algorithm, AssessmentFlag, Orientation, Region, ReportType, ScanStatus, ThreatReport,
+};
 use tokio::sync::{Notify, watch};
 
 use crate::error::{Error, Result, blocking};
@@ -132,7 +135,7 @@ impl Analyzer {
                     reason = %f.reason, "the configured model cannot read this scan: a fallback analyses it");
             }
             let planes = plane_inputs(&record, blobs.as_ref())?;
-            let result = pipeline::analyze(&chosen.model, planes);
+            let result = pipeline::analyze_oriented(&chosen.model, planes, length_along(&record));
             // Keep the anomaly map for overlays: 8-bit grey PNG, content-addressed.
             let map = match &result {
                 Ok(a) => Some(blobs.put_blob(&encode_map_png(&a.map))?),
@@ -190,6 +193,17 @@ fn with_fallback(mut report: ThreatReport, fell_back: Option<FellBack>) -> Threa
     report
 }
 
+/// The axis the scan's metadata says its conveyance's length runs along,
+/// if it says (otherwise the analysis takes the image's longer side).
+pub fn length_along(record: &ScanRecord) -> Option<LengthAxis> {
+    let stated = record.header.metadata.as_ref().map_or(0, |m| m.orientation);
+    match Orientation::try_from(stated) {
+        Ok(Orientation::LengthAlongX) => Some(LengthAxis::X),
+        Ok(Orientation::LengthAlongY) => Some(LengthAxis::Y),
+        Ok(Orientation::Unspecified) | Err(_) => None,
+    }
+}
+
 /// Opens every stored plane of a scan for the pipeline.
 fn plane_inputs(record: &ScanRecord, blobs: &dyn BlobStore) -> Result<Vec<PlaneInput>> {
     (0..record.planes.len()).map(|i| stored_plane(record, i, blobs)).collect()
@@ -207,7 +221,9 @@ fn algorithm(model: &Model) -> Algorithm {
 }
 
 /// The MACHINE report of a finished analysis. Boxes in millimetres follow
-/// the pixel spacing of the plane the regions refer to.
+/// the pixel spacing of the plane the regions refer to, along each axis of
+/// the scan as stored (a scan analysed transposed has its regions back in
+/// that frame).
 pub fn machine_report(model: &Model, record: &ScanRecord, a: &Analysis, elapsed: Duration) -> ThreatReport {
     let plane_index = a.planes.first().copied().unwrap_or(0);
     let (sx, sy) = record

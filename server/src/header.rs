@@ -1,6 +1,8 @@
 //! Validation of a pushed [`ScanHeader`] before any byte of it is stored.
 
-use niix_proto::v1::{ConveyanceType, IntensityRelationship, PlaneDescriptor, PlaneEncoding, PlaneKind, ScanHeader};
+use niix_proto::v1::{
+    ConveyanceType, IntensityRelationship, Orientation, PlaneDescriptor, PlaneEncoding, PlaneKind, ScanHeader,
+};
 use prost::Message;
 use sha2::{Digest, Sha256};
 
@@ -181,6 +183,7 @@ pub fn validate(header: &ScanHeader, limits: &Limits) -> Result<String> {
         return Err(Error::InvalidArgument("metadata.site_id is empty: say which customs site scanned this".into()));
     }
     check_enum::<ConveyanceType>(meta.conveyance, "conveyance type", None)?;
+    check_enum::<Orientation>(meta.orientation, "orientation", None)?;
     for n in &meta.container_numbers {
         iso6346::validate(n).map_err(|e| Error::InvalidArgument(format!("metadata.container_numbers: {e}")))?;
     }
@@ -276,6 +279,7 @@ mod tests {
                 tonic::Code::InvalidArgument,
             ),
             (|h| h.metadata.as_mut().unwrap().conveyance = 42, "unknown conveyance", tonic::Code::InvalidArgument),
+            (|h| h.metadata.as_mut().unwrap().orientation = 3, "unknown orientation", tonic::Code::InvalidArgument),
             (|h| h.planes.clear(), "no image planes", tonic::Code::InvalidArgument),
             (|h| h.planes[0].kind = 77, "unknown plane kind", tonic::Code::InvalidArgument),
             (|h| h.planes[0].kind = 0, "kind is not set", tonic::Code::InvalidArgument),

@@ -515,7 +515,9 @@ fn fit_and_eval_read_a_sites_own_ground_truth_with_unknown_fields_and_kinds() {
 /// 5): on a small synth set the fit trains the site head within its budget
 /// from the site's own normal scans and objects projected into them, writes
 /// a version whose graph carries the trained head and that ONNX Runtime
-/// serves, and that version ranks anomalous scans above normal ones.
+/// serves, and that version ranks anomalous scans above normal ones. The
+/// same scans stored across (length along x, step 6) score the same, with
+/// maps, peaks and boxes transposed, and fit the same version.
 #[test]
 fn fit_trains_a_site_head_within_budget_whose_version_serves_and_ranks_anomalies_above_normal_scans() {
     let tmp = tempfile::tempdir().unwrap();
@@ -588,6 +590,92 @@ fn fit_trains_a_site_head_within_budget_whose_version_serves_and_ranks_anomalies
     for f in ["model.onnx", "features.onnx"] {
         assert_eq!(std::fs::read(later.join(f)).unwrap(), std::fs::read(version.join(f)).unwrap(), "{f}");
     }
+    std::fs::remove_dir_all(&later).unwrap();
+
+    // The same scans stored across, as a site whose scans run along x has
+    // them, with "orientation" in NAME.json: each scan is brought into the
+    // model's frame (length along y) as it is decoded, so the fit and eval
+    // see the same input bit for bit.
+    let options = |anomaly_rate| niix_synth::Options { width: 512, height: 1536, anomaly_rate, ..Default::default() };
+    let (normal_x, test_x) = (tmp.path().join("normal-x"), tmp.path().join("test-x"));
+    for (dir, seed, rate) in [(&normal_x, 40, 0.0), (&test_x, 41, 1.0), (&test_x, 42, 0.0)] {
+        for index in 0..if seed == 40 { 16 } else { 8 } {
+            write_across(dir, &niix_synth::generate(seed, index, &options(rate)));
+        }
+    }
+    // Eval scores each scan as its tall original, its peak and boxes transposed.
+    let (maps, maps_x) = (tmp.path().join("maps"), tmp.path().join("maps-x"));
+    let (tall, wide) = (eval_with_maps(&test, &models, Some(&maps)), eval_with_maps(&test_x, &models, Some(&maps_x)));
+    for (a, b) in wide["per_scan"].as_array().unwrap().iter().zip(tall["per_scan"].as_array().unwrap()) {
+        let name = b["name"].as_str().unwrap();
+        assert_eq!(a["name"], b["name"]);
+        for key in ["score", "alarm", "regions", "anomalies"] {
+            assert_eq!(a[key], b[key], "{name}: {key}");
+        }
+        let ((rows, cols), values) = read_npy(&maps.join(format!("{name}.map.npy")));
+        let ((rows_x, cols_x), values_x) = read_npy(&maps_x.join(format!("{name}.map.npy")));
+        assert_eq!((rows_x, cols_x), (cols, rows), "{name}");
+        for (i, v) in values_x.iter().enumerate() {
+            let (row_x, col_x) = (i / cols_x, i % cols_x);
+            assert_eq!(*v, values[col_x * cols + row_x], "{name}: map cell ({row_x}, {col_x}) of the wide scan");
+        }
+        // The wide scan's peak (x, y) is (y, x) of a highest cell of the tall one.
+        let (px, py) = (a["peak"][0].as_u64().unwrap() as usize, a["peak"][1].as_u64().unwrap() as usize);
+        let highest = values.iter().copied().fold(f32::MIN, f32::max);
+        assert_eq!(values[(px / 32) * cols + py / 32], highest, "{name}: peak {:?}", a["peak"]);
+    }
+    assert_eq!(wide["auroc"], tall["auroc"]);
+    // Stated the wrong way round, the same files are analysed across their
+    // length: NAME.json's orientation is read, not only the shape.
+    let misread = tmp.path().join("misread");
+    std::fs::create_dir_all(&misread).unwrap();
+    for name in ["synth-41-00000", "synth-42-00000"] {
+        for plane in ["high.tif", "low.tif"] {
+            std::fs::copy(test_x.join(format!("{name}.{plane}")), misread.join(format!("{name}.{plane}"))).unwrap();
+        }
+        let text = std::fs::read_to_string(test_x.join(format!("{name}.json"))).unwrap();
+        assert_eq!(text.matches("\"length_along_x\"").count(), 1, "{text}");
+        let text = text.replace("\"length_along_x\"", "\"length_along_y\"");
+        std::fs::write(misread.join(format!("{name}.json")), text).unwrap();
+    }
+    let misread = eval(&misread, &models);
+    let score_of = |report: &serde_json::Value, name: &str| {
+        report["per_scan"].as_array().unwrap().iter().find(|r| r["name"] == name).unwrap()["score"].clone()
+    };
+    for name in ["synth-41-00000", "synth-42-00000"] {
+        assert_ne!(score_of(&misread, name), score_of(&tall, name), "{name} analysed across its length");
+    }
+
+    // A fit on the wide copies makes the same version byte for byte (its
+    // description names the directory it was fitted from).
+    let models_x = tmp.path().join("models-x");
+    let version_x = models_x.join("cargo-patchcore/1");
+    let mut fit = model_fit(&normal_x, &base, &version_x);
+    fit.args(["--train-head", "--windows", "6", "--epochs", "8", "--budget", "2m"]);
+    succeed(fit);
+    for f in ["model.onnx", "features.onnx", "memory_bank.f32", "bank_scale.f32"] {
+        assert!(std::fs::read(version_x.join(f)).unwrap() == std::fs::read(version.join(f)).unwrap(), "{f} differs");
+    }
+    let manifest_x = std::fs::read_to_string(version_x.join("model.toml")).unwrap();
+    let manifest = std::fs::read_to_string(version.join("model.toml")).unwrap();
+    let (dir, dir_x) = (tmp.path().join("normal").display().to_string(), normal_x.display().to_string());
+    assert_eq!(manifest_x.replace(&dir_x, &dir), manifest);
+}
+
+/// Writes `scan` stored across: its planes transposed (the length along x),
+/// its boxes likewise, and `"orientation": "length_along_x"` in its NAME.json.
+fn write_across(dir: &Path, scan: &niix_synth::SynthScan) {
+    let (w, h) = (scan.info.width as usize, scan.info.height as usize);
+    assert_eq!(scan.info.orientation, Some(niix_synth::Orientation::LengthAlongY));
+    let mut across = scan.clone();
+    across.high = niix_inference::orientation::transpose(&scan.high, h, w);
+    across.low = niix_inference::orientation::transpose(&scan.low, h, w);
+    (across.info.width, across.info.height) = (h as u32, w as u32);
+    for a in &mut across.info.anomalies {
+        (a.x, a.y, a.width, a.height) = (a.y, a.x, a.height, a.width);
+    }
+    across.info.orientation = Some(niix_synth::Orientation::LengthAlongX);
+    niix_synth::write(dir, &across).unwrap();
 }
 
 #[test]

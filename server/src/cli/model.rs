@@ -18,7 +18,8 @@ use niix_inference::fit::{
 use niix_inference::manifest::Manifest;
 use niix_inference::model::Model;
 use niix_inference::onnx_graph::site;
-use niix_inference::pipeline::{ModelInput, PlaneInput, Timings, analyze, model_input};
+use niix_inference::orientation::LengthAxis;
+use niix_inference::pipeline::{Analysis, ModelInput, PlaneInput, Timings, analyze_oriented, model_input_oriented};
 use niix_inference::regions::Region;
 use niix_inference::runtime::Threads;
 use niix_inference::site_fit::{
@@ -26,7 +27,7 @@ use niix_inference::site_fit::{
 };
 use niix_inference::site_head::{SiteHead, TrainReport};
 use niix_inference::structure::StructureFit;
-use niix_synth::truth::{GroundTruth, TruthBox};
+use niix_synth::truth::{GroundTruth, Orientation, TruthBox};
 
 /// `niix model` subcommands.
 #[derive(Debug, clap::Subcommand)]
@@ -224,9 +225,25 @@ impl ScanFiles {
         }
     }
 
-    /// The scan decoded and transformed into the model input `m` describes.
+    /// The axis its `NAME.json` says the conveyance's length runs along, if it says.
+    fn length_along(&self) -> Option<LengthAxis> {
+        self.info.as_ref().and_then(|t| t.orientation).map(|o| match o {
+            Orientation::LengthAlongX => LengthAxis::X,
+            Orientation::LengthAlongY => LengthAxis::Y,
+        })
+    }
+
+    /// The scan decoded and transformed into the model input `m` describes,
+    /// in the model's frame (transposed when the scan runs along the other axis).
     fn input(&self, m: &Manifest) -> anyhow::Result<ModelInput> {
-        model_input(m, &mut self.planes()?, &mut Timings::default()).with_context(|| format!("decoding {}", self.name))
+        model_input_oriented(m, &mut self.planes()?, self.length_along(), &mut Timings::default())
+            .with_context(|| format!("decoding {}", self.name))
+    }
+
+    /// The scan analysed by `model` from `planes` (its own, opened), in the
+    /// scan's own frame.
+    fn analyze(&self, model: &Model, planes: Vec<PlaneInput>) -> anyhow::Result<Analysis> {
+        analyze_oriented(model, planes, self.length_along()).with_context(|| format!("analysing {}", self.name))
     }
 }
 
@@ -412,7 +429,7 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     let structure = structure_spec.zip(structure_fit).map(|(st, fit)| {
-        let model = fit.finish(st);
+        let model = fit.finish(st, graph.manifest().input.length_along);
         let fixed = model.limit.iter().filter(|v| v.is_finite()).count() as f64 / model.limit.len().max(1) as f64;
         eprintln!("structure model: {structure_scans} scans, {:.1} % of the blocks are fixed structure", fixed * 100.0);
         model
@@ -493,7 +510,7 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
     let mut scores = Vec::new();
     let mut cells = Vec::new();
     for s in &held {
-        let a = analyze(&model, s.planes()?).with_context(|| format!("analysing {}", s.name))?;
+        let a = s.analyze(&model, s.planes()?)?;
         // Back from the placeholder normalisation to raw map values.
         cells.extend(a.map.iter().map(|v| manifest.decision.raw(*v)));
         scores.push(a.raw_score);
@@ -931,7 +948,7 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
             );
         }
         let t0 = Instant::now();
-        let a = analyze(&model, planes).with_context(|| format!("analysing {}", s.name))?;
+        let a = s.analyze(&model, planes)?;
         let seconds = t0.elapsed().as_secs_f64();
         let st = a.stride as u32;
         let anomalies = truth

@@ -8,7 +8,8 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use niix_proto::v1::declaration_reference::Kind as DeclarationKind;
 use niix_proto::v1::{
-    ConveyanceType, DeclarationReference, PlaneKind, ScanHeader, ScanMetadata, ScanReceipt, Scanner, SourceEnergy,
+    ConveyanceType, DeclarationReference, Orientation, PlaneKind, ScanHeader, ScanMetadata, ScanReceipt, Scanner,
+    SourceEnergy,
 };
 use serde_json::json;
 
@@ -44,6 +45,15 @@ impl From<Conveyance> for ConveyanceType {
             Conveyance::Vehicle => ConveyanceType::Vehicle,
         }
     }
+}
+
+/// Which image axis the conveyance's length runs along, as the CLI spells it.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LengthAlong {
+    /// Across the columns (a side-on view, usually the wider side).
+    X,
+    /// Down the rows.
+    Y,
 }
 
 /// Arguments of `niix push`.
@@ -83,6 +93,10 @@ pub struct PushArgs {
     /// What was scanned (default: container if --container is given).
     #[arg(long, value_enum)]
     pub conveyance: Option<Conveyance>,
+    /// The image axis the conveyance's length runs along (default: unstated,
+    /// so the analysis takes the image's longer side).
+    #[arg(long, value_enum)]
+    pub length_along: Option<LengthAlong>,
     /// Acquisition time, RFC 3339 (default: the file's modification time).
     #[arg(long)]
     pub scan_time: Option<String>,
@@ -166,6 +180,11 @@ impl PushArgs {
             declarations,
             source: Some(SourceEnergy { peak_kv: self.energy_kv, low_kv: 0.0 }),
             remarks: String::new(),
+            orientation: match self.length_along {
+                None => Orientation::Unspecified,
+                Some(LengthAlong::X) => Orientation::LengthAlongX,
+                Some(LengthAlong::Y) => Orientation::LengthAlongY,
+            } as i32,
         };
         let mut header = ScanHeader { scan_id: String::new(), metadata: Some(metadata), planes };
         header.scan_id = match &self.scan_id {
@@ -255,4 +274,33 @@ pub async fn run(args: PushArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Push {
+        #[command(flatten)]
+        args: PushArgs,
+    }
+
+    #[test]
+    fn length_along_states_the_orientation_and_without_it_none_is_stated() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("scan.raw");
+        std::fs::write(&raw, vec![0u8; 2 * 6 * 4]).unwrap();
+        let orientation = |extra: &[&str]| {
+            let base =
+                ["push", raw.to_str().unwrap(), "--width", "6", "--height", "4", "--scan-time", "2026-01-01T00:00:00Z"];
+            let push = Push::try_parse_from(base.iter().chain(extra)).unwrap();
+            push.args.header().unwrap().0.metadata.unwrap().orientation
+        };
+        assert_eq!(orientation(&[]), Orientation::Unspecified as i32);
+        assert_eq!(orientation(&["--length-along", "x"]), Orientation::LengthAlongX as i32);
+        assert_eq!(orientation(&["--length-along", "y"]), Orientation::LengthAlongY as i32);
+    }
 }
