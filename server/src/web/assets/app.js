@@ -94,13 +94,18 @@ async function openScan(id) {
   if (pa) {
     const image = { full_planes: 'the full planes', downsampled: `planes downsampled ${pa.downsampled}:1`, overlay: 'the overlay image only',
       full_planes_pending: 'full planes (not received yet)', none: 'findings only, no image' }[pa.image] || pa.image;
+    // What the signed package leaves empty: withheld by the agreement (or never recorded).
+    const absent = [['vehicle plate', s.vehicle_plate], ['container numbers', s.container_numbers.length], ['declarations', s.declarations.length],
+      ['scanner', scan.scanner], ['remarks', scan.remarks]].filter(([, v]) => !v).map(([k]) => k);
     $('partner').textContent = `Received from ${pa.origin}${pa.first_origin ? ` (scanned by ${pa.first_origin})` : ''} under agreement ${pa.agreement}, `
-      + `package ${pa.package_id} signed ${when(pa.issued_at)}: shown as signed, ${image}. Fields the agreement withholds are not shown.`;
+      + `package ${pa.package_id} signed ${when(pa.issued_at)}: shown as signed, ${image}.`
+      + (absent.length ? ` Not in the package (withheld by the agreement or not recorded): ${absent.join(', ')}.` : '');
   }
   overlayImg = null;
   $('plane').textContent = '';
   scan.planes.forEach((p) => { const o = document.createElement('option'); o.value = p.index; o.textContent = `${p.index}: ${p.kind} ${p.width}x${p.height}`; $('plane').appendChild(o); });
   $('material').disabled = !scan.dual_energy;
+  $('calibration').textContent = scan.material_calibration ? `calibration: ${scan.material_calibration}` : '';
   const m = scan.machine;
   $('machine').textContent = m ? `${m.decision} score ${m.score.toFixed(3)} ${m.algorithm || ''}` : 'not analysed yet';
   drawRegions(); drawOperator(scan.operator);
