@@ -72,16 +72,16 @@ pub struct Calibration {
     /// Shown in the viewer beside the material switch.
     pub name: String,
     /// Scans whose `metadata.scanner.manufacturer` is this (any case); empty: any.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub manufacturer: String,
     /// Scans whose `metadata.scanner.model` is this (any case); empty: any.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub model: String,
     /// Scans whose `metadata.source.peak_kv` is this (within 1 kV); 0: any.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub peak_kv: f64,
     /// Scans whose `metadata.source.low_kv` is this (within 1 kV); 0: any.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub low_kv: f64,
     /// `p_high` below which a ray is air.
     #[serde(default = "default_air")]
@@ -96,6 +96,10 @@ pub struct Calibration {
     pub mixed: Ratio,
     /// Metal (iron, steel).
     pub inorganic: Ratio,
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 
 fn default_air() -> f32 {
@@ -216,13 +220,16 @@ impl Calibration {
             let sxy: f64 = pts.iter().map(|(x, y)| (x - mx) * (y - my)).sum();
             if pts.len() < 2 || sxx < 1e-6 {
                 return Err(format!(
-                    "{what}: {} usable pixels; the calibration needs pixels over a range of thicknesses \
-                     (p_high between {AIR_ATTENUATION} and {HEAVY_ATTENUATION})",
+                    "{what}: {} usable measurements; a calibration needs measurements over a range of thicknesses \
+                     (several steps of a wedge, p_high between {AIR_ATTENUATION} and {HEAVY_ATTENUATION})",
                     pts.len()
                 ));
             }
             let slope = sxy / sxx;
-            Ok(Ratio((my - slope * mx) as f32, slope as f32))
+            // Four decimals of R and five of its slope: well within what a
+            // calibration scan measures, and readable in a config file.
+            let round = |v: f64, places: i32| ((v * 10f64.powi(places)).round() / 10f64.powi(places)) as f32;
+            Ok(Ratio(round(my - slope * mx, 4), round(slope, 5)))
         };
         let c = Calibration {
             name: name.to_string(),
