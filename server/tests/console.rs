@@ -678,18 +678,16 @@ async fn each_scanner_is_coloured_with_its_own_material_calibration() {
     let other = push("Other", "L-6").await;
     let (cookie, _) = session_of(&login(web, "tok-officer").await);
     let me = [("cookie", cookie.as_str())];
-    let centre = |id: String| {
-        async move {
-            let d = http(web, "GET", &format!("/api/scans/{id}"), &me, "").await.json();
-            let a = http(web, "GET", &format!("/api/scans/{id}/tiles/0/0/0/0.png?material=1"), &me, "").await;
-            assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
-            let mut reader = png::Decoder::new(std::io::Cursor::new(a.body)).read_info().unwrap();
-            let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-            reader.next_frame(&mut buf).unwrap();
-            let (corner, middle) = ((2 * n + 2) * 3, (32 * n + 32) * 3);
-            let class = |i: usize| drawn_class([buf[i], buf[i + 1], buf[i + 2]]);
-            (d["material_calibration"].as_str().unwrap().to_string(), class(corner), class(middle))
-        }
+    let centre = |id: String| async move {
+        let d = http(web, "GET", &format!("/api/scans/{id}"), &me, "").await.json();
+        let a = http(web, "GET", &format!("/api/scans/{id}/tiles/0/0/0/0.png?material=1"), &me, "").await;
+        assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+        let mut reader = png::Decoder::new(std::io::Cursor::new(a.body)).read_info().unwrap();
+        let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+        reader.next_frame(&mut buf).unwrap();
+        let (corner, middle) = ((2 * n + 2) * 3, (32 * n + 32) * 3);
+        let class = |i: usize| drawn_class([buf[i], buf[i + 1], buf[i + 2]]);
+        (d["material_calibration"].as_str().unwrap().to_string(), class(corner), class(middle))
     };
     use niix::web::tiles::Material;
     assert_eq!(centre(hexray).await, (tube.name.clone(), Material::Air, Material::Inorganic));
