@@ -3,11 +3,14 @@
 //!
 //! Level 0 is full resolution; each level above halves both sides (box
 //! average of `2^level x 2^level` source pixels), up to the level where the
-//! whole plane fits one tile. A tile is rendered by streaming the plane's
-//! rows through `niix_inference::decode::decode_rows` and keeping only the
-//! sums of the tile's own output pixels, so memory per tile is bounded by
-//! the tile (and one decoded row or strip), never the plane; decoding stops
-//! after the tile's last source row.
+//! whole plane fits one tile. The levels the console keeps decoded
+//! ([`super::pyramid`]) are cut from memory; the others are rendered by
+//! streaming the plane's rows through
+//! `niix_inference::decode::decode_rows_from` and keeping only the sums of
+//! the tile's own output pixels, so memory per tile is bounded by the tile
+//! (and one decoded row or strip), never the plane; decoding starts at the
+//! strip holding the tile's first row (raw and TIFF planes; PNG and DICOS
+//! from the top) and stops after its last.
 //!
 //! Display is done on the server, chosen by query parameters (see
 //! docs/protocol.md): the window (`wl`..`wh`, default the plane's 0.5th to
@@ -24,7 +27,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use ndarray::Array2;
-use niix_inference::decode::{DecodeLimits, decode_rows};
+use niix_inference::decode::{DecodeLimits, decode_rows_from};
 use niix_inference::decode_shared::DecodeError;
 use niix_proto::v1::PlaneKind;
 
@@ -164,12 +167,14 @@ pub fn block_samples(
     let mut counts = vec![0u32; g.out_w * g.out_h];
     let y_end = (g.y0 + g.step * g.out_h as u64).min(u64::from(plane.height));
     let x_end = (g.x0 + g.step * g.out_w as u64).min(u64::from(plane.width)) as usize;
-    let decoded = decode_rows(
+    // Raw planes and TIFF strips are read from the block's first row on.
+    let decoded = decode_rows_from(
         &mut plane.reader,
         plane.encoding,
         plane.width,
         plane.height,
         &DecodeLimits::default(),
+        g.y0 as u32,
         |row, s| {
             let row = u64::from(row);
             if row < g.y0 {
