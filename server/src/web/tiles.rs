@@ -258,34 +258,50 @@ pub use crate::material::{AIR_ATTENUATION, Calibration, HEAVY_ATTENUATION, Mater
 /// pixel's R scatters by about 0.01, as much as the classes lie apart).
 const MATERIAL_SMOOTHING: usize = 5;
 
+/// `ln(v)` of every 16-bit sample (`v` at least 1), computed once: a
+/// tile's attenuations are then one subtraction per sample.
+fn ln_table() -> &'static [f32] {
+    static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| (0..=u16::MAX).map(|v| f32::from(v.max(1)).ln()).collect())
+}
+
 /// Attenuation `ln(air / v)` of each sample (`v` at least 1).
 fn attenuation(samples: &Array2<u16>, air: u16) -> Array2<f32> {
-    let air = f32::from(air.max(2));
-    samples.mapv(|v| (air / f32::from(v.max(1))).ln().max(0.0))
+    let ln = ln_table();
+    let ln_air = f32::from(air.max(2)).ln();
+    samples.mapv(|v| (ln_air - ln[usize::from(v)]).max(0.0))
 }
 
 /// The mean over a `side x side` box around each value (clamped at the
-/// edges), by running sums along rows, then columns.
+/// edges), by running sums along rows, then down columns.
 fn box_mean(a: &Array2<f32>, side: usize) -> Array2<f32> {
     let r = side / 2;
-    let pass = |src: &Array2<f32>| -> Array2<f32> {
-        let (h, w) = src.dim();
-        let mut out = Array2::<f32>::zeros((h, w));
-        let mut prefix = vec![0f64; w + 1];
-        for (row, mut dst) in src.rows().into_iter().zip(out.rows_mut()) {
-            for (k, &v) in row.iter().enumerate() {
-                prefix[k + 1] = prefix[k] + f64::from(v);
-            }
-            for (k, d) in dst.iter_mut().enumerate() {
-                let (lo, hi) = (k.saturating_sub(r), (k + r + 1).min(w));
-                *d = ((prefix[hi] - prefix[lo]) / (hi - lo) as f64) as f32;
-            }
+    let (h, w) = a.dim();
+    let span = |k: usize, n: usize| (k.saturating_sub(r), (k + r + 1).min(n));
+    // Along rows.
+    let mut along = Array2::<f32>::zeros((h, w));
+    let mut prefix = vec![0f64; w + 1];
+    for (row, mut dst) in a.rows().into_iter().zip(along.rows_mut()) {
+        for (k, &v) in row.iter().enumerate() {
+            prefix[k + 1] = prefix[k] + f64::from(v);
         }
-        out
-    };
-    // Along rows, then along columns (rows of the transpose).
-    let along = pass(a);
-    pass(&along.t().to_owned()).t().to_owned()
+        for (k, d) in dst.iter_mut().enumerate() {
+            let (lo, hi) = span(k, w);
+            *d = ((prefix[hi] - prefix[lo]) / (hi - lo) as f64) as f32;
+        }
+    }
+    // Down columns: prefix sums row by row, so memory is read in order.
+    let mut down = vec![0f64; (h + 1) * w];
+    for (y, row) in along.rows().into_iter().enumerate() {
+        let (above, below) = down.split_at_mut((y + 1) * w);
+        for ((d, &p), &v) in below[..w].iter_mut().zip(&above[y * w..]).zip(row) {
+            *d = p + f64::from(v);
+        }
+    }
+    Array2::from_shape_fn((h, w), |(y, x)| {
+        let (lo, hi) = span(y, h);
+        ((down[hi * w + x] - down[lo * w + x]) / (hi - lo) as f64) as f32
+    })
 }
 
 /// The material class of each sample of a high/low energy pair under a
