@@ -5,6 +5,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -661,23 +662,38 @@ async fn tile(
     Path((id, plane, level, x, tile)): Path<(String, usize, u32, u32, String)>,
     RawQuery(q): RawQuery,
 ) -> ApiResult {
+    let started = Instant::now();
     let (_, s) = web.session(&headers)?;
     let spec = tile_spec(plane, level, x, &tile, q.as_deref())?;
     // Scope first: a cached tile is only for those who may see the scan.
     let (record, _) = web.findings.scan_record(&id, &s.scope).await?;
+    let mut timing = Timing::default();
+    timing.lap("scope", started);
     let png = match web.tiles.get(&record.scan_id, &spec) {
         Some(png) => png,
         None => {
             let (origin, shape) = block(&record, &spec)?;
             let drawn = drawn_planes(&record, &spec)?;
             let record = Arc::new(record);
-            match kept_levels(&web, &record, drawn, spec.level).await? {
+            let at = Instant::now();
+            let kept = kept_levels(&web, &record, drawn, spec.level).await?;
+            timing.lap("decoded", at);
+            match kept {
                 // The level is held decoded: this tile alone, from memory.
                 Some(kept) => {
+                    let at = Instant::now();
                     let _permit =
                         web.renders.acquire().await.map_err(|_| Error::Unavailable("shutting down".into()))?;
-                    let (w, spec) = (web.clone(), spec.clone());
-                    blocking(move || render_kept(&w, &record, &spec, &kept)).await?
+                    timing.lap("wait", at);
+                    let (w, spec, at) = (web.clone(), spec.clone(), Instant::now());
+                    let (png, cpu) = blocking(move || {
+                        let cpu = thread_cpu();
+                        Ok((render_kept(&w, &record, &spec, &kept)?, thread_cpu().saturating_sub(cpu)))
+                    })
+                    .await?;
+                    timing.lap("render", at);
+                    timing.0.push(format!("cpu;dur={:.2}", cpu.as_secs_f64() * 1000.0));
+                    png
                 }
                 // One render per block: requests for its other tiles wait,
                 // then find theirs in the cache.
@@ -702,8 +718,39 @@ async fn tile(
             }
         }
     };
-    Ok(([(header::CONTENT_TYPE, "image/png"), (header::CACHE_CONTROL, "private, max-age=3600")], png.as_ref().clone())
-        .into_response())
+    timing.lap("total", started);
+    let mut r =
+        ([(header::CONTENT_TYPE, "image/png"), (header::CACHE_CONTROL, "private, max-age=3600")], png.as_ref().clone())
+            .into_response();
+    if let Ok(v) = HeaderValue::from_str(&timing.0.join(", ")) {
+        r.headers_mut().insert("server-timing", v);
+    }
+    Ok(r)
+}
+
+/// CPU time the calling thread has used (the render's own cost, whatever
+/// else the machine runs).
+fn thread_cpu() -> std::time::Duration {
+    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime only writes the timespec it is given.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    match rc {
+        0 => std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32),
+        _ => std::time::Duration::ZERO,
+    }
+}
+
+/// A tile's `Server-Timing` header (seen in the browser's developer tools
+/// and by `make console-bench`): milliseconds spent checking the scope,
+/// getting the decoded levels, waiting for a render turn, rendering (and
+/// the render's CPU time), and in all.
+#[derive(Default)]
+struct Timing(Vec<String>);
+
+impl Timing {
+    fn lap(&mut self, name: &str, since: Instant) {
+        self.0.push(format!("{name};dur={:.1}", since.elapsed().as_secs_f64() * 1000.0));
+    }
 }
 
 /// The block of tiles rendered with the tile of `spec` ([`tiles::block_of`]).
