@@ -55,16 +55,39 @@ pub fn decode_rows<R, F>(
     width: u32,
     height: u32,
     limits: &DecodeLimits,
+    sink: F,
+) -> Result<PlaneInfo, DecodeError>
+where
+    R: Read + Seek,
+    F: FnMut(u32, &[u16]) -> Result<(), String>,
+{
+    decode_rows_from(reader, encoding, width, height, limits, 0, sink)
+}
+
+/// Like [`decode_rows`], from row `first` on: raw planes and TIFF strips or
+/// tiles are read from the first one holding that row (earlier rows are
+/// neither read nor decoded), so a region far down a plane costs its own
+/// rows; PNG and DICOS are decoded from the top and only rows from `first`
+/// on reach the sink. The sink may still see a few rows before `first` (the
+/// rest of the strip or tile band holding it).
+pub fn decode_rows_from<R, F>(
+    reader: R,
+    encoding: Encoding,
+    width: u32,
+    height: u32,
+    limits: &DecodeLimits,
+    first: u32,
     mut sink: F,
 ) -> Result<PlaneInfo, DecodeError>
 where
     R: Read + Seek,
     F: FnMut(u32, &[u16]) -> Result<(), String>,
 {
-    let mut emit = |row: u32, samples: &[u16]| sink(row, samples).map_err(DecodeError::Sink);
+    let mut emit =
+        |row: u32, samples: &[u16]| if row < first { Ok(()) } else { sink(row, samples).map_err(DecodeError::Sink) };
     match encoding {
-        Encoding::RawU16Le => decode_raw(reader, width, height, &mut emit),
-        Encoding::Tiff => decode_tiff(reader, width, height, limits, &mut emit),
+        Encoding::RawU16Le => decode_raw(reader, width, height, first.min(height), &mut emit),
+        Encoding::Tiff => decode_tiff(reader, width, height, limits, first, &mut emit),
         Encoding::Png => decode_png(reader, width, height, limits, &mut emit),
         Encoding::Dicos => {
             crate::dicos::decode_rows(reader, width, height, limits, &mut emit)?;
@@ -123,11 +146,20 @@ pub fn probe<R: Read + Seek>(reader: R, encoding: Encoding) -> Result<ImageHeade
     }
 }
 
-fn decode_raw<R: Read>(reader: R, width: u32, height: u32, emit: &mut RowSink<'_>) -> Result<PlaneInfo, DecodeError> {
+fn decode_raw<R: Read + Seek>(
+    mut reader: R,
+    width: u32,
+    height: u32,
+    first: u32,
+    emit: &mut RowSink<'_>,
+) -> Result<PlaneInfo, DecodeError> {
+    if first > 0 {
+        reader.seek(std::io::SeekFrom::Current(i64::from(first) * i64::from(width) * 2)).map_err(DecodeError::Io)?;
+    }
     let mut reader = BufReader::with_capacity(1 << 20, reader);
     let mut bytes = vec![0u8; width as usize * 2];
     let mut row = vec![0u16; width as usize];
-    for y in 0..height {
+    for y in first..height {
         reader.read_exact(&mut bytes).map_err(|e| match e.kind() {
             std::io::ErrorKind::UnexpectedEof => {
                 DecodeError::Malformed { encoding: "raw u16 plane", detail: format!("ends at row {y} of {height}") }
@@ -157,6 +189,7 @@ fn decode_tiff<R: Read + Seek>(
     width: u32,
     height: u32,
     limits: &DecodeLimits,
+    first: u32,
     emit: &mut RowSink<'_>,
 ) -> Result<PlaneInfo, DecodeError> {
     use tiff::ColorType;
@@ -179,8 +212,11 @@ fn decode_tiff<R: Read + Seek>(
     let w = width as usize;
     match dec.get_chunk_type() {
         ChunkType::Strip => {
-            let mut y = 0u32;
-            for i in 0..dec.strip_count().map_err(terr)? {
+            // Every strip but the last holds `per_strip` rows.
+            let per_strip = dec.chunk_dimensions().1.max(1);
+            let skip = (first.min(height) / per_strip).min(dec.strip_count().map_err(terr)?);
+            let mut y = skip * per_strip;
+            for i in skip..dec.strip_count().map_err(terr)? {
                 let samples = tiff_samples(dec.read_chunk(i).map_err(terr)?)?;
                 for row in samples.chunks_exact(w) {
                     if y < height {
@@ -211,7 +247,7 @@ fn decode_tiff<R: Read + Seek>(
                 return Err(tiff_err(tiff::TiffError::LimitsExceeded, limits));
             }
             let mut band = vec![0u16; th * w];
-            for b in 0..bands {
+            for b in (first.min(height) as usize / th)..bands {
                 let rows = th.min(height as usize - b * th);
                 for t in 0..across {
                     let idx = (b * across + t) as u32;
@@ -353,6 +389,53 @@ mod tests {
         assert_eq!(collect(&tiff_bytes(w, h, &px, Some(5)), Encoding::Tiff, w, h).unwrap(), px);
         assert_eq!(collect(&tiff_bytes(w, h, &px, None), Encoding::Tiff, w, h).unwrap(), px);
         assert_eq!(collect(&png_bytes(w, h, &px), Encoding::Png, w, h).unwrap(), px);
+    }
+
+    /// Counts the bytes read through it.
+    struct Counted<R>(R, std::rc::Rc<std::cell::Cell<u64>>);
+    impl<R: Read> Read for Counted<R> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.0.read(buf)?;
+            self.1.set(self.1.get() + n as u64);
+            Ok(n)
+        }
+    }
+    impl<R: Seek> Seek for Counted<R> {
+        fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+            self.0.seek(to)
+        }
+    }
+
+    #[test]
+    fn decoding_from_a_row_skips_the_rows_above_it() {
+        let (w, h) = (40, 300);
+        let px = pattern(w, h);
+        let raw: Vec<u8> = px.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let files = [
+            (Encoding::RawU16Le, raw.clone()),
+            (Encoding::Tiff, tiff_bytes(w, h, &px, Some(16))),
+            (Encoding::Tiff, tiff_bytes(w, h, &px, None)),
+            (Encoding::Png, png_bytes(w, h, &px)),
+        ];
+        for (encoding, bytes) in files {
+            for first in [0, 1, 250, 299, 300, 1000] {
+                let read = std::rc::Rc::new(std::cell::Cell::new(0));
+                let (mut rows, mut out) = (Vec::new(), Vec::new());
+                let counted = Counted(Cursor::new(&bytes), read.clone());
+                decode_rows_from(counted, encoding, w, h, &DecodeLimits::default(), first, |y, row| {
+                    rows.push(y);
+                    out.extend_from_slice(row);
+                    Ok(())
+                })
+                .unwrap();
+                let from = first.min(h);
+                assert_eq!(rows, (from..h).collect::<Vec<_>>(), "{encoding:?} from {first}");
+                assert_eq!(out, px[(from * w) as usize..], "{encoding:?} from {first}");
+                if encoding == Encoding::RawU16Le {
+                    assert_eq!(read.get(), u64::from((h - from) * w * 2), "raw from {first}: only its rows are read");
+                }
+            }
+        }
     }
 
     #[test]

@@ -73,6 +73,13 @@ pub struct WebConfig {
     /// How long a console sign-in lasts.
     #[serde(with = "humantime_serde_compat")]
     pub session_ttl: Duration,
+    /// Material calibrations of the scanners whose scans the console colours
+    /// (`[[web.materials]]`), tried in order; a scan no entry matches is
+    /// coloured with the built-in 6/4 MV calibration (docs/officers.md).
+    pub materials: Vec<crate::material::Calibration>,
+    /// Bytes of decoded pyramid levels the console keeps for the scans being
+    /// viewed (`decoded_cache_mib`, in MiB), least recently used first out.
+    pub decoded_cache_mib: u64,
 }
 
 impl Default for WebConfig {
@@ -80,6 +87,8 @@ impl Default for WebConfig {
         WebConfig {
             listen: Some("127.0.0.1:8080".parse().expect("static address")),
             session_ttl: Duration::from_secs(8 * 3600),
+            materials: Vec::new(),
+            decoded_cache_mib: 256,
         }
     }
 }
@@ -218,6 +227,25 @@ mod tests {
         assert_eq!(c.storage, StorageConfig::default());
         let c: Config = toml::from_str("[storage]\nmin_free_bytes = 4096\n").unwrap();
         assert_eq!(c.storage.min_free_bytes, 4096);
+    }
+
+    #[test]
+    fn material_calibrations_parse_in_order() {
+        let c: Config = toml::from_str(
+            "[web]\ndecoded_cache_mib = 64\n\
+             [[web.materials]]\nname = \"tube\"\nmodel = \"HX-160\"\norganic = [1.35, 0]\nmixed = [1.9, 0]\n\
+             inorganic = [3.0, -0.05]\n\
+             [[web.materials]]\nname = \"linac\"\npeak_kv = 9000\nlow_kv = 6000\nheavy_above = 7.5\n\
+             organic = [1.26, 0.001]\nmixed = [1.23, 0]\ninorganic = [1.18, -0.004]\n",
+        )
+        .unwrap();
+        assert_eq!(c.web.decoded_cache_mib, 64);
+        let names: Vec<&str> = c.web.materials.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["tube", "linac"]);
+        assert_eq!(c.web.materials[1].inorganic, crate::material::Ratio(1.18, -0.004));
+        assert_eq!((c.web.materials[1].air_below, c.web.materials[1].heavy_above), (0.05, 7.5));
+        let e = toml::from_str::<Config>("[[web.materials]]\nname = \"x\"\norganic = [1.3, 0]\n").unwrap_err();
+        assert!(e.to_string().contains("mixed"), "{e}");
     }
 
     #[test]

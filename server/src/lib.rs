@@ -10,7 +10,7 @@
 //!
 //! Modules form layers that import only downwards, with no import circle
 //! (checked by `scripts/layers.py` in `make test`): domain types ([`limits`],
-//! [`digest`], [`scope`]) -> the store ([`store`], [`audit`], [`error`]) ->
+//! [`digest`], [`scope`], [`material`]) -> the store ([`store`], [`audit`], [`error`]) ->
 //! what services share ([`header`], [`events`], [`plane`], [`overlay`]) ->
 //! the services -> the edges. See docs/architecture.md.
 
@@ -32,6 +32,7 @@ pub mod health;
 pub mod ingest;
 pub mod iso6346;
 pub mod limits;
+pub mod material;
 pub mod metrics;
 pub mod model_choice;
 pub mod oip;

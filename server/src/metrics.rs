@@ -115,6 +115,12 @@ pub struct Metrics {
     /// Stored bytes or rows that no longer match their recorded digest
     /// (each refused with DATA_LOSS instead of being sent).
     pub integrity_failures: Counter,
+    /// Bytes of decoded pyramid levels the officer console keeps in memory.
+    pub console_decoded_bytes: Gauge,
+    /// Planes the console decoded into its pyramid table.
+    pub console_decoded_planes: Counter,
+    /// Planes evicted from that table to stay within `[web] decoded_cache_mib`.
+    pub console_decoded_evictions: Counter,
 }
 
 /// Holds one unit of a gauge (e.g. one open push stream) and gives it back
@@ -214,6 +220,24 @@ impl Metrics {
             "Stored planes or reports that no longer match their recorded digest",
             integrity_failures.clone(),
         );
+        let console_decoded_bytes = Gauge::default();
+        let console_decoded_planes = Counter::default();
+        let console_decoded_evictions = Counter::default();
+        registry.register(
+            "console_decoded_bytes",
+            "Bytes of decoded pyramid levels the officer console keeps for the scans being viewed",
+            console_decoded_bytes.clone(),
+        );
+        registry.register(
+            "console_decoded_planes",
+            "Planes the officer console decoded into its pyramid table",
+            console_decoded_planes.clone(),
+        );
+        registry.register(
+            "console_decoded_evictions",
+            "Planes evicted from the console's pyramid table to stay within its budget",
+            console_decoded_evictions.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
             scans_received,
@@ -234,6 +258,9 @@ impl Metrics {
             audit_failed,
             audit_group_commits,
             integrity_failures,
+            console_decoded_bytes,
+            console_decoded_planes,
+            console_decoded_evictions,
         }
     }
 

@@ -198,7 +198,13 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         (Some(_), Some(tls)) => Some(crate::web::tls::acceptor(tls)?),
         _ => None,
     };
-    let console = crate::web::Web::new(findings.clone(), web_auth, gate.clone(), &config.web, web_tls.is_some())?;
+    let decoded = crate::web::pyramid::PyramidMetrics {
+        held: metrics.console_decoded_bytes.clone(),
+        decodes: metrics.console_decoded_planes.clone(),
+        evictions: metrics.console_decoded_evictions.clone(),
+    };
+    let console =
+        crate::web::Web::new(findings.clone(), web_auth, gate.clone(), &config.web, web_tls.is_some(), decoded)?;
     let console_token = config.web.listen.and(console.workstation_token().map(str::to_string));
     let mut ingest = Ingest::new(meta.clone(), blobs, config.limits.clone(), metrics.clone(), abandon_rx, wake)
         .with_min_free_bytes(config.storage.min_free_bytes);

@@ -176,3 +176,75 @@ async fn overlay_of_noise_at_full_width_is_narrowed_to_fit_a_stock_client() {
     assert!(w < 1600 && w > 800, "narrowed to {w}x{h}");
     assert!((i64::from(h) - i64::from(1200 * w / 1600)).abs() <= 1, "the aspect ratio is kept ({w}x{h})");
 }
+
+#[test]
+fn a_material_calibration_is_fitted_to_a_scan_of_step_wedges() {
+    use niix_synth::physics::{self, HIGH, LOW};
+    use niix_synth::rng::Rng;
+    // Seven steps each of water, aluminium and steel (one row of steps per
+    // material, 40x40 pixels each) and open beam on the right, exposed on
+    // niix synth's 6/4 MV scanner with its counting noise.
+    let (step, steps) = (40usize, 7usize);
+    let (len, hgt) = (step * (steps + 1), 3 * step);
+    let mut layers = [vec![0f32; len * hgt], vec![0f32; len * hgt], vec![0f32; len * hgt]];
+    // Rows of water (layer 1), aluminium (layer 2) and steel (layer 0), in g/cm2 per step.
+    for (row, (layer, per_step)) in [(1usize, 12.0f32), (2, 12.0), (0, 8.0)].into_iter().enumerate() {
+        for y in row * step..(row + 1) * step {
+            for x in 0..steps * step {
+                layers[layer][y * len + x] = per_step * (1 + x / step) as f32;
+            }
+        }
+    }
+    let gain = vec![1.0; hgt];
+    let raw = |s| -> Vec<u8> {
+        let layers = [layers[0].as_slice(), layers[1].as_slice(), layers[2].as_slice()];
+        physics::expose(s, layers, len, &gain, &mut Rng::new(5, 0)).iter().flat_map(|v| v.to_le_bytes()).collect()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (high, low) = (dir.path().join("wedges.high.raw"), dir.path().join("wedges.low.raw"));
+    std::fs::write(&high, raw(HIGH)).unwrap();
+    std::fs::write(&low, raw(LOW)).unwrap();
+    let rects = |row: usize| -> Vec<String> {
+        (0..steps)
+            .flat_map(|i| {
+                [
+                    "--".to_string() + ["organic", "mixed", "inorganic"][row],
+                    format!("{},{},30,30", i * step + 5, row * step + 5),
+                ]
+            })
+            .collect()
+    };
+    let (w, h) = (len.to_string(), hgt.to_string());
+    let mut args: Vec<String> =
+        ["materials", "calibrate", "--high", high.to_str().unwrap(), "--low", low.to_str().unwrap()]
+            .iter()
+            .chain(&["--width", &w, "--height", &h, "--name", "lane 3 linac", "--model", "L-6", "--air"])
+            .map(|s| s.to_string())
+            .collect();
+    args.push(format!("{},5,30,100", steps * step + 5));
+    args.extend(rects(0).into_iter().chain(rects(1)).chain(rects(2)));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, out, err) = niix(&refs);
+    assert!(ok, "{err}");
+
+    // The printed entry is a valid config section, close to the built-in
+    // calibration of the same physics.
+    let config: niix::config::Config = toml::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let c = &config.web.materials[0];
+    assert_eq!((c.name.as_str(), c.model.as_str()), ("lane 3 linac", "L-6"));
+    let b = niix::material::Calibration::builtin();
+    for p in [0.5, 2.0, 4.0] {
+        for (x, y) in [(c.organic, b.organic), (c.mixed, b.mixed), (c.inorganic, b.inorganic)] {
+            assert!((x.at(p) - y.at(p)).abs() < 0.01, "at {p}: {x:?} against {y:?}\n{out}{err}");
+        }
+    }
+
+    // One step per material cannot give a line; a rectangle off the plane is named.
+    let one: Vec<&str> = refs.iter().copied().take_while(|a| *a != "--organic").collect();
+    let (ok, _, err) =
+        niix(&[&one[..], &["--organic", "5,5,30,30", "--mixed", "5,45,30,30", "--inorganic", "5,85,30,30"]].concat());
+    assert!(!ok && err.contains("range of thicknesses"), "{err}");
+    let (ok, _, err) =
+        niix(&[&one[..], &["--organic", "300,5,30,30", "--mixed", "5,45,30,30", "--inorganic", "5,85,30,30"]].concat());
+    assert!(!ok && err.contains("lies outside the 320x120 plane"), "{err}");
+}

@@ -281,7 +281,11 @@ async fn an_expired_session_is_refused() {
     let mut config = config(dir.path(), Limits::default());
     config.auth = tokens(&TOKENS);
     config.analysis.enabled = false;
-    config.web = WebConfig { listen: Some("127.0.0.1:0".parse().unwrap()), session_ttl: Duration::from_secs(1) };
+    config.web = WebConfig {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        session_ttl: Duration::from_secs(1),
+        ..Default::default()
+    };
     let server = niix::server::start(config).await.unwrap();
     let web = server.web_addr.unwrap();
     let (cookie, _) = session_of(&login(web, "tok-officer").await);
@@ -613,6 +617,91 @@ async fn material_colouring_tells_organic_metal_and_heavy_regions_of_a_synthetic
     assert!(classes.contains(&(AnomalyKind::MetalBlock, Material::Inorganic)), "{classes:?}");
     assert!(classes.contains(&(AnomalyKind::MetalBlock, Material::Heavy)), "{classes:?}");
     server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_scanner_is_coloured_with_its_own_material_calibration() {
+    use niix::material::{Calibration, Ratio};
+    use niix_proto::v1::scan_ingest_client::ScanIngestClient;
+    use niix_proto::v1::{PlaneEncoding, PlaneKind, Scanner, SourceEnergy};
+    // An X-ray tube scanner, where the attenuation ratio rises with the
+    // atomic number (the built-in 6/4 MV calibration has it fall).
+    let tube = Calibration {
+        name: "HX-160 160/80 kV".into(),
+        manufacturer: "Hexray".into(),
+        model: "HX-160".into(),
+        peak_kv: 0.0,
+        low_kv: 0.0,
+        air_below: 0.05,
+        heavy_above: 6.0,
+        organic: Ratio(1.35, 0.0),
+        mixed: Ratio(1.9, 0.0),
+        inorganic: Ratio(3.0, -0.05),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), Limits::default());
+    config.auth = tokens(&TOKENS);
+    config.analysis.enabled = false;
+    config.web.materials = vec![tube.clone()];
+    let server = niix::server::start(config.clone()).await.unwrap();
+    let web = server.web_addr.unwrap();
+    let scanner = niix::client::authed(channel(&server).await, Some("tok-scanner")).unwrap();
+
+    // The same pixels from two scanners: air around a block whose rays have
+    // p_high = 1 and p_low = 2.9 (R = 2.9).
+    let n = 64usize;
+    let air = 60000.0f64;
+    let counts = |p: f64| -> Vec<u8> {
+        (0..n * n)
+            .flat_map(|i| {
+                let (x, y) = (i % n, i / n);
+                let inside = (16..48).contains(&x) && (16..48).contains(&y);
+                ((if inside { air * (-p).exp() } else { air }) as u16).to_le_bytes()
+            })
+            .collect()
+    };
+    let (high, low) = (counts(1.0), counts(2.9));
+    let push = |manufacturer: &str, model: &str| {
+        let mut h = header(&new_id(), plane(PlaneEncoding::RawU16le, n as u32, n as u32, &high));
+        h.planes[0].kind = PlaneKind::HighEnergy as i32;
+        let mut l = plane(PlaneEncoding::RawU16le, n as u32, n as u32, &low);
+        l.kind = PlaneKind::LowEnergy as i32;
+        h.planes.push(l);
+        let m = h.metadata.as_mut().unwrap();
+        m.scanner = Some(Scanner { manufacturer: manufacturer.into(), model: model.into(), ..Default::default() });
+        m.source = Some(SourceEnergy { peak_kv: 160.0, low_kv: 80.0 });
+        let messages = messages(&h, &[&high, &low], 1 << 16);
+        let mut client = ScanIngestClient::new(scanner.clone());
+        async move { client.push_scan(tokio_stream::iter(messages)).await.unwrap().into_inner().scan_id }
+    };
+    let hexray = push("HEXRAY", "hx-160").await;
+    let other = push("Other", "L-6").await;
+    let (cookie, _) = session_of(&login(web, "tok-officer").await);
+    let me = [("cookie", cookie.as_str())];
+    let centre = |id: String| async move {
+        let d = http(web, "GET", &format!("/api/scans/{id}"), &me, "").await.json();
+        let a = http(web, "GET", &format!("/api/scans/{id}/tiles/0/0/0/0.png?material=1"), &me, "").await;
+        assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+        let mut reader = png::Decoder::new(std::io::Cursor::new(a.body)).read_info().unwrap();
+        let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+        reader.next_frame(&mut buf).unwrap();
+        let (corner, middle) = ((2 * n + 2) * 3, (32 * n + 32) * 3);
+        let class = |i: usize| drawn_class([buf[i], buf[i + 1], buf[i + 2]]);
+        (d["material_calibration"].as_str().unwrap().to_string(), class(corner), class(middle))
+    };
+    use niix::web::tiles::Material;
+    assert_eq!(centre(hexray).await, (tube.name.clone(), Material::Air, Material::Inorganic));
+    assert_eq!(
+        centre(other).await,
+        ("built-in 6/4 MV linac".to_string(), Material::Air, Material::Organic),
+        "another scanner keeps the built-in calibration"
+    );
+    server.shutdown().await.unwrap();
+
+    // A calibration that cannot tell the classes apart stops the server at start.
+    config.web.materials = vec![Calibration { mixed: Ratio(1.2, 0.0), ..tube }];
+    let e = niix::server::start(config).await.err().expect("refused").to_string();
+    assert!(e.contains("HX-160 160/80 kV") && e.contains("strictly between"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,6 +4,7 @@ mod args;
 mod audit;
 mod doctor;
 mod findings;
+mod materials;
 mod model;
 mod officer;
 pub mod partner;
@@ -62,6 +63,9 @@ pub enum Command {
     /// Fit models to a site's scans.
     #[command(subcommand)]
     Model(model::ModelCommand),
+    /// Dual-energy material calibrations of scanners (the console's colouring).
+    #[command(subcommand)]
+    Materials(materials::MaterialsCommand),
     /// Detection figures of a model on a labelled set (`niix synth` output).
     Eval(model::EvalArgs),
     /// Check a deployment (ONNX Runtime, models, data directory, config,
@@ -139,6 +143,7 @@ impl Cli {
             Command::Model(model::ModelCommand::Fit(a)) => model::fit(a),
             Command::Eval(a) => model::eval(a),
             Command::Doctor(a) => doctor::run(a),
+            Command::Materials(materials::MaterialsCommand::Calibrate(a)) => materials::calibrate(a),
         }
     }
 }

@@ -103,6 +103,9 @@ pub struct PushArgs {
     /// Source peak energy in kV.
     #[arg(long, default_value_t = 0.0)]
     pub energy_kv: f64,
+    /// Low energy in kV of a dual-energy source.
+    #[arg(long, default_value_t = 0.0)]
+    pub low_energy_kv: f64,
     /// Pixel size in millimetres (both axes).
     #[arg(long, default_value_t = 0.0)]
     pub pixel_spacing: f64,
@@ -118,6 +121,9 @@ pub struct PushArgs {
     /// Scanner manufacturer.
     #[arg(long, default_value = "")]
     pub manufacturer: String,
+    /// Scanner model.
+    #[arg(long, default_value = "")]
+    pub scanner_model: String,
     /// Attempts after the first if the connection breaks (resuming each time).
     #[arg(long, default_value_t = 5)]
     pub retries: u32,
@@ -170,7 +176,11 @@ impl PushArgs {
             .map(|(k, v)| DeclarationReference { kind: k as i32, value: v.clone() })
             .collect();
         let metadata = ScanMetadata {
-            scanner: Some(Scanner { manufacturer: self.manufacturer.clone(), ..Default::default() }),
+            scanner: Some(Scanner {
+                manufacturer: self.manufacturer.clone(),
+                model: self.scanner_model.clone(),
+                ..Default::default()
+            }),
             site_id: self.site.clone(),
             lane_id: self.lane.clone(),
             scan_time: Some(timestamp(scan_time)),
@@ -178,7 +188,7 @@ impl PushArgs {
             container_numbers: self.containers.clone(),
             vehicle_plate: self.plate.clone(),
             declarations,
-            source: Some(SourceEnergy { peak_kv: self.energy_kv, low_kv: 0.0 }),
+            source: Some(SourceEnergy { peak_kv: self.energy_kv, low_kv: self.low_energy_kv }),
             remarks: String::new(),
             orientation: match self.length_along {
                 None => Orientation::Unspecified,

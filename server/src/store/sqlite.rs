@@ -136,49 +136,18 @@ pub const SEAL_REPORT: &str = "SealReport";
 /// Action of the record that seals a scan's header and plane digests.
 pub const SEAL_SCAN: &str = "SealScan";
 
-/// Work a migration needs beyond SQL, run in the same transaction.
+/// Work a migration needs beyond SQL, run in the same transaction. Work on
+/// every stored scan or report goes through [`in_batches`], so a migration
+/// holds one batch of rows in memory, not the table.
 fn after_migration(tx: &rusqlite::Transaction<'_>, version: usize) -> StoreResult<()> {
-    if version == 6 {
-        let ids: Vec<String> = tx
-            .prepare("SELECT scan_id FROM scans ORDER BY rowid")?
-            .query_map([], |r| r.get(0))?
-            .collect::<Result<_, _>>()?;
-        for id in ids {
-            let scan = scan_in(tx, &id)?.ok_or_else(|| StoreError::Corrupt(format!("scan {id} vanished")))?;
-            seal_scan(tx, &scan)?;
-        }
-        let reports: Vec<(i64, String, Vec<u8>)> = tx
-            .prepare("SELECT seq, scan_id, report FROM reports ORDER BY seq")?
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-            .collect::<Result<_, _>>()?;
-        for (seq, id, bytes) in reports {
-            seal_report(tx, &id, seq, &bytes)?;
-        }
-    }
-    if version == 7 {
-        let rows: Vec<(String, Vec<u8>)> = tx
-            .prepare("SELECT scan_id, header FROM scans")?
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<Result<_, _>>()?;
-        for (id, header) in rows {
-            index_plate(tx, &id, &decode_header(&header)?)?;
-        }
-    }
     if version == 3 {
         // Index the container numbers and declarations of scans stored before.
-        let rows: Vec<(String, Vec<u8>)> = tx
-            .prepare("SELECT scan_id, header FROM scans")?
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<Result<_, _>>()?;
-        for (id, header) in rows {
-            index_lookups(tx, &id, &decode_header(&header)?)?;
-        }
-        // The latest machine decision of scans analysed before.
-        let reports: Vec<(String, Vec<u8>)> = tx
-            .prepare("SELECT scan_id, report FROM reports ORDER BY seq")?
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<Result<_, _>>()?;
-        for (id, bytes) in reports {
+        in_batches(tx, "scans", &["scan_id", "header"], scan_header, |(id, header)| {
+            index_lookups(tx, &id, &decode_header(&header)?)
+        })?;
+        // The latest machine decision of scans analysed before (reports in
+        // the order they were stored: the last one wins).
+        in_batches(tx, "reports", &["scan_id", "report"], scan_header, |(id, bytes)| {
             let report = ThreatReport::decode(bytes.as_slice())
                 .map_err(|e| StoreError::Corrupt(format!("stored report: {e}")))?;
             if report.r#type == ReportType::Machine as i32 {
@@ -187,9 +156,73 @@ fn after_migration(tx: &rusqlite::Transaction<'_>, version: usize) -> StoreResul
                     params![report.decision, f64::from(report.score), id],
                 )?;
             }
-        }
+            Ok(())
+        })?;
+    }
+    if version == 6 {
+        in_batches(
+            tx,
+            "scans",
+            &["scan_id"],
+            |r| r.get::<_, String>(0),
+            |id| {
+                let scan = scan_in(tx, &id)?.ok_or_else(|| StoreError::Corrupt(format!("scan {id} vanished")))?;
+                seal_scan(tx, &scan)
+            },
+        )?;
+        in_batches(
+            tx,
+            "reports",
+            &["seq", "scan_id", "report"],
+            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?)),
+            |(seq, id, bytes)| seal_report(tx, &id, seq, &bytes),
+        )?;
+    }
+    if version == 7 {
+        in_batches(tx, "scans", &["scan_id", "header"], scan_header, |(id, header)| {
+            index_plate(tx, &id, &decode_header(&header)?)
+        })?;
     }
     Ok(())
+}
+
+/// Rows a migration reads into memory at once ([`in_batches`]).
+const MIGRATION_BATCH: usize = 256;
+
+/// A `(text, blob)` row: a scan id and its encoded header (or report).
+fn scan_header(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, Vec<u8>)> {
+    Ok((r.get(0)?, r.get(1)?))
+}
+
+/// Calls `each` on every row of `table` in rowid order, reading
+/// [`MIGRATION_BATCH`] rows at a time (by rowid, so `each` may write to the
+/// table): `row` maps the `columns` (indexes 0.. in that order). Returns
+/// how many batches were read.
+fn in_batches<T>(
+    tx: &rusqlite::Transaction<'_>,
+    table: &str,
+    columns: &[&str],
+    row: impl Fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    mut each: impl FnMut(T) -> StoreResult<()>,
+) -> StoreResult<usize> {
+    let rowid = columns.len();
+    let sql = format!("SELECT {}, rowid FROM {table} WHERE rowid > ?1 ORDER BY rowid LIMIT ?2", columns.join(", "));
+    let mut stmt = tx.prepare(&sql)?;
+    let (mut after, mut batches) = (i64::MIN, 0);
+    loop {
+        let batch: Vec<(i64, T)> = stmt
+            .query_map(params![after, MIGRATION_BATCH as i64], |r| Ok((r.get(rowid)?, row(r)?)))?
+            .collect::<Result<_, _>>()?;
+        let (len, last) = (batch.len(), batch.last().map(|(id, _)| *id));
+        batches += 1;
+        for (_, t) in batch {
+            each(t)?;
+        }
+        match last {
+            Some(last) if len == MIGRATION_BATCH => after = last,
+            _ => return Ok(batches),
+        }
+    }
 }
 
 /// Rows that let officers find a scan by container number or declaration.
@@ -1262,6 +1295,106 @@ mod tests {
         assert_eq!(db.audit_records(0, 10).unwrap().len(), 2, "one scan seal, one report seal");
         let q = ScanQuery { limit: 10, vehicle_plate: Some("AB12C".into()), ..Default::default() };
         assert_eq!(db.list_scans(&q).unwrap().len(), 1, "the plate migration indexes scans stored before");
+    }
+
+    #[test]
+    fn migrations_from_schema_2_index_and_seal_every_row_a_batch_at_a_time() {
+        use niix_proto::v1::DeclarationReference;
+        // A database of a release at schema 2, with more scans and reports
+        // than several migration batches hold.
+        let n = 3 * MIGRATION_BATCH + 17;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.db");
+        let mut conn = Connection::open(&path).unwrap();
+        let tx = conn.transaction().unwrap();
+        tx.execute_batch(&format!("{}\n{}\nPRAGMA user_version = 2;", MIGRATIONS[0], MIGRATIONS[1])).unwrap();
+        for i in 0..n {
+            let id = format!("scan-{i:04}");
+            let meta = ScanMetadata {
+                site_id: "S1".into(),
+                vehicle_plate: format!("ab-{i}"),
+                container_numbers: vec![format!("C{i}")],
+                declarations: vec![DeclarationReference { value: format!("MRN{i}"), ..Default::default() }],
+                ..Default::default()
+            };
+            let header = ScanHeader { scan_id: id.clone(), metadata: Some(meta), planes: vec![] };
+            tx.execute(
+                "INSERT INTO scans (scan_id, site_id, lane_id, conveyance, status, received_at_us, header_sha256, header)
+                 VALUES (?1, 'S1', '', 0, 4, ?2, ?3, ?4)",
+                params![id, i as i64, "cd".repeat(32), header.encode_to_vec()],
+            )
+            .unwrap();
+            // Two machine reports each: the later decision stands.
+            for decision in [1, 2 + (i % 2) as i32] {
+                let report = ThreatReport {
+                    r#type: ReportType::Machine as i32,
+                    decision,
+                    score: i as f32,
+                    ..Default::default()
+                };
+                tx.execute(
+                    "INSERT INTO reports (scan_id, report_type, created_at_us, report) VALUES (?1, 1, 0, ?2)",
+                    params![id, report.encode_to_vec()],
+                )
+                .unwrap();
+            }
+        }
+        tx.commit().unwrap();
+        drop(conn);
+
+        let db = SqliteMetadata::open(&path).unwrap();
+        assert_eq!(db.schema_version().unwrap() as usize, MIGRATIONS.len());
+        let conn = db.lock();
+        let count = |sql: &str| -> usize { conn.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap() as usize };
+        assert_eq!(count("SELECT count(*) FROM scan_containers"), n);
+        assert_eq!(count("SELECT count(*) FROM scan_declarations"), n);
+        assert_eq!(count("SELECT count(*) FROM scan_plates"), n);
+        assert_eq!(count("SELECT count(*) FROM scans WHERE decision = 3"), n / 2);
+        assert_eq!(count("SELECT count(*) FROM scans WHERE decision = 2"), n - n / 2);
+        assert_eq!(count(&format!("SELECT count(*) FROM audit WHERE action = '{SEAL_SCAN}'")), n);
+        assert_eq!(count(&format!("SELECT count(*) FROM audit WHERE action = '{SEAL_REPORT}'")), 2 * n);
+        drop(conn);
+        let last = format!("scan-{:04}", n - 1);
+        let q = ScanQuery { limit: 10, vehicle_plate: Some(plate_key(&format!("AB {}", n - 1))), ..Default::default() };
+        assert_eq!(db.list_scans(&q).unwrap()[0].scan_id, last);
+        let q = ScanQuery { limit: 10, container_number: Some(format!("C{}", n - 1)), ..Default::default() };
+        assert_eq!(db.list_scans(&q).unwrap()[0].scan_id, last);
+        db.verify_scan(&last).unwrap();
+        db.verify_scan("scan-0000").unwrap();
+    }
+
+    #[test]
+    fn in_batches_visits_every_row_once_in_order_a_batch_at_a_time() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        let tx = conn.transaction().unwrap();
+        tx.execute_batch("CREATE TABLE t (v INTEGER NOT NULL)").unwrap();
+        let n = 2 * MIGRATION_BATCH + 1;
+        for v in 0..n {
+            tx.execute("INSERT INTO t (v) VALUES (?1)", [v as i64]).unwrap();
+        }
+        // Rows deleted in between leave gaps in the rowids.
+        tx.execute("DELETE FROM t WHERE v % 7 = 3", []).unwrap();
+        let mut seen = Vec::new();
+        let batches = in_batches(
+            &tx,
+            "t",
+            &["v"],
+            |r| r.get::<_, i64>(0),
+            |v| {
+                // Writing to the table being walked is allowed (rows are re-read by rowid).
+                tx.execute("UPDATE t SET v = v + 1000000 WHERE v = ?1", [v])?;
+                seen.push(v);
+                Ok(())
+            },
+        )
+        .unwrap();
+        let want: Vec<i64> = (0..n as i64).filter(|v| v % 7 != 3).collect();
+        assert_eq!(seen, want);
+        assert_eq!(batches, want.len().div_ceil(MIGRATION_BATCH));
+        let empty = in_batches(&tx, "t", &["v"], |r| r.get::<_, i64>(0), |_| Ok(()));
+        assert!(empty.is_ok());
+        tx.execute("DELETE FROM t", []).unwrap();
+        assert_eq!(in_batches(&tx, "t", &["v"], |r| r.get::<_, i64>(0), |_| panic!("no rows")).unwrap(), 1);
     }
 
     #[test]

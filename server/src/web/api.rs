@@ -5,6 +5,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -22,6 +23,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio_stream::StreamExt;
 
+use super::pyramid::Levels;
 use super::session::{COOKIE, Session};
 use super::tiles::{self, TileSpec};
 use super::{ApiError, ClientCertificate, Web, assets};
@@ -438,12 +440,14 @@ async fn detail(State(web): State<Web>, headers: HeaderMap, Path(id): Path<Strin
         let kinds: Vec<i32> = scan.planes.iter().filter_map(|p| p.descriptor.as_ref().map(|d| d.kind)).collect();
         let dual = kinds.contains(&(PlaneKind::HighEnergy as i32)) && kinds.contains(&(PlaneKind::LowEnergy as i32));
         let m = scan.metadata.clone().unwrap_or_default();
+        let material_calibration = dual.then(|| calibration(&web, &m).name.clone());
         Ok(json!({
             "scan": scan_json(&scan, operator_verdict(&reports)),
             "remarks": m.remarks,
             "scanner": m.scanner.map(|sc| format!("{} {} {}", sc.manufacturer, sc.model, sc.serial_number).trim().to_string()),
             "planes": planes,
             "dual_energy": dual,
+            "material_calibration": material_calibration,
             "tile_size": tiles::TILE,
             "machine": latest(&reports, ReportType::Machine).map(|(_, r)| report_json(r)),
             "operator": latest(&reports, ReportType::Operator).map(|(_, r)| report_json(r)),
@@ -452,6 +456,9 @@ async fn detail(State(web): State<Web>, headers: HeaderMap, Path(id): Path<Strin
     }
     .await;
     let body = web.audited(&s.caller, "GetScan", &id, result).await?;
+    if let Ok((record, _)) = web.findings.scan_record(&id, &s.scope).await {
+        decode_ahead(&web, record);
+    }
     Ok(json_response(StatusCode::OK, body))
 }
 
@@ -655,44 +662,100 @@ async fn tile(
     Path((id, plane, level, x, tile)): Path<(String, usize, u32, u32, String)>,
     RawQuery(q): RawQuery,
 ) -> ApiResult {
+    let started = Instant::now();
     let (_, s) = web.session(&headers)?;
     let spec = tile_spec(plane, level, x, &tile, q.as_deref())?;
     // Scope first: a cached tile is only for those who may see the scan.
     let (record, _) = web.findings.scan_record(&id, &s.scope).await?;
+    let mut timing = Timing::default();
+    timing.lap("scope", started);
     let png = match web.tiles.get(&record.scan_id, &spec) {
         Some(png) => png,
         None => {
-            // One render per block: requests for its other tiles wait, then
-            // find theirs in the cache.
             let (origin, shape) = block(&record, &spec)?;
-            let key = format!("{}/{:?}", record.scan_id, TileSpec { x: origin.0, y: origin.1, ..spec.clone() });
-            let flight = web.tiles.flight(&key);
-            let rendered = async {
-                let _turn = flight.lock.lock().await;
-                if let Some(png) = web.tiles.get(&record.scan_id, &spec) {
-                    return Ok(png);
+            let drawn = drawn_planes(&record, &spec)?;
+            let record = Arc::new(record);
+            let at = Instant::now();
+            let kept = kept_levels(&web, &record, drawn, spec.level).await?;
+            timing.lap("decoded", at);
+            match kept {
+                // The level is held decoded: this tile alone, from memory.
+                Some(kept) => {
+                    let at = Instant::now();
+                    let _permit =
+                        web.renders.acquire().await.map_err(|_| Error::Unavailable("shutting down".into()))?;
+                    timing.lap("wait", at);
+                    let (w, spec, at) = (web.clone(), spec.clone(), Instant::now());
+                    let (png, cpu) = blocking(move || {
+                        let cpu = thread_cpu();
+                        Ok((render_kept(&w, &record, &spec, &kept)?, thread_cpu().saturating_sub(cpu)))
+                    })
+                    .await?;
+                    timing.lap("render", at);
+                    timing.0.push(format!("cpu;dur={:.2}", cpu.as_secs_f64() * 1000.0));
+                    png
                 }
-                let _permit = web.renders.acquire().await.map_err(|_| Error::Unavailable("shutting down".into()))?;
-                let w = web.clone();
-                let spec = spec.clone();
-                blocking(move || render(&w, &record, &spec, origin, shape)).await
+                // One render per block: requests for its other tiles wait,
+                // then find theirs in the cache.
+                None => {
+                    let key = format!("{}/{:?}", record.scan_id, TileSpec { x: origin.0, y: origin.1, ..spec.clone() });
+                    let flight = web.tiles.flight(&key);
+                    let rendered = async {
+                        let _turn = flight.lock.lock().await;
+                        if let Some(png) = web.tiles.get(&record.scan_id, &spec) {
+                            return Ok(png);
+                        }
+                        let _permit =
+                            web.renders.acquire().await.map_err(|_| Error::Unavailable("shutting down".into()))?;
+                        let w = web.clone();
+                        let spec = spec.clone();
+                        blocking(move || render_block(&w, &record, &spec, drawn, origin, shape)).await
+                    }
+                    .await;
+                    drop(flight);
+                    rendered?
+                }
             }
-            .await;
-            drop(flight);
-            rendered?
         }
     };
-    Ok(([(header::CONTENT_TYPE, "image/png"), (header::CACHE_CONTROL, "private, max-age=3600")], png.as_ref().clone())
-        .into_response())
+    timing.lap("total", started);
+    let mut r =
+        ([(header::CONTENT_TYPE, "image/png"), (header::CACHE_CONTROL, "private, max-age=3600")], png.as_ref().clone())
+            .into_response();
+    if let Ok(v) = HeaderValue::from_str(&timing.0.join(", ")) {
+        r.headers_mut().insert("server-timing", v);
+    }
+    Ok(r)
+}
+
+/// CPU time the calling thread has used (the render's own cost, whatever
+/// else the machine runs).
+fn thread_cpu() -> std::time::Duration {
+    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime only writes the timespec it is given.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    match rc {
+        0 => std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32),
+        _ => std::time::Duration::ZERO,
+    }
+}
+
+/// A tile's `Server-Timing` header (seen in the browser's developer tools
+/// and by `make console-bench`): milliseconds spent checking the scope,
+/// getting the decoded levels, waiting for a render turn, rendering (and
+/// the render's CPU time), and in all.
+#[derive(Default)]
+struct Timing(Vec<String>);
+
+impl Timing {
+    fn lap(&mut self, name: &str, since: Instant) {
+        self.0.push(format!("{name};dur={:.1}", since.elapsed().as_secs_f64() * 1000.0));
+    }
 }
 
 /// The block of tiles rendered with the tile of `spec` ([`tiles::block_of`]).
 fn block(record: &crate::store::ScanRecord, spec: &TileSpec) -> Result<(tiles::Cell, tiles::Cell), Error> {
-    let d = record.header.planes.get(spec.plane).ok_or_else(|| {
-        Error::NotFound(format!("plane {} does not exist; the scan has {}", spec.plane, record.header.planes.len()))
-    })?;
-    let f = record.planes.get(spec.plane).map_or(1, |p| p.downsampled.max(1));
-    let (w, h) = (d.width.div_ceil(f), d.height.div_ceil(f));
+    let (w, h) = plane_size(record, spec.plane)?;
     let top = tiles::top_level(w, h);
     if spec.level > top {
         return Err(Error::InvalidArgument(format!(
@@ -710,54 +773,162 @@ fn block(record: &crate::store::ScanRecord, spec: &TileSpec) -> Result<(tiles::C
     Ok(tiles::block_of(w, h, spec.level, spec.x, spec.y))
 }
 
-/// Renders (and caches) the tiles of the block at `origin` of `shape`
-/// tiles, and returns the one of `spec` (blocking).
-fn render(
-    web: &Web,
-    record: &crate::store::ScanRecord,
-    spec: &TileSpec,
-    origin: (u32, u32),
-    shape: (u32, u32),
-) -> Result<Arc<Vec<u8>>, Error> {
-    let planes = record.header.planes.len();
-    if spec.plane >= planes {
-        return Err(Error::NotFound(format!("plane {} does not exist; the scan has {planes}", spec.plane)));
-    }
+/// The size of plane `index` as this server holds it (a partner's
+/// downsampled share is smaller than scanned).
+fn plane_size(record: &crate::store::ScanRecord, index: usize) -> Result<(u32, u32), Error> {
+    let d = record.header.planes.get(index).ok_or_else(|| {
+        Error::NotFound(format!("plane {index} does not exist; the scan has {}", record.header.planes.len()))
+    })?;
+    let f = record.planes.get(index).map_or(1, |p| p.downsampled.max(1));
+    Ok((d.width.div_ceil(f), d.height.div_ceil(f)))
+}
+
+/// The planes a tile is drawn from: the plane asked for twice, or for
+/// material colouring the scan's high- and low-energy planes. Refused for a
+/// foreign scan held without planes, and for colouring a scan that is not
+/// dual-energy.
+fn drawn_planes(record: &crate::store::ScanRecord, spec: &TileSpec) -> Result<(usize, usize), Error> {
     if !record.origin.is_empty() && record.planes.is_empty() {
         return Err(Error::FailedPrecondition(format!(
             "scan {} came from {} without its planes (the sharing agreement does not include image content)",
             record.scan_id, record.origin
         )));
     }
-    let samples = |plane: usize, level: u32, x: u32, y: u32| {
-        let mut input = web.findings.open_plane(record, plane)?;
-        tiles::tile_samples(&mut input, level, x, y)
-    };
-    let (first, second) = match spec.material {
+    match spec.material {
         true => tiles::dual_energy(record).ok_or_else(|| {
             Error::FailedPrecondition(format!(
                 "scan {} has no high- and low-energy planes: material colouring needs a dual-energy scan",
                 record.scan_id
             ))
-        })?,
-        false => (spec.plane, spec.plane),
-    };
-    // The automatic window of a plane: its 0.5th to 99.5th percentile.
-    let auto = |plane: usize| -> Result<(u16, u16), Error> {
-        if let Some(w) = web.tiles.window(&record.scan_id, plane) {
-            return Ok(w);
+        }),
+        false => Ok((spec.plane, spec.plane)),
+    }
+}
+
+/// The material calibration for a scan: by its scanner and source energies.
+fn calibration<'a>(web: &'a Web, m: &niix_proto::v1::ScanMetadata) -> &'a tiles::Calibration {
+    let scanner = m.scanner.clone().unwrap_or_default();
+    let source = m.source.unwrap_or_default();
+    web.materials.for_scan(&scanner.manufacturer, &scanner.model, source.peak_kv, source.low_kv)
+}
+
+/// The decoded levels of the planes a tile is drawn from, when `level` is
+/// one the console keeps ([`super::pyramid`]); decoded now (once, however
+/// many requests wait for it) when not held.
+async fn kept_levels(
+    web: &Web,
+    record: &Arc<crate::store::ScanRecord>,
+    (first, second): (usize, usize),
+    level: u32,
+) -> Result<Option<(Arc<Levels>, Arc<Levels>)>, Error> {
+    let Some(high) = decoded(web, record, first, level).await? else { return Ok(None) };
+    if second == first {
+        return Ok(Some((high.clone(), high)));
+    }
+    Ok(decoded(web, record, second, level).await?.map(|low| (high, low)))
+}
+
+/// Plane `index`'s decoded levels if `level` is among those kept.
+async fn decoded(
+    web: &Web,
+    record: &Arc<crate::store::ScanRecord>,
+    index: usize,
+    level: u32,
+) -> Result<Option<Arc<Levels>>, Error> {
+    let (w, h) = plane_size(record, index)?;
+    let Some(first) = web.pyramids.first_kept(w, h).filter(|&f| f <= level) else { return Ok(None) };
+    let key = format!("{}/{index}", record.scan_id);
+    if let Some(levels) = web.pyramids.get(&key) {
+        return Ok(Some(levels));
+    }
+    let flight = web.tiles.flight(&format!("decoded {key}"));
+    let decoded = async {
+        let _turn = flight.lock.lock().await;
+        if let Some(levels) = web.pyramids.get(&key) {
+            return Ok(levels);
         }
-        let d = &record.header.planes[plane];
-        let f = record.planes.get(plane).map_or(1, |p| p.downsampled.max(1));
-        let top = tiles::top_level(d.width.div_ceil(f), d.height.div_ceil(f));
-        let w = crate::overlay::auto_window(&samples(plane, top, 0, 0)?);
-        web.tiles.put_window(&record.scan_id, plane, w);
-        Ok(w)
+        let _permit = web.renders.acquire().await.map_err(|_| Error::Unavailable("shutting down".into()))?;
+        let (w, record) = (web.clone(), record.clone());
+        let levels = blocking(move || Levels::decode(&mut w.findings.open_plane(&record, index)?, first)).await?;
+        let levels = Arc::new(levels);
+        web.pyramids.put(&key, levels.clone());
+        Ok::<_, Error>(levels)
+    }
+    .await;
+    drop(flight);
+    decoded.map(Some)
+}
+
+/// Decodes the kept levels of every plane of a scan just opened, in the
+/// background, so that its first tiles and a switch to material colouring
+/// (which reads the low-energy plane too) find them decoded.
+fn decode_ahead(web: &Web, record: crate::store::ScanRecord) {
+    if record.planes.is_empty() {
+        return;
+    }
+    let web = web.clone();
+    tokio::spawn(async move {
+        let record = Arc::new(record);
+        for index in 0..record.planes.len() {
+            if let Err(e) = decoded(&web, &record, index, u32::MAX).await {
+                tracing::debug!(scan = %record.scan_id, plane = index, error = %e, "decoding ahead failed");
+            }
+        }
+    });
+}
+
+/// The automatic window of a plane (its 0.5th to 99.5th percentile, on the
+/// top level), remembered per plane; `kept` when its levels are held.
+fn auto_window(
+    web: &Web,
+    record: &crate::store::ScanRecord,
+    plane: usize,
+    kept: Option<&Levels>,
+) -> Result<(u16, u16), Error> {
+    if let Some(w) = web.tiles.window(&record.scan_id, plane) {
+        return Ok(w);
+    }
+    let w = match kept {
+        Some(levels) => crate::overlay::auto_window(levels.top()),
+        None => {
+            let (w, h) = plane_size(record, plane)?;
+            let mut input = web.findings.open_plane(record, plane)?;
+            crate::overlay::auto_window(&tiles::tile_samples(&mut input, tiles::top_level(w, h), 0, 0)?)
+        }
     };
-    let window = match spec.window {
-        Some(w) => w,
-        None => auto(first)?,
+    web.tiles.put_window(&record.scan_id, plane, w);
+    Ok(w)
+}
+
+/// Renders (and caches) the tile of `spec` from the held levels (blocking).
+fn render_kept(
+    web: &Web,
+    record: &crate::store::ScanRecord,
+    spec: &TileSpec,
+    (high, low): &(Arc<Levels>, Arc<Levels>),
+) -> Result<Arc<Vec<u8>>, Error> {
+    let outside = || Error::NotFound(format!("tile {},{} lies outside the plane", spec.x, spec.y));
+    let highs = vec![((0, 0), high.tile(spec.level, spec.x, spec.y).ok_or_else(outside)?)];
+    let lows = match spec.material {
+        true => Some(vec![((0, 0), low.tile(spec.level, spec.x, spec.y).ok_or_else(outside)?)]),
+        false => None,
     };
+    let shown = shown(web, record, spec, drawn_planes(record, spec)?, Some((high, low)))?;
+    draw(web, record, spec, (spec.x, spec.y), highs, lows, shown)
+}
+
+/// Renders (and caches) the tiles of the block at `origin` of `shape`
+/// tiles, reading the stored planes, and returns the one of `spec`
+/// (blocking).
+fn render_block(
+    web: &Web,
+    record: &crate::store::ScanRecord,
+    spec: &TileSpec,
+    (first, second): (usize, usize),
+    origin: (u32, u32),
+    shape: (u32, u32),
+) -> Result<Arc<Vec<u8>>, Error> {
+    let shown = shown(web, record, spec, (first, second), None)?;
     // The block of tiles around the one asked for, in one pass.
     let band = |plane: usize| -> Result<Vec<(tiles::Cell, ndarray::Array2<u16>)>, Error> {
         let mut input = web.findings.open_plane(record, plane)?;
@@ -767,6 +938,51 @@ fn render(
         true => (band(first)?, Some(band(second)?)),
         false => (band(spec.plane)?, None),
     };
+    draw(web, record, spec, origin, highs, lows, shown)
+}
+
+/// How a tile is shown: the window (the one asked for, or the drawn plane's
+/// automatic one) and, for material colouring, the air levels of the high-
+/// and low-energy planes (the tops of their automatic windows).
+struct Shown {
+    window: (u16, u16),
+    air: (u16, u16),
+}
+
+/// The [`Shown`] of a tile of `spec`.
+fn shown(
+    web: &Web,
+    record: &crate::store::ScanRecord,
+    spec: &TileSpec,
+    (first, second): (usize, usize),
+    kept: Option<(&Levels, &Levels)>,
+) -> Result<Shown, Error> {
+    let auto = |plane, levels| auto_window(web, record, plane, levels);
+    let window = match spec.window {
+        Some(w) => w,
+        None => auto(first, kept.map(|k| k.0))?,
+    };
+    let air = match spec.material {
+        true => (auto(first, kept.map(|k| k.0))?.1, auto(second, kept.map(|k| k.1))?.1),
+        false => (0, 0),
+    };
+    Ok(Shown { window, air })
+}
+
+/// Draws tiles (at their cells from `origin`) as `spec` asks, with the
+/// window and air levels of [`shown`], caches each, and returns the one of
+/// `spec`.
+fn draw(
+    web: &Web,
+    record: &crate::store::ScanRecord,
+    spec: &TileSpec,
+    origin: (u32, u32),
+    highs: Vec<(tiles::Cell, ndarray::Array2<u16>)>,
+    lows: Option<Vec<(tiles::Cell, ndarray::Array2<u16>)>>,
+    Shown { window, air }: Shown,
+) -> Result<Arc<Vec<u8>>, Error> {
+    let metadata = record.header.metadata.clone().unwrap_or_default();
+    let colouring = tiles::Colouring { calibration: calibration(web, &metadata), air };
     let mut wanted = None;
     for (i, ((dx, dy), high)) in highs.iter().enumerate() {
         let sharp;
@@ -783,9 +999,7 @@ fn render(
                     Error::FailedPrecondition("the high- and low-energy planes differ in size".into())
                 })?;
                 // Classes from the planes as measured; edges only sharpen the shading.
-                // The automatic window's top is a plane's unattenuated (air) level.
-                let air = (auto(first)?.1, auto(second)?.1);
-                tiles::material_png(high, low, shade, air, window, spec.gamma, spec.invert)?
+                tiles::material_png(high, low, shade, colouring, window, spec.gamma, spec.invert)?
             }
             None => tiles::grey_png(shade, window, spec.gamma, spec.invert)?,
         };

@@ -14,9 +14,11 @@
 //! - [`state`]: what every handler shares, and how errors are answered.
 //! - [`api`]: the JSON endpoints.
 //! - [`tiles`]: the tile pyramid of the viewer.
+//! - [`pyramid`]: the decoded levels of the planes being viewed.
 
 pub mod api;
 pub mod assets;
+pub mod pyramid;
 pub mod session;
 pub mod state;
 pub mod tiles;

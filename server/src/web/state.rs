@@ -8,12 +8,14 @@ use axum::response::{IntoResponse, Response};
 use http::HeaderMap;
 use tokio::sync::Semaphore;
 
+use super::pyramid::{PyramidMetrics, Pyramids};
 use super::session::{COOKIE, CSRF_HEADER, Session, Sessions};
 use super::tiles::TileCache;
 use crate::audit::{Caller, Gate};
 use crate::auth::Authenticator;
 use crate::error::Error;
 use crate::findings::FindingsService;
+use crate::material::Calibrations;
 
 /// Tiles rendered at once (each uses a core while it decodes).
 const RENDERS_AT_ONCE: usize = 2;
@@ -32,6 +34,8 @@ pub struct Web {
     pub(super) gate: Gate,
     pub(super) sessions: Arc<Sessions>,
     pub(super) tiles: Arc<TileCache>,
+    pub(super) pyramids: Arc<Pyramids>,
+    pub(super) materials: Arc<Calibrations>,
     pub(super) renders: Arc<Semaphore>,
     pub(super) secure_cookie: bool,
     /// On a server without authentication: the one token that signs in
@@ -42,13 +46,17 @@ pub struct Web {
 impl Web {
     /// The console over these services. `secure_cookie` marks the session
     /// cookie `Secure` (set it when the browser reaches the console over TLS).
+    /// A material calibration that cannot tell the classes apart is refused.
     pub fn new(
         findings: FindingsService,
         auth: Arc<Authenticator>,
         gate: Gate,
         config: &crate::config::WebConfig,
         secure_cookie: bool,
+        decoded: PyramidMetrics,
     ) -> Result<Self, Error> {
+        let materials = Calibrations::new(&config.materials).map_err(Error::InvalidArgument)?;
+        let budget = usize::try_from(config.decoded_cache_mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
         let workstation_token = match auth.enabled() {
             true => None,
             false => Some(super::session::random_id()?[..32].to_string()),
@@ -59,6 +67,8 @@ impl Web {
             gate,
             sessions: Arc::new(Sessions::new(config.session_ttl)),
             tiles: Arc::new(TileCache::default()),
+            pyramids: Arc::new(Pyramids::new(budget, decoded)),
+            materials: Arc::new(materials),
             renders: Arc::new(Semaphore::new(RENDERS_AT_ONCE)),
             secure_cookie,
             workstation_token,

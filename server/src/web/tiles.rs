@@ -3,26 +3,31 @@
 //!
 //! Level 0 is full resolution; each level above halves both sides (box
 //! average of `2^level x 2^level` source pixels), up to the level where the
-//! whole plane fits one tile. A tile is rendered by streaming the plane's
-//! rows through `niix_inference::decode::decode_rows` and keeping only the
-//! sums of the tile's own output pixels, so memory per tile is bounded by
-//! the tile (and one decoded row or strip), never the plane; decoding stops
-//! after the tile's last source row.
+//! whole plane fits one tile. The levels the console keeps decoded
+//! ([`super::pyramid`]) are cut from memory; the others are rendered by
+//! streaming the plane's rows through
+//! `niix_inference::decode::decode_rows_from` and keeping only the sums of
+//! the tile's own output pixels, so memory per tile is bounded by the tile
+//! (and one decoded row or strip), never the plane; decoding starts at the
+//! strip holding the tile's first row (raw and TIFF planes; PNG and DICOS
+//! from the top) and stops after its last.
 //!
 //! Display is done on the server, chosen by query parameters (see
 //! docs/protocol.md): the window (`wl`..`wh`, default the plane's 0.5th to
 //! 99.5th percentile, computed on the top tile), `gamma`, `invert`, and
 //! `material=1`, which colours a dual-energy scan from its high- and
-//! low-energy planes ([`classify`]: organic orange, mixed green, inorganic
-//! blue, impenetrable black, air white), each relative to its own air level,
-//! taken as the top of the plane's automatic window. Tiles are 8-bit: a browser draws 8-bit images, and
-//! each window change is a new request, answered from the cache when seen.
+//! low-energy planes under the scanner's material calibration
+//! ([`Calibration::classify`]: organic orange, mixed green, inorganic blue,
+//! impenetrable black, air white), each plane relative to its own air level,
+//! taken as the top of the plane's automatic window. Tiles are 8-bit: a
+//! browser draws 8-bit images, and each window change is a new request,
+//! answered from the cache when seen.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use ndarray::Array2;
-use niix_inference::decode::{DecodeLimits, decode_rows};
+use niix_inference::decode::{DecodeLimits, decode_rows_from};
 use niix_inference::decode_shared::DecodeError;
 use niix_proto::v1::PlaneKind;
 
@@ -162,12 +167,14 @@ pub fn block_samples(
     let mut counts = vec![0u32; g.out_w * g.out_h];
     let y_end = (g.y0 + g.step * g.out_h as u64).min(u64::from(plane.height));
     let x_end = (g.x0 + g.step * g.out_w as u64).min(u64::from(plane.width)) as usize;
-    let decoded = decode_rows(
+    // Raw planes and TIFF strips are read from the block's first row on.
+    let decoded = decode_rows_from(
         &mut plane.reader,
         plane.encoding,
         plane.width,
         plane.height,
         &DecodeLimits::default(),
+        g.y0 as u32,
         |row, s| {
             let row = u64::from(row);
             if row < g.y0 {
@@ -244,116 +251,72 @@ fn grey(v: u16, (lo, hi): (u16, u16), gamma: f32, invert: bool) -> f32 {
     if invert { 1.0 - t } else { t }
 }
 
-/// The material classes of dual-energy colouring, in the customary colours
-/// of analyst stations ([`Material::colour`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Material {
-    /// Next to nothing in the beam: white.
-    Air,
-    /// Low effective atomic number (food, wood, paper, plastics, drugs): orange.
-    Organic,
-    /// Light inorganic matter (aluminium, glass, stone) or organic and metal
-    /// together along the ray: green.
-    Mixed,
-    /// Metal (iron, steel and heavier): blue.
-    Inorganic,
-    /// Too little got through to tell: black.
-    Heavy,
-}
-
-impl Material {
-    /// The class's colour.
-    pub fn colour(self) -> [u8; 3] {
-        match self {
-            Material::Air => [255, 255, 255],
-            Material::Organic => [245, 150, 40],
-            Material::Mixed => [60, 175, 70],
-            Material::Inorganic => [50, 110, 230],
-            Material::Heavy => [0, 0, 0],
-        }
-    }
-}
-
-/// High-energy attenuation `ln(I0/I_high)` below which the ray crossed next
-/// to nothing (transmission above 95 %): air.
-pub const AIR_ATTENUATION: f32 = 0.05;
-/// High-energy attenuation above which too little got through to tell the
-/// material (transmission below 0.25 %, about 20 cm of steel at 6 MV): heavy.
-pub const HEAVY_ATTENUATION: f32 = 6.0;
-
-/// The material class of a ray from its attenuations at both energies,
-/// `p_high = ln(I0/I_high)` and `p_low = ln(I0/I_low)`, by the ratio
-/// `R = p_low / p_high`.
-///
-/// At the MeV energies of cargo linacs pair production makes heavy elements
-/// attenuate relatively *more* at the higher energy, so `R` falls with the
-/// effective atomic number: with the 6 and 4 MV spectra of `niix synth`'s
-/// scanner (fixtures/synth/src/physics.rs, NIST XCOM coefficients) water-like
-/// organic matter gives R 1.249..1.261, aluminium-like 1.229..1.219 and steel
-/// 1.194..1.158 as the attenuation grows from 0 to 8 (beam hardening). The
-/// class boundaries are the midpoints of those curves: organic above 1.241,
-/// inorganic below `1.212 - 0.003 p_high`, mixed between. Another scanner's
-/// spectra need their own boundaries; these are a calibration for one
-/// 6/4 MV pair, not a constant of nature.
-pub fn classify(p_high: f32, p_low: f32) -> Material {
-    if p_high < AIR_ATTENUATION {
-        return Material::Air;
-    }
-    if p_high > HEAVY_ATTENUATION {
-        return Material::Heavy;
-    }
-    let r = p_low / p_high;
-    if r >= 1.241 {
-        Material::Organic
-    } else if r >= 1.212 - 0.003 * p_high {
-        Material::Mixed
-    } else {
-        Material::Inorganic
-    }
-}
+pub use crate::material::{AIR_ATTENUATION, Calibration, HEAVY_ATTENUATION, Material};
 
 /// Side of the box over which attenuations are averaged before classifying
 /// (the ratio of two noisy attenuations is noisier still: at level 0 a single
 /// pixel's R scatters by about 0.01, as much as the classes lie apart).
 const MATERIAL_SMOOTHING: usize = 5;
 
+/// `ln(v)` of every 16-bit sample (`v` at least 1), computed once: a
+/// tile's attenuations are then one subtraction per sample.
+fn ln_table() -> &'static [f32] {
+    static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| (0..=u16::MAX).map(|v| f32::from(v.max(1)).ln()).collect())
+}
+
 /// Attenuation `ln(air / v)` of each sample (`v` at least 1).
 fn attenuation(samples: &Array2<u16>, air: u16) -> Array2<f32> {
-    let air = f32::from(air.max(2));
-    samples.mapv(|v| (air / f32::from(v.max(1))).ln().max(0.0))
+    let ln = ln_table();
+    let ln_air = f32::from(air.max(2)).ln();
+    samples.mapv(|v| (ln_air - ln[usize::from(v)]).max(0.0))
 }
 
 /// The mean over a `side x side` box around each value (clamped at the
-/// edges), by running sums along rows, then columns.
+/// edges), by running sums along rows, then down columns.
 fn box_mean(a: &Array2<f32>, side: usize) -> Array2<f32> {
     let r = side / 2;
-    let pass = |src: &Array2<f32>| -> Array2<f32> {
-        let (h, w) = src.dim();
-        let mut out = Array2::<f32>::zeros((h, w));
-        let mut prefix = vec![0f64; w + 1];
-        for (row, mut dst) in src.rows().into_iter().zip(out.rows_mut()) {
-            for (k, &v) in row.iter().enumerate() {
-                prefix[k + 1] = prefix[k] + f64::from(v);
-            }
-            for (k, d) in dst.iter_mut().enumerate() {
-                let (lo, hi) = (k.saturating_sub(r), (k + r + 1).min(w));
-                *d = ((prefix[hi] - prefix[lo]) / (hi - lo) as f64) as f32;
-            }
+    let (h, w) = a.dim();
+    let span = |k: usize, n: usize| (k.saturating_sub(r), (k + r + 1).min(n));
+    // Along rows.
+    let mut along = Array2::<f32>::zeros((h, w));
+    let mut prefix = vec![0f64; w + 1];
+    for (row, mut dst) in a.rows().into_iter().zip(along.rows_mut()) {
+        for (k, &v) in row.iter().enumerate() {
+            prefix[k + 1] = prefix[k] + f64::from(v);
         }
-        out
-    };
-    // Along rows, then along columns (rows of the transpose).
-    let along = pass(a);
-    pass(&along.t().to_owned()).t().to_owned()
+        for (k, d) in dst.iter_mut().enumerate() {
+            let (lo, hi) = span(k, w);
+            *d = ((prefix[hi] - prefix[lo]) / (hi - lo) as f64) as f32;
+        }
+    }
+    // Down columns: prefix sums row by row, so memory is read in order.
+    let mut down = vec![0f64; (h + 1) * w];
+    for (y, row) in along.rows().into_iter().enumerate() {
+        let (above, below) = down.split_at_mut((y + 1) * w);
+        for ((d, &p), &v) in below[..w].iter_mut().zip(&above[y * w..]).zip(row) {
+            *d = p + f64::from(v);
+        }
+    }
+    Array2::from_shape_fn((h, w), |(y, x)| {
+        let (lo, hi) = span(y, h);
+        ((down[hi * w + x] - down[lo * w + x]) / (hi - lo) as f64) as f32
+    })
 }
 
-/// The material class of each sample of a high/low energy pair, given the
-/// planes' unattenuated (air) levels, after averaging the attenuations over
-/// [`MATERIAL_SMOOTHING`] pixels.
-pub fn material_classes(high: &Array2<u16>, low: &Array2<u16>, air_high: u16, air_low: u16) -> Array2<Material> {
+/// The material class of each sample of a high/low energy pair under a
+/// scanner's calibration, given the planes' unattenuated (air) levels,
+/// after averaging the attenuations over [`MATERIAL_SMOOTHING`] pixels.
+pub fn material_classes(
+    high: &Array2<u16>,
+    low: &Array2<u16>,
+    air_high: u16,
+    air_low: u16,
+    calibration: &Calibration,
+) -> Array2<Material> {
     let ph = box_mean(&attenuation(high, air_high), MATERIAL_SMOOTHING);
     let pl = box_mean(&attenuation(low, air_low), MATERIAL_SMOOTHING);
-    ndarray::Zip::from(&ph).and(&pl).map_collect(|&h, &l| classify(h, l))
+    ndarray::Zip::from(&ph).and(&pl).map_collect(|&h, &l| calibration.classify(h, l))
 }
 
 /// Encodes an 8-bit image as PNG.
@@ -377,6 +340,16 @@ pub fn grey_png(samples: &Array2<u16>, window: (u16, u16), gamma: f32, invert: b
     png(w, h, png::ColorType::Grayscale, &data)
 }
 
+/// How a dual-energy pair is coloured: the scanner's calibration and the
+/// planes' unattenuated (air) levels, high then low.
+#[derive(Debug, Clone, Copy)]
+pub struct Colouring<'a> {
+    /// The scanner's material calibration.
+    pub calibration: &'a Calibration,
+    /// Air levels of the high- and low-energy planes.
+    pub air: (u16, u16),
+}
+
 /// Draws a dual-energy pair in material colours ([`material_classes`]),
 /// shaded by the grey level of `shade` (the high-energy samples, perhaps
 /// edge-enhanced) under the window, as a PNG.
@@ -384,13 +357,13 @@ pub fn material_png(
     high: &Array2<u16>,
     low: &Array2<u16>,
     shade: &Array2<u16>,
-    air: (u16, u16),
+    colouring: Colouring<'_>,
     window: (u16, u16),
     gamma: f32,
     invert: bool,
 ) -> Result<Vec<u8>> {
     let (h, w) = high.dim();
-    let classes = material_classes(high, low, air.0, air.1);
+    let classes = material_classes(high, low, colouring.air.0, colouring.air.1, colouring.calibration);
     let mut data = Vec::with_capacity(w * h * 3);
     for (&hv, class) in shade.iter().zip(&classes) {
         let shade = 0.35 + 0.65 * grey(hv, window, gamma, invert);
@@ -600,31 +573,14 @@ mod tests {
     }
 
     #[test]
-    fn material_classes_follow_the_attenuation_ratio_of_the_synthetic_scanner() {
+    fn material_classes_take_each_planes_own_air_level() {
         use niix_synth::physics::{HIGH, LOW, transmission};
-        // Noise-free rays through one material of niix synth's 6/4 MV scanner.
-        let class = |steel: f64, organic: f64, mineral: f64| {
-            let p = |s| -(transmission(s, steel, organic, mineral).ln()) as f32;
-            classify(p(HIGH), p(LOW))
-        };
-        for a in [5.0, 20.0, 60.0, 100.0] {
-            assert_eq!(class(0.0, a, 0.0), Material::Organic, "{a} g/cm2 organic");
-            assert_eq!(class(0.0, 0.0, a), Material::Mixed, "{a} g/cm2 aluminium-like");
-        }
-        for a in [5.0, 20.0, 60.0, 120.0] {
-            assert_eq!(class(a, 0.0, 0.0), Material::Inorganic, "{a} g/cm2 steel");
-        }
-        // Organic behind a thick steel plate reads mixed; 25 cm of steel is impenetrable.
-        assert_eq!(class(0.0, 150.0, 0.0), Material::Organic);
-        assert_eq!(class(30.0, 20.0, 0.0), Material::Mixed);
-        assert_eq!(class(200.0, 0.0, 0.0), Material::Heavy);
-        assert_eq!(class(0.2, 0.0, 0.0), Material::Air);
-        // From counts: the air levels of each plane are their own.
         let (air_h, air_l) = (60000u16, 34000u16);
         let counts = |air: u16, s| (f64::from(air) * transmission(s, 0.0, 40.0, 0.0)) as u16;
         let high = Array2::from_elem((8, 8), counts(air_h, HIGH));
         let low = Array2::from_elem((8, 8), counts(air_l, LOW));
-        assert!(material_classes(&high, &low, air_h, air_l).iter().all(|&m| m == Material::Organic));
+        let classes = material_classes(&high, &low, air_h, air_l, &Calibration::builtin());
+        assert!(classes.iter().all(|&m| m == Material::Organic));
     }
 
     #[test]

@@ -94,13 +94,18 @@ async function openScan(id) {
   if (pa) {
     const image = { full_planes: 'the full planes', downsampled: `planes downsampled ${pa.downsampled}:1`, overlay: 'the overlay image only',
       full_planes_pending: 'full planes (not received yet)', none: 'findings only, no image' }[pa.image] || pa.image;
+    // What the signed package leaves empty: withheld by the agreement (or never recorded).
+    const absent = [['vehicle plate', s.vehicle_plate], ['container numbers', s.container_numbers.length], ['declarations', s.declarations.length],
+      ['scanner', scan.scanner], ['remarks', scan.remarks]].filter(([, v]) => !v).map(([k]) => k);
     $('partner').textContent = `Received from ${pa.origin}${pa.first_origin ? ` (scanned by ${pa.first_origin})` : ''} under agreement ${pa.agreement}, `
-      + `package ${pa.package_id} signed ${when(pa.issued_at)}: shown as signed, ${image}. Fields the agreement withholds are not shown.`;
+      + `package ${pa.package_id} signed ${when(pa.issued_at)}: shown as signed, ${image}.`
+      + (absent.length ? ` Not in the package (withheld by the agreement or not recorded): ${absent.join(', ')}.` : '');
   }
   overlayImg = null;
   $('plane').textContent = '';
   scan.planes.forEach((p) => { const o = document.createElement('option'); o.value = p.index; o.textContent = `${p.index}: ${p.kind} ${p.width}x${p.height}`; $('plane').appendChild(o); });
   $('material').disabled = !scan.dual_energy;
+  $('calibration').textContent = scan.material_calibration ? `calibration: ${scan.material_calibration}` : '';
   const m = scan.machine;
   $('machine').textContent = m ? `${m.decision} score ${m.score.toFixed(3)} ${m.algorithm || ''}` : 'not analysed yet';
   drawRegions(); drawOperator(scan.operator);
@@ -119,7 +124,7 @@ function fit() {
 // A foreign scan held without planes: the partner's signed overlay, or a note.
 function drawWithoutPlanes(g, c) {
   if (scan.partner && scan.partner.image === 'overlay') {
-    if (!overlayImg) { overlayImg = new Image(); overlayImg.onload = draw; overlayImg.src = `/api/scans/${encodeURIComponent(scan.scan.scan_id)}/overlay.png`; }
+    if (!overlayImg) { overlayImg = new Image(); overlayImg.onload = redraw; overlayImg.src = `/api/scans/${encodeURIComponent(scan.scan.scan_id)}/overlay.png`; }
     if (overlayImg.complete && overlayImg.naturalWidth) {
       const k = Math.min(c.width / overlayImg.naturalWidth, c.height / overlayImg.naturalHeight);
       g.drawImage(overlayImg, 0, 0, overlayImg.naturalWidth * k, overlayImg.naturalHeight * k);
@@ -141,6 +146,10 @@ function tileQuery() {
   if ($('edge').checked) q.set('edge', '1');
   return q.toString();
 }
+// Images arriving together are drawn together: one redraw per 30 ms, not
+// one per image (each redraw paints every visible tile again).
+let drawSoon = null;
+function redraw() { if (!drawSoon) drawSoon = setTimeout(() => { drawSoon = null; draw(); }, 30); }
 function draw() {
   if (!scan) return;
   const st = $('stage'), c = $('canvas'), p = plane();
@@ -160,7 +169,7 @@ function draw() {
   for (let ty = y0; ty < y1; ty++) for (let tx = x0; tx < x1; tx++) {
     const url = `/api/scans/${encodeURIComponent(scan.scan.scan_id)}/tiles/${p.index}/${level}/${tx}/${ty}.png?${q}`;
     let img = tileImgs.get(url);
-    if (!img) { img = new Image(); img.onload = draw; img.src = url; tileImgs.set(url, img); }
+    if (!img) { img = new Image(); img.onload = redraw; img.onerror = redraw; img.src = url; tileImgs.set(url, img); }
     if (!img.complete) pending++;
     if (img.complete && img.naturalWidth) {
       g.drawImage(img, (tx * span - view.x) * view.scale, (ty * span - view.y) * view.scale, img.naturalWidth * (1 << level) * view.scale, img.naturalHeight * (1 << level) * view.scale);
@@ -168,7 +177,7 @@ function draw() {
   }
   const m = scan.machine;
   if ($('heat').checked && m && m.heatmap_stride && m.plane_index === p.index) {
-    if (!heat) { heat = new Image(); heat.onload = draw; heat.src = `/api/scans/${encodeURIComponent(scan.scan.scan_id)}/heatmap.png`; }
+    if (!heat) { heat = new Image(); heat.onload = redraw; heat.src = `/api/scans/${encodeURIComponent(scan.scan.scan_id)}/heatmap.png`; }
     if (!heat.complete) pending++;
     if (heat.complete && heat.naturalWidth) {
       g.globalAlpha = Number($('opacity').value) / 100;
