@@ -464,11 +464,17 @@ pub fn fit(args: FitArgs) -> anyhow::Result<()> {
             spec.scale_neighbours
         );
     }
-    if let (Some(model), Some(st)) = (&structure, manifest.structure.as_mut()) {
-        let file = "structure.f32".to_string();
-        std::fs::write(tmp.join(&file), model.to_bytes())?;
-        (st.height, st.width) = model.size();
-        st.file = Some(file);
+    match (&structure, manifest.structure.as_mut()) {
+        (Some(model), Some(st)) => {
+            let file = "structure.f32".to_string();
+            std::fs::write(tmp.join(&file), model.to_bytes())?;
+            (st.height, st.width) = model.size();
+            st.file = Some(file);
+        }
+        // Too few scans this time: a structure model the base was fitted
+        // with belongs to the base's scans, and its file is not copied.
+        (None, Some(st)) => st.file = None,
+        _ => {}
     }
     match site.as_ref().zip(trained.as_ref()) {
         Some((site, (head, epochs))) => {
