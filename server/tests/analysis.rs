@@ -149,28 +149,12 @@ async fn unknown_scans_have_no_findings() {
 /// four manifests that differ in the planes they read, three of them not
 /// marked as demonstrations (only those may be chosen by `"auto"`).
 fn models_for_fallback(dir: &Path) -> std::path::PathBuf {
-    let models = dir.join("models");
-    let demo = fixtures().join("models/demo-local-contrast/1");
     let variants = [
-        ("demo-local-contrast", None),
-        ("dual-only", Some(r#"channels = ["high_energy", "low_energy"]"#)),
-        ("single-se", Some(r#"channels = ["single_energy|high_energy", "single_energy|high_energy"]"#)),
-        ("backscatter-only", Some(r#"channels = ["backscatter", "backscatter"]"#)),
+        ("dual-only", r#"channels = ["high_energy", "low_energy"]"#),
+        ("single-se", r#"channels = ["single_energy|high_energy", "single_energy|high_energy"]"#),
+        ("backscatter-only", r#"channels = ["backscatter", "backscatter"]"#),
     ];
-    for (name, channels) in variants {
-        let v = models.join(name).join("1");
-        std::fs::create_dir_all(&v).unwrap();
-        std::fs::copy(demo.join("model.onnx"), v.join("model.onnx")).unwrap();
-        let mut toml = std::fs::read_to_string(demo.join("model.toml")).unwrap();
-        if let Some(channels) = channels {
-            toml = toml.replace(r#"name = "demo-local-contrast""#, &format!("name = \"{name}\""));
-            toml = toml.replace("demo = true", "demo = false");
-            let line = toml.lines().find(|l| l.starts_with("channels")).unwrap().to_string();
-            toml = toml.replace(&line, channels);
-        }
-        std::fs::write(v.join("model.toml"), toml).unwrap();
-    }
-    models
+    common::demo_model_variants(dir, &variants, false)
 }
 
 /// A server over `models` analysing with `model`, falling back as `fallback` says.

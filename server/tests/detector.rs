@@ -300,15 +300,9 @@ fn the_structure_model_finds_steel_hidden_in_the_front_wall_but_not_cargo_agains
     // The base model, asking for fewer scans than the shipped 100 so the test
     // stays small. Its graph has no head: the map is the memory-bank distance,
     // and what the structure model adds shows plainly.
+    // The shipped base has a structure model (`edited_copy` checks the section is there).
     let base = tmp.path().join("base");
-    std::fs::create_dir_all(&base).unwrap();
-    for f in ["model.onnx", "features.onnx", "model.toml"] {
-        std::fs::copy(fixtures().join("patchcore").join(f), base.join(f)).unwrap();
-    }
-    let manifest = std::fs::read_to_string(base.join("model.toml")).unwrap();
-    assert!(manifest.contains("\n[structure]\n"), "the shipped base has a structure model");
-    std::fs::write(base.join("model.toml"), manifest.replace("\n[structure]\n", "\n[structure]\nmin_scans = 12\n"))
-        .unwrap();
+    edited_copy(&fixtures().join("patchcore"), &base, "\n[structure]\n", "\n[structure]\nmin_scans = 12\n");
 
     let (normal, library) = (tmp.path().join("normal"), tmp.path().join("library"));
     synth(&normal, "7", "6", "0", None);
@@ -531,13 +525,7 @@ fn fit_trains_a_site_head_within_budget_whose_version_serves_and_ranks_anomalies
     let tmp = tempfile::tempdir().unwrap();
     // The base with a coreset of 256, so the bank fits a small set.
     let base = tmp.path().join("base");
-    std::fs::create_dir_all(&base).unwrap();
-    for f in ["model.onnx", "features.onnx", "model.toml"] {
-        std::fs::copy(fixtures().join("patchcore").join(f), base.join(f)).unwrap();
-    }
-    let manifest = std::fs::read_to_string(base.join("model.toml")).unwrap();
-    assert_eq!(manifest.matches("coreset = 4096").count(), 1);
-    std::fs::write(base.join("model.toml"), manifest.replace("coreset = 4096", "coreset = 256")).unwrap();
+    edited_copy(&fixtures().join("patchcore"), &base, "coreset = 4096", "coreset = 256");
 
     let small = Some(("512", "1536"));
     let (normal, test) = (tmp.path().join("normal"), tmp.path().join("test"));

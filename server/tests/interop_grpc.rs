@@ -97,23 +97,7 @@ async fn stock_python_clients_use_reflection_health_gzip_and_error_details() {
 /// A model repository with the demo model and `dual-only`, the same model
 /// made to read dual-energy scans only (no single-energy fallback).
 fn models_with_dual_only(dir: &Path) -> PathBuf {
-    let models = dir.join("models");
-    let demo = fixtures().join("models/demo-local-contrast/1");
-    for (name, channels) in
-        [("demo-local-contrast", None), ("dual-only", Some(r#"channels = ["high_energy", "low_energy"]"#))]
-    {
-        let v = models.join(name).join("1");
-        std::fs::create_dir_all(&v).unwrap();
-        std::fs::copy(demo.join("model.onnx"), v.join("model.onnx")).unwrap();
-        let mut toml = std::fs::read_to_string(demo.join("model.toml")).unwrap();
-        if let Some(channels) = channels {
-            toml = toml.replace(r#"name = "demo-local-contrast""#, &format!("name = \"{name}\""));
-            let line = toml.lines().find(|l| l.starts_with("channels")).unwrap().to_string();
-            toml = toml.replace(&line, channels);
-        }
-        std::fs::write(v.join("model.toml"), toml).unwrap();
-    }
-    models
+    common::demo_model_variants(dir, &[("dual-only", r#"channels = ["high_energy", "low_energy"]"#)], true)
 }
 
 fn le_bytes(samples: &[u16]) -> Vec<u8> {

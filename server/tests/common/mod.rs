@@ -341,3 +341,29 @@ pub fn tokens(entries: &[(&str, niix::auth::Role, &str)]) -> niix::auth::AuthCon
         ..Default::default()
     }
 }
+
+/// A model repository under `dir`: the demo model as it is, and its graph
+/// again under each `(name, channels line)` of `variants`, marked as a
+/// demonstration (`demo = true`, never chosen by an `"auto"` fallback) or
+/// not as `demo` says.
+pub fn demo_model_variants(dir: &Path, variants: &[(&str, &str)], demo: bool) -> PathBuf {
+    let models = dir.join("models");
+    let source = fixtures().join("models/demo-local-contrast/1");
+    let copy = |name: &str| {
+        let v = models.join(name).join("1");
+        std::fs::create_dir_all(&v).unwrap();
+        std::fs::copy(source.join("model.onnx"), v.join("model.onnx")).unwrap();
+        v
+    };
+    let toml = std::fs::read_to_string(source.join("model.toml")).unwrap();
+    std::fs::write(copy("demo-local-contrast").join("model.toml"), &toml).unwrap();
+    for (name, channels) in variants {
+        let mut t = toml.replace(r#"name = "demo-local-contrast""#, &format!("name = \"{name}\""));
+        if !demo {
+            t = t.replace("demo = true", "demo = false");
+        }
+        let line = t.lines().find(|l| l.starts_with("channels")).unwrap().to_string();
+        std::fs::write(copy(name).join("model.toml"), t.replace(&line, channels)).unwrap();
+    }
+    models
+}
