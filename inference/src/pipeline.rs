@@ -290,8 +290,7 @@ pub fn subtract_background(map: &mut Array2<f32>, quantile: f32, weight: f32) ->
 
 /// Raw map values to 0..1 scores: `clamp((v - lo) / (hi - lo), 0, 1)`, in place.
 pub fn normalise(map: &mut Array2<f32>, lo: f32, hi: f32) {
-    let scale = 1.0 / (hi - lo);
-    map.mapv_inplace(|v| ((v - lo) * scale).clamp(0.0, 1.0));
+    normalise_with_max(map, lo, hi);
 }
 
 /// Mean over a `side x side` window around each cell (cells outside the map

@@ -19,7 +19,9 @@ use niix_inference::manifest::Manifest;
 use niix_inference::model::Model;
 use niix_inference::onnx_graph::site;
 use niix_inference::orientation::LengthAxis;
-use niix_inference::pipeline::{Analysis, ModelInput, PlaneInput, Timings, analyze_oriented, model_input_oriented};
+use niix_inference::pipeline::{
+    Analysis, ModelInput, PlaneInput, Timings, analyze_oriented, decode_plane, model_input_oriented,
+};
 use niix_inference::regions::Region;
 use niix_inference::runtime::Threads;
 use niix_inference::site_fit::{
@@ -766,22 +768,9 @@ fn write_constant<D: ndarray::Dimension>(
 
 /// Image-level AUROC of `positive` against `negative` scores (ties count half).
 pub fn auroc(negative: &[f32], positive: &[f32]) -> f64 {
-    if negative.is_empty() || positive.is_empty() {
-        return f64::NAN;
-    }
-    let mut wins = 0.0;
-    for p in positive {
-        for n in negative {
-            wins += if p > n {
-                1.0
-            } else if p == n {
-                0.5
-            } else {
-                0.0
-            };
-        }
-    }
-    wins / (negative.len() * positive.len()) as f64
+    let scores: Vec<f32> = negative.iter().chain(positive).copied().collect();
+    let labels: Vec<f32> = negative.iter().map(|_| 0.0).chain(positive.iter().map(|_| 1.0)).collect();
+    niix_inference::site_head::auroc(&scores, &labels)
 }
 
 /// True when a region's box overlaps a ground-truth box.
@@ -1083,20 +1072,16 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
 /// truth (red) and the regions found (green).
 fn preview(s: &ScanFiles, truth: &[TruthBox], regions: &[Region], factor: u32) -> anyhow::Result<Vec<u8>> {
     use niix_synth::{PreviewBox, TRUTH_RGB};
-    let file = File::open(&s.high).with_context(|| format!("opening {}", s.high.display()))?;
-    let mut dec = tiff::decoder::Decoder::new(std::io::BufReader::new(file))?;
-    let (width, height) = dec.dimensions()?;
-    let high = match dec.read_image()? {
-        tiff::decoder::DecodingResult::U16(v) => v,
-        _ => anyhow::bail!("{}: not a 16-bit plane", s.high.display()),
-    };
+    let high = decode_plane(&mut plane(&s.high, "high_energy")?)?;
+    let (height, width) = high.dim();
+    let high = high.into_raw_vec_and_offset().0;
     // The brightest value stands in for the unattenuated beam.
     let i0 = f64::from(high.iter().copied().max().unwrap_or(1).max(1));
     let found =
         regions.iter().map(|r| PreviewBox { x: r.x, y: r.y, width: r.width, height: r.height, rgb: [40, 200, 60] });
     let truth = truth.iter().map(|t| PreviewBox { x: t.x, y: t.y, width: t.width, height: t.height, rgb: TRUTH_RGB });
     let boxes: Vec<PreviewBox> = found.chain(truth).collect();
-    Ok(niix_synth::render_preview(&high, width, height, i0, factor, &boxes))
+    Ok(niix_synth::render_preview(&high, width as u32, height as u32, i0, factor, &boxes))
 }
 
 /// `niix eval`'s figures as text.
