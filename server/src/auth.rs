@@ -346,7 +346,7 @@ where
             .extensions()
             .get::<tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>>()
             .and_then(|i| i.peer_certs())
-            .and_then(|certs| certs.first().map(|c| hex::encode(Sha256::digest(c.as_ref()))));
+            .and_then(|certs| certs.first().map(|c| certificate_fingerprint(c.as_ref())));
         match self.auth.check(&path, req.headers(), certificate.as_deref()) {
             Ok(caller) => {
                 if let Some(c) = caller {
@@ -396,6 +396,12 @@ fn log_unknown(path: &str) {
     let since = SUPPRESSED.swap(0, Ordering::Relaxed);
     tracing::warn!(path = %path[..end].escape_debug(), path_bytes = path.len(), not_logged_since = since,
         "refused a request for a path the server has no method for");
+}
+
+/// The SHA-256 fingerprint of a certificate (DER), as `[[auth.certificates]]`
+/// lists it: the gRPC port and the console compute it here alike.
+pub fn certificate_fingerprint(der: &[u8]) -> String {
+    hex::encode(Sha256::digest(der))
 }
 
 #[cfg(test)]

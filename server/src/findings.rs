@@ -331,15 +331,15 @@ impl FindingsService {
 
     /// How a foreign scan was shared: the newest package its partner sent,
     /// without its image bytes; `None` for this administration's own scans.
-    pub async fn shared(&self, scan_id: &str, scope: &SiteScope) -> Result<Option<Shared>> {
-        let (record, _) = self.record(scan_id, scope).await?;
+    /// `record` comes from [`Self::scan_record`], which checked the scope.
+    pub async fn shared(&self, record: &ScanRecord) -> Result<Option<Shared>> {
         if record.origin.is_empty() {
             return Ok(None);
         }
-        let (meta, blobs) = (self.meta.clone(), self.blobs.clone());
+        let (meta, blobs, scan_id) = (self.meta.clone(), self.blobs.clone(), record.scan_id.clone());
         let _permit = self.package_read().await?;
         blocking(move || {
-            let Some(p) = meta.received_packages(&record.scan_id)?.pop() else { return Ok(None) };
+            let Some(p) = meta.received_packages(&scan_id)?.pop() else { return Ok(None) };
             let content = read_package(blobs.as_ref(), &p)?;
             Ok(Some(Shared {
                 package_id: content.package_id,

@@ -59,7 +59,7 @@ pub fn auto_window(plane: &Array2<u16>) -> (u16, u16) {
 }
 
 /// The 0.5th and 99.5th percentiles of a histogram of 16-bit samples.
-fn window_of(hist: &[u64]) -> (u16, u16) {
+pub(crate) fn window_of(hist: &[u64]) -> (u16, u16) {
     let n: u64 = hist.iter().sum();
     let pick = |q: f64| {
         let target = ((n as f64) * q) as u64;

@@ -118,15 +118,7 @@ fn measure(path: &Path, kind: PlaneKind, args: &CalibrateArgs, rects: &[Rect]) -
     })
     .with_context(|| format!("cannot decode {}", path.display()))?;
     let means = sums.iter().zip(rects).map(|(s, r)| *s as f64 / (f64::from(r.width) * f64::from(r.height))).collect();
-    let total: u64 = histogram.iter().sum();
-    let mut seen = 0;
-    let p995 = histogram
-        .iter()
-        .position(|&n| {
-            seen += n;
-            seen * 1000 >= total * 995
-        })
-        .unwrap_or(0) as u16;
+    let (_, p995) = crate::overlay::window_of(&histogram);
     Ok((means, p995))
 }
 

@@ -416,10 +416,12 @@ async fn list(State(web): State<Web>, headers: HeaderMap, RawQuery(q): RawQuery)
 /// its newest machine and operator reports.
 async fn detail(State(web): State<Web>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let (_, s) = web.session(&headers)?;
+    // Loaded (and checked against its seals) once, for the answer and for
+    // decoding its planes ahead.
+    let mut opened = None;
     let result = async {
-        let d = web.findings.get(&id, &s.scope).await?;
-        let scan = d.scan.unwrap_or_default();
-        let reports = d.findings.map(|f| f.reports).unwrap_or_default();
+        let (record, reports) = web.findings.scan_record(&id, &s.scope).await?;
+        let scan = crate::findings::scan_message(&record);
         let planes: Vec<Value> = scan
             .planes
             .iter()
@@ -436,7 +438,8 @@ async fn detail(State(web): State<Web>, headers: HeaderMap, Path(id): Path<Strin
                 })
             })
             .collect();
-        let shared = web.findings.shared(&id, &s.scope).await?;
+        let shared = web.findings.shared(&record).await?;
+        opened = Some(record);
         let kinds: Vec<i32> = scan.planes.iter().filter_map(|p| p.descriptor.as_ref().map(|d| d.kind)).collect();
         let dual = kinds.contains(&(PlaneKind::HighEnergy as i32)) && kinds.contains(&(PlaneKind::LowEnergy as i32));
         let m = scan.metadata.clone().unwrap_or_default();
@@ -456,7 +459,7 @@ async fn detail(State(web): State<Web>, headers: HeaderMap, Path(id): Path<Strin
     }
     .await;
     let body = web.audited(&s.caller, "GetScan", &id, result).await?;
-    if let Ok((record, _)) = web.findings.scan_record(&id, &s.scope).await {
+    if let Some(record) = opened {
         decode_ahead(&web, record);
     }
     Ok(json_response(StatusCode::OK, body))

@@ -17,7 +17,6 @@ use axum::extract::connect_info::Connected;
 use axum::serve::IncomingStream;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -99,7 +98,7 @@ impl TlsListener {
 
 /// The SHA-256 fingerprint of a certificate (DER), as `[[auth.certificates]]` lists it.
 fn fingerprint(cert: &CertificateDer<'_>) -> String {
-    hex::encode(Sha256::digest(cert.as_ref()))
+    crate::auth::certificate_fingerprint(cert.as_ref())
 }
 
 impl Connected<IncomingStream<'_, TlsListener>> for ClientCertificate {
