@@ -22,9 +22,9 @@ use std::io::{Read, Seek};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::{Duration, Instant};
 
-use ndarray::{Array2, Array3, Array4, ArrayView3, ArrayViewMut2, s};
+use ndarray::{Array2, Array3, Array4, ArrayView3, s};
 
-use crate::decode::{DecodeError, DecodeLimits, Encoding, decode_rows};
+use crate::decode::{DecodeError, DecodeLimits, Encoding, PlaneInfo, decode_rows};
 use crate::manifest::{Manifest, TransformKind};
 use crate::model::Model;
 use crate::orientation::{self, LengthAxis};
@@ -557,16 +557,10 @@ fn infer_streaming(
                     // plane is decoded whole, 16 bits a sample, transposed
                     // strip by strip as it arrives, then sent on by rows.
                     let mut whole = vec![0u16; pw as usize * ph as usize];
-                    let mut strips = orientation::Strips::new(pw as usize);
-                    let columns = |whole: &mut [u16], strip: &[u16], first: usize| {
-                        orientation::transpose_strip(strip, pw as usize, first, whole, ph as usize, |v| v)
-                    };
-                    decode_rows(&mut plane.reader, plane.encoding, pw, ph, &DecodeLimits::default(), |_, row| {
-                        strips.push(row, |strip, first| columns(&mut whole, strip, first));
-                        Ok(())
+                    decode_in_strips(&mut plane.reader, plane.encoding, pw, ph, |strip, first| {
+                        orientation::transpose_strip(strip, pw as usize, first, &mut whole, ph as usize, |v| v)
                     })
                     .and_then(|info| {
-                        strips.finish(|strip, first| columns(&mut whole, strip, first));
                         for (k, rows) in whole.chunks(ROWS_PER_CHUNK * w).enumerate() {
                             let mut samples = buffer();
                             samples.extend_from_slice(rows);
@@ -747,37 +741,55 @@ fn decode_transformed(
             }
             workers.push(scope.spawn(move || {
                 let (w, h) = (plane.width, plane.height);
-                let mut strips = transpose.then(|| orientation::Strips::new(w as usize));
-                // Each strip of rows into columns of every channel the plane feeds.
-                let columns = |outputs: &mut [(ArrayViewMut2<'_, f32>, &Vec<f32>)], strip: &[u16], first: usize| {
-                    for (channel, table) in outputs {
-                        let dst = channel.as_slice_mut().expect("a channel of a fresh array is contiguous");
-                        let table = lut(table);
-                        orientation::transpose_strip(strip, w as usize, first, dst, h as usize, |v| {
-                            table[usize::from(v)]
-                        });
-                    }
+                let decoded = if transpose {
+                    // Each strip of rows into columns of every channel the plane feeds.
+                    decode_in_strips(&mut plane.reader, plane.encoding, w, h, |strip, first| {
+                        for (channel, table) in &mut outputs {
+                            let dst = channel.as_slice_mut().expect("a channel of a fresh array is contiguous");
+                            let table = lut(table);
+                            orientation::transpose_strip(strip, w as usize, first, dst, h as usize, |v| {
+                                table[usize::from(v)]
+                            });
+                        }
+                    })
+                } else {
+                    decode_rows(&mut plane.reader, plane.encoding, w, h, &DecodeLimits::default(), |y, row| {
+                        for (channel, table) in &mut outputs {
+                            let mut dst = channel.row_mut(y as usize);
+                            apply_lut(
+                                dst.as_slice_mut().expect("rows of a fresh array are contiguous"),
+                                row,
+                                lut(table),
+                            );
+                        }
+                        Ok(())
+                    })
                 };
-                decode_rows(&mut plane.reader, plane.encoding, w, h, &DecodeLimits::default(), |y, row| {
-                    if let Some(strips) = strips.as_mut() {
-                        strips.push(row, |strip, first| columns(&mut outputs, strip, first));
-                        return Ok(());
-                    }
-                    for (channel, table) in &mut outputs {
-                        let mut dst = channel.row_mut(y as usize);
-                        apply_lut(dst.as_slice_mut().expect("rows of a fresh array are contiguous"), row, lut(table));
-                    }
-                    Ok(())
-                })
-                .map_err(|source| AnalysisError::Decode { kind: plane.kind.clone(), source })?;
-                if let Some(strips) = strips.as_mut() {
-                    strips.finish(|strip, first| columns(&mut outputs, strip, first));
-                }
+                decoded.map_err(|source| AnalysisError::Decode { kind: plane.kind.clone(), source })?;
                 Ok(())
             }));
         }
         workers.into_iter().try_for_each(|w| w.join().expect("a plane decoder panicked"))
     })
+}
+
+/// Decodes a `width x height` plane and hands it on in strips of rows as
+/// [`orientation::Strips`] gathers them (`strip(rows, first_row)`), the last
+/// strip possibly short: what a transpose into the model's frame reads.
+fn decode_in_strips<R: std::io::Read + std::io::Seek>(
+    reader: R,
+    encoding: Encoding,
+    width: u32,
+    height: u32,
+    mut strip: impl FnMut(&[u16], usize),
+) -> Result<PlaneInfo, DecodeError> {
+    let mut strips = orientation::Strips::new(width as usize);
+    let info = decode_rows(reader, encoding, width, height, &DecodeLimits::default(), |_, row| {
+        strips.push(row, &mut strip);
+        Ok(())
+    })?;
+    strips.finish(&mut strip);
+    Ok(info)
 }
 
 /// The planes feeding each input channel, checked to be the same size;
