@@ -271,14 +271,14 @@ impl SiteTrainer {
                 let tile = Tile { y: oy, x: ox, own_rows: (0, 0), own_cols: (0, 0) };
                 fill_tile(&mut tiles, slot, input.data.view(), &tile, &input.pad);
                 let region = (inner(oy, h), inner(ox, w));
-                let mut window = tiles.slice(s![slot, .., .., ..]).to_owned();
                 let seed = pick.next_u64();
-                let objects: Vec<tip::Object> = tip::sample_objects(window.view(), &units, region, pixel_mm, seed)
-                    .into_iter()
-                    .map(|(_, o)| o)
-                    .collect();
-                let footprints = tip::render(&mut window, &objects, &units, &calibration, Render::default(), seed);
-                tiles.slice_mut(s![slot, .., .., ..]).assign(&window);
+                let objects: Vec<tip::Object> =
+                    tip::sample_objects(tiles.slice(s![slot, .., .., ..]), &units, region, pixel_mm, seed)
+                        .into_iter()
+                        .map(|(_, o)| o)
+                        .collect();
+                let window = tiles.slice_mut(s![slot, .., .., ..]);
+                let footprints = tip::render(window, &objects, &units, &calibration, Render::default(), seed);
                 label_maps.push(tip::labels(&footprints, (side, side), stride, pixel_mm, MIN_MASS));
                 regions.push(region);
             }

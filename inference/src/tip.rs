@@ -14,7 +14,7 @@
 //! noise is topped up to the site's `σ(A')` where the object made the pixel
 //! darker.
 
-use ndarray::{Array2, Array3, ArrayView3, s};
+use ndarray::{Array2, ArrayView3, ArrayViewMut3, s};
 
 use crate::fit::Picker;
 use crate::manifest::{Manifest, TransformKind};
@@ -452,7 +452,7 @@ pub struct Footprint {
 /// Renders `objects` into `window` (`[channels, h, w]`, model units), one
 /// after the other, and says what each left there.
 pub fn render(
-    window: &mut Array3<f32>,
+    mut window: ArrayViewMut3<'_, f32>,
     objects: &[Object],
     units: &Units,
     calibration: &Calibration,
@@ -460,7 +460,7 @@ pub fn render(
     seed: u64,
 ) -> Vec<Footprint> {
     let mut normal = Normal(Picker(seed), None);
-    objects.iter().map(|o| render_one(window, o, units, calibration, options, &mut normal)).collect()
+    objects.iter().map(|o| render_one(window.view_mut(), o, units, calibration, options, &mut normal)).collect()
 }
 
 fn blur(a: &mut Array2<f32>) {
@@ -484,7 +484,7 @@ fn blur(a: &mut Array2<f32>) {
 }
 
 fn render_one(
-    window: &mut Array3<f32>,
+    mut window: ArrayViewMut3<'_, f32>,
     o: &Object,
     units: &Units,
     cal: &Calibration,
@@ -517,8 +517,7 @@ fn render_one(
     for c in 0..channels {
         let plane = units.plane[c];
         if let Some((_, new)) = done.iter().find(|(p, _)| *p == plane) {
-            let new = new.clone();
-            write_channel(window, c, &new, rows, cols, units);
+            write_channel(window.view_mut(), c, new, rows, cols, units);
             continue;
         }
         let low = units.energy[c] == Energy::Low && units.plane[c] != units.plane[hi];
@@ -556,7 +555,7 @@ fn render_one(
         if c == hi {
             added = &after - &before.mapv(|v| v.min(units.clip_hi));
         }
-        write_channel(window, c, &after, rows, cols, units);
+        write_channel(window.view_mut(), c, &after, rows, cols, units);
         done.push((plane, after));
     }
     let object_pixels = cover.iter().filter(|&&c| c >= 0.5).count();
@@ -566,7 +565,7 @@ fn render_one(
 }
 
 fn write_channel(
-    window: &mut Array3<f32>,
+    mut window: ArrayViewMut3<'_, f32>,
     c: usize,
     attenuation: &Array2<f32>,
     rows: (usize, usize),
@@ -803,6 +802,7 @@ fn choose<T: Copy>(pick: &mut Picker, items: &[(T, f64)]) -> T {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ndarray::Array3;
 
     /// Dual-energy units as the shipped model has them: A / 2.5, clip 10.
     fn dual() -> Units {
@@ -856,7 +856,7 @@ mod tests {
         let before = flat(1.0, true, 1);
         let mut window = before.clone();
         let steel = square((256.0, 256.0), 200.0, Material::Steel, d);
-        let f = render(&mut window, &[steel], &units, &cal, Render::default(), 7);
+        let f = render(window.view_mut(), &[steel], &units, &cal, Render::default(), 7);
         assert!(f[0].visible);
         // The interior, away from the blurred edge.
         let inner = s![176..336, 176..336];
@@ -891,7 +891,7 @@ mod tests {
             d_a_hi: d,
             gradient: 0.0,
         };
-        render(&mut window, &[o], &units, &cal, Render { blur: false, noise: false }, 1);
+        render(window.view_mut(), &[o], &units, &cal, Render { blur: false, noise: false }, 1);
         let added = |x: usize| (window[[0, 150, x]] - before[[0, 150, x]]) * 2.5;
         let want = -((1.0 + (-d).exp()) / 2.0).ln();
         assert!((added(100) - want).abs() < 1e-4, "{} vs {want}", added(100));
@@ -917,7 +917,7 @@ mod tests {
         let mut window = Array3::from_shape_fn((2, 256, 256), |(_, _, x)| if x < 128 { 10.0 / 2.5 } else { 0.0 });
         let hidden = square((64.0, 48.0), 40.0, Material::Steel, 1.0);
         let seen = square((64.0, 200.0), 40.0, Material::Steel, 1.0);
-        let f = render(&mut window, &[hidden, seen], &units, &cal, Render::default(), 3);
+        let f = render(window.view_mut(), &[hidden, seen], &units, &cal, Render::default(), 3);
         assert!(!f[0].visible && f[1].visible);
         let l = labels(&f, (256, 256), 32, 2.0, 16.0);
         assert_eq!(l[[2, 1]], Label::Ignore, "the hidden object's cell");
@@ -938,7 +938,7 @@ mod tests {
             d_a_hi: 1.0,
             gradient: 0.0,
         };
-        let f = render(&mut window, &[o], &units, &cal, Render { blur: false, noise: false }, 1);
+        let f = render(window.view_mut(), &[o], &units, &cal, Render { blur: false, noise: false }, 1);
         let l = labels(&f, (512, 512), 32, 2.0, 1e9);
         for (gy, gx) in [(10, 10), (10, 11), (11, 10), (11, 11), (10, 12), (11, 12)] {
             assert_eq!(l[[gy, gx]], Label::Positive, "cell {gy},{gx}");
@@ -952,7 +952,7 @@ mod tests {
         // (10.24 cm²) at dA 2 is 20 dA·cm², above 16, covering 6 % of a cell.
         let mut w2 = flat(1.0, false, 1);
         let small = square((100.0, 100.0), 8.0, Material::Steel, 2.0);
-        let f = render(&mut w2, &[small], &units, &cal, Render { blur: false, noise: false }, 1);
+        let f = render(w2.view_mut(), &[small], &units, &cal, Render { blur: false, noise: false }, 1);
         assert_eq!(labels(&f, (512, 512), 32, 4.0, 16.0)[[3, 3]], Label::Positive);
         assert_eq!(labels(&f, (512, 512), 32, 2.0, 16.0)[[3, 3]], Label::Ignore, "at 2 mm it is 5 dA·cm²");
     }
